@@ -1,0 +1,186 @@
+"""The api's app factory: `create_app(settings)` returns the Litestar app.
+
+Resources (the Redis pool, the delivery hub) are created in the lifespan and reach handlers
+through `app.state.runtime` and dependency injection; nothing is created at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from litestar import Litestar, Request, Response
+from litestar.config.cors import CORSConfig
+from litestar.di import Provide
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+from prometheus_client import start_http_server
+
+from services.api import chat, health, sockets
+from services.api.auth import provide_principal
+from services.api.chat_service import ChatService
+from services.api.delivery import SessionHub
+from services.api.runtime import Runtime
+from services.core.auth import TokenVerifier
+from services.core.errors import OrchestratorError
+from services.core.ids import new_id
+from services.core.redis_client import REDIS_DOWN, create_redis
+from services.core.scripts import Scripts
+from services.core.settings import Settings
+from services.core.tasks import TaskStore
+
+log = logging.getLogger(__name__)
+
+AnyRequest = Request[Any, Any, Any]
+
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "rate_limited",
+    503: "unavailable",
+}
+
+
+def _error(status: int, code: str, message: str, details: Any = None) -> Response[Any]:
+    body = {"error": {"code": code, "message": message, "details": details or {}}}
+    return Response(body, status_code=status)
+
+
+def _on_orchestrator_error(_: AnyRequest, exc: OrchestratorError) -> Response[Any]:
+    response = _error(exc.status, exc.code, exc.message, exc.details)
+    response.headers.update(exc.headers)
+    return response
+
+
+def _on_validation_error(_: AnyRequest, exc: ValidationException) -> Response[Any]:
+    """Malformed JSON is 400; JSON of the wrong shape is 422 with the offending fields."""
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    if any("malformed" in str(item).lower() for item in extra) or not extra:
+        return _error(400, "malformed_json", "request body is not valid JSON", {"errors": extra})
+    return _error(422, "validation_error", "request body is invalid", {"errors": extra})
+
+
+def _on_http_error(_: AnyRequest, exc: HTTPException) -> Response[Any]:
+    code = _STATUS_CODES.get(exc.status_code, "http_error")
+    if exc.status_code == 400 and "malformed" in str(exc.detail).lower():
+        code = "malformed_json"
+    response = _error(exc.status_code, code, str(exc.detail))
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+def _on_redis_down(_: AnyRequest, exc: Exception) -> Response[Any]:
+    log.warning("redis unavailable: %s", type(exc).__name__)
+    return _error(503, "unavailable", "redis unavailable, retry later")
+
+
+def _on_unexpected(_: AnyRequest, exc: Exception) -> Response[Any]:
+    log.exception("unhandled error", exc_info=exc)
+    return _error(500, "internal_error", "internal error")
+
+
+def provide_runtime(request: AnyRequest) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+def _cors(settings: Settings) -> CORSConfig | None:
+    """CORS for the pages of `ORCHESTRATOR_ALLOWED_ORIGINS`; none when the list is empty."""
+    if not settings.allowed_origins:
+        return None
+    return CORSConfig(
+        allow_origins=list(settings.allowed_origins),
+        allow_headers=[
+            "Authorization",
+            "Content-Type",
+            "Idempotency-Key",
+            "X-Session-ID",
+            "X-Agent-ID",
+            "X-Tenant-ID",
+        ],
+        allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+    )
+
+
+def create_app(settings: Settings, *, pod_id: str | None = None) -> Litestar:
+    verifier = TokenVerifier(settings)  # fail at start, not at the first request
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        redis = create_redis(settings)
+        scripts = Scripts(redis)
+        tasks = TaskStore(redis, scripts, settings)
+        name = pod_id or settings.pod_name or new_id()
+        hub = SessionHub(redis, name)
+        await hub.start()
+        app.state.runtime = Runtime(
+            settings=settings,
+            pod_id=name,
+            redis=redis,
+            verifier=verifier,
+            hub=hub,
+            chat=ChatService(redis, tasks, settings),
+        )
+        metrics_server = None
+        if settings.metrics_port:
+            metrics_server, _ = start_http_server(settings.metrics_port)
+        try:
+            yield
+        finally:
+            if metrics_server is not None:
+                metrics_server.shutdown()
+            await hub.stop()
+            await redis.aclose()
+
+    exception_handlers: dict[Any, Any] = {
+        OrchestratorError: _on_orchestrator_error,
+        ValidationException: _on_validation_error,
+        HTTPException: _on_http_error,
+        **{error: _on_redis_down for error in REDIS_DOWN},
+        Exception: _on_unexpected,
+    }
+    return Litestar(
+        route_handlers=[
+            chat.send_message,
+            chat.task_status,
+            chat.get_task,
+            chat.cancel_task,
+            health.health,
+            health.ready,
+            health.detailed,
+            health.socket_stats,
+            sockets.session_socket,
+        ],
+        dependencies={
+            "principal": Provide(provide_principal),
+            "runtime": Provide(provide_runtime, sync_to_thread=False),
+        },
+        lifespan=[lifespan],
+        exception_handlers=exception_handlers,
+        cors_config=_cors(settings),
+        openapi_config=OpenAPIConfig(
+            title="Agent Orchestrator",
+            version="1",
+            path="/schema",
+            components=Components(
+                security_schemes={
+                    "bearer": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT")
+                }
+            ),
+            security=[{"bearer": []}],
+        ),
+        request_max_body_size=settings.max_body_bytes,
+        logging_config=None,
+        debug=False,
+    )

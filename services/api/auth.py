@@ -1,0 +1,44 @@
+"""Who is calling: the bearer token of a request, checked against the seed's headers."""
+
+from __future__ import annotations
+
+from litestar import Request
+
+from services.api.runtime import Runtime
+from services.core.auth import Principal
+from services.core.errors import BadRequest, Forbidden, Unauthorized
+from services.core.ids import is_valid_id
+
+
+def bearer_token(authorization: str | None) -> str:
+    if not authorization:
+        raise Unauthorized("missing Authorization: Bearer <token>")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("Authorization must be 'Bearer <token>'")
+    return token.strip()
+
+
+async def provide_principal(request: Request[object, object, object]) -> Principal:
+    runtime: Runtime = request.app.state.runtime
+    principal = runtime.verifier.verify(bearer_token(request.headers.get("authorization")))
+    claimed = request.headers.get("x-tenant-id")
+    if claimed is not None and claimed != principal.tenant_id:
+        raise Forbidden("X-Tenant-ID does not match the token's tenant")
+    return principal
+
+
+def header_id(request: Request[object, object, object], name: str) -> str | None:
+    """An optional id header of the seed (X-Session-ID, X-Agent-ID), validated."""
+    value = request.headers.get(name)
+    if value is None:
+        return None
+    if not is_valid_id(value):
+        raise BadRequest(f"{name} must match [A-Za-z0-9_-]{{1,64}}")
+    return value
+
+
+def pick(body_value: str | None, header_value: str | None, name: str) -> str | None:
+    if body_value and header_value and body_value != header_value:
+        raise BadRequest(f"{name} in the body disagrees with its header")
+    return body_value or header_value

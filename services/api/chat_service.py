@@ -1,0 +1,160 @@
+"""Sending, cancelling and looking up chat tasks: the same code for REST and the socket.
+
+A send is one pipelined round trip: create the task state and its `chat.status` event (one
+script on the session's slot), record where the task lives, and add `chat.process` to the AES
+stream of its priority. The state is written first, so an AES answer can never find no task.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import msgspec
+from redis.asyncio import Redis
+
+from services.api import metrics
+from services.api.models import Accepted, Cancelled, SendRequest, TaskView
+from services.core import events, keys
+from services.core.actions import ACTION_FIELD, ChatCancel, ChatProcess, User, encode_action, utcnow
+from services.core.auth import Principal
+from services.core.errors import Conflict, InvalidInput, NotFound
+from services.core.ids import new_id
+from services.core.keys import Priority
+from services.core.settings import Settings
+from services.core.tasks import TaskRef, TaskStatus, TaskStore, Verdict, encode_json, parse_outcome
+
+CANCEL_STREAM_MAXLEN = 10_000
+AES_STREAM_MAXLEN = 1_000_000
+DEFAULT_TASK_TIMEOUT = timedelta(seconds=120)
+
+_json_decoder = msgspec.json.Decoder()
+
+
+class ChatService:
+    def __init__(self, redis: Redis, tasks: TaskStore, settings: Settings) -> None:
+        self.redis = redis
+        self.tasks = tasks
+        self.settings = settings
+
+    async def send(
+        self, principal: Principal, request: SendRequest, *, session_id: str, agent_id: str
+    ) -> Accepted:
+        if len(request.message) > self.settings.max_message_chars:
+            raise InvalidInput(
+                f"message is longer than {self.settings.max_message_chars} characters",
+                details={"limit": self.settings.max_message_chars},
+            )
+        tenant_id = principal.tenant_id
+        ref = TaskRef(tenant_id, session_id, new_id())
+        priority: Priority = "normal"
+        now = utcnow()
+        action = ChatProcess(
+            tenant_id=tenant_id,
+            session_id=session_id,
+            task_id=ref.task_id,
+            created_at=now,
+            agent_id=agent_id,
+            message=request.message,
+            user=User(id=principal.user_id, name=principal.name),
+            callback_queue=keys.callback_stream_for(
+                tenant_id, session_id, self.settings.callback_partitions
+            ),
+            context=request.context,
+            stream=request.stream,
+            priority=priority,
+            deadline=now + DEFAULT_TASK_TIMEOUT,
+        )
+        status_data: dict[str, Any] = {"status": TaskStatus.processing}
+        if request.request_id is not None:
+            status_data["request_id"] = request.request_id
+        body = events.event_body(events.CHAT_STATUS, status_data, ref.task_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await self.tasks.apply(
+                ref,
+                "create",
+                body=body,
+                fields={
+                    "status": TaskStatus.processing,
+                    "agent_id": agent_id,
+                    "user_id": principal.user_id,
+                    "stream": "1" if request.stream else "0",
+                    "priority": priority,
+                },
+                pipe=pipe,
+            )
+            pipe.set(
+                keys.task_location(ref.task_id),
+                self.tasks.location_value(ref),
+                ex=self.settings.task_ttl_seconds,
+            )
+            pipe.xadd(
+                keys.aes_stream(priority),
+                {ACTION_FIELD: encode_action(action)},
+                maxlen=AES_STREAM_MAXLEN,
+                approximate=True,
+            )
+            created, _, _ = await pipe.execute()
+        outcome = parse_outcome(created)
+        if outcome.verdict is not Verdict.ok:  # a 128-bit id collided: practically never
+            raise Conflict("task id collision, retry")
+        metrics.tasks_submitted.labels(priority).inc()
+        return Accepted(task_id=ref.task_id, status=TaskStatus.processing, session_id=session_id)
+
+    async def _owned(self, principal: Principal, task_id: str) -> TaskRef:
+        """The task if the caller's tenant owns it; another tenant's task does not exist."""
+        ref = await self.tasks.locate(task_id)
+        if ref is None or ref.tenant_id != principal.tenant_id:
+            raise NotFound(f"task {task_id} not found")
+        return ref
+
+    async def status(self, principal: Principal, task_id: str) -> TaskView:
+        ref = await self._owned(principal, task_id)
+        state = await self.tasks.read(ref)
+        if state is None:
+            raise NotFound(f"task {task_id} not found")
+        return TaskView(
+            task_id=task_id,
+            status=state.get("status") or TaskStatus.processing,
+            created_at=state.get("created_at") or "",
+            updated_at=state.get("updated_at") or "",
+            session_id=ref.session_id,
+            agent_id=state.get("agent_id"),
+            attempt=int(state.get("attempt") or 1),
+            result=_json_field(state, "result"),
+            error=_json_field(state, "error"),
+            usage=_json_field(state, "usage"),
+        )
+
+    async def cancel(self, principal: Principal, task_id: str) -> Cancelled:
+        ref = await self._owned(principal, task_id)
+        error = {"code": "cancelled", "message": "cancelled by client"}
+        outcome = await self.tasks.apply(
+            ref,
+            "cancel",
+            body=events.event_body(events.CHAT_CANCELLED, {"status": "cancelled"}, task_id),
+            fields={"status": TaskStatus.cancelled, "error": encode_json(error)},
+        )
+        assert outcome is not None
+        if outcome.verdict is Verdict.unknown:
+            raise NotFound(f"task {task_id} not found")
+        if outcome.verdict is Verdict.final:
+            raise Conflict(
+                f"task {task_id} is already {outcome.detail}", details={"status": outcome.detail}
+            )
+        notice = ChatCancel(tenant_id=ref.tenant_id, session_id=ref.session_id, task_id=task_id)
+        await self.redis.xadd(
+            keys.CANCEL_STREAM,
+            {ACTION_FIELD: encode_action(notice)},
+            maxlen=CANCEL_STREAM_MAXLEN,
+            approximate=True,
+        )
+        return Cancelled(task_id=task_id, status=TaskStatus.cancelled)
+
+
+def _json_field(state: dict[str, Any], name: str) -> dict[str, Any] | None:
+    raw = state.get(name)
+    if not raw:
+        return None
+    value = _json_decoder.decode(raw)
+    return value if isinstance(value, dict) else None

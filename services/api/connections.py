@@ -1,0 +1,130 @@
+"""One client socket as the delivery side sees it: an ordered, bounded outbox.
+
+Frames are queued without waiting, and a drain task, started only while frames are waiting,
+writes them to the socket. A slow client therefore never stalls the delivery loop or other
+sockets; one that falls `send_queue` frames behind is closed with 1008. An idle socket holds
+no task beyond its own receive loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+from services.api import metrics
+from services.core.events import NO_EVENT_ID, parse_event_id
+
+log = logging.getLogger(__name__)
+
+SendText = Callable[[str], Awaitable[None]]
+Close = Callable[[int, str], Awaitable[None]]
+
+CLOSE_POLICY = 1008
+CLOSE_TRY_AGAIN = 1013
+CLOSE_RESTART = 1012
+
+
+class ClientConnection:
+    """A socket of one session on this pod, with the id of the last event it was given."""
+
+    __slots__ = (
+        "_close",
+        "_drain",
+        "_held",
+        "_limit",
+        "_outbox",
+        "_send",
+        "closed",
+        "connection_id",
+        "last_event_id",
+        "session_id",
+        "tenant_id",
+        "user_id",
+    )
+
+    def __init__(
+        self,
+        *,
+        connection_id: str,
+        tenant_id: str,
+        session_id: str,
+        user_id: str,
+        send: SendText,
+        close: Close,
+        limit: int,
+    ) -> None:
+        self.connection_id = connection_id
+        self.tenant_id = tenant_id
+        self.session_id = session_id
+        self.user_id = user_id
+        self.last_event_id = NO_EVENT_ID
+        self.closed = False
+        self._send = send
+        self._close = close
+        self._limit = limit
+        self._outbox: deque[str] = deque()
+        self._drain: asyncio.Task[None] | None = None
+        # While the connection is being set up (resume), live events wait here.
+        self._held: list[tuple[str, str]] | None = []
+
+    def deliver(self, event_id: str, frame: str) -> None:
+        """A session event (with its log id); held during set-up, queued afterwards."""
+        if self._held is not None:
+            self._held.append((event_id, frame))
+            return
+        self.last_event_id = event_id
+        self.push(frame)
+
+    def push(self, frame: str) -> None:
+        """Queue a frame for the client without waiting."""
+        if self.closed:
+            return
+        if len(self._outbox) >= self._limit:
+            metrics.websocket_refusals.labels("slow_client").inc()
+            self.close_soon(CLOSE_POLICY, "send queue full: client not reading")
+            return
+        self._outbox.append(frame)
+        if self._drain is None:
+            self._drain = asyncio.get_running_loop().create_task(self._drain_outbox())
+
+    def go_live(self, sent_up_to: str) -> None:
+        """End set-up: queue held events newer than `sent_up_to`, then deliver live."""
+        held, self._held = self._held or [], None
+        self.last_event_id = sent_up_to
+        floor = parse_event_id(sent_up_to)
+        for event_id, frame in held:
+            if parse_event_id(event_id) > floor:
+                self.last_event_id = event_id
+                self.push(frame)
+
+    async def _drain_outbox(self) -> None:
+        try:
+            while self._outbox and not self.closed:
+                frame = self._outbox.popleft()
+                await self._send(frame)
+                metrics.websocket_messages.labels("out").inc()
+        except Exception:  # the peer went away mid-send; the receive loop sees it too
+            self.closed = True
+        finally:
+            self._drain = None
+
+    def close_soon(self, code: int, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._outbox.clear()
+        asyncio.get_running_loop().create_task(self._close_quietly(code, reason))
+
+    async def _close_quietly(self, code: int, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            await self._close(code, reason)
+
+    async def flush(self) -> None:
+        """Wait until every queued frame was written (used before an orderly close)."""
+        drain = self._drain
+        if drain is not None:
+            with contextlib.suppress(Exception):
+                await drain

@@ -1,0 +1,151 @@
+"""Delivery to the sockets this pod holds: one sharded pub/sub subscription per live session.
+
+The worker (or the api itself, for its own events) appends each session event to the session
+log and publishes it on the session's channel in one script, so the channel carries events in
+log order with their log ids. This pod subscribes to a session's channel while it holds at
+least one socket of that session, and fans each frame out to those sockets without decoding
+it. Any pod may hold any session: stickiness only improves locality.
+
+Joining is gap-free: the channel subscription is confirmed before the log is read, live events
+arriving meanwhile are held by the connection, and held events at or below the last event
+sent from the log are dropped (`ClientConnection.go_live`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+from services.api.connections import ClientConnection
+from services.core import keys
+from services.core.events import frame_id, frame_with_id
+from services.core.redis_client import REDIS_DOWN
+
+log = logging.getLogger(__name__)
+
+
+class SessionHub:
+    """Subscriptions and fan-out for every socket on this pod."""
+
+    def __init__(self, redis: Redis, pod_id: str) -> None:
+        self._redis = redis
+        self._pod_channel = f"{{pod:{pod_id}}}:control"
+        self._sessions: dict[str, set[ClientConnection]] = defaultdict(set)
+        self._tenants: dict[str, set[ClientConnection]] = defaultdict(set)
+        self._confirmations: dict[str, asyncio.Future[None]] = {}
+        self._lock = asyncio.Lock()
+        self._pubsub: PubSub | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self.connections: set[ClientConnection] = set()
+
+    async def start(self) -> None:
+        self._pubsub = self._redis.pubsub()
+        # Always hold one subscription so the reader has a connection to wait on.
+        await self._subscribe(self._pod_channel)
+        self._reader = asyncio.get_running_loop().create_task(self._read_forever())
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()
+
+    def count(self) -> int:
+        return len(self.connections)
+
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    def per_tenant(self) -> dict[str, int]:
+        counts: dict[str, int] = defaultdict(int)
+        for conn in self.connections:
+            counts[conn.tenant_id] += 1
+        return dict(counts)
+
+    async def attach(self, conn: ClientConnection) -> None:
+        """Register a socket; returns once its session's live events are flowing to it."""
+        session = keys.session_channel(conn.tenant_id, conn.session_id)
+        tenant = keys.tenant_channel(conn.tenant_id)
+        self.connections.add(conn)
+        async with self._lock:
+            for channel, table in ((session, self._sessions), (tenant, self._tenants)):
+                first = not table.get(channel)
+                table[channel].add(conn)
+                if first:
+                    await self._subscribe(channel)
+
+    async def detach(self, conn: ClientConnection) -> None:
+        self.connections.discard(conn)
+        session = keys.session_channel(conn.tenant_id, conn.session_id)
+        tenant = keys.tenant_channel(conn.tenant_id)
+        async with self._lock:
+            for channel, table in ((session, self._sessions), (tenant, self._tenants)):
+                members = table.get(channel)
+                if members is None:
+                    continue
+                members.discard(conn)
+                if not members:
+                    del table[channel]
+                    await self._unsubscribe(channel)
+
+    async def _subscribe(self, channel: str) -> None:
+        assert self._pubsub is not None
+        confirmed = asyncio.get_running_loop().create_future()
+        self._confirmations[channel] = confirmed
+        await self._pubsub.ssubscribe(channel)
+        if self._reader is None:  # during start(), read the confirmation ourselves
+            while not confirmed.done():
+                message = await self._pubsub.get_message(timeout=5.0)
+                if message is not None:
+                    self._dispatch(message)
+        await confirmed
+
+    async def _unsubscribe(self, channel: str) -> None:
+        assert self._pubsub is not None
+        with contextlib.suppress(*REDIS_DOWN):
+            await self._pubsub.sunsubscribe(channel)
+
+    async def _read_forever(self) -> None:
+        assert self._pubsub is not None
+        pubsub = self._pubsub
+        while True:
+            try:
+                message = await pubsub.get_message(timeout=None)
+            except REDIS_DOWN:
+                log.warning("delivery subscription lost; reconnecting")
+                await asyncio.sleep(0.5)
+                continue
+            if message is not None:
+                self._dispatch(message)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        channel = message["channel"]
+        if isinstance(channel, bytes):
+            channel = channel.decode()
+        if kind == "smessage":
+            data = message["data"]
+            text = data.decode() if isinstance(data, bytes) else data
+            members = self._sessions.get(channel)
+            if members:
+                event_id = frame_id(text)
+                for conn in members:
+                    conn.deliver(event_id, text)
+                return
+            members = self._tenants.get(channel)
+            if members:  # a tenant broadcast: not logged, so it carries each socket's cursor
+                for conn in members:
+                    conn.push(frame_with_id(conn.last_event_id, text))
+        elif kind == "ssubscribe":
+            confirmed = self._confirmations.pop(channel, None)
+            if confirmed is not None and not confirmed.done():
+                confirmed.set_result(None)

@@ -1,0 +1,96 @@
+"""Health endpoints: liveness (process), readiness (Redis and not draining), details, socket stats."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from litestar import Request, get
+from litestar.response import Response
+
+from services.api.runtime import Runtime
+from services.core import keys
+from services.core.auth import Principal
+from services.core.errors import Unavailable
+from services.core.redis_client import REDIS_DOWN
+
+AnyRequest = Request[Any, Any, Any]
+
+
+def _runtime(request: AnyRequest) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+@get("/health", summary="Liveness", include_in_schema=True)
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get("/health/ready", summary="Readiness: Redis answers and the pod is not draining")
+async def ready(request: AnyRequest) -> Response[dict[str, Any]]:
+    runtime = _runtime(request)
+    if runtime.draining:
+        return Response(Unavailable("draining").to_dict(), status_code=503)
+    try:
+        await runtime.redis.ping()
+    except REDIS_DOWN:
+        return Response(Unavailable("redis unavailable").to_dict(), status_code=503)
+    return Response({"status": "ready"}, status_code=200)
+
+
+async def _queue_lag(runtime: Runtime) -> dict[str, Any]:
+    streams = [keys.aes_stream(p) for p in keys.PRIORITIES] + [
+        keys.callback_stream(n) for n in range(runtime.settings.callback_partitions)
+    ]
+    lag: dict[str, Any] = {}
+    for stream in streams:
+        try:
+            groups = await runtime.redis.xinfo_groups(stream)
+        except Exception:  # the stream does not exist yet
+            continue
+        for group in groups:
+            name = group["name"].decode() if isinstance(group["name"], bytes) else group["name"]
+            lag[f"{stream}/{name}"] = {"lag": group.get("lag"), "pending": group.get("pending")}
+    return lag
+
+
+@get("/health/detailed", summary="Component states: redis, workers, queue lag")
+async def detailed(request: AnyRequest) -> Response[dict[str, Any]]:
+    runtime = _runtime(request)
+    components: dict[str, Any] = {"pod": runtime.pod_id, "draining": runtime.draining}
+    healthy = not runtime.draining
+    try:
+        started = time.perf_counter()
+        await runtime.redis.ping()
+        components["redis"] = {
+            "status": "up",
+            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+        }
+        now = time.time()
+        workers = await runtime.redis.zrangebyscore(
+            keys.WORKER_HEARTBEATS, now - 3 * runtime.settings.partition_lease_seconds, "+inf"
+        )
+        components["workers"] = {"alive": len(workers)}
+        components["queues"] = await _queue_lag(runtime)
+    except REDIS_DOWN:
+        healthy = False
+        components["redis"] = {"status": "down"}
+    components["database"] = {"status": "not_configured"}
+    components["websockets"] = {"connections": runtime.hub.count()}
+    body = {"status": "ok" if healthy else "degraded", "components": components}
+    return Response(body, status_code=200 if healthy else 503)
+
+
+@get("/ws/stats", summary="Sockets on this pod: totals and the caller's tenant")
+async def socket_stats(request: AnyRequest, principal: Principal) -> dict[str, Any]:
+    """Other tenants' counts are not shown to a tenant; SREs read them from the metrics."""
+    runtime = _runtime(request)
+    per_tenant = runtime.hub.per_tenant()
+    return {
+        "pod": runtime.pod_id,
+        "connections": runtime.hub.count(),
+        "max_connections": runtime.settings.max_websocket_connections,
+        "sessions": runtime.hub.session_count(),
+        "tenants": {principal.tenant_id: per_tenant.get(principal.tenant_id, 0)},
+    }

@@ -1,0 +1,24 @@
+"""What one api process holds while it runs, created in the app's lifespan and injected."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+
+from services.api.chat_service import ChatService
+from services.api.delivery import SessionHub
+from services.core.auth import TokenVerifier
+from services.core.settings import Settings
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    pod_id: str
+    redis: Redis
+    verifier: TokenVerifier
+    hub: SessionHub
+    chat: ChatService
+    draining: bool = False
+    background: set[object] = field(default_factory=set)

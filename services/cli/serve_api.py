@@ -1,0 +1,30 @@
+"""Run the api on uvicorn with the settings that matter for sockets (pings, compression)."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from services.api.app import create_app
+from services.core.settings import Settings
+
+
+def serve_api(settings: Settings, *, host: str, port: int) -> None:
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        ws="websockets",
+        ws_max_size=settings.max_frame_bytes * 2,
+        ws_ping_interval=settings.websocket_ping_interval,
+        ws_ping_timeout=settings.websocket_ping_timeout,
+        ws_per_message_deflate=settings.websocket_compression,
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=30,
+    )
+    uvicorn.Server(config).run()

@@ -1,0 +1,1 @@
+"""Code shared by every process: settings, domain actions, Redis keys and transport, auth."""

@@ -1,0 +1,220 @@
+"""Domain actions: the contract between the orchestrator and the Agent Execution Service.
+
+Every action travels as one stream entry with a single field, `action`, holding its JSON.
+Decoding is strict about what matters (the `action_type` tag, required fields, id patterns,
+types) and tolerant of extra fields, so an AES can add fields without breaking us. Anything
+that does not decode is a `MalformedAction` with a reason; consumers dead-letter it instead of
+crashing.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from services.core.ids import Id, new_id
+from services.core.keys import Priority
+
+ACTION_FIELD = "action"
+CONTRACT_VERSION = 1
+
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class MalformedAction(ValueError):
+    """The entry is not a valid action; `reason` says why (kept with the dead letter)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Action(msgspec.Struct, kw_only=True, tag_field="action_type", omit_defaults=False):
+    """Base of every action; `action_type` is the tag that selects the concrete type."""
+
+
+class Envelope(Action, kw_only=True):
+    """The envelope of DESIGN §4, shared by every action we produce or consume."""
+
+    action_id: Id = msgspec.field(default_factory=new_id)
+    version: int = CONTRACT_VERSION
+    tenant_id: Id
+    session_id: Id
+    task_id: Id
+    created_at: datetime = msgspec.field(default_factory=utcnow)
+    trace_context: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class User(msgspec.Struct, kw_only=True):
+    id: str
+    name: str | None = None
+
+
+class ChatProcess(Envelope, kw_only=True, tag="chat.process"):
+    """Orchestrator -> AES: run the agent on one message and answer on `callback_queue`."""
+
+    agent_id: Id
+    message: str
+    user: User
+    callback_queue: str
+    context: dict[str, Any] = msgspec.field(default_factory=dict)
+    stream: bool = False
+    priority: Priority = "normal"
+    deadline: datetime
+    attempt: Positive = 1
+
+
+class ChatCancel(Envelope, kw_only=True, tag="chat.cancel"):
+    """Orchestrator -> AES (broadcast on the cancel stream): stop working on a task."""
+
+    reason: str = "cancelled by client"
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    input_tokens: NonNegative = 0
+    output_tokens: NonNegative = 0
+    model: str | None = None
+    cost: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+
+
+class ExecutionChunk(Envelope, kw_only=True, tag="execution.chunk"):
+    """AES -> orchestrator: one streamed delta. `seq` starts at 1 and grows by one per chunk."""
+
+    seq: Positive
+    delta: str
+    attempt: Positive = 1
+
+
+class ExecutionCompleted(Envelope, kw_only=True, tag="execution.completed"):
+    """AES -> orchestrator: the final answer of an attempt."""
+
+    content: str
+    usage: Usage = msgspec.field(default_factory=Usage)
+    attempt: Positive = 1
+
+
+class ExecutionFailed(Envelope, kw_only=True, tag="execution.failed"):
+    """AES -> orchestrator: the attempt failed; `retryable` asks for another attempt."""
+
+    error: str
+    code: str = "execution_failed"
+    retryable: bool = False
+    attempt: Positive = 1
+
+
+class WebsocketSend(Envelope, kw_only=True, tag="websocket.send"):
+    """AES -> orchestrator: an arbitrary message for one session (event type `message`)."""
+
+    task_id: Id | None = None  # type: ignore[assignment]
+    message: dict[str, Any]
+
+
+class WebsocketBroadcast(Envelope, kw_only=True, tag="websocket.broadcast"):
+    """AES -> orchestrator: an arbitrary message for every connected session of the tenant."""
+
+    task_id: Id | None = None  # type: ignore[assignment]
+    message: dict[str, Any]
+
+
+class LegacyResult(msgspec.Struct, kw_only=True):
+    response: str = ""
+
+
+class LegacyTokens(msgspec.Struct, kw_only=True):
+    input: NonNegative = 0
+    output: NonNegative = 0
+    total: NonNegative = 0
+
+
+class LegacyError(msgspec.Struct, kw_only=True):
+    type: str = "execution_error"
+    message: str = ""
+
+
+class ExecutionCallback(Action, kw_only=True, tag="execution.callback"):
+    """The seed's single callback, accepted from execution services written for it.
+
+    It has none of our envelope fields; the worker treats it as `execution.completed` or
+    `execution.failed` for the task's current attempt.
+    """
+
+    task_id: Id
+    tenant_id: Id
+    session_id: Id
+    status: Literal["completed", "failed", "timeout"]
+    result: LegacyResult | None = None
+    execution_time: float | None = None
+    tokens_used: LegacyTokens | None = None
+    error: LegacyError | None = None
+
+
+AnyAction = (
+    ChatProcess
+    | ChatCancel
+    | ExecutionChunk
+    | ExecutionCompleted
+    | ExecutionFailed
+    | WebsocketSend
+    | WebsocketBroadcast
+    | ExecutionCallback
+)
+Callback = (
+    ExecutionChunk
+    | ExecutionCompleted
+    | ExecutionFailed
+    | WebsocketSend
+    | WebsocketBroadcast
+    | ExecutionCallback
+)
+ACTION_TYPES: tuple[type[Action], ...] = (
+    ChatProcess,
+    ChatCancel,
+    ExecutionChunk,
+    ExecutionCompleted,
+    ExecutionFailed,
+    WebsocketSend,
+    WebsocketBroadcast,
+    ExecutionCallback,
+)
+
+_encoder = msgspec.json.Encoder()
+_any_decoder = msgspec.json.Decoder(AnyAction)
+_callback_decoder = msgspec.json.Decoder(Callback)
+
+
+def action_type_of(action: Action) -> str:
+    return str(type(action).__struct_config__.tag)
+
+
+def encode_action(action: Action) -> bytes:
+    return _encoder.encode(action)
+
+
+def decode_action(raw: bytes | str) -> AnyAction:
+    try:
+        return _any_decoder.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise MalformedAction(str(exc)) from None
+
+
+def decode_callback(raw: bytes | str) -> Callback:
+    """Decode what may arrive on a callback queue; anything else is malformed there."""
+    try:
+        return _callback_decoder.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise MalformedAction(str(exc)) from None
+
+
+def action_from_entry(fields: dict[bytes, bytes]) -> bytes:
+    """The raw JSON of a stream entry; an entry without the `action` field is malformed."""
+    raw = fields.get(ACTION_FIELD.encode())
+    if raw is None:
+        raise MalformedAction(f"stream entry has no '{ACTION_FIELD}' field")
+    return raw

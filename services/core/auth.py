@@ -1,0 +1,103 @@
+"""Client tokens: verify the JWT of every request and socket, and issue tokens for the CLI.
+
+Claims: `sub` (the user), `tenant_id`, `exp`; `aud`/`iss` are checked when configured. The
+tier is never read from the token or a header: it comes from the quota store alone.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+from services.core.errors import Unauthorized
+from services.core.ids import is_valid_id
+from services.core.settings import ConfigError, Settings
+
+LEEWAY_SECONDS = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    tenant_id: str
+    user_id: str
+    name: str | None = None
+
+
+def dev_secret_path() -> Path:
+    """Where `orchestrator dev` keeps this machine's generated secret for `orchestrator token`."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "agent-orchestrator" / "jwt-secret"
+
+
+def read_dev_secret() -> str | None:
+    path = dev_secret_path()
+    return path.read_text().strip() if path.exists() else None
+
+
+class TokenVerifier:
+    """Checks signature, expiry, audience and issuer; maps every failure to 401."""
+
+    def __init__(self, settings: Settings) -> None:
+        key = settings.jwt_public_key if settings.uses_public_key else settings.jwt_secret
+        if not key:
+            needed = (
+                "ORCHESTRATOR_JWT_PUBLIC_KEY" if settings.uses_public_key else "ORCHESTRATOR_JWT_SECRET"
+            )
+            raise ConfigError(f"{needed}: must be set for {settings.jwt_algorithm} tokens")
+        self._key = key
+        self._algorithms = [settings.jwt_algorithm]
+        self._audience = settings.jwt_audience
+        self._issuer = settings.jwt_issuer
+
+    def verify(self, token: str) -> Principal:
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                self._key,
+                algorithms=self._algorithms,
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=LEEWAY_SECONDS,
+                options={"require": ["exp", "sub"], "verify_aud": self._audience is not None},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthorized("token expired") from None
+        except jwt.InvalidTokenError as exc:
+            raise Unauthorized(f"invalid token: {exc}") from None
+        tenant_id = claims.get("tenant_id")
+        if not isinstance(tenant_id, str) or not is_valid_id(tenant_id):
+            raise Unauthorized("token has no valid tenant_id claim")
+        sub = claims["sub"]
+        name = claims.get("name")
+        return Principal(tenant_id, str(sub), name if isinstance(name, str) else None)
+
+
+def issue_token(
+    settings: Settings, *, tenant_id: str, user_id: str, ttl_seconds: int, secret: str | None = None
+) -> str:
+    """Sign a client token with the configured key (HS secret or the private key)."""
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": user_id, "tenant_id": tenant_id, "iat": now,
+                              "exp": now + ttl_seconds}
+    if settings.jwt_audience:
+        claims["aud"] = settings.jwt_audience
+    if settings.jwt_issuer:
+        claims["iss"] = settings.jwt_issuer
+    if settings.uses_public_key:
+        if not settings.jwt_private_key:
+            raise ConfigError(
+                f"ORCHESTRATOR_JWT_PRIVATE_KEY: must be set to sign {settings.jwt_algorithm} tokens"
+            )
+        key = settings.jwt_private_key
+    else:
+        key = secret or settings.jwt_secret or read_dev_secret() or ""
+        if not key:
+            raise ConfigError(
+                "ORCHESTRATOR_JWT_SECRET: not set (and no secret from `orchestrator dev` found)"
+            )
+    return jwt.encode(claims, key, algorithm=settings.jwt_algorithm)

@@ -1,0 +1,63 @@
+"""The one exception hierarchy; the api maps it to the one JSON error shape of DESIGN §3."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class OrchestratorError(Exception):
+    """An error a client can act on: a stable `code`, an HTTP status and optional details."""
+
+    code = "internal_error"
+    status = 500
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or {}
+        self.headers = headers or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "details": self.details}}
+
+
+class BadRequest(OrchestratorError):
+    code, status = "bad_request", 400
+
+
+class InvalidInput(OrchestratorError):
+    code, status = "validation_error", 422
+
+
+class Unauthorized(OrchestratorError):
+    code, status = "unauthorized", 401
+
+
+class Forbidden(OrchestratorError):
+    code, status = "forbidden", 403
+
+
+class NotFound(OrchestratorError):
+    code, status = "not_found", 404
+
+
+class Conflict(OrchestratorError):
+    code, status = "conflict", 409
+
+
+class PayloadTooLarge(OrchestratorError):
+    code, status = "payload_too_large", 413
+
+
+class RateLimited(OrchestratorError):
+    code, status = "rate_limited", 429
+
+
+class Unavailable(OrchestratorError):
+    code, status = "unavailable", 503

@@ -1,0 +1,23 @@
+"""Identifiers: every id that ends up in a Redis key is checked against one pattern."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from typing import Annotated
+
+import msgspec
+
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+_ID_RE = re.compile(ID_PATTERN)
+
+Id = Annotated[str, msgspec.Meta(pattern=ID_PATTERN, description="[A-Za-z0-9_-]{1,64}")]
+
+
+def is_valid_id(value: str) -> bool:
+    return bool(_ID_RE.match(value))
+
+
+def new_id() -> str:
+    """A 22-character url-safe random id (128 bits), valid under `ID_PATTERN`."""
+    return secrets.token_urlsafe(16)

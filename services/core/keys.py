@@ -1,0 +1,80 @@
+"""Every Redis key, stream, channel and group name, in one place.
+
+Hash tags (`{...}`) decide the Redis Cluster slot. The rule: whatever one Lua script or one
+multi-key command touches shares a tag.
+
+- `{s:T:S}`: one chat session. Its event log, its tasks' state and its delivery channel live
+  together, so appending an event, moving a task's state and publishing are one atomic script.
+- `{t:ID}`: where a task lives (task id -> tenant/session), for lookups by task id alone.
+- `{aes}`: the three priority streams and the cancel stream of the AES contract; one tag so one
+  XREADGROUP reads all priorities (a chat message is one entry: far below a node's capacity).
+- `{cb:N}`: callback partition N; the heavy traffic (chunks) spreads over N slots.
+- `{dlq}`: dead letters. `{workers}`: worker heartbeats.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Literal
+
+Priority = Literal["high", "normal", "low"]
+PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
+
+AES_GROUP = "aes"
+WORKER_GROUP = "workers"
+DEAD_LETTERS = "{dlq}:actions"
+WORKER_HEARTBEATS = "{workers}:heartbeats"
+CANCEL_STREAM = "{aes}:cancel"
+
+
+def session_tag(tenant_id: str, session_id: str) -> str:
+    return f"{{s:{tenant_id}:{session_id}}}"
+
+
+def session_log(tenant_id: str, session_id: str) -> str:
+    return f"{session_tag(tenant_id, session_id)}:log"
+
+
+def session_channel(tenant_id: str, session_id: str) -> str:
+    return f"{session_tag(tenant_id, session_id)}:events"
+
+
+def session_dedupe(tenant_id: str, session_id: str, action_id: str) -> str:
+    return f"{session_tag(tenant_id, session_id)}:applied:{action_id}"
+
+
+def tenant_dedupe(tenant_id: str, action_id: str) -> str:
+    return f"{{tn:{tenant_id}}}:applied:{action_id}"
+
+
+def task_state(tenant_id: str, session_id: str, task_id: str) -> str:
+    return f"{session_tag(tenant_id, session_id)}:task:{task_id}"
+
+
+def task_location(task_id: str) -> str:
+    return f"{{t:{task_id}}}:where"
+
+
+def tenant_channel(tenant_id: str) -> str:
+    return f"{{tn:{tenant_id}}}:broadcast"
+
+
+def aes_stream(priority: Priority) -> str:
+    return f"{{aes}}:actions:{priority}"
+
+
+def callback_stream(partition: int) -> str:
+    return f"{{cb:{partition}}}:callbacks"
+
+
+def partition_lease(partition: int) -> str:
+    return f"{{cb:{partition}}}:lease"
+
+
+def partition_of(tenant_id: str, session_id: str, partitions: int) -> int:
+    """Stable partition of a session: all of its callbacks land in one stream, in order."""
+    return zlib.crc32(f"{tenant_id}:{session_id}".encode()) % partitions
+
+
+def callback_stream_for(tenant_id: str, session_id: str, partitions: int) -> str:
+    return callback_stream(partition_of(tenant_id, session_id, partitions))

@@ -1,0 +1,54 @@
+"""JSON log lines on stdout, one object per line, for every process.
+
+Records carry `service` and any `extra=` fields. Message bodies and tokens are never passed to
+the logger by our code; `REDACTED_KEYS` is a second line of defence for extras.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+REDACTED_KEYS = frozenset({"token", "authorization", "jwt", "secret", "password", "message"})
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+_encoder = msgspec.json.Encoder(enc_hook=str)
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname,
+            "service": self.service,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key in _STANDARD or key.startswith("_"):
+                continue
+            line[key] = "[redacted]" if key.lower() in REDACTED_KEYS else value
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return _encoder.encode(line).decode("utf-8", "replace")
+
+
+def configure_logging(level: str, service: str) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter(service))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("uvicorn.access",):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,10 @@
+-- Renew (ARGV[3] == 'renew') or release (ARGV[3] == 'release') a lease we hold.
+-- KEYS[1] lease key   ARGV[1] holder id   ARGV[2] ttl (ms)
+-- Returns 1 when we held it, 0 when someone else (or no one) does.
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[3] == 'release' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 1

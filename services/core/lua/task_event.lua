@@ -1,0 +1,60 @@
+-- Apply one event to a task and, when it applies, append it to the session log and publish it.
+-- Atomic on the session's slot: the state check, the transition, the log append and the
+-- publish happen together or not at all, which makes every callback idempotent (duplicates and
+-- superseded attempts are refused here) and keeps the log in the order of application.
+--
+-- KEYS[1] task state hash    KEYS[2] session log stream
+-- ARGV[1] op: create | chunk | completed | failed | cancel | requeue
+-- ARGV[2] attempt the event answers (0: whatever the current attempt is)
+-- ARGV[3] chunk seq (chunk only)
+-- ARGV[4] frame body without id ("" publishes nothing)
+-- ARGV[5] log max length   ARGV[6] log ttl (ms)   ARGV[7] task ttl (s)
+-- ARGV[8] delivery channel ARGV[9] now (ISO-8601)
+-- ARGV[10..] field, value pairs to set on the task
+-- Returns {verdict, detail}: verdict ok (detail: event id or ""), exists, unknown, final,
+-- stale, duplicate.
+local task, log = KEYS[1], KEYS[2]
+local op, attempt, seq = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local finals = {completed = true, failed = true, cancelled = true, timed_out = true}
+
+local function set_fields(extra)
+  local fields = {'updated_at', ARGV[9]}
+  for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
+  for _, v in ipairs(extra) do fields[#fields + 1] = v end
+  redis.call('HSET', task, unpack(fields))
+  redis.call('EXPIRE', task, ARGV[7])
+end
+
+if op == 'create' then
+  if redis.call('EXISTS', task) == 1 then
+    return {'exists', redis.call('HGET', task, 'status')}
+  end
+  set_fields({'created_at', ARGV[9], 'attempt', '1', 'last_seq', '0'})
+else
+  local state = redis.call('HMGET', task, 'status', 'attempt', 'last_seq')
+  local status = state[1]
+  if not status then return {'unknown', ''} end
+  if finals[status] then return {'final', status} end
+  if op ~= 'cancel' and attempt ~= 0 and attempt ~= tonumber(state[2]) then
+    return {'stale', state[2]}
+  end
+  if op == 'chunk' then
+    if seq <= tonumber(state[3]) then return {'duplicate', state[3]} end
+    local extra = {'last_seq', ARGV[3], 'status', 'streaming'}
+    if tonumber(state[3]) == 0 then
+      extra[#extra + 1] = 'first_chunk_at'
+      extra[#extra + 1] = ARGV[9]
+    end
+    set_fields(extra)
+  elseif op == 'requeue' then
+    set_fields({'attempt', tostring(tonumber(state[2]) + 1), 'last_seq', '0'})
+  else
+    set_fields({})
+  end
+end
+
+if ARGV[4] == '' then return {'ok', ''} end
+local id = redis.call('XADD', log, 'MAXLEN', '~', ARGV[5], '*', 'e', ARGV[4])
+redis.call('PEXPIRE', log, ARGV[6])
+redis.call('SPUBLISH', ARGV[8], '{"id":"' .. id .. '",' .. ARGV[4])
+return {'ok', id}

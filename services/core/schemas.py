@@ -1,0 +1,51 @@
+"""JSON Schemas of the domain actions, generated from the code into `schemas/`.
+
+Another team implements an AES against these files; a test fails when they are stale.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import msgspec
+
+from services.core.actions import ACTION_TYPES, AnyAction
+
+SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
+def _tag(cls: type[msgspec.Struct]) -> str:
+    return str(cls.__struct_config__.tag)
+
+
+def render_schemas() -> dict[str, str]:
+    """File name -> JSON text: one schema per action type plus the union of all of them."""
+    files: dict[str, str] = {}
+    for cls in ACTION_TYPES:
+        schema = msgspec.json.schema(cls)
+        schema = {"$schema": SCHEMA_DIALECT, "title": _tag(cls), **schema}
+        files[f"{_tag(cls)}.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
+    union = {"$schema": SCHEMA_DIALECT, "title": "action", **msgspec.json.schema(AnyAction)}
+    files["actions.json"] = json.dumps(union, indent=2, sort_keys=True) + "\n"
+    return files
+
+
+def write_schemas(directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in render_schemas().items():
+        path = directory / name
+        path.write_text(text)
+        written.append(path)
+    return written
+
+
+def stale_schemas(directory: Path) -> list[str]:
+    """Names of files that differ from what the code generates (missing ones included)."""
+    stale = []
+    for name, text in render_schemas().items():
+        path = directory / name
+        if not path.exists() or path.read_text() != text:
+            stale.append(name)
+    return stale

@@ -1,0 +1,155 @@
+"""The one validated settings object, read from `ORCHESTRATOR_*` variables once at start.
+
+A bad value stops the process with a single line naming the variable (`ConfigError`), so an
+operator reading `kubectl logs` sees what to fix instead of a traceback.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "ORCHESTRATOR_"
+
+
+class ConfigError(Exception):
+    """Invalid configuration; the message is one line naming the variable."""
+
+
+class RedisMode(StrEnum):
+    standalone = "standalone"
+    cluster = "cluster"
+    sentinel = "sentinel"
+
+
+class LogLevel(StrEnum):
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every knob of the product. Names are fixed by DESIGN §6; defaults suit a single pod."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, case_sensitive=False, extra="ignore", frozen=True
+    )
+
+    # Redis
+    redis_host: str = "localhost"
+    redis_port: int = Field(6379, ge=1, le=65535)
+    redis_url: str | None = None
+    redis_mode: RedisMode = RedisMode.standalone
+    redis_sentinels: CommaList = []
+    redis_sentinel_master: str = "mymaster"
+    redis_max_connections: int = Field(64, ge=4)
+
+    # WebSocket
+    websocket_ping_interval: float = Field(30.0, gt=0)
+    websocket_ping_timeout: float = Field(10.0, gt=0)
+    websocket_compression: bool = False
+    websocket_send_queue: int = Field(1000, ge=1)
+    max_websocket_connections: int = Field(1000, ge=1)
+    max_frame_bytes: int = Field(64 * 1024, ge=1024)
+
+    # Worker and transport
+    worker_sleep_seconds: float = Field(1.0, gt=0, le=60)
+    worker_batch_size: int = Field(100, ge=1, le=10_000)
+    callback_partitions: int = Field(8, ge=1, le=1024)
+    partition_lease_seconds: float = Field(10.0, ge=1)
+    max_delivery_attempts: int = Field(5, ge=1)
+    session_log_maxlen: int = Field(1000, ge=10)
+    session_log_ttl_seconds: int = Field(3600, ge=10)
+    task_ttl_seconds: int = Field(86_400, ge=60)
+
+    # Executor (the bundled reference AES)
+    executor_concurrency: int = Field(64, ge=1)
+    executor_chunk_delay_ms: float = Field(20.0, ge=0)
+    executor_reclaim_idle_seconds: float = Field(30.0, ge=1)
+
+    # Clients and auth
+    max_requests_per_session: int = Field(100, ge=1)
+    default_tier: str = "free"
+    default_agent: str = "default"
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None
+    jwt_algorithm: str = "HS256"
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_private_key: str | None = None
+    allowed_origins: CommaList = []
+    max_message_chars: int = Field(32_000, ge=1)
+    max_body_bytes: int = Field(256 * 1024, ge=1024)
+
+    # Persistence and retention (used by later parts; validated now so typos fail early)
+    database_url: str | None = None
+    history_retention_days: int = Field(30, ge=1)
+    validation_cache_ttl: float = Field(300.0, ge=0)
+
+    # Process
+    metrics_port: int = Field(9090, ge=0, le=65535)
+    log_level: LogLevel = LogLevel.INFO
+    pod_name: str | None = None
+
+    @field_validator("allowed_origins", "redis_sentinels", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _split_commas(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("jwt_algorithm")
+    @classmethod
+    def _algorithm(cls, value: str) -> str:
+        allowed = {"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384"}
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(sorted(allowed))}")
+        return value
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Settings:
+        if self.redis_mode is RedisMode.sentinel and not self.redis_sentinels:
+            raise ValueError("REDIS_SENTINELS is required when REDIS_MODE is sentinel")
+        if self.redis_mode is RedisMode.cluster and not self.redis_url:
+            raise ValueError("REDIS_URL (a seed node) is required when REDIS_MODE is cluster")
+        return self
+
+    @property
+    def redis_address(self) -> str:
+        return self.redis_url or f"redis://{self.redis_host}:{self.redis_port}/0"
+
+    @property
+    def uses_public_key(self) -> bool:
+        return not self.jwt_algorithm.startswith("HS")
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment; raise `ConfigError` with one line naming the bad variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        location = [str(part) for part in error.get("loc", ()) if isinstance(part, str | int)]
+        message = str(error.get("msg", "invalid value"))
+        if location:
+            name = ENV_PREFIX + location[0].upper()
+            raise ConfigError(f"{name}: {message}") from None
+        if message.startswith("Value error, "):
+            message = message.removeprefix("Value error, ")
+        raise ConfigError(f"{ENV_PREFIX}{message}") from None

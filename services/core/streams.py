@@ -1,0 +1,116 @@
+"""Redis Streams plumbing shared by the consumers: groups, reads, reclaims, dead letters.
+
+Delivery is at-least-once: an entry is acknowledged only after its effect is written, an entry
+left pending by a dead consumer is reclaimed, and an entry that cannot be handled (malformed,
+or failing its handler `max_delivery_attempts` times) moves to the dead-letter stream with the
+reason instead of blocking its stream or crashing the consumer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from services.core import keys
+from services.core.actions import ACTION_FIELD
+from services.core.tasks import isoformat
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTER_MAXLEN = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    stream: str
+    id: str
+    fields: dict[bytes, bytes]
+
+    @property
+    def raw_action(self) -> bytes | None:
+        return self.fields.get(ACTION_FIELD.encode())
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def parse_read(response: Any) -> list[Entry]:
+    """Flatten an XREAD/XREADGROUP reply (RESP2 list or RESP3 dict) into entries."""
+    if not response:
+        return []
+    items = response.items() if isinstance(response, dict) else response
+    entries: list[Entry] = []
+    for stream, messages in items:
+        name = _text(stream)
+        for entry_id, fields in messages:
+            if fields is None:  # deleted while pending
+                entries.append(Entry(name, _text(entry_id), {}))
+            else:
+                entries.append(Entry(name, _text(entry_id), fields))
+    return entries
+
+
+async def ensure_group(redis: Redis, stream: str, group: str, start: str = "0") -> None:
+    """Create the consumer group (and the stream) unless it exists."""
+    try:
+        await redis.xgroup_create(stream, group, id=start, mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+async def reclaim(
+    redis: Redis, stream: str, group: str, consumer: str, min_idle_ms: int, count: int = 100
+) -> list[Entry]:
+    """Take over entries idle for `min_idle_ms` from any consumer (a dead one, typically)."""
+    claimed: list[Entry] = []
+    cursor = "0-0"
+    while True:
+        reply = await redis.xautoclaim(
+            stream, group, consumer, min_idle_time=min_idle_ms, start_id=cursor, count=count
+        )
+        cursor = _text(reply[0])
+        for entry_id, fields in reply[1]:
+            claimed.append(Entry(stream, _text(entry_id), fields or {}))
+        if cursor == "0-0" or len(claimed) >= count:
+            return claimed
+
+
+async def delivery_counts(
+    redis: Redis, stream: str, group: str, entries: list[Entry]
+) -> dict[str, int]:
+    """How many times each pending entry was delivered (XPENDING's extended form)."""
+    if not entries:
+        return {}
+    rows = await redis.xpending_range(
+        stream, group, min=entries[0].id, max=entries[-1].id, count=len(entries) + 100
+    )
+    return {_text(row["message_id"]): int(row["times_delivered"]) for row in rows}
+
+
+async def dead_letter(redis: Redis, entry: Entry, group: str, reason: str) -> None:
+    """Move an entry to the dead-letter stream with its reason, then acknowledge it.
+
+    The dead letter is written first: a crash in between leaves the entry pending (it is
+    dead-lettered again later), never lost.
+    """
+    record: dict[str | bytes, bytes | str] = {
+        "stream": entry.stream,
+        "entry_id": entry.id,
+        "group": group,
+        "reason": reason[:2000],
+        "at": isoformat(),
+    }
+    raw = entry.raw_action
+    record[ACTION_FIELD] = raw if raw is not None else b""
+    await redis.xadd(keys.DEAD_LETTERS, record, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
+    await redis.xack(entry.stream, group, entry.id)
+    log.warning(
+        "dead-lettered entry",
+        extra={"stream": entry.stream, "entry_id": entry.id, "reason": reason[:200]},
+    )

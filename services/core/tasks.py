@@ -1,0 +1,162 @@
+"""Task state and the session events that move it, written atomically by one Lua script.
+
+The task's state hash and the session's event log share the session's hash tag, so a state
+transition and the client event it produces are one atomic step: a client never sees a chunk
+after `chat.cancelled`, a duplicate chunk, or an event of a superseded attempt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+import msgspec
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+
+from services.core import keys
+from services.core.actions import utcnow
+from services.core.scripts import Scripts
+from services.core.settings import Settings
+
+
+class TaskStatus(StrEnum):
+    queued = "queued"
+    processing = "processing"
+    streaming = "streaming"
+    completed = "completed"
+    failed = "failed"
+    cancelled = "cancelled"
+    timed_out = "timed_out"
+
+
+FINAL_STATUSES = frozenset(
+    {TaskStatus.completed, TaskStatus.failed, TaskStatus.cancelled, TaskStatus.timed_out}
+)
+
+
+class Verdict(StrEnum):
+    """What the task script decided about an event."""
+
+    ok = "ok"
+    exists = "exists"
+    unknown = "unknown"
+    final = "final"
+    stale = "stale"
+    duplicate = "duplicate"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    verdict: Verdict
+    detail: str
+
+    @property
+    def applied(self) -> bool:
+        return self.verdict is Verdict.ok
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRef:
+    tenant_id: str
+    session_id: str
+    task_id: str
+
+
+_json = msgspec.json.Encoder()
+
+
+def isoformat(moment: datetime | None = None) -> str:
+    return (moment or utcnow()).isoformat().replace("+00:00", "Z")
+
+
+def _text(value: bytes | str | None) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class TaskStore:
+    """Reads task state and applies events to it (with their client-visible frames)."""
+
+    def __init__(self, redis: Redis, scripts: Scripts, settings: Settings) -> None:
+        self.redis = redis
+        self.scripts = scripts
+        self.settings = settings
+
+    def _args(
+        self,
+        ref: TaskRef,
+        op: str,
+        *,
+        attempt: int,
+        seq: int,
+        body: str,
+        fields: dict[str, str],
+    ) -> tuple[list[str], list[str | int]]:
+        settings = self.settings
+        script_keys = [
+            keys.task_state(ref.tenant_id, ref.session_id, ref.task_id),
+            keys.session_log(ref.tenant_id, ref.session_id),
+        ]
+        args: list[str | int] = [
+            op,
+            attempt,
+            seq,
+            body,
+            settings.session_log_maxlen,
+            settings.session_log_ttl_seconds * 1000,
+            settings.task_ttl_seconds,
+            keys.session_channel(ref.tenant_id, ref.session_id),
+            isoformat(),
+        ]
+        for name, value in fields.items():
+            args.extend((name, value))
+        return script_keys, args
+
+    async def apply(
+        self,
+        ref: TaskRef,
+        op: str,
+        *,
+        attempt: int = 0,
+        seq: int = 0,
+        body: str = "",
+        fields: dict[str, str] | None = None,
+        pipe: Pipeline | None = None,
+    ) -> Outcome | None:
+        """Run the task script; with `pipe`, queue it and return None (read the pipe's result)."""
+        script_keys, args = self._args(
+            ref, op, attempt=attempt, seq=seq, body=body, fields=fields or {}
+        )
+        result = await self.scripts.task_event(keys=script_keys, args=args, client=pipe)
+        if pipe is not None:
+            return None
+        return parse_outcome(result)
+
+    async def locate(self, task_id: str) -> TaskRef | None:
+        where = _text(await self.redis.get(keys.task_location(task_id)))
+        if where is None:
+            return None
+        tenant_id, _, session_id = where.partition("/")
+        return TaskRef(tenant_id, session_id, task_id)
+
+    def location_value(self, ref: TaskRef) -> str:
+        return f"{ref.tenant_id}/{ref.session_id}"
+
+    async def read(self, ref: TaskRef) -> dict[str, Any] | None:
+        raw = await self.redis.hgetall(keys.task_state(ref.tenant_id, ref.session_id, ref.task_id))
+        if not raw:
+            return None
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+
+def parse_outcome(result: Any) -> Outcome:
+    verdict, detail = result
+    return Outcome(Verdict(_text(verdict)), _text(detail) or "")
+
+
+def encode_json(value: Any) -> str:
+    return _json.encode(value).decode()

@@ -1,0 +1,271 @@
+"""`orchestrator executor`: the reference Agent Execution Service, a real consumer of the contract.
+
+It reads `chat.process` from the three priority streams with the `aes` consumer group (high
+first), runs the simulated agent, answers on the action's `callback_queue`, and acknowledges
+the entry only after the final callback is written. While a task runs its claim is refreshed,
+so a long healthy run is never reclaimed; entries of a dead executor are reclaimed after
+`ORCHESTRATOR_EXECUTOR_RECLAIM_IDLE_SECONDS`. Cancels arrive on the cancel stream, which every
+executor reads in full (no group), so whichever executor runs the task stops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections import OrderedDict
+
+from prometheus_client import Counter, start_http_server
+from redis.asyncio import Redis
+
+from services.core import keys
+from services.core.actions import (
+    ACTION_FIELD,
+    ChatCancel,
+    ChatProcess,
+    ExecutionChunk,
+    ExecutionCompleted,
+    ExecutionFailed,
+    MalformedAction,
+    Usage,
+    decode_action,
+    encode_action,
+)
+from services.core.redis_client import REDIS_DOWN, create_redis
+from services.core.settings import Settings
+from services.core.streams import Entry, dead_letter, ensure_group, parse_read, reclaim
+from services.executor.agent import Simulation, chunks_of, reply_for, usage_for
+
+log = logging.getLogger(__name__)
+
+executions = Counter("orchestrator_executor_tasks", "Tasks run by the executor", ["outcome"])
+
+PRIORITY_RANK = {keys.aes_stream(p): rank for rank, p in enumerate(keys.PRIORITIES)}
+REMEMBERED_CANCELS = 10_000
+CALLBACK_MAXLEN = 1_000_000
+
+
+class Executor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.consumer = settings.pod_name or f"{socket.gethostname()}-{os.getpid()}"
+        self.redis: Redis = create_redis(settings, max_connections=settings.executor_concurrency + 8)
+        self.streams = [keys.aes_stream(p) for p in keys.PRIORITIES]
+        self.running: dict[str, tuple[Entry, asyncio.Task[None]]] = {}
+        self.cancelled: OrderedDict[str, None] = OrderedDict()
+        self.waiting: list[Entry] = []
+        self.slot_free = asyncio.Event()
+        self.stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        for stream in self.streams:
+            await ensure_group(self.redis, stream, keys.AES_GROUP)
+        helpers = [
+            asyncio.create_task(self._listen_for_cancels()),
+            asyncio.create_task(self._keep_claims_alive()),
+        ]
+        log.info("executor %s started", self.consumer)
+        try:
+            await self._consume()
+        finally:
+            for helper in helpers:
+                helper.cancel()
+            await self._finish_running()
+            await self.redis.aclose()
+
+    async def _consume(self) -> None:
+        reclaim_every = self.settings.executor_reclaim_idle_seconds / 2
+        loop = asyncio.get_running_loop()
+        next_reclaim = 0.0
+        while not self.stopping.is_set():
+            try:
+                if loop.time() >= next_reclaim:
+                    await self._reclaim_from_dead_executors()
+                    next_reclaim = loop.time() + reclaim_every
+                free = self.settings.executor_concurrency - len(self.running)
+                if free <= 0:
+                    self.slot_free.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.slot_free.wait(), 1.0)
+                    continue
+                if not self.waiting:
+                    reply = await self.redis.xreadgroup(
+                        keys.AES_GROUP,
+                        self.consumer,
+                        dict.fromkeys(self.streams, ">"),
+                        count=free,
+                        block=int(self.settings.worker_sleep_seconds * 1000),
+                    )
+                    self.waiting.extend(parse_read(reply))
+                    self.waiting.sort(key=lambda e: (PRIORITY_RANK.get(e.stream, 9), e.id))
+                while self.waiting and len(self.running) < self.settings.executor_concurrency:
+                    await self._start(self.waiting.pop(0))
+            except REDIS_DOWN as exc:
+                log.warning("executor: redis unavailable (%s)", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), 0.5)
+
+    async def _reclaim_from_dead_executors(self) -> None:
+        idle_ms = int(self.settings.executor_reclaim_idle_seconds * 1000)
+        for stream in self.streams:
+            claimed = await reclaim(self.redis, stream, keys.AES_GROUP, self.consumer, idle_ms)
+            fresh = [e for e in claimed if e.id not in {r[0].id for r in self.running.values()}]
+            self.waiting.extend(fresh)
+
+    async def _start(self, entry: Entry) -> None:
+        raw = entry.raw_action
+        try:
+            if raw is None:
+                raise MalformedAction("stream entry has no 'action' field")
+            action = decode_action(raw)
+            if not isinstance(action, ChatProcess):
+                raise MalformedAction(f"expected chat.process, got {type(action).__name__}")
+        except MalformedAction as exc:
+            await dead_letter(self.redis, entry, keys.AES_GROUP, f"malformed action: {exc.reason}")
+            return
+        if action.task_id in self.cancelled:
+            await self.redis.xack(entry.stream, keys.AES_GROUP, entry.id)
+            executions.labels("cancelled").inc()
+            return
+        task = asyncio.create_task(self._execute(entry, action))
+        self.running[action.task_id] = (entry, task)
+
+    async def _execute(self, entry: Entry, action: ChatProcess) -> None:
+        outcome = "completed"
+        try:
+            outcome = await self._answer(action)
+            await self.redis.xack(entry.stream, keys.AES_GROUP, entry.id)
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            if action.task_id in self.cancelled:  # cancelled by the client: done with it
+                with contextlib.suppress(*REDIS_DOWN):
+                    await self.redis.xack(entry.stream, keys.AES_GROUP, entry.id)
+        except REDIS_DOWN:
+            outcome = "interrupted"  # left pending: reclaimed and run again later
+        finally:
+            executions.labels(outcome).inc()
+            self.running.pop(action.task_id, None)
+            self.slot_free.set()
+
+    async def _answer(self, action: ChatProcess) -> str:
+        simulation = Simulation.from_context(action.context)
+        if simulation.delay_ms:
+            await asyncio.sleep(simulation.delay_ms / 1000)
+        if simulation.stall:
+            await self.stopping.wait()
+            raise asyncio.CancelledError
+        if action.attempt <= simulation.fail_attempts:
+            failure = ExecutionFailed(
+                tenant_id=action.tenant_id,
+                session_id=action.session_id,
+                task_id=action.task_id,
+                trace_context=action.trace_context,
+                attempt=action.attempt,
+                error=f"simulated failure of attempt {action.attempt}",
+                retryable=simulation.retryable,
+            )
+            await self._callback(action, failure)
+            return "failed"
+        reply = reply_for(action.agent_id, action.message, simulation.repeat)
+        if action.stream:
+            pace = simulation.chunk_delay_ms
+            pace = self.settings.executor_chunk_delay_ms if pace is None else pace
+            for seq, delta in enumerate(chunks_of(reply), start=1):
+                if seq > 1 and pace:
+                    await asyncio.sleep(pace / 1000)
+                chunk = ExecutionChunk(
+                    tenant_id=action.tenant_id,
+                    session_id=action.session_id,
+                    task_id=action.task_id,
+                    trace_context=action.trace_context,
+                    attempt=action.attempt,
+                    seq=seq,
+                    delta=delta,
+                )
+                await self._callback(action, chunk)
+        input_tokens, output_tokens, cost = usage_for(action.message, reply)
+        completed = ExecutionCompleted(
+            tenant_id=action.tenant_id,
+            session_id=action.session_id,
+            task_id=action.task_id,
+            trace_context=action.trace_context,
+            attempt=action.attempt,
+            content=reply,
+            usage=Usage(
+                input_tokens=input_tokens, output_tokens=output_tokens, model="reference-echo-1",
+                cost=cost,
+            ),
+        )
+        await self._callback(action, completed)
+        return "completed"
+
+    async def _callback(
+        self, action: ChatProcess, callback: ExecutionChunk | ExecutionCompleted | ExecutionFailed
+    ) -> None:
+        await self.redis.xadd(
+            action.callback_queue,
+            {ACTION_FIELD: encode_action(callback)},
+            maxlen=CALLBACK_MAXLEN,
+            approximate=True,
+        )
+
+    async def _listen_for_cancels(self) -> None:
+        last_id = "$"
+        while True:
+            try:
+                reply = await self.redis.xread({keys.CANCEL_STREAM: last_id}, block=1000)
+            except REDIS_DOWN:
+                await asyncio.sleep(0.5)
+                continue
+            for entry in parse_read(reply):
+                last_id = entry.id
+                try:
+                    notice = decode_action(entry.raw_action or b"")
+                except MalformedAction:
+                    continue
+                if isinstance(notice, ChatCancel):
+                    self._cancel(notice.task_id)
+
+    def _cancel(self, task_id: str) -> None:
+        self.cancelled[task_id] = None
+        while len(self.cancelled) > REMEMBERED_CANCELS:
+            self.cancelled.popitem(last=False)
+        running = self.running.get(task_id)
+        if running is not None:
+            running[1].cancel()
+
+    async def _keep_claims_alive(self) -> None:
+        """Refresh the claim of every running task so no other executor reclaims it."""
+        interval = self.settings.executor_reclaim_idle_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            by_stream: dict[str, list[str]] = {}
+            for entry, _ in list(self.running.values()):
+                by_stream.setdefault(entry.stream, []).append(entry.id)
+            for stream, ids in by_stream.items():
+                with contextlib.suppress(*REDIS_DOWN):
+                    await self.redis.xclaim(
+                        stream, keys.AES_GROUP, self.consumer, 0, ids, justid=True
+                    )
+
+    async def _finish_running(self) -> None:
+        """At shutdown, stop running tasks; their entries stay pending for another executor."""
+        tasks = [task for _, task in self.running.values()]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+async def serve(settings: Settings) -> None:
+    executor = Executor(settings)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, executor.stopping.set)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port)
+    await executor.run()

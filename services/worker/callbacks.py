@@ -1,0 +1,144 @@
+"""What each AES callback does: move the task's state and emit the client event, atomically.
+
+Every effect is one script call on the session's slot (see `TaskStore`), queued on a pipeline
+so a batch of callbacks costs one round trip. Effects are idempotent: a redelivered chunk, a
+second final answer, or a callback of a superseded attempt changes nothing and is only counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.asyncio.client import Pipeline
+
+from services.core import events, keys
+from services.core.actions import (
+    Callback,
+    ExecutionCallback,
+    ExecutionChunk,
+    ExecutionCompleted,
+    ExecutionFailed,
+    Usage,
+    WebsocketBroadcast,
+    WebsocketSend,
+)
+from services.core.scripts import Scripts
+from services.core.settings import Settings
+from services.core.tasks import TaskRef, TaskStatus, TaskStore, encode_json
+
+DEDUPE_TTL_SECONDS = 86_400
+
+
+class CallbackEffects:
+    def __init__(self, tasks: TaskStore, scripts: Scripts, settings: Settings) -> None:
+        self.tasks = tasks
+        self.scripts = scripts
+        self.settings = settings
+
+    async def queue(self, action: Callback, pipe: Pipeline) -> None:
+        """Queue the effect of one callback on `pipe`; its reply says what happened."""
+        if isinstance(action, ExecutionChunk):
+            await self._chunk(action, pipe)
+        elif isinstance(action, ExecutionCompleted):
+            ref = TaskRef(action.tenant_id, action.session_id, action.task_id)
+            await self._completed(ref, action.attempt, action.content, action.usage, pipe)
+        elif isinstance(action, ExecutionFailed):
+            ref = TaskRef(action.tenant_id, action.session_id, action.task_id)
+            await self._failed(ref, action.attempt, action.code, action.error, pipe)
+        elif isinstance(action, ExecutionCallback):
+            await self._legacy(action, pipe)
+        elif isinstance(action, WebsocketSend):
+            await self._send(action, pipe)
+        else:
+            await self._broadcast(action, pipe)
+
+    async def _chunk(self, action: ExecutionChunk, pipe: Pipeline) -> None:
+        ref = TaskRef(action.tenant_id, action.session_id, action.task_id)
+        body = events.event_body(
+            events.CHAT_CHUNK, {"delta": action.delta, "seq": action.seq}, action.task_id
+        )
+        await self.tasks.apply(
+            ref, "chunk", attempt=action.attempt, seq=action.seq, body=body, pipe=pipe
+        )
+
+    async def _completed(
+        self, ref: TaskRef, attempt: int, content: str, usage: Usage, pipe: Pipeline
+    ) -> None:
+        usage_data = {
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "model": usage.model,
+            "cost": usage.cost,
+        }
+        result = {"content": content, "role": "assistant"}
+        body = events.event_body(events.CHAT_RESPONSE, {**result, "usage": usage_data}, ref.task_id)
+        await self.tasks.apply(
+            ref,
+            "completed",
+            attempt=attempt,
+            body=body,
+            fields={
+                "status": TaskStatus.completed,
+                "result": encode_json(result),
+                "usage": encode_json(usage_data),
+            },
+            pipe=pipe,
+        )
+
+    async def _failed(
+        self, ref: TaskRef, attempt: int, code: str, message: str, pipe: Pipeline
+    ) -> None:
+        error = {"code": code, "message": message}
+        body = events.event_body(events.CHAT_ERROR, error, ref.task_id)
+        await self.tasks.apply(
+            ref,
+            "failed",
+            attempt=attempt,
+            body=body,
+            fields={"status": TaskStatus.failed, "error": encode_json(error)},
+            pipe=pipe,
+        )
+
+    async def _legacy(self, action: ExecutionCallback, pipe: Pipeline) -> None:
+        """The seed's `execution.callback`, applied to whatever attempt is current."""
+        ref = TaskRef(action.tenant_id, action.session_id, action.task_id)
+        if action.status == "completed":
+            tokens = action.tokens_used
+            usage = Usage(
+                input_tokens=tokens.input if tokens else 0,
+                output_tokens=tokens.output if tokens else 0,
+            )
+            content = action.result.response if action.result else ""
+            await self._completed(ref, 0, content, usage, pipe)
+            return
+        code = "timeout" if action.status == "timeout" else "execution_failed"
+        message = action.error.message if action.error else action.status
+        await self._failed(ref, 0, code, message, pipe)
+
+    async def _send(self, action: WebsocketSend, pipe: Pipeline) -> None:
+        settings = self.settings
+        body = events.event_body(events.MESSAGE, action.message, action.task_id)
+        tenant, session = action.tenant_id, action.session_id
+        args: list[Any] = [
+            body,
+            settings.session_log_maxlen,
+            settings.session_log_ttl_seconds * 1000,
+            keys.session_channel(tenant, session),
+            DEDUPE_TTL_SECONDS,
+        ]
+        await self.scripts.session_event(
+            keys=[
+                keys.session_dedupe(tenant, session, action.action_id),
+                keys.session_log(tenant, session),
+            ],
+            args=args,
+            client=pipe,
+        )
+
+    async def _broadcast(self, action: WebsocketBroadcast, pipe: Pipeline) -> None:
+        body = events.event_body(events.MESSAGE, action.message, action.task_id)
+        await self.scripts.broadcast(
+            keys=[keys.tenant_dedupe(action.tenant_id, action.action_id)],
+            args=[body, keys.tenant_channel(action.tenant_id), DEDUPE_TTL_SECONDS],
+            client=pipe,
+        )

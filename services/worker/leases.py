@@ -1,0 +1,94 @@
+"""Which callback partitions this worker consumes: leases, shared fairly among live workers.
+
+A partition is consumed by one worker at a time, so the callbacks of a session (all in one
+partition) are handled in the order the AES wrote them, however many workers run. Workers
+heartbeat into a sorted set; each takes up to ceil(partitions / live workers) leases and gives
+back extras, so partitions spread when a worker joins and move when one dies (its leases
+expire after `partition_lease_seconds`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+
+from redis.asyncio import Redis
+
+from services.core import keys
+from services.core.scripts import Scripts
+
+
+class PartitionLeases:
+    def __init__(
+        self, redis: Redis, scripts: Scripts, worker_id: str, partitions: int, ttl: float
+    ) -> None:
+        self.redis = redis
+        self.scripts = scripts
+        self.worker_id = worker_id
+        self.partitions = partitions
+        self.ttl_ms = int(ttl * 1000)
+        self.owned: set[int] = set()
+        # Start looking at a worker-specific offset so workers do not all race for partition 0.
+        self._offset = zlib.crc32(worker_id.encode()) % partitions
+
+    async def live_workers(self) -> int:
+        now = time.time()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(keys.WORKER_HEARTBEATS, {self.worker_id: now})
+            pipe.zremrangebyscore(keys.WORKER_HEARTBEATS, "-inf", now - 3 * self.ttl_ms / 1000)
+            pipe.zcard(keys.WORKER_HEARTBEATS)
+            _, _, live = await pipe.execute()
+        return max(1, int(live))
+
+    async def renew(self) -> set[int]:
+        """Extend our leases; return the partitions we lost (expired and taken, or gone)."""
+        if not self.owned:
+            return set()
+        owned = sorted(self.owned)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for partition in owned:
+                await self.scripts.lease(
+                    keys=[keys.partition_lease(partition)],
+                    args=[self.worker_id, self.ttl_ms, "renew"],
+                    client=pipe,
+                )
+            results = await pipe.execute()
+        lost = {p for p, held in zip(owned, results, strict=True) if not held}
+        self.owned -= lost
+        return lost
+
+    def surplus(self, live: int) -> list[int]:
+        """Partitions to hand back so that every live worker can get its share."""
+        target = math.ceil(self.partitions / live)
+        extra = len(self.owned) - target
+        return sorted(self.owned, reverse=True)[:extra] if extra > 0 else []
+
+    async def acquire(self, live: int) -> set[int]:
+        target = math.ceil(self.partitions / live)
+        gained: set[int] = set()
+        for step in range(self.partitions):
+            if len(self.owned) >= target:
+                break
+            partition = (self._offset + step) % self.partitions
+            if partition in self.owned:
+                continue
+            taken = await self.redis.set(
+                keys.partition_lease(partition), self.worker_id, nx=True, px=self.ttl_ms
+            )
+            if taken:
+                self.owned.add(partition)
+                gained.add(partition)
+        return gained
+
+    async def release(self, partition: int) -> None:
+        self.owned.discard(partition)
+        await self.scripts.lease(
+            keys=[keys.partition_lease(partition)], args=[self.worker_id, self.ttl_ms, "release"]
+        )
+
+    async def leave(self) -> None:
+        """Give everything back at shutdown so another worker takes over at once."""
+        for partition in sorted(self.owned):
+            await self.release(partition)
+        await self.redis.zrem(keys.WORKER_HEARTBEATS, self.worker_id)

@@ -1,0 +1,153 @@
+"""The consumer loop of one callback partition, read top to bottom.
+
+adopt what the previous owner left pending -> read a batch -> apply all effects in one
+pipelined round trip -> acknowledge what took effect -> dead-letter what never will.
+Entries are handled strictly in stream order; a failed batch is retried from the pending list
+before anything newer is read, so one session's events never overtake each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from prometheus_client import Counter
+from redis.asyncio import Redis
+
+from services.core import keys
+from services.core.actions import Callback, MalformedAction, decode_callback
+from services.core.redis_client import REDIS_DOWN
+from services.core.settings import Settings
+from services.core.streams import (
+    Entry,
+    dead_letter,
+    delivery_counts,
+    ensure_group,
+    parse_read,
+    reclaim,
+)
+from services.core.tasks import parse_outcome
+from services.worker.callbacks import CallbackEffects
+
+log = logging.getLogger(__name__)
+
+callbacks_handled = Counter(
+    "orchestrator_callbacks", "Callbacks handled by the worker, by verdict", ["verdict"]
+)
+dead_letters = Counter("orchestrator_dead_letters", "Entries moved to the dead-letter stream")
+
+RETRY_PAUSE_SECONDS = 0.5
+
+
+class PartitionConsumer:
+    def __init__(
+        self,
+        redis: Redis,
+        effects: CallbackEffects,
+        settings: Settings,
+        worker_id: str,
+        partition: int,
+    ) -> None:
+        self.redis = redis
+        self.effects = effects
+        self.settings = settings
+        self.consumer = worker_id
+        self.partition = partition
+        self.stream = keys.callback_stream(partition)
+        self.stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def run(self) -> None:
+        await ensure_group(self.redis, self.stream, keys.WORKER_GROUP)
+        backlog = True
+        while not self.stopping.is_set():
+            try:
+                if backlog:
+                    entries = await self._pending()
+                    backlog = bool(entries)
+                    if not entries:
+                        continue
+                else:
+                    entries = await self._new()
+                    if not entries:
+                        continue
+                if not await self._handle(entries):
+                    backlog = True
+                    await self._pause()
+            except REDIS_DOWN as exc:
+                log.warning("partition %s: redis unavailable (%s)", self.partition, exc)
+                backlog = True
+                await self._pause()
+
+    async def _pause(self) -> None:
+        try:
+            await asyncio.wait_for(self.stopping.wait(), RETRY_PAUSE_SECONDS)
+        except TimeoutError:
+            pass
+
+    async def _pending(self) -> list[Entry]:
+        """Our own pending entries, after taking over those of any previous owner."""
+        await reclaim(self.redis, self.stream, keys.WORKER_GROUP, self.consumer, min_idle_ms=0)
+        reply = await self.redis.xreadgroup(
+            keys.WORKER_GROUP,
+            self.consumer,
+            {self.stream: "0"},
+            count=self.settings.worker_batch_size,
+        )
+        return parse_read(reply)
+
+    async def _new(self) -> list[Entry]:
+        reply = await self.redis.xreadgroup(
+            keys.WORKER_GROUP,
+            self.consumer,
+            {self.stream: ">"},
+            count=self.settings.worker_batch_size,
+            block=int(self.settings.worker_sleep_seconds * 1000),
+        )
+        return parse_read(reply)
+
+    async def _handle(self, entries: list[Entry]) -> bool:
+        """Apply a batch; True when every entry was acknowledged or dead-lettered."""
+        decoded: list[tuple[Entry, Callback]] = []
+        for entry in entries:
+            raw = entry.raw_action
+            if raw is None:
+                await self._dead_letter(entry, "stream entry has no 'action' field")
+                continue
+            try:
+                decoded.append((entry, decode_callback(raw)))
+            except MalformedAction as exc:
+                await self._dead_letter(entry, f"malformed action: {exc.reason}")
+        if not decoded:
+            return True
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _, action in decoded:
+                await self.effects.queue(action, pipe)
+            results = await pipe.execute(raise_on_error=False)
+        done: list[str] = []
+        failed: list[tuple[Entry, BaseException]] = []
+        for (entry, _), result in zip(decoded, results, strict=True):
+            if isinstance(result, BaseException):
+                failed.append((entry, result))
+                continue
+            done.append(entry.id)
+            callbacks_handled.labels(parse_outcome(result).verdict).inc()
+        if done:
+            await self.redis.xack(self.stream, keys.WORKER_GROUP, *done)
+        if not failed:
+            return True
+        counts = await delivery_counts(
+            self.redis, self.stream, keys.WORKER_GROUP, [entry for entry, _ in failed]
+        )
+        for entry, error in failed:
+            if counts.get(entry.id, 0) >= self.settings.max_delivery_attempts:
+                await self._dead_letter(entry, f"handler failed: {error}")
+            else:
+                log.warning("callback %s failed, will retry: %s", entry.id, error)
+        return False
+
+    async def _dead_letter(self, entry: Entry, reason: str) -> None:
+        await dead_letter(self.redis, entry, keys.WORKER_GROUP, reason)
+        dead_letters.inc()
