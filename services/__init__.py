@@ -1,1 +1,1 @@
-"""Agent Orchestrator: the realtime gateway between chat frontends and an Agent Execution Service."""
+"""Agent Orchestrator: realtime gateway between chat frontends and an Agent Execution Service."""

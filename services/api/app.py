@@ -147,7 +147,7 @@ def create_app(settings: Settings, *, pod_id: str | None = None) -> Litestar:
         OrchestratorError: _on_orchestrator_error,
         ValidationException: _on_validation_error,
         HTTPException: _on_http_error,
-        **{error: _on_redis_down for error in REDIS_DOWN},
+        **dict.fromkeys(REDIS_DOWN, _on_redis_down),
         Exception: _on_unexpected,
     }
     return Litestar(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from litestar import Request
 
 from services.api.runtime import Runtime
@@ -19,7 +21,7 @@ def bearer_token(authorization: str | None) -> str:
     return token.strip()
 
 
-async def provide_principal(request: Request[object, object, object]) -> Principal:
+async def provide_principal(request: Request[Any, Any, Any]) -> Principal:
     runtime: Runtime = request.app.state.runtime
     principal = runtime.verifier.verify(bearer_token(request.headers.get("authorization")))
     claimed = request.headers.get("x-tenant-id")
@@ -28,7 +30,7 @@ async def provide_principal(request: Request[object, object, object]) -> Princip
     return principal
 
 
-def header_id(request: Request[object, object, object], name: str) -> str | None:
+def header_id(request: Request[Any, Any, Any], name: str) -> str | None:
     """An optional id header of the seed (X-Session-ID, X-Agent-ID), validated."""
     value = request.headers.get(name)
     if value is None:

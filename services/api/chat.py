@@ -39,7 +39,8 @@ async def task_status(data: TaskRequest, principal: Principal, runtime: Runtime)
 @get("/api/chat/tasks/{task_id:str}", summary="Status of a task")
 async def get_task(
     task_id: Annotated[str, Parameter(pattern=ID_PATTERN, description="task id")],
-    principal: Principal, runtime: Runtime
+    principal: Principal,
+    runtime: Runtime,
 ) -> TaskView:
     return await runtime.chat.status(principal, task_id)
 

@@ -25,6 +25,7 @@ Close = Callable[[int, str], Awaitable[None]]
 CLOSE_POLICY = 1008
 CLOSE_TRY_AGAIN = 1013
 CLOSE_RESTART = 1012
+CLOSE_INTERNAL = 1011
 
 
 class ClientConnection:

@@ -57,7 +57,7 @@ class SessionHub:
                 await self._reader
         if self._pubsub is not None:
             with contextlib.suppress(Exception):
-                await self._pubsub.aclose()
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def count(self) -> int:
         return len(self.connections)

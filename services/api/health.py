@@ -1,4 +1,4 @@
-"""Health endpoints: liveness (process), readiness (Redis and not draining), details, socket stats."""
+"""Health endpoints: liveness, readiness (Redis up, not draining), details, socket stats."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 from litestar import Request, get
 from litestar.response import Response
+from redis.exceptions import ResponseError
 
 from services.api.runtime import Runtime
 from services.core import keys
@@ -47,8 +48,8 @@ async def _queue_lag(runtime: Runtime) -> dict[str, Any]:
     for stream in streams:
         try:
             groups = await runtime.redis.xinfo_groups(stream)
-        except Exception:  # the stream does not exist yet
-            continue
+        except ResponseError:  # the stream does not exist yet
+            groups = []
         for group in groups:
             name = group["name"].decode() if isinstance(group["name"], bytes) else group["name"]
             lag[f"{stream}/{name}"] = {"lag": group.get("lag"), "pending": group.get("pending")}

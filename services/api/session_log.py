@@ -29,12 +29,9 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _info_field(info: list[object], name: str) -> str | None:
-    for index in range(0, len(info) - 1, 2):
-        if _text(info[index]) == name:  # type: ignore[arg-type]
-            value = info[index + 1]
-            return _text(value) if isinstance(value, bytes | str) else None
-    return None
+def _info_field(info: dict[bytes, object], name: str) -> str | None:
+    value = info.get(name.encode())
+    return _text(value) if isinstance(value, bytes | str) else None
 
 
 async def read_since(
@@ -46,7 +43,9 @@ async def read_since(
         if last_event_id is None:
             return Replay(None, NO_EVENT_ID)
         return Replay(last_event_id == NO_EVENT_ID, NO_EVENT_ID)
-    info = await redis.execute_command("XINFO", "STREAM", log_key)
+    info: dict[bytes, object] = await redis.execute_command(  # type: ignore[no-untyped-call]
+        "XINFO", "STREAM", log_key
+    )
     newest = _info_field(info, "last-generated-id") or NO_EVENT_ID
     if last_event_id is None:
         return Replay(None, newest)
@@ -55,6 +54,9 @@ async def read_since(
     if parse_event_id(max_deleted) > after or after > parse_event_id(newest):
         return Replay(False, newest)
     entries = await redis.xrange(log_key, min=f"({last_event_id}", max="+", count=REPLAY_LIMIT)
-    replayed = [(_text(entry_id), _text(fields[b"e"])) for entry_id, fields in entries]
+    replayed = [
+        (_text(entry_id), _text(fields[b"e"]))  # type: ignore[arg-type,index]
+        for entry_id, fields in entries or []
+    ]
     cursor = replayed[-1][0] if replayed else last_event_id
     return Replay(True, cursor, replayed)

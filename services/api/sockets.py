@@ -17,6 +17,7 @@ from litestar import WebSocket, websocket
 
 from services.api import metrics
 from services.api.connections import (
+    CLOSE_INTERNAL,
     CLOSE_POLICY,
     CLOSE_RESTART,
     CLOSE_TRY_AGAIN,
@@ -118,7 +119,7 @@ async def _serve(
     send = socket.send
 
     async def send_text(text: str) -> None:
-        await send({"type": "websocket.send", "text": text})
+        await send({"type": "websocket.send", "text": text, "bytes": None})
 
     async def close(code: int, reason: str) -> None:
         await socket.close(code=code, reason=reason)
@@ -157,6 +158,9 @@ async def _serve(
         await _receive_frames(socket, runtime, principal, conn)
     except REDIS_DOWN:
         conn.close_soon(CLOSE_TRY_AGAIN, "redis unavailable: try again later")
+    except Exception:
+        log.exception("socket handler failed", extra={"session_id": session_id})
+        conn.close_soon(CLOSE_INTERNAL, "internal error")
     finally:
         metrics.websocket_connections.dec()
         conn.closed = True

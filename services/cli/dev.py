@@ -10,17 +10,14 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-from services.cli.embedded import RedisServer, free_port
+from services.cli.embedded import RedisServer
+from services.cli.stack import LocalStack
 from services.core.auth import dev_secret_path, issue_token, read_dev_secret
 from services.core.settings import load_settings
-
-READY_TIMEOUT_SECONDS = 30.0
 
 
 def ensure_dev_secret() -> str:
@@ -37,64 +34,33 @@ def ensure_dev_secret() -> str:
     return secret
 
 
-def _wait_ready(url: str, children: list[subprocess.Popen[bytes]]) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-    while time.monotonic() < deadline:
-        if any(child.poll() is not None for child in children):
-            raise RuntimeError("a process exited during start-up; see its output above")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 (loopback)
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"the api did not become ready at {url}")
-
-
-def _stop(children: list[subprocess.Popen[bytes]]) -> None:
-    for child in children:
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 15
-    for child in children:
-        try:
-            child.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def run_dev(*, host: str, port: int, redis_mode: str) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the children too, like Ctrl-C
     secret = os.environ.get("ORCHESTRATOR_JWT_SECRET") or ensure_dev_secret()
     redis = RedisServer().start()
     base_url = f"http://{host}:{port}"
     origins = [o for o in os.environ.get("ORCHESTRATOR_ALLOWED_ORIGINS", "").split(",") if o]
     origins += [base_url, f"http://localhost:{port}"]
-    env = {
-        **os.environ,
-        "ORCHESTRATOR_REDIS_URL": redis.url,
-        "ORCHESTRATOR_REDIS_MODE": redis_mode,
-        "ORCHESTRATOR_JWT_SECRET": secret,
-        "ORCHESTRATOR_DEFAULT_TIER": os.environ.get("ORCHESTRATOR_DEFAULT_TIER", "pro"),
-        "ORCHESTRATOR_ALLOWED_ORIGINS": ",".join(origins),
-    }
-    command = [sys.executable, "-m", "services.cli.main"]
-    metrics = {name: free_port() for name in ("api", "worker", "executor")}
-    children: list[subprocess.Popen[bytes]] = []
+    stack = LocalStack.for_redis(
+        redis.url,
+        redis_mode=redis_mode,
+        jwt_secret=secret,
+        default_tier=os.environ.get("ORCHESTRATOR_DEFAULT_TIER", "pro"),
+        allowed_origins=",".join(origins),
+    )
+    # Keep the rest of the caller's configuration (log level, pace of the executor, ...).
+    for name, value in os.environ.items():
+        if name.startswith("ORCHESTRATOR_") and name not in stack.env:
+            stack.env[name] = value
     try:
-        children.append(
-            subprocess.Popen(
-                [*command, "api", "--host", host, "--port", str(port)],
-                env={**env, "ORCHESTRATOR_METRICS_PORT": str(metrics["api"])},
-            )
-        )
-        for name in ("worker", "executor"):
-            children.append(
-                subprocess.Popen(
-                    [*command, name], env={**env, "ORCHESTRATOR_METRICS_PORT": str(metrics[name])}
-                )
-            )
-        _wait_ready(f"{base_url}/health/ready", children)
+        api = stack.start_api(host=host, port=port)
+        worker = stack.start("worker")
+        executor = stack.start("executor")
+        stack.wait_ready(api)
         settings = load_settings(jwt_secret=secret)
         token = issue_token(settings, tenant_id="demo", user_id="dev", ttl_seconds=86_400)
         print(
@@ -102,23 +68,22 @@ def run_dev(*, host: str, port: int, redis_mode: str) -> int:
             f"  URL:       {base_url}   (OpenAPI: {base_url}/schema)\n"
             f"  WebSocket: ws://{host}:{port}/ws/demo/<session_id>\n"
             f"  Redis:     {redis.url}\n"
-            f"  Metrics:   api :{metrics['api']}, worker :{metrics['worker']}, "
-            f"executor :{metrics['executor']}\n"
+            f"  Metrics:   api :{api.metrics_port}, worker :{worker.metrics_port}, "
+            f"executor :{executor.metrics_port}\n"
             "  Token (tenant 'demo', 24 h):\n"
             f"{token}\n"
             "  More tokens: orchestrator token --tenant demo --user alice\n"
             "Press Ctrl-C to stop.\n",
             flush=True,
         )
-        while all(child.poll() is None for child in children):
+        while True:
+            stack.check_alive()
             time.sleep(0.5)
-        print("a process stopped; shutting everything down", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 0
     except RuntimeError as exc:
         print(f"orchestrator dev: {exc}", file=sys.stderr)
         return 1
     finally:
-        _stop(children)
+        stack.stop()
         redis.cleanup()

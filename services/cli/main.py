@@ -7,7 +7,6 @@ with one line naming the variable and exit code 2.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path

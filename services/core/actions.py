@@ -199,7 +199,8 @@ def encode_action(action: Action) -> bytes:
 
 def decode_action(raw: bytes | str) -> AnyAction:
     try:
-        return _any_decoder.decode(raw)
+        action: AnyAction = _any_decoder.decode(raw)
+        return action
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise MalformedAction(str(exc)) from None
 
@@ -207,7 +208,8 @@ def decode_action(raw: bytes | str) -> AnyAction:
 def decode_callback(raw: bytes | str) -> Callback:
     """Decode what may arrive on a callback queue; anything else is malformed there."""
     try:
-        return _callback_decoder.decode(raw)
+        callback: Callback = _callback_decoder.decode(raw)
+        return callback
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise MalformedAction(str(exc)) from None
 

@@ -46,7 +46,9 @@ class TokenVerifier:
         key = settings.jwt_public_key if settings.uses_public_key else settings.jwt_secret
         if not key:
             needed = (
-                "ORCHESTRATOR_JWT_PUBLIC_KEY" if settings.uses_public_key else "ORCHESTRATOR_JWT_SECRET"
+                "ORCHESTRATOR_JWT_PUBLIC_KEY"
+                if settings.uses_public_key
+                else "ORCHESTRATOR_JWT_SECRET"
             )
             raise ConfigError(f"{needed}: must be set for {settings.jwt_algorithm} tokens")
         self._key = key
@@ -82,8 +84,12 @@ def issue_token(
 ) -> str:
     """Sign a client token with the configured key (HS secret or the private key)."""
     now = int(time.time())
-    claims: dict[str, Any] = {"sub": user_id, "tenant_id": tenant_id, "iat": now,
-                              "exp": now + ttl_seconds}
+    claims: dict[str, Any] = {
+        "sub": user_id,
+        "tenant_id": tenant_id,
+        "iat": now,
+        "exp": now + ttl_seconds,
+    }
     if settings.jwt_audience:
         claims["aud"] = settings.jwt_audience
     if settings.jwt_issuer:

@@ -18,6 +18,8 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()
     "message",
     "asctime",
     "taskName",
+    "color_message",
+    "websocket",
 }
 _encoder = msgspec.json.Encoder(enc_hook=str)
 
@@ -50,5 +52,6 @@ def configure_logging(level: str, service: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("uvicorn.access",):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # uvicorn logs every socket's open and close at INFO: far too much at 1000s of sockets.
+    for noisy in ("uvicorn.access", "uvicorn.error"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -14,6 +14,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
+from redis.typing import EncodableT, FieldT
 
 from services.core import keys
 from services.core.actions import ACTION_FIELD
@@ -64,6 +65,11 @@ async def ensure_group(redis: Redis, stream: str, group: str, start: str = "0") 
             raise
 
 
+def is_missing_group(exc: ResponseError) -> bool:
+    """The stream or its group vanished (Redis restarted without persistence, or flushed)."""
+    return "NOGROUP" in str(exc)
+
+
 async def reclaim(
     redis: Redis, stream: str, group: str, consumer: str, min_idle_ms: int, count: int = 100
 ) -> list[Entry]:
@@ -90,7 +96,7 @@ async def delivery_counts(
     rows = await redis.xpending_range(
         stream, group, min=entries[0].id, max=entries[-1].id, count=len(entries) + 100
     )
-    return {_text(row["message_id"]): int(row["times_delivered"]) for row in rows}
+    return {_text(row["message_id"]): int(row["times_delivered"]) for row in rows}  # type: ignore[arg-type]
 
 
 async def dead_letter(redis: Redis, entry: Entry, group: str, reason: str) -> None:
@@ -99,7 +105,7 @@ async def dead_letter(redis: Redis, entry: Entry, group: str, reason: str) -> No
     The dead letter is written first: a crash in between leaves the entry pending (it is
     dead-lettered again later), never lost.
     """
-    record: dict[str | bytes, bytes | str] = {
+    record: dict[FieldT, EncodableT] = {
         "stream": entry.stream,
         "entry_id": entry.id,
         "group": group,

@@ -150,12 +150,12 @@ class TaskStore:
         raw = await self.redis.hgetall(keys.task_state(ref.tenant_id, ref.session_id, ref.task_id))
         if not raw:
             return None
-        return {_text(k): _text(v) for k, v in raw.items()}
+        return {str(_text(k)): _text(v) for k, v in raw.items()}
 
 
 def parse_outcome(result: Any) -> Outcome:
     verdict, detail = result
-    return Outcome(Verdict(_text(verdict)), _text(detail) or "")
+    return Outcome(Verdict(_text(verdict) or ""), _text(detail) or "")
 
 
 def encode_json(value: Any) -> str:

@@ -20,6 +20,7 @@ from collections import OrderedDict
 
 from prometheus_client import Counter, start_http_server
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from services.core import keys
 from services.core.actions import (
@@ -36,7 +37,14 @@ from services.core.actions import (
 )
 from services.core.redis_client import REDIS_DOWN, create_redis
 from services.core.settings import Settings
-from services.core.streams import Entry, dead_letter, ensure_group, parse_read, reclaim
+from services.core.streams import (
+    Entry,
+    dead_letter,
+    ensure_group,
+    is_missing_group,
+    parse_read,
+    reclaim,
+)
 from services.executor.agent import Simulation, chunks_of, reply_for, usage_for
 
 log = logging.getLogger(__name__)
@@ -52,7 +60,9 @@ class Executor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.consumer = settings.pod_name or f"{socket.gethostname()}-{os.getpid()}"
-        self.redis: Redis = create_redis(settings, max_connections=settings.executor_concurrency + 8)
+        self.redis: Redis = create_redis(
+            settings, max_connections=settings.executor_concurrency + 8
+        )
         self.streams = [keys.aes_stream(p) for p in keys.PRIORITIES]
         self.running: dict[str, tuple[Entry, asyncio.Task[None]]] = {}
         self.cancelled: OrderedDict[str, None] = OrderedDict()
@@ -107,6 +117,12 @@ class Executor:
                 log.warning("executor: redis unavailable (%s)", exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), 0.5)
+            except ResponseError as exc:
+                if not is_missing_group(exc):
+                    raise
+                log.warning("executor: consumer groups missing, recreating")
+                for stream in self.streams:
+                    await ensure_group(self.redis, stream, keys.AES_GROUP)
 
     async def _reclaim_from_dead_executors(self) -> None:
         idle_ms = int(self.settings.executor_reclaim_idle_seconds * 1000)
@@ -195,7 +211,9 @@ class Executor:
             attempt=action.attempt,
             content=reply,
             usage=Usage(
-                input_tokens=input_tokens, output_tokens=output_tokens, model="reference-echo-1",
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                model="reference-echo-1",
                 cost=cost,
             ),
         )
@@ -242,7 +260,7 @@ class Executor:
         interval = self.settings.executor_reclaim_idle_seconds / 3
         while True:
             await asyncio.sleep(interval)
-            by_stream: dict[str, list[str]] = {}
+            by_stream: dict[str, list[int | bytes | str | memoryview[int]]] = {}
             for entry, _ in list(self.running.values()):
                 by_stream.setdefault(entry.stream, []).append(entry.id)
             for stream, ids in by_stream.items():

@@ -9,10 +9,12 @@ before anything newer is read, so one session's events never overtake each other
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from prometheus_client import Counter
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from services.core import keys
 from services.core.actions import Callback, MalformedAction, decode_callback
@@ -23,6 +25,7 @@ from services.core.streams import (
     dead_letter,
     delivery_counts,
     ensure_group,
+    is_missing_group,
     parse_read,
     reclaim,
 )
@@ -80,12 +83,15 @@ class PartitionConsumer:
                 log.warning("partition %s: redis unavailable (%s)", self.partition, exc)
                 backlog = True
                 await self._pause()
+            except ResponseError as exc:
+                if not is_missing_group(exc):
+                    raise
+                log.warning("partition %s: consumer group missing, recreating", self.partition)
+                await ensure_group(self.redis, self.stream, keys.WORKER_GROUP)
 
     async def _pause(self) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stopping.wait(), RETRY_PAUSE_SECONDS)
-        except TimeoutError:
-            pass
 
     async def _pending(self) -> list[Entry]:
         """Our own pending entries, after taking over those of any previous owner."""

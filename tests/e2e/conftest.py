@@ -1,0 +1,49 @@
+"""Real processes for end-to-end tests: embedded Redis, uvicorn api, worker, executor."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.cli.embedded import RedisServer
+from services.cli.stack import Child, LocalStack
+from tests.e2e.clients import SECRET
+
+FAST_EXECUTOR = {"executor_chunk_delay_ms": "2"}
+
+
+@pytest.fixture(scope="session")
+def e2e_redis() -> Iterator[RedisServer]:
+    """A Redis of its own: the integration tests flush theirs between tests."""
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+def new_stack(redis: RedisServer, log_dir: Path, **settings: str) -> LocalStack:
+    return LocalStack.for_redis(redis.url, log_dir=log_dir, jwt_secret=SECRET, **settings)
+
+
+class Deployment:
+    """One api, one worker, one executor (plus whatever a test adds)."""
+
+    def __init__(self, stack: LocalStack, api: Child) -> None:
+        self.stack = stack
+        self.api = api
+
+
+@pytest.fixture(scope="module")
+def deployment(
+    e2e_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Deployment]:
+    stack = new_stack(e2e_redis, tmp_path_factory.mktemp("logs"), **FAST_EXECUTOR)
+    try:
+        api = stack.start_api()
+        stack.start("worker")
+        stack.start("executor")
+        stack.wait_ready(api)
+        yield Deployment(stack, api)
+    finally:
+        stack.stop()
