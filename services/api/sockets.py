@@ -186,11 +186,11 @@ async def _receive_frames(
             continue
         try:
             frame = _frame_decoder.decode(text)
+        except msgspec.ValidationError as exc:  # a subclass of DecodeError: test it first
+            _error(conn, "invalid_frame", str(exc))
+            continue
         except msgspec.DecodeError:
             _error(conn, "malformed_json", "frame is not valid JSON")
-            continue
-        except msgspec.ValidationError as exc:
-            _error(conn, "invalid_frame", str(exc))
             continue
         await _handle_frame(runtime, principal, conn, frame)
 

@@ -1,0 +1,218 @@
+"""Refusals: bad tokens and bad input get the documented error, and nothing is enqueued."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+import websockets
+from redis.asyncio import Redis
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from services.cli.embedded import RedisServer
+from services.core import keys
+from tests.e2e.clients import auth, connect, next_event, token, unique
+from tests.e2e.conftest import Deployment
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+async def queued(e2e_redis: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(e2e_redis.url)
+    yield client
+    await client.aclose()
+
+
+async def aes_length(redis: Redis) -> int:
+    return sum([await redis.xlen(keys.aes_stream(p)) for p in keys.PRIORITIES])
+
+
+def bad_tokens(tenant: str) -> dict[str, str]:
+    return {
+        "expired": token(tenant, ttl=-60),
+        "wrong key": token(tenant, secret="not-the-server-secret-" + "y" * 20),
+        "garbage": "not.a.jwt",
+    }
+
+
+async def test_rest_refuses_missing_expired_and_forged_tokens(
+    deployment: Deployment, queued: Redis
+) -> None:
+    tenant = unique("t")
+    before = await aes_length(queued)
+    async with httpx.AsyncClient(base_url=deployment.api.url) as http:
+        missing = await http.post("/api/chat/send", json={"message": "x"})
+        assert missing.status_code == 401
+        assert missing.json()["error"]["code"] == "unauthorized"
+        for name, bad in bad_tokens(tenant).items():
+            reply = await http.post(
+                "/api/chat/send",
+                json={"message": "x"},
+                headers={"Authorization": f"Bearer {bad}"},
+            )
+            assert reply.status_code == 401, name
+            assert reply.json()["error"]["code"] == "unauthorized"
+        other_tenant = await http.post(
+            "/api/chat/send",
+            json={"message": "x"},
+            headers={**auth(tenant), "X-Tenant-ID": "someone-else"},
+        )
+        assert other_tenant.status_code == 403
+        assert other_tenant.json()["error"]["code"] == "forbidden"
+    assert await aes_length(queued) == before
+
+
+async def close_code_of(url: str, subprotocols: list[str], origin: str | None = None) -> int:
+    """Open a socket that the server refuses; the close code it sends."""
+    async with websockets.connect(
+        url,
+        subprotocols=subprotocols,  # type: ignore[arg-type]
+        origin=origin,  # type: ignore[arg-type]
+    ) as ws:
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.recv()
+    assert closed.value.rcvd is not None
+    return closed.value.rcvd.code
+
+
+async def test_socket_refuses_bad_tokens_and_wrong_tenant_with_1008(
+    deployment: Deployment,
+) -> None:
+    tenant, session = unique("t"), unique("s")
+    url = f"{deployment.api.ws_url}/ws/{tenant}/{session}"
+    assert await close_code_of(url, ["orchestrator.v1"]) == 1008
+    for bad in bad_tokens(tenant).values():
+        assert await close_code_of(url, ["orchestrator.v1", f"bearer.{bad}"]) == 1008
+    foreign = token("another-tenant")
+    assert await close_code_of(url, ["orchestrator.v1", f"bearer.{foreign}"]) == 1008
+    assert await close_code_of(f"{url}?token={foreign}", []) == 1008
+    invalid_ids = f"{deployment.api.ws_url}/ws/{tenant}/bad%20id"
+    assert await close_code_of(invalid_ids, ["orchestrator.v1", f"bearer.{token(tenant)}"]) == 1008
+
+
+async def test_socket_accepts_token_in_query_and_selects_no_protocol(
+    deployment: Deployment,
+) -> None:
+    tenant, session = unique("t"), unique("s")
+    url = f"{deployment.api.ws_url}/ws/{tenant}/{session}?token={token(tenant)}"
+    async with websockets.connect(url) as ws:
+        assert ws.subprotocol is None
+        ack = json.loads(await ws.recv())
+        assert ack["type"] == "connection.ack"
+
+
+async def test_socket_selects_only_the_protocol_never_the_token(deployment: Deployment) -> None:
+    tenant, session = unique("t"), unique("s")
+    ws, _ = await connect(deployment.api.ws_url, tenant, session)
+    assert ws.subprotocol == "orchestrator.v1"
+    await ws.close()
+
+
+async def test_cross_site_origin_is_refused_before_the_handshake(deployment: Deployment) -> None:
+    tenant, session = unique("t"), unique("s")
+    with pytest.raises(InvalidStatus) as refused:
+        await websockets.connect(
+            f"{deployment.api.ws_url}/ws/{tenant}/{session}",
+            subprotocols=["orchestrator.v1", f"bearer.{token(tenant)}"],  # type: ignore[list-item]
+            origin="https://evil.example",  # type: ignore[arg-type]
+        )
+    assert refused.value.response.status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (b"{not json", 400, "malformed_json"),
+        (b'{"message": ""}', 422, "validation_error"),
+        (b'{"message": "hi", "stram": true}', 422, "validation_error"),
+        (b'{"message": "hi", "session_id": "has spaces"}', 422, "validation_error"),
+        (b'{"message": "hi", "agent_id": "' + b"a" * 65 + b'"}', 422, "validation_error"),
+        (b'{"message": 42}', 422, "validation_error"),
+        (b'["message"]', 422, "validation_error"),
+    ],
+)
+async def test_rest_bad_input_gets_the_documented_error(
+    deployment: Deployment, queued: Redis, body: bytes, status: int, code: str
+) -> None:
+    tenant = unique("t")
+    before = await aes_length(queued)
+    async with httpx.AsyncClient(base_url=deployment.api.url) as http:
+        reply = await http.post(
+            "/api/chat/send",
+            content=body,
+            headers={**auth(tenant), "Content-Type": "application/json"},
+        )
+    assert reply.status_code == status, reply.text
+    assert reply.json()["error"]["code"] == code
+    assert await aes_length(queued) == before
+
+
+async def test_rest_refuses_bad_ids_and_oversize_bodies(deployment: Deployment) -> None:
+    tenant = unique("t")
+    async with httpx.AsyncClient(base_url=deployment.api.url) as http:
+        bad_path = await http.get("/api/chat/tasks/not%20an%20id", headers=auth(tenant))
+        assert bad_path.status_code == 422
+        assert bad_path.json()["error"]["code"] == "validation_error"
+        bad_header = await http.post(
+            "/api/chat/send",
+            json={"message": "hi"},
+            headers={**auth(tenant), "X-Session-ID": "x" * 65},
+        )
+        assert bad_header.status_code == 400
+        too_big = await http.post(
+            "/api/chat/send",
+            json={"message": "x" * 300_000},
+            headers=auth(tenant),
+        )
+        assert too_big.status_code == 413
+        assert too_big.json()["error"]["code"] == "payload_too_large"
+        unknown = await http.get("/api/chat/tasks/doesnotexist", headers=auth(tenant))
+        assert unknown.status_code == 404
+
+
+async def test_bad_frames_get_error_events_and_the_socket_stays_open(
+    deployment: Deployment,
+) -> None:
+    tenant, session = unique("t"), unique("s")
+    ws, _ = await connect(deployment.api.ws_url, tenant, session)
+    expectations = [
+        ("{oops", "error", "malformed_json"),
+        ('{"type": "dance"}', "error", "unknown_type"),
+        ('{"data": {}}', "error", "invalid_frame"),
+        ('{"type": "chat.send", "data": {"message": ""}}', "chat.error", "validation_error"),
+        ('{"type": "chat.send", "data": {"message": "x", "bogus": 1}}', "chat.error", None),
+        ('{"type": "chat.cancel", "data": {"task_id": "nope"}}', "chat.error", "not_found"),
+    ]
+    for frame, kind, code in expectations:
+        await ws.send(frame)
+        event = await next_event(ws)
+        assert event["type"] == kind, (frame, event)
+        if code is not None:
+            assert event["data"]["code"] == code
+    await ws.send(b"\x00binary")
+    assert (await next_event(ws))["data"]["code"] == "unsupported_frame"
+    await ws.send('{"type": "ping"}')
+    assert (await next_event(ws))["type"] == "pong"
+    await ws.close()
+
+
+async def test_health_schema_and_metrics_endpoints(deployment: Deployment) -> None:
+    tenant, session = unique("t"), unique("s")
+    ws, _ = await connect(deployment.api.ws_url, tenant, session)
+    async with httpx.AsyncClient(base_url=deployment.api.url) as http:
+        assert (await http.get("/health")).json() == {"status": "ok"}
+        assert (await http.get("/health/ready")).status_code == 200
+        detailed = (await http.get("/health/detailed")).json()
+        assert detailed["components"]["redis"]["status"] == "up"
+        assert detailed["components"]["workers"]["alive"] >= 1
+        stats = (await http.get("/ws/stats", headers=auth(tenant))).json()
+        assert stats["tenants"] == {tenant: 1}
+        assert stats["connections"] >= 1
+        schema = (await http.get("/schema/openapi.json")).json()
+        assert "/api/chat/send" in schema["paths"]
+        metrics = await http.get(f"http://127.0.0.1:{deployment.api.metrics_port}/metrics")
+    assert "orchestrator_websocket_connections " in metrics.text
+    await ws.close()

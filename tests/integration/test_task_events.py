@@ -1,0 +1,97 @@
+"""The task script makes every callback idempotent and keeps the log in application order."""
+
+from __future__ import annotations
+
+import json
+
+from redis.asyncio import Redis
+
+from services.core import events, keys
+from services.core.scripts import Scripts
+from services.core.settings import load_settings
+from services.core.tasks import TaskRef, TaskStore, Verdict
+
+REF = TaskRef("acme", "s1", "task1")
+
+
+def store(redis: Redis) -> TaskStore:
+    return TaskStore(redis, Scripts(redis), load_settings())
+
+
+async def created(redis: Redis) -> TaskStore:
+    tasks = store(redis)
+    outcome = await tasks.apply(
+        REF, "create", body=events.event_body("chat.status", {"status": "processing"}, "task1"),
+        fields={"status": "processing"},
+    )  # fmt: skip
+    assert outcome is not None
+    assert outcome.verdict is Verdict.ok
+    return tasks
+
+
+async def chunk(tasks: TaskStore, seq: int, attempt: int = 1) -> Verdict:
+    body = events.event_body("chat.chunk", {"delta": f"d{seq}", "seq": seq}, "task1")
+    outcome = await tasks.apply(REF, "chunk", attempt=attempt, seq=seq, body=body)
+    assert outcome is not None
+    return outcome.verdict
+
+
+async def logged(redis: Redis) -> list[dict[str, object]]:
+    entries = await redis.xrange(keys.session_log("acme", "s1"))
+    return [json.loads(b"{" + fields[b"e"]) for _, fields in entries]
+
+
+async def test_a_redelivered_chunk_reaches_the_log_once(redis: Redis) -> None:
+    tasks = await created(redis)
+    assert await chunk(tasks, 1) is Verdict.ok
+    assert await chunk(tasks, 1) is Verdict.duplicate
+    assert await chunk(tasks, 2) is Verdict.ok
+    log = await logged(redis)
+    assert [e["type"] for e in log] == ["chat.status", "chat.chunk", "chat.chunk"]
+    state = await tasks.read(REF)
+    assert state is not None
+    assert state["status"] == "streaming"
+    assert state["last_seq"] == "2"
+
+
+async def test_callbacks_of_a_superseded_attempt_are_fenced(redis: Redis) -> None:
+    tasks = await created(redis)
+    assert (await tasks.apply(REF, "requeue")).verdict is Verdict.ok  # type: ignore[union-attr]
+    assert await chunk(tasks, 1, attempt=1) is Verdict.stale
+    assert await chunk(tasks, 1, attempt=2) is Verdict.ok
+
+
+async def test_nothing_changes_a_final_task(redis: Redis) -> None:
+    tasks = await created(redis)
+    cancelled = await tasks.apply(
+        REF, "cancel", body=events.event_body("chat.cancelled", {}, "task1"),
+        fields={"status": "cancelled"},
+    )  # fmt: skip
+    assert cancelled is not None
+    assert cancelled.verdict is Verdict.ok
+    assert await chunk(tasks, 1) is Verdict.final
+    again = await tasks.apply(REF, "cancel", fields={"status": "cancelled"})
+    assert again is not None
+    assert (again.verdict, again.detail) == (Verdict.final, "cancelled")
+    assert [e["type"] for e in await logged(redis)] == ["chat.status", "chat.cancelled"]
+
+
+async def test_events_for_an_unknown_task_are_refused(redis: Redis) -> None:
+    tasks = store(redis)
+    assert await chunk(tasks, 1) is Verdict.unknown
+    assert await redis.exists(keys.session_log("acme", "s1")) == 0
+
+
+async def test_appending_publishes_the_frame_with_its_log_id(redis: Redis) -> None:
+    pubsub = redis.pubsub()
+    await pubsub.ssubscribe(keys.session_channel("acme", "s1"))
+    assert (await pubsub.get_message(timeout=2))["type"] == "ssubscribe"  # type: ignore[index]
+    tasks = await created(redis)
+    message = await pubsub.get_message(timeout=2)
+    assert message is not None
+    frame = json.loads(message["data"])
+    entries = await redis.xrange(keys.session_log("acme", "s1"))
+    assert frame["id"] == entries[0][0].decode()
+    assert frame["type"] == "chat.status"
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    assert tasks is not None

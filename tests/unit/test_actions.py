@@ -1,0 +1,115 @@
+"""The AES contract: strict where it matters, tolerant of extra fields, schemas never stale."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from services.core.actions import (
+    ChatProcess,
+    ExecutionCallback,
+    ExecutionChunk,
+    MalformedAction,
+    User,
+    action_type_of,
+    decode_action,
+    decode_callback,
+    encode_action,
+)
+from services.core.schemas import render_schemas, stale_schemas
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def a_chat_process() -> ChatProcess:
+    return ChatProcess(
+        tenant_id="acme",
+        session_id="s1",
+        task_id="t1",
+        agent_id="helper",
+        message="hello",
+        user=User(id="u1", name="Ada"),
+        callback_queue="{cb:3}:callbacks",
+        deadline=datetime.now(UTC) + timedelta(minutes=2),
+    )
+
+
+def test_actions_round_trip_with_their_envelope() -> None:
+    action = a_chat_process()
+    raw = encode_action(action)
+    document = json.loads(raw)
+    for field in ("action_id", "action_type", "version", "tenant_id", "session_id", "task_id",
+                  "created_at", "trace_context"):  # fmt: skip
+        assert field in document
+    assert document["action_type"] == "chat.process"
+    assert decode_action(raw) == action
+    assert action_type_of(action) == "chat.process"
+
+
+def test_extra_fields_from_a_newer_aes_are_tolerated() -> None:
+    document = json.loads(encode_action(a_chat_process()))
+    document["something_new"] = {"x": 1}
+    assert isinstance(decode_action(json.dumps(document)), ChatProcess)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda d: d.update(action_type="chat.teleport"), "action_type"),
+        (lambda d: d.pop("task_id"), "task_id"),
+        (lambda d: d.update(tenant_id="no spaces allowed"), "tenant_id"),
+        (lambda d: d.update(attempt=0), "attempt"),
+        (lambda d: d.update(priority="urgent"), "priority"),
+    ],
+)
+def test_malformed_actions_are_refused_with_a_reason(mutate: object, reason: str) -> None:
+    document = json.loads(encode_action(a_chat_process()))
+    mutate(document)  # type: ignore[operator]
+    with pytest.raises(MalformedAction) as refused:
+        decode_action(json.dumps(document))
+    assert reason in refused.value.reason
+
+
+def test_not_json_is_malformed() -> None:
+    with pytest.raises(MalformedAction):
+        decode_action(b"\xff not json")
+
+
+def test_callback_queue_accepts_only_callbacks() -> None:
+    with pytest.raises(MalformedAction):
+        decode_callback(encode_action(a_chat_process()))
+    chunk = ExecutionChunk(tenant_id="a", session_id="b", task_id="c", seq=1, delta="hi")
+    assert decode_callback(encode_action(chunk)) == chunk
+
+
+def test_the_seeds_execution_callback_is_understood() -> None:
+    legacy = {
+        "action_type": "execution.callback",
+        "task_id": "t1",
+        "tenant_id": "acme",
+        "session_id": "s1",
+        "status": "completed",
+        "result": {"response": "done", "extra": 1},
+        "execution_time": 1.5,
+        "tokens_used": {"input": 3, "output": 4, "total": 7},
+    }
+    callback = decode_callback(json.dumps(legacy))
+    assert isinstance(callback, ExecutionCallback)
+    assert callback.result is not None
+    assert callback.result.response == "done"
+
+
+def test_committed_schemas_match_the_code() -> None:
+    assert stale_schemas(ROOT / "schemas") == []
+
+
+def test_every_action_type_has_a_schema_naming_its_tag() -> None:
+    files = render_schemas()
+    for name in ("chat.process", "chat.cancel", "execution.chunk", "execution.completed",
+                 "execution.failed", "websocket.send", "websocket.broadcast"):  # fmt: skip
+        schema = json.loads(files[f"{name}.json"])
+        assert schema["title"] == name
+        assert name in json.dumps(schema)

@@ -1,0 +1,92 @@
+"""Configuration errors stop the process with one line naming the variable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from services.core.settings import ConfigError, RedisMode, load_settings
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("ORCHESTRATOR_REDIS_PORT", "not-a-port"),
+        ("ORCHESTRATOR_REDIS_PORT", "70000"),
+        ("ORCHESTRATOR_WORKER_SLEEP_SECONDS", "-1"),
+        ("ORCHESTRATOR_REDIS_MODE", "galaxy"),
+        ("ORCHESTRATOR_LOG_LEVEL", "LOUD"),
+        ("ORCHESTRATOR_JWT_ALGORITHM", "none"),
+        ("ORCHESTRATOR_MAX_WEBSOCKET_CONNECTIONS", "0"),
+    ],
+)
+def test_a_bad_value_names_its_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as error:
+        load_settings()
+    message = str(error.value)
+    assert message.startswith(f"{variable}:")
+    assert "\n" not in message
+
+
+def test_sentinel_mode_requires_sentinels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORCHESTRATOR_REDIS_MODE", "sentinel")
+    with pytest.raises(ConfigError, match="REDIS_SENTINELS"):
+        load_settings()
+
+
+def test_lists_are_comma_separated_and_url_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORCHESTRATOR_ALLOWED_ORIGINS", "https://a.example, https://b.example")
+    monkeypatch.setenv("ORCHESTRATOR_REDIS_URL", "redis://cache:6380/2")
+    monkeypatch.setenv("ORCHESTRATOR_REDIS_HOST", "ignored")
+    settings = load_settings()
+    assert settings.allowed_origins == ["https://a.example", "https://b.example"]
+    assert settings.redis_address == "redis://cache:6380/2"
+    assert settings.redis_mode is RedisMode.standalone
+
+
+def test_defaults_match_the_design() -> None:
+    settings = load_settings()
+    assert settings.websocket_ping_interval == 30
+    assert settings.websocket_ping_timeout == 10
+    assert settings.max_websocket_connections == 1000
+    assert settings.worker_sleep_seconds == 1.0
+    assert settings.max_requests_per_session == 100
+    assert settings.default_tier == "free"
+    assert settings.history_retention_days == 30
+    assert settings.validation_cache_ttl == 300
+    assert settings.websocket_compression is False
+
+
+def test_the_command_prints_one_line_and_exits_2_on_bad_config() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli.main", "worker"],
+        env={"ORCHESTRATOR_WORKER_BATCH_SIZE": "lots", "PATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "ORCHESTRATOR_WORKER_BATCH_SIZE" in lines[0]
+
+
+def test_the_api_refuses_to_start_without_a_jwt_key() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli.main", "api", "--port", "1"],
+        env={"PATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "orchestrator: configuration error: ORCHESTRATOR_JWT_SECRET: must be set for HS256 tokens"
+    ]
