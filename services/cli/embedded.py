@@ -80,7 +80,11 @@ class RedisServer:
             *self.extra_args,
         ]  # fmt: skip
         log_file = (self.directory / "server.log").open("wb")
-        self.process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT)
+        # Its own session: a Ctrl-C meant for `orchestrator dev` must not stop Redis before
+        # the processes using it have drained.
+        self.process = subprocess.Popen(
+            args, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
         while not _answers_ping(self.port):
             if self.process.poll() is not None or time.monotonic() > deadline:
