@@ -17,12 +17,13 @@ from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
-from prometheus_client import start_http_server
 
 from services.api import chat, health, sockets
 from services.api.auth import provide_principal
 from services.api.chat_service import ChatService
 from services.api.delivery import SessionHub
+from services.api.drain import drain
+from services.api.internal import InternalServer
 from services.api.runtime import Runtime
 from services.core.auth import TokenVerifier
 from services.core.errors import OrchestratorError
@@ -124,7 +125,7 @@ def create_app(settings: Settings, *, pod_id: str | None = None) -> Litestar:
         name = pod_id or settings.pod_name or new_id()
         hub = SessionHub(redis, name)
         await hub.start()
-        app.state.runtime = Runtime(
+        runtime = Runtime(
             settings=settings,
             pod_id=name,
             redis=redis,
@@ -132,16 +133,22 @@ def create_app(settings: Settings, *, pod_id: str | None = None) -> Litestar:
             hub=hub,
             chat=ChatService(redis, tasks, settings),
         )
-        metrics_server = None
+        app.state.runtime = runtime
+        internal = None
         if settings.metrics_port:
-            metrics_server, _ = start_http_server(settings.metrics_port)
+            internal = InternalServer(
+                settings.metrics_port, lambda: drain(runtime, settings.drain_seconds)
+            )
+            await internal.start()
+        log.info("api %s ready", name)
         try:
             yield
         finally:
-            if metrics_server is not None:
-                metrics_server.shutdown()
+            if internal is not None:
+                await internal.stop()
             await hub.stop()
             await redis.aclose()
+            log.info("api %s stopped%s", name, " after draining" if runtime.draining else "")
 
     exception_handlers: dict[Any, Any] = {
         OrchestratorError: _on_orchestrator_error,

@@ -49,6 +49,7 @@ class ChatService:
         ref = TaskRef(tenant_id, session_id, new_id())
         priority: Priority = "normal"
         now = utcnow()
+        partition = keys.partition_of(tenant_id, session_id, self.settings.callback_partitions)
         action = ChatProcess(
             tenant_id=tenant_id,
             session_id=session_id,
@@ -57,15 +58,14 @@ class ChatService:
             agent_id=agent_id,
             message=request.message,
             user=User(id=principal.user_id, name=principal.name),
-            callback_queue=keys.callback_stream_for(
-                tenant_id, session_id, self.settings.callback_partitions
-            ),
+            callback_queue=keys.callback_stream(partition),
             context=request.context,
             stream=request.stream,
             priority=priority,
             deadline=now + DEFAULT_TASK_TIMEOUT,
         )
-        status_data: dict[str, Any] = {"status": TaskStatus.processing}
+        encoded = encode_action(action)
+        status_data: dict[str, Any] = {"status": TaskStatus.processing, "attempt": 1}
         if request.request_id is not None:
             status_data["request_id"] = request.request_id
         body = events.event_body(events.CHAT_STATUS, status_data, ref.task_id)
@@ -80,6 +80,8 @@ class ChatService:
                     "user_id": principal.user_id,
                     "stream": "1" if request.stream else "0",
                     "priority": priority,
+                    "deadline": action.deadline.isoformat(),
+                    "action": encoded.decode(),
                 },
                 pipe=pipe,
             )
@@ -88,13 +90,17 @@ class ChatService:
                 self.tasks.location_value(ref),
                 ex=self.settings.task_ttl_seconds,
             )
+            pipe.zadd(
+                keys.partition_deadlines(partition),
+                {keys.task_member(tenant_id, session_id, ref.task_id): action.deadline.timestamp()},
+            )
             pipe.xadd(
                 keys.aes_stream(priority),
-                {ACTION_FIELD: encode_action(action)},
+                {ACTION_FIELD: encoded},
                 maxlen=AES_STREAM_MAXLEN,
                 approximate=True,
             )
-            created, _, _ = await pipe.execute()
+            created, *_ = await pipe.execute()
         outcome = parse_outcome(created)
         if outcome.verdict is not Verdict.ok:  # a 128-bit id collided: practically never
             raise Conflict("task id collision, retry")

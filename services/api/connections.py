@@ -33,6 +33,7 @@ class ClientConnection:
 
     __slots__ = (
         "_close",
+        "_closing",
         "_drain",
         "_held",
         "_limit",
@@ -68,6 +69,7 @@ class ClientConnection:
         self._limit = limit
         self._outbox: deque[str] = deque()
         self._drain: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
         # While the connection is being set up (resume), live events wait here.
         self._held: list[tuple[str, str]] | None = []
 
@@ -117,7 +119,12 @@ class ClientConnection:
             return
         self.closed = True
         self._outbox.clear()
-        asyncio.get_running_loop().create_task(self._close_quietly(code, reason))
+        self._closing = asyncio.get_running_loop().create_task(self._close_quietly(code, reason))
+
+    async def closing(self) -> None:
+        """Wait for a close started by `close_soon` to be sent."""
+        if self._closing is not None:
+            await self._closing
 
     async def _close_quietly(self, code: int, reason: str) -> None:
         with contextlib.suppress(Exception):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
@@ -21,4 +22,5 @@ class Runtime:
     hub: SessionHub
     chat: ChatService
     draining: bool = False
-    background: set[object] = field(default_factory=set)
+    drained: asyncio.Event | None = None
+    background: set[asyncio.Task[None]] = field(default_factory=set)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uvicorn
 
 from services.api.app import create_app
+from services.api.drain import DrainingServer
 from services.core.settings import Settings
 
 
@@ -25,6 +26,9 @@ def serve_api(settings: Settings, *, host: str, port: int) -> None:
         log_config=None,
         access_log=False,
         server_header=False,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=max(30, int(settings.drain_seconds) + 10),
     )
-    uvicorn.Server(config).run()
+    server = DrainingServer(
+        config, settings.drain_seconds, lambda: getattr(app.state, "runtime", None)
+    )
+    server.run()

@@ -10,6 +10,11 @@ multi-key command touches shares a tag.
   XREADGROUP reads all priorities (a chat message is one entry: far below a node's capacity).
 - `{cb:N}`: callback partition N; the heavy traffic (chunks) spreads over N slots.
 - `{dlq}`: dead letters. `{workers}`: worker heartbeats.
+- `{tn:T}`: one tenant: besides its broadcast channel and dedupe markers, its quota record, its
+  tenant-wide rate limit, its daily usage and the markers of counted tasks, so a script
+  reading or moving any of them stays on one slot. A session's rate limit is on `{s:T:S}`.
+- `{quota}`: the index of tenants with a quota record and the change channel (`list` and the
+  announcement only; never in a script with a tenant's keys).
 """
 
 from __future__ import annotations
@@ -71,6 +76,20 @@ def partition_lease(partition: int) -> str:
     return f"{{cb:{partition}}}:lease"
 
 
+def partition_deadlines(partition: int) -> str:
+    """Sorted set of the partition's unfinished tasks by deadline (members `T/S/ID`)."""
+    return f"{{cb:{partition}}}:deadlines"
+
+
+def partition_retries(partition: int) -> str:
+    """Sorted set of the partition's tasks waiting for their next attempt, by due time."""
+    return f"{{cb:{partition}}}:retries"
+
+
+def task_member(tenant_id: str, session_id: str, task_id: str) -> str:
+    return f"{tenant_id}/{session_id}/{task_id}"
+
+
 def partition_of(tenant_id: str, session_id: str, partitions: int) -> int:
     """Stable partition of a session: all of its callbacks land in one stream, in order."""
     return zlib.crc32(f"{tenant_id}:{session_id}".encode()) % partitions
@@ -78,3 +97,29 @@ def partition_of(tenant_id: str, session_id: str, partitions: int) -> int:
 
 def callback_stream_for(tenant_id: str, session_id: str, partitions: int) -> str:
     return callback_stream(partition_of(tenant_id, session_id, partitions))
+
+
+QUOTA_TENANTS = "{quota}:tenants"
+QUOTA_CHANGES = "{quota}:changes"
+
+
+def tenant_quota(tenant_id: str) -> str:
+    return f"{{tn:{tenant_id}}}:quota"
+
+
+def session_rate(tenant_id: str, session_id: str) -> str:
+    return f"{session_tag(tenant_id, session_id)}:rl"
+
+
+def tenant_rate(tenant_id: str) -> str:
+    return f"{{tn:{tenant_id}}}:rl"
+
+
+def tenant_usage(tenant_id: str, day: str) -> str:
+    """Usage counters of one UTC day (`YYYY-MM-DD`)."""
+    return f"{{tn:{tenant_id}}}:usage:{day}"
+
+
+def tenant_usage_counted(tenant_id: str, task_id: str) -> str:
+    """Marker that a task's usage was already counted (makes `UsageCounter.add` idempotent)."""
+    return f"{{tn:{tenant_id}}}:counted:{task_id}"

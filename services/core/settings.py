@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     session_log_maxlen: int = Field(1000, ge=10)
     session_log_ttl_seconds: int = Field(3600, ge=10)
     task_ttl_seconds: int = Field(86_400, ge=60)
+    max_task_attempts: int = Field(3, ge=1, le=100)
+    retry_backoff_seconds: float = Field(0.5, ge=0)
+    retry_backoff_max_seconds: float = Field(30.0, ge=0)
+    drain_seconds: float = Field(10.0, ge=0)
 
     # Executor (the bundled reference AES)
     executor_concurrency: int = Field(64, ge=1)
@@ -98,6 +102,11 @@ class Settings(BaseSettings):
     database_url: str | None = None
     history_retention_days: int = Field(30, ge=1)
     validation_cache_ttl: float = Field(300.0, ge=0)
+
+    # Tenancy
+    require_known_tenant: bool = False
+    tiers_file: str | None = None
+    tiers: str | None = None
 
     # Process
     metrics_port: int = Field(9090, ge=0, le=65535)

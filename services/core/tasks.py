@@ -46,6 +46,7 @@ class Verdict(StrEnum):
     final = "final"
     stale = "stale"
     duplicate = "duplicate"
+    requeued = "requeued"
 
 
 @dataclass(frozen=True, slots=True)

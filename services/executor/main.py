@@ -270,8 +270,13 @@ class Executor:
                     )
 
     async def _finish_running(self) -> None:
-        """At shutdown, stop running tasks; their entries stay pending for another executor."""
+        """At shutdown, let running tasks finish within the drain window, then stop the rest.
+
+        A stopped task's entry stays pending and is reclaimed by another executor.
+        """
         tasks = [task for _, task in self.running.values()]
+        if tasks and self.settings.drain_seconds:
+            await asyncio.wait(tasks, timeout=self.settings.drain_seconds)
         for task in tasks:
             task.cancel()
         for task in tasks:

@@ -7,6 +7,9 @@ second final answer, or a callback of a superseded attempt changes nothing and i
 
 from __future__ import annotations
 
+import random
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio.client import Pipeline
@@ -29,14 +32,33 @@ from services.core.tasks import TaskRef, TaskStatus, TaskStore, encode_json
 DEDUPE_TTL_SECONDS = 86_400
 
 
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """A retry to schedule once the requeue is applied: the task's member and due time."""
+
+    partition: int
+    member: str
+    due: float
+
+
+def backoff_seconds(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with equal jitter: half fixed, half random, capped."""
+    ceiling = min(cap, base * 2.0 ** (attempt - 1))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
 class CallbackEffects:
     def __init__(self, tasks: TaskStore, scripts: Scripts, settings: Settings) -> None:
         self.tasks = tasks
         self.scripts = scripts
         self.settings = settings
 
-    async def queue(self, action: Callback, pipe: Pipeline) -> None:
-        """Queue the effect of one callback on `pipe`; its reply says what happened."""
+    async def queue(self, action: Callback, pipe: Pipeline) -> Retry | None:
+        """Queue the effect of one callback on `pipe`; its reply says what happened.
+
+        A retryable failure with attempts left becomes a requeue; the returned `Retry` is to
+        be scheduled once the pipeline says the requeue applied (`ok` or `requeued`).
+        """
         if isinstance(action, ExecutionChunk):
             await self._chunk(action, pipe)
         elif isinstance(action, ExecutionCompleted):
@@ -44,13 +66,18 @@ class CallbackEffects:
             await self._completed(ref, action.attempt, action.content, action.usage, pipe)
         elif isinstance(action, ExecutionFailed):
             ref = TaskRef(action.tenant_id, action.session_id, action.task_id)
-            await self._failed(ref, action.attempt, action.code, action.error, pipe)
+            if action.retryable and action.attempt < self.settings.max_task_attempts:
+                return await self._requeue(ref, action, pipe)
+            await self._failed(
+                ref, action.attempt, action.code, action.error, pipe, attempts=action.attempt
+            )
         elif isinstance(action, ExecutionCallback):
             await self._legacy(action, pipe)
         elif isinstance(action, WebsocketSend):
             await self._send(action, pipe)
         else:
             await self._broadcast(action, pipe)
+        return None
 
     async def _chunk(self, action: ExecutionChunk, pipe: Pipeline) -> None:
         ref = TaskRef(action.tenant_id, action.session_id, action.task_id)
@@ -85,10 +112,38 @@ class CallbackEffects:
             pipe=pipe,
         )
 
+    async def _requeue(self, ref: TaskRef, action: ExecutionFailed, pipe: Pipeline) -> Retry:
+        settings = self.settings
+        delay = backoff_seconds(
+            action.attempt, settings.retry_backoff_seconds, settings.retry_backoff_max_seconds
+        )
+        data = {
+            "status": TaskStatus.queued,
+            "attempt": action.attempt + 1,
+            "retry_in_ms": round(delay * 1000),
+            "reason": action.error,
+        }
+        body = events.event_body(events.CHAT_STATUS, data, ref.task_id)
+        await self.tasks.apply(ref, "requeue", attempt=action.attempt, body=body, pipe=pipe)
+        return Retry(
+            keys.partition_of(ref.tenant_id, ref.session_id, settings.callback_partitions),
+            keys.task_member(ref.tenant_id, ref.session_id, ref.task_id),
+            time.time() + delay,
+        )
+
     async def _failed(
-        self, ref: TaskRef, attempt: int, code: str, message: str, pipe: Pipeline
+        self,
+        ref: TaskRef,
+        attempt: int,
+        code: str,
+        message: str,
+        pipe: Pipeline,
+        *,
+        attempts: int | None = None,
     ) -> None:
-        error = {"code": code, "message": message}
+        error: dict[str, Any] = {"code": code, "message": message}
+        if attempts is not None:
+            error["attempts"] = attempts
         body = events.event_body(events.CHAT_ERROR, error, ref.task_id)
         await self.tasks.apply(
             ref,

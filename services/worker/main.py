@@ -40,9 +40,8 @@ class Worker:
             settings, max_connections=settings.callback_partitions + settings.redis_max_connections
         )
         self.scripts = Scripts(self.redis)
-        self.effects = CallbackEffects(
-            TaskStore(self.redis, self.scripts, settings), self.scripts, settings
-        )
+        self.tasks = TaskStore(self.redis, self.scripts, settings)
+        self.effects = CallbackEffects(self.tasks, self.scripts, settings)
         self.leases = PartitionLeases(
             self.redis,
             self.scripts,
@@ -55,7 +54,7 @@ class Worker:
 
     def _start_consumer(self, partition: int) -> None:
         consumer = PartitionConsumer(
-            self.redis, self.effects, self.settings, self.worker_id, partition
+            self.redis, self.effects, self.tasks, self.settings, self.worker_id, partition
         )
         task = asyncio.get_running_loop().create_task(consumer.run())
         self.consumers[partition] = (consumer, task)

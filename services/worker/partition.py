@@ -29,8 +29,9 @@ from services.core.streams import (
     parse_read,
     reclaim,
 )
-from services.core.tasks import parse_outcome
+from services.core.tasks import TaskStore, Verdict, parse_outcome
 from services.worker.callbacks import CallbackEffects
+from services.worker.schedule import PartitionSchedule
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ callbacks_handled = Counter(
 dead_letters = Counter("orchestrator_dead_letters", "Entries moved to the dead-letter stream")
 
 RETRY_PAUSE_SECONDS = 0.5
+SCHEDULE_TICK_SECONDS = 0.2
 
 
 class PartitionConsumer:
@@ -47,6 +49,7 @@ class PartitionConsumer:
         self,
         redis: Redis,
         effects: CallbackEffects,
+        tasks: TaskStore,
         settings: Settings,
         worker_id: str,
         partition: int,
@@ -57,6 +60,7 @@ class PartitionConsumer:
         self.consumer = worker_id
         self.partition = partition
         self.stream = keys.callback_stream(partition)
+        self.schedule = PartitionSchedule(redis, tasks, partition)
         self.stopping = asyncio.Event()
 
     def stop(self) -> None:
@@ -65,8 +69,13 @@ class PartitionConsumer:
     async def run(self) -> None:
         await ensure_group(self.redis, self.stream, keys.WORKER_GROUP)
         backlog = True
+        loop = asyncio.get_running_loop()
+        next_tick = 0.0
         while not self.stopping.is_set():
             try:
+                if loop.time() >= next_tick:
+                    await self.schedule.fire_due()
+                    next_tick = loop.time() + SCHEDULE_TICK_SECONDS
                 if backlog:
                     entries = await self._pending()
                     backlog = bool(entries)
@@ -129,19 +138,26 @@ class PartitionConsumer:
         if not decoded:
             return True
         async with self.redis.pipeline(transaction=False) as pipe:
-            for _, action in decoded:
-                await self.effects.queue(action, pipe)
+            plans = [await self.effects.queue(action, pipe) for _, action in decoded]
             results = await pipe.execute(raise_on_error=False)
         done: list[str] = []
+        retries: dict[str, float] = {}
         failed: list[tuple[Entry, BaseException]] = []
-        for (entry, _), result in zip(decoded, results, strict=True):
+        for (entry, _), plan, result in zip(decoded, plans, results, strict=True):
             if isinstance(result, BaseException):
                 failed.append((entry, result))
                 continue
             done.append(entry.id)
-            callbacks_handled.labels(parse_outcome(result).verdict).inc()
+            verdict = parse_outcome(result).verdict
+            callbacks_handled.labels(verdict).inc()
+            if plan is not None and verdict in (Verdict.ok, Verdict.requeued):
+                retries[plan.member] = plan.due
         if done:
-            await self.redis.xack(self.stream, keys.WORKER_GROUP, *done)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                if retries:  # scheduled before the failure callback is acknowledged
+                    pipe.zadd(keys.partition_retries(self.partition), retries)
+                pipe.xack(self.stream, keys.WORKER_GROUP, *done)
+                await pipe.execute()
         if not failed:
             return True
         counts = await delivery_counts(

@@ -22,8 +22,9 @@ STREAM = keys.callback_stream(0)
 async def run_until_drained(redis: Redis) -> None:
     """Run one partition consumer until the group has nothing pending or unread."""
     scripts = Scripts(redis)
-    effects = CallbackEffects(TaskStore(redis, scripts, SETTINGS), scripts, SETTINGS)
-    consumer = PartitionConsumer(redis, effects, SETTINGS, "w1", 0)
+    tasks = TaskStore(redis, scripts, SETTINGS)
+    effects = CallbackEffects(tasks, scripts, SETTINGS)
+    consumer = PartitionConsumer(redis, effects, tasks, SETTINGS, "w1", 0)
     running = asyncio.create_task(consumer.run())
     async with asyncio.timeout(10):
         while True:

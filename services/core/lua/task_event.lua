@@ -4,15 +4,16 @@
 -- superseded attempts are refused here) and keeps the log in the order of application.
 --
 -- KEYS[1] task state hash    KEYS[2] session log stream
--- ARGV[1] op: create | chunk | completed | failed | cancel | requeue
+-- ARGV[1] op: create | chunk | completed | failed | cancel | requeue | dispatch | timeout
 -- ARGV[2] attempt the event answers (0: whatever the current attempt is)
 -- ARGV[3] chunk seq (chunk only)
 -- ARGV[4] frame body without id ("" publishes nothing)
 -- ARGV[5] log max length   ARGV[6] log ttl (ms)   ARGV[7] task ttl (s)
 -- ARGV[8] delivery channel ARGV[9] now (ISO-8601)
 -- ARGV[10..] field, value pairs to set on the task
--- Returns {verdict, detail}: verdict ok (detail: event id or ""), exists, unknown, final,
--- stale, duplicate.
+-- Returns {verdict, detail}: verdict ok (detail: event id or "", or the action for dispatch),
+-- exists, unknown, final (detail: the status), stale (detail: the current attempt),
+-- duplicate, requeued (a replayed requeue: already done).
 local task, log = KEYS[1], KEYS[2]
 local op, attempt, seq = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local finals = {completed = true, failed = true, cancelled = true, timed_out = true}
@@ -35,9 +36,11 @@ else
   local status = state[1]
   if not status then return {'unknown', ''} end
   if finals[status] then return {'final', status} end
-  if op ~= 'cancel' and attempt ~= 0 and attempt ~= tonumber(state[2]) then
-    return {'stale', state[2]}
+  local current = tonumber(state[2])
+  if op == 'requeue' and status == 'queued' and attempt + 1 == current then
+    return {'requeued', state[2]}
   end
+  if attempt ~= 0 and attempt ~= current then return {'stale', state[2]} end
   if op == 'chunk' then
     if seq <= tonumber(state[3]) then return {'duplicate', state[3]} end
     local extra = {'last_seq', ARGV[3], 'status', 'streaming'}
@@ -47,7 +50,11 @@ else
     end
     set_fields(extra)
   elseif op == 'requeue' then
-    set_fields({'attempt', tostring(tonumber(state[2]) + 1), 'last_seq', '0'})
+    set_fields({'attempt', tostring(current + 1), 'last_seq', '0', 'status', 'queued'})
+  elseif op == 'dispatch' then
+    if status ~= 'queued' then return {'stale', state[2]} end
+    set_fields({'status', 'processing'})
+    return {'ok', redis.call('HGET', task, 'action') or ''}
   else
     set_fields({})
   end

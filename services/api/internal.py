@@ -1,0 +1,70 @@
+"""The api's internal port (`ORCHESTRATOR_METRICS_PORT`): `/metrics` and `/drain`.
+
+It runs in the app's own event loop (not a thread), so `/drain`, called by the Kubernetes
+preStop hook, drives the same drain as SIGTERM and answers when every socket is closed. The
+port is meant for the kubelet and Prometheus only; the chart's NetworkPolicy keeps it there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 8192
+
+
+def _response(status: str, body: bytes, content_type: str = "text/plain") -> bytes:
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class InternalServer:
+    def __init__(self, port: int, drain: Callable[[], Awaitable[int]]) -> None:
+        self.port = port
+        self.drain = drain
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "0.0.0.0", self.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            method, path, *_ = request[:MAX_REQUEST_BYTES].decode("latin-1").split(" ", 2)
+            path = path.split("?", 1)[0]
+            if method != "GET":
+                reply = _response("405 Method Not Allowed", b"GET only\n")
+            elif path == "/metrics":
+                reply = _response("200 OK", generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+            elif path == "/drain":
+                closed = await self.drain()
+                reply = _response("200 OK", f"drained {closed} sockets\n".encode())
+            elif path == "/health":
+                reply = _response("200 OK", b"ok\n")
+            else:
+                reply = _response("404 Not Found", b"not found\n")
+            writer.write(reply)
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+            pass
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()

@@ -1,0 +1,102 @@
+"""Time-driven work of one partition, run by its lease holder: deadlines and retries.
+
+Both live in sorted sets on the partition's slot (`{cb:N}:deadlines`, `{cb:N}:retries`), so
+whoever consumes the partition also fires its timers, and a dead worker's timers move with
+its partitions. Firing is idempotent: the task script refuses a timeout for a final task and a
+dispatch for a task that is not waiting, so a timer fired twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import cast
+
+import msgspec
+from prometheus_client import Counter
+from redis.asyncio import Redis
+
+from services.core import events, keys
+from services.core.actions import ACTION_FIELD, ChatProcess, MalformedAction, decode_action
+from services.core.ids import new_id
+from services.core.tasks import TaskRef, TaskStatus, TaskStore, Verdict, encode_json, parse_outcome
+
+log = logging.getLogger(__name__)
+
+timeouts = Counter("orchestrator_task_timeouts", "Tasks that reached their deadline unfinished")
+retries = Counter("orchestrator_task_retries", "Attempts dispatched again after a failure")
+
+BATCH = 100
+AES_STREAM_MAXLEN = 1_000_000
+
+
+def _ref(member: bytes | str) -> TaskRef:
+    text = member.decode() if isinstance(member, bytes) else member
+    tenant_id, session_id, task_id = text.split("/", 2)
+    return TaskRef(tenant_id, session_id, task_id)
+
+
+class PartitionSchedule:
+    def __init__(self, redis: Redis, tasks: TaskStore, partition: int) -> None:
+        self.redis = redis
+        self.tasks = tasks
+        self.deadlines = keys.partition_deadlines(partition)
+        self.retries = keys.partition_retries(partition)
+
+    async def fire_due(self, now: float | None = None) -> None:
+        moment = time.time() if now is None else now
+        await self._time_out(moment)
+        await self._dispatch_retries(moment)
+
+    async def _due(self, key: str, now: float) -> list[bytes]:
+        members = await self.redis.zrangebyscore(key, "-inf", now, start=0, num=BATCH)
+        return cast(list[bytes], members)
+
+    async def _time_out(self, now: float) -> None:
+        members = await self._due(self.deadlines, now)
+        if not members:
+            return
+        error = {"code": "timed_out", "message": "the task did not finish before its deadline"}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for member in members:
+                ref = _ref(member)
+                body = events.event_body(events.CHAT_ERROR, error, ref.task_id)
+                await self.tasks.apply(
+                    ref,
+                    "timeout",
+                    body=body,
+                    fields={"status": TaskStatus.timed_out, "error": encode_json(error)},
+                    pipe=pipe,
+                )
+            results = await pipe.execute()
+        fired = sum(1 for result in results if parse_outcome(result).verdict is Verdict.ok)
+        timeouts.inc(fired)
+        await self.redis.zrem(self.deadlines, *members)
+
+    async def _dispatch_retries(self, now: float) -> None:
+        members = await self._due(self.retries, now)
+        for member in members:
+            ref = _ref(member)
+            outcome = await self.tasks.apply(ref, "dispatch")
+            if outcome is not None and outcome.verdict is Verdict.ok and outcome.detail:
+                await self._enqueue_attempt(ref, outcome.detail)
+            await self.redis.zrem(self.retries, member)
+
+    async def _enqueue_attempt(self, ref: TaskRef, stored: str) -> None:
+        try:
+            action = decode_action(stored)
+        except MalformedAction as exc:
+            log.error("stored action of task %s is unreadable: %s", ref.task_id, exc.reason)
+            return
+        if not isinstance(action, ChatProcess):
+            return
+        state = await self.tasks.read(ref)
+        attempt = int((state or {}).get("attempt") or action.attempt)
+        again = msgspec.structs.replace(action, action_id=new_id(), attempt=attempt)
+        await self.redis.xadd(
+            keys.aes_stream(again.priority),
+            {ACTION_FIELD: msgspec.json.encode(again)},
+            maxlen=AES_STREAM_MAXLEN,
+            approximate=True,
+        )
+        retries.inc()

@@ -1,0 +1,88 @@
+"""Client tokens: HS256 with a secret, RS256/ES256 with a public key; every failure is 401."""
+
+from __future__ import annotations
+
+import time
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from services.core.auth import TokenVerifier, issue_token
+from services.core.errors import Unauthorized
+from services.core.settings import ConfigError, load_settings
+
+
+def pem_pair(algorithm: str) -> tuple[str, str]:
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+    if algorithm.startswith("RS"):
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    else:
+        key = ec.generate_private_key(ec.SECP256R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    public = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    return private, public
+
+
+@pytest.mark.parametrize("algorithm", ["RS256", "ES256"])
+def test_asymmetric_tokens_verify_with_the_public_key_only(algorithm: str) -> None:
+    private, public = pem_pair(algorithm)
+    signer = load_settings(jwt_algorithm=algorithm, jwt_private_key=private)
+    token = issue_token(signer, tenant_id="acme", user_id="ada", ttl_seconds=60)
+    verifier = TokenVerifier(load_settings(jwt_algorithm=algorithm, jwt_public_key=public))
+    principal = verifier.verify(token)
+    assert (principal.tenant_id, principal.user_id) == ("acme", "ada")
+    _, other_public = pem_pair(algorithm)
+    stranger = TokenVerifier(load_settings(jwt_algorithm=algorithm, jwt_public_key=other_public))
+    with pytest.raises(Unauthorized):
+        stranger.verify(token)
+
+
+def test_audience_and_issuer_are_checked_when_configured() -> None:
+    settings = load_settings(jwt_secret="s" * 32, jwt_audience="chat", jwt_issuer="idp")
+    verifier = TokenVerifier(settings)
+    good = issue_token(settings, tenant_id="acme", user_id="u", ttl_seconds=60)
+    assert verifier.verify(good).tenant_id == "acme"
+    wrong_audience = jwt.encode(
+        {"sub": "u", "tenant_id": "acme", "exp": time.time() + 60, "aud": "other", "iss": "idp"},
+        "s" * 32,
+        algorithm="HS256",
+    )
+    with pytest.raises(Unauthorized):
+        verifier.verify(wrong_audience)
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"sub": "u", "exp": 2**40},  # no tenant
+        {"sub": "u", "tenant_id": "bad tenant", "exp": 2**40},
+        {"tenant_id": "acme", "exp": 2**40},  # no subject
+        {"sub": "u", "tenant_id": "acme"},  # no expiry
+    ],
+)
+def test_tokens_without_the_required_claims_are_refused(claims: dict[str, object]) -> None:
+    verifier = TokenVerifier(load_settings(jwt_secret="k" * 32))
+    with pytest.raises(Unauthorized):
+        verifier.verify(jwt.encode(claims, "k" * 32, algorithm="HS256"))
+
+
+def test_the_none_algorithm_is_never_accepted() -> None:
+    verifier = TokenVerifier(load_settings(jwt_secret="k" * 32))
+    unsigned = jwt.encode({"sub": "u", "tenant_id": "a", "exp": 2**40}, None, algorithm="none")
+    with pytest.raises(Unauthorized):
+        verifier.verify(unsigned)
+
+
+def test_a_public_key_algorithm_without_a_key_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="ORCHESTRATOR_JWT_PUBLIC_KEY"):
+        TokenVerifier(load_settings(jwt_algorithm="RS256"))
