@@ -6,7 +6,10 @@ through `app.state.runtime` and dependency injection; nothing is created at impo
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,6 +22,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
 from services.api import chat, health, sockets
+from services.api.admission import Admission
 from services.api.auth import provide_principal
 from services.api.chat_service import ChatService
 from services.api.delivery import SessionHub
@@ -28,10 +32,15 @@ from services.api.runtime import Runtime
 from services.core.auth import TokenVerifier
 from services.core.errors import OrchestratorError
 from services.core.ids import new_id
+from services.core.quotas import QuotaCache, QuotaStore
+from services.core.ratelimit import RateLimiter
 from services.core.redis_client import REDIS_DOWN, create_redis
 from services.core.scripts import Scripts
-from services.core.settings import Settings
+from services.core.settings import ConfigError, Settings
 from services.core.tasks import TaskStore
+from services.core.tenant_sockets import TenantSockets
+from services.core.tiers import load_tiers
+from services.core.usage import UsageCounter
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +100,20 @@ def _on_unexpected(_: AnyRequest, exc: Exception) -> Response[Any]:
     return _error(500, "internal_error", "internal error")
 
 
+async def keep_sockets_counted(runtime: Runtime) -> None:
+    """Refresh this pod's sockets in the per-tenant counts before they expire."""
+    interval = runtime.settings.connection_ttl_seconds / 3
+    sockets = runtime.admission.sockets
+    while True:
+        await asyncio.sleep(interval)
+        by_tenant: dict[str, list[str]] = defaultdict(list)
+        for conn in list(runtime.hub.connections):
+            by_tenant[conn.tenant_id].append(conn.connection_id)
+        for tenant_id, ids in by_tenant.items():
+            with contextlib.suppress(*REDIS_DOWN):
+                await sockets.refresh(tenant_id, ids)
+
+
 def provide_runtime(request: AnyRequest) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
@@ -116,6 +139,12 @@ def _cors(settings: Settings) -> CORSConfig | None:
 
 def create_app(settings: Settings, *, pod_id: str | None = None) -> Litestar:
     verifier = TokenVerifier(settings)  # fail at start, not at the first request
+    tiers = load_tiers(settings)
+    if settings.default_tier not in tiers:
+        raise ConfigError(
+            f"ORCHESTRATOR_DEFAULT_TIER: unknown tier {settings.default_tier!r}; "
+            f"known: {', '.join(tiers)}"
+        )
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -125,14 +154,25 @@ def create_app(settings: Settings, *, pod_id: str | None = None) -> Litestar:
         name = pod_id or settings.pod_name or new_id()
         hub = SessionHub(redis, name)
         await hub.start()
+        quotas = QuotaCache(QuotaStore(redis, settings, tiers), settings.validation_cache_ttl)
+        await quotas.start()
+        admission = Admission(
+            quotas,
+            RateLimiter(redis),
+            UsageCounter(redis),
+            TenantSockets(redis, settings.connection_ttl_seconds),
+            settings,
+        )
         runtime = Runtime(
             settings=settings,
             pod_id=name,
             redis=redis,
             verifier=verifier,
             hub=hub,
-            chat=ChatService(redis, tasks, settings),
+            chat=ChatService(redis, tasks, admission, settings),
+            admission=admission,
         )
+        heartbeat = asyncio.get_running_loop().create_task(keep_sockets_counted(runtime))
         app.state.runtime = runtime
         internal = None
         if settings.metrics_port:
@@ -146,6 +186,8 @@ def create_app(settings: Settings, *, pod_id: str | None = None) -> Litestar:
         finally:
             if internal is not None:
                 await internal.stop()
+            heartbeat.cancel()
+            await quotas.stop()
             await hub.stop()
             await redis.aclose()
             log.info("api %s stopped%s", name, " after draining" if runtime.draining else "")

@@ -4,31 +4,66 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from litestar import Request, get, post
+from litestar import Request, Response, get, post
+from litestar.openapi import ResponseSpec
 from litestar.params import Parameter
 
 from services.api.auth import header_id, pick
-from services.api.models import Accepted, Cancelled, SendRequest, TaskRequest, TaskView
+from services.api.models import (
+    Accepted,
+    Cancelled,
+    ErrorBody,
+    SendRequest,
+    TaskRequest,
+    TaskView,
+)
 from services.api.runtime import Runtime
 from services.core.auth import Principal
+from services.core.errors import BadRequest
 from services.core.ids import ID_PATTERN, new_id
 
 AnyRequest = Request[Any, Any, Any]
 
 
-@post("/api/chat/send", status_code=202, summary="Send a chat message")
+MAX_IDEMPOTENCY_KEY = 255
+
+
+def idempotency_key(request: AnyRequest) -> str | None:
+    value = request.headers.get("idempotency-key")
+    if value is None:
+        return None
+    if not 0 < len(value) <= MAX_IDEMPOTENCY_KEY or not value.isprintable():
+        raise BadRequest(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters")
+    return value
+
+
+@post(
+    "/api/chat/send",
+    status_code=202,
+    summary="Send a chat message",
+    responses={429: ResponseSpec(ErrorBody, description="rate limited or over budget")},
+)
 async def send_message(
     data: SendRequest, principal: Principal, runtime: Runtime, request: AnyRequest
-) -> Accepted:
-    """Accept a message for the agent; events arrive on the session's socket."""
+) -> Response[Accepted]:
+    """Accept a message for the agent; events arrive on the session's socket.
+
+    A repeated `Idempotency-Key` (per tenant, 24 hours) answers with the first task and
+    enqueues nothing.
+    """
     session_id = pick(data.session_id, header_id(request, "x-session-id"), "session_id")
     agent_id = pick(data.agent_id, header_id(request, "x-agent-id"), "agent_id")
-    return await runtime.chat.send(
+    sent = await runtime.chat.send(
         principal,
         data,
         session_id=session_id or new_id(),
         agent_id=agent_id or runtime.settings.default_agent,
+        idempotency_key=idempotency_key(request),
     )
+    headers = dict(sent.headers)
+    if sent.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return Response(sent.accepted, status_code=202, headers=headers)
 
 
 @post("/api/chat/status", status_code=200, summary="Status of a task")

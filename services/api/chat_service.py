@@ -7,6 +7,8 @@ stream of its priority. The state is written first, so an AES answer can never f
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -14,6 +16,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from services.api import metrics
+from services.api.admission import Admission
 from services.api.models import Accepted, Cancelled, SendRequest, TaskView
 from services.core import events, keys
 from services.core.actions import ACTION_FIELD, ChatCancel, ChatProcess, User, encode_action, utcnow
@@ -21,33 +24,74 @@ from services.core.auth import Principal
 from services.core.errors import Conflict, InvalidInput, NotFound
 from services.core.ids import new_id
 from services.core.keys import Priority
+from services.core.ratelimit import rate_limit_headers
 from services.core.settings import Settings
 from services.core.tasks import TaskRef, TaskStatus, TaskStore, Verdict, encode_json, parse_outcome
 
 CANCEL_STREAM_MAXLEN = 10_000
 AES_STREAM_MAXLEN = 1_000_000
-DEFAULT_TASK_TIMEOUT = timedelta(seconds=120)
+IDEMPOTENCY_TTL_SECONDS = 86_400
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    accepted: Accepted
+    headers: dict[str, str]
+    replayed: bool
+
+
+def _digest(idempotency_key: str) -> str:
+    """Keys are client strings of any shape; their digest is what reaches Redis."""
+    return hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
+
 
 _json_decoder = msgspec.json.Decoder()
 
 
 class ChatService:
-    def __init__(self, redis: Redis, tasks: TaskStore, settings: Settings) -> None:
+    def __init__(
+        self, redis: Redis, tasks: TaskStore, admission: Admission, settings: Settings
+    ) -> None:
         self.redis = redis
         self.tasks = tasks
+        self.admission = admission
         self.settings = settings
 
     async def send(
-        self, principal: Principal, request: SendRequest, *, session_id: str, agent_id: str
-    ) -> Accepted:
+        self,
+        principal: Principal,
+        request: SendRequest,
+        *,
+        session_id: str,
+        agent_id: str,
+        idempotency_key: str | None = None,
+    ) -> Sent:
+        """Admit and enqueue a message; a repeated `Idempotency-Key` returns the first task."""
         if len(request.message) > self.settings.max_message_chars:
             raise InvalidInput(
                 f"message is longer than {self.settings.max_message_chars} characters",
                 details={"limit": self.settings.max_message_chars},
+                code="message_too_long",
             )
         tenant_id = principal.tenant_id
+        idempotency = None
+        if idempotency_key is not None:
+            idempotency = keys.tenant_idempotency(tenant_id, _digest(idempotency_key))
+            earlier = await self._replay(principal, idempotency)
+            if earlier is not None:
+                return earlier
+        admitted = await self.admission.admit_send(tenant_id, session_id, agent_id, request)
         ref = TaskRef(tenant_id, session_id, new_id())
-        priority: Priority = "normal"
+        if idempotency is not None:
+            reserved = await self.redis.set(
+                idempotency, ref.task_id, nx=True, ex=IDEMPOTENCY_TTL_SECONDS
+            )
+            if not reserved:  # a concurrent request with the same key won the race
+                earlier = await self._replay(principal, idempotency)
+                if earlier is not None:
+                    return earlier
+        limits = admitted.quota.limits
+        priority: Priority = limits.priority
         now = utcnow()
         partition = keys.partition_of(tenant_id, session_id, self.settings.callback_partitions)
         action = ChatProcess(
@@ -62,7 +106,7 @@ class ChatService:
             context=request.context,
             stream=request.stream,
             priority=priority,
-            deadline=now + DEFAULT_TASK_TIMEOUT,
+            deadline=now + timedelta(seconds=limits.task_timeout_seconds),
         )
         encoded = encode_action(action)
         status_data: dict[str, Any] = {"status": TaskStatus.processing, "attempt": 1}
@@ -80,6 +124,7 @@ class ChatService:
                     "user_id": principal.user_id,
                     "stream": "1" if request.stream else "0",
                     "priority": priority,
+                    "tier": admitted.quota.tier,
                     "deadline": action.deadline.isoformat(),
                     "action": encoded.decode(),
                 },
@@ -105,7 +150,23 @@ class ChatService:
         if outcome.verdict is not Verdict.ok:  # a 128-bit id collided: practically never
             raise Conflict("task id collision, retry")
         metrics.tasks_submitted.labels(priority).inc()
-        return Accepted(task_id=ref.task_id, status=TaskStatus.processing, session_id=session_id)
+        accepted = Accepted(
+            task_id=ref.task_id, status=TaskStatus.processing, session_id=session_id
+        )
+        return Sent(accepted, rate_limit_headers(admitted.decision), replayed=False)
+
+    async def _replay(self, principal: Principal, idempotency: str) -> Sent | None:
+        """The task an earlier request with this key created, if any (within 24 hours)."""
+        task_id = await self.redis.get(idempotency)
+        if task_id is None:
+            return None
+        ref = await self.tasks.locate(task_id.decode() if isinstance(task_id, bytes) else task_id)
+        if ref is None or ref.tenant_id != principal.tenant_id:
+            return None
+        state = await self.tasks.read(ref)
+        status = (state or {}).get("status") or TaskStatus.processing
+        accepted = Accepted(task_id=ref.task_id, status=status, session_id=ref.session_id)
+        return Sent(accepted, {}, replayed=True)
 
     async def _owned(self, principal: Principal, task_id: str) -> TaskRef:
         """The task if the caller's tenant owns it; another tenant's task does not exist."""

@@ -93,6 +93,11 @@ class ClientConnection:
         if self._drain is None:
             self._drain = asyncio.get_running_loop().create_task(self._drain_outbox())
 
+    def hold(self) -> None:
+        """Hold live events (while the events since `last_event_id` are re-read)."""
+        if self._held is None:
+            self._held = []
+
     def go_live(self, sent_up_to: str) -> None:
         """End set-up: queue held events newer than `sent_up_to`, then deliver live."""
         held, self._held = self._held or [], None

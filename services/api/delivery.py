@@ -23,11 +23,16 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from services.api.connections import ClientConnection
+from services.api.session_log import read_since
 from services.core import keys
-from services.core.events import frame_id, frame_with_id
+from services.core.events import ERROR, frame, frame_id, frame_with_id
 from services.core.redis_client import REDIS_DOWN
 
 log = logging.getLogger(__name__)
+
+READ_TIMEOUT_SECONDS = 1.0
+RECONNECT_MIN_SECONDS = 0.1
+RECONNECT_MAX_SECONDS = 2.0
 
 
 class SessionHub:
@@ -42,6 +47,8 @@ class SessionHub:
         self._lock = asyncio.Lock()
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._resync: asyncio.Task[None] | None = None
+        self._outage = False
         self.connections: set[ClientConnection] = set()
 
     async def start(self) -> None:
@@ -117,15 +124,51 @@ class SessionHub:
     async def _read_forever(self) -> None:
         assert self._pubsub is not None
         pubsub = self._pubsub
+        delay = RECONNECT_MIN_SECONDS
         while True:
             try:
-                message = await pubsub.get_message(timeout=None)
+                message = await pubsub.get_message(timeout=READ_TIMEOUT_SECONDS)
             except REDIS_DOWN:
-                log.warning("delivery subscription lost; reconnecting")
-                await asyncio.sleep(0.5)
+                if not self._outage:
+                    self._begin_outage()
+                await asyncio.sleep(delay)
+                delay = min(RECONNECT_MAX_SECONDS, delay * 2)
                 continue
+            if self._outage:  # reconnected and resubscribed by redis-py
+                delay = RECONNECT_MIN_SECONDS
+                self._outage = False
+                self._resync = asyncio.get_running_loop().create_task(self._catch_up())
             if message is not None:
                 self._dispatch(message)
+
+    def _begin_outage(self) -> None:
+        """Hold live events and tell every socket; nothing is lost, only delayed."""
+        log.warning("delivery subscription lost; reconnecting")
+        self._outage = True
+        notice = {"code": "unavailable", "message": "delivery interrupted, resuming"}
+        for conn in list(self.connections):
+            conn.hold()
+            conn.push(frame(conn.last_event_id, ERROR, notice))
+
+    async def _catch_up(self) -> None:
+        """After a reconnect, re-read each session's log from each socket's last event."""
+        log.info("delivery subscription restored; catching up %d sockets", len(self.connections))
+        for conn in list(self.connections):
+            try:
+                replay = await read_since(
+                    self._redis, conn.tenant_id, conn.session_id, conn.last_event_id
+                )
+            except REDIS_DOWN:
+                return  # the reader sees the outage again and will catch up once more
+            sent_up_to = conn.last_event_id
+            if replay.resumed is False:
+                gap = {"code": "resume_gap", "message": "events were lost; fetch the task state"}
+                conn.push(frame(replay.cursor, ERROR, gap))
+                sent_up_to = replay.cursor
+            for event_id, body in replay.events:
+                conn.push(frame_with_id(event_id, body))
+                sent_up_to = event_id
+            conn.go_live(sent_up_to)
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message["type"]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
+from services.api.admission import Admission
 from services.api.chat_service import ChatService
 from services.api.delivery import SessionHub
 from services.core.auth import TokenVerifier
@@ -21,6 +22,7 @@ class Runtime:
     verifier: TokenVerifier
     hub: SessionHub
     chat: ChatService
+    admission: Admission
     draining: bool = False
     drained: asyncio.Event | None = None
     background: set[asyncio.Task[None]] = field(default_factory=set)

@@ -9,7 +9,9 @@ refusal completes the handshake and closes with a code and reason the client can
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from typing import Any
 
 import msgspec
@@ -97,6 +99,26 @@ async def session_socket(socket: AnySocket, tenant_id: str, session_id: str) -> 
     if runtime.hub.count() >= runtime.settings.max_websocket_connections:
         await _refuse(socket, speaks_v1, CLOSE_TRY_AGAIN, "pod_full: try again later")
         return
+    connection_id = new_id()
+    try:
+        quota = await runtime.admission.quota(tenant_id)
+        admitted, _ = await runtime.admission.sockets.acquire(
+            tenant_id, connection_id, quota.limits.max_connections
+        )
+    except OrchestratorError as exc:
+        await _refuse(socket, speaks_v1, CLOSE_POLICY, f"{exc.code}: {exc.message}")
+        return
+    except REDIS_DOWN:
+        await _refuse(socket, speaks_v1, CLOSE_TRY_AGAIN, "unavailable: try again later")
+        return
+    if not admitted:
+        await _refuse(
+            socket,
+            speaks_v1,
+            CLOSE_POLICY,
+            f"connection_limit: {quota.tier} tier allows {quota.limits.max_connections} sockets",
+        )
+        return
     last_event_id = socket.query_params.get("last_event_id")
     if last_event_id is not None:
         try:
@@ -105,8 +127,12 @@ async def session_socket(socket: AnySocket, tenant_id: str, session_id: str) -> 
             await _refuse(socket, speaks_v1, CLOSE_POLICY, "invalid last_event_id")
             return
 
-    await socket.accept(subprotocols=SUBPROTOCOL if speaks_v1 else None)
-    await _serve(socket, runtime, principal, session_id, last_event_id)
+    try:
+        await socket.accept(subprotocols=SUBPROTOCOL if speaks_v1 else None)
+        await _serve(socket, runtime, principal, session_id, last_event_id, connection_id)
+    finally:
+        with contextlib.suppress(*REDIS_DOWN):
+            await runtime.admission.sockets.release(tenant_id, connection_id)
 
 
 async def _serve(
@@ -115,6 +141,7 @@ async def _serve(
     principal: Principal,
     session_id: str,
     last_event_id: str | None,
+    connection_id: str,
 ) -> None:
     send = socket.send
 
@@ -125,7 +152,7 @@ async def _serve(
         await socket.close(code=code, reason=reason)
 
     conn = ClientConnection(
-        connection_id=new_id(),
+        connection_id=connection_id,
         tenant_id=principal.tenant_id,
         session_id=session_id,
         user_id=principal.user_id,
@@ -172,11 +199,16 @@ async def _receive_frames(
 ) -> None:
     receive = socket.receive
     max_bytes = runtime.settings.max_frame_bytes
+    budget = FrameBudget(runtime.settings.websocket_frames_per_second)
     while True:
         message = await receive()
         if message["type"] != "websocket.receive":
             return
         metrics.websocket_messages.labels("in").inc()
+        if not budget.take():
+            if budget.should_warn():
+                _error(conn, "frame_rate_exceeded", "too many frames; some were dropped")
+            continue
         text = message.get("text")
         if text is None:
             _error(conn, "unsupported_frame", "send JSON text frames")
@@ -214,6 +246,8 @@ async def _handle_frame(
                 session_id=conn.session_id,
                 agent_id=request.agent_id or runtime.settings.default_agent,
             )
+            # Nothing to answer here: the task's events (with `request_id`) reach every
+            # socket of the session through its log.
         elif frame.type == "chat.cancel":
             cancel = msgspec.convert(data, TaskRequest)
             await runtime.chat.cancel(principal, cancel.task_id)
@@ -225,6 +259,39 @@ async def _handle_frame(
         _chat_error(conn, exc.code, exc.message, exc.details, request_id)
     except REDIS_DOWN:
         _chat_error(conn, "unavailable", "redis unavailable, retry", {}, request_id)
+
+
+class FrameBudget:
+    """A token bucket per socket: `rate` frames per second, bursts of twice that.
+
+    A flood is dropped frame by frame (with at most one `error` per second about it), so one
+    client cannot keep the event loop busy for everybody else.
+    """
+
+    __slots__ = ("_allowance", "_burst", "_last", "_last_warning", "_rate")
+
+    def __init__(self, rate: float) -> None:
+        self._rate = rate
+        self._burst = max(1.0, 2 * rate)
+        self._allowance = self._burst
+        self._last = time.monotonic()
+        self._last_warning = 0.0
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self._allowance = min(self._burst, self._allowance + (now - self._last) * self._rate)
+        self._last = now
+        if self._allowance < 1:
+            return False
+        self._allowance -= 1
+        return True
+
+    def should_warn(self) -> bool:
+        now = time.monotonic()
+        if now - self._last_warning < 1:
+            return False
+        self._last_warning = now
+        return True
 
 
 def _error(conn: ClientConnection, code: str, message: str) -> None:

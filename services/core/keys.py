@@ -52,6 +52,16 @@ def tenant_dedupe(tenant_id: str, action_id: str) -> str:
     return f"{{tn:{tenant_id}}}:applied:{action_id}"
 
 
+def tenant_sockets(tenant_id: str) -> str:
+    """Sorted set of the tenant's open sockets on every pod, scored by their expiry (ms)."""
+    return f"{{tn:{tenant_id}}}:sockets"
+
+
+def tenant_idempotency(tenant_id: str, key_digest: str) -> str:
+    """The task created by a request with this `Idempotency-Key` (24 hours)."""
+    return f"{{tn:{tenant_id}}}:idem:{key_digest}"
+
+
 def task_state(tenant_id: str, session_id: str, task_id: str) -> str:
     return f"{session_tag(tenant_id, session_id)}:task:{task_id}"
 

@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     websocket_compression: bool = False
     websocket_send_queue: int = Field(1000, ge=1)
     max_websocket_connections: int = Field(1000, ge=1)
+    connection_ttl_seconds: float = Field(30.0, ge=3)
+    websocket_frames_per_second: float = Field(20.0, gt=0)
     max_frame_bytes: int = Field(64 * 1024, ge=1024)
 
     # Worker and transport

@@ -41,6 +41,17 @@ class Retry:
     due: float
 
 
+@dataclass(frozen=True, slots=True)
+class Spent:
+    """Usage to count against the tenant's budget once the completion is applied."""
+
+    ref: TaskRef
+    usage: Usage
+
+
+FollowUp = Retry | Spent
+
+
 def backoff_seconds(attempt: int, base: float, cap: float) -> float:
     """Exponential backoff with equal jitter: half fixed, half random, capped."""
     ceiling = min(cap, base * 2.0 ** (attempt - 1))
@@ -53,17 +64,19 @@ class CallbackEffects:
         self.scripts = scripts
         self.settings = settings
 
-    async def queue(self, action: Callback, pipe: Pipeline) -> Retry | None:
+    async def queue(self, action: Callback, pipe: Pipeline) -> FollowUp | None:
         """Queue the effect of one callback on `pipe`; its reply says what happened.
 
-        A retryable failure with attempts left becomes a requeue; the returned `Retry` is to
-        be scheduled once the pipeline says the requeue applied (`ok` or `requeued`).
+        What must follow once the effect is applied is returned: a `Retry` to schedule (a
+        retryable failure with attempts left became a requeue), or the `Spent` usage of a
+        completed task to count.
         """
         if isinstance(action, ExecutionChunk):
             await self._chunk(action, pipe)
         elif isinstance(action, ExecutionCompleted):
             ref = TaskRef(action.tenant_id, action.session_id, action.task_id)
             await self._completed(ref, action.attempt, action.content, action.usage, pipe)
+            return Spent(ref, action.usage)
         elif isinstance(action, ExecutionFailed):
             ref = TaskRef(action.tenant_id, action.session_id, action.task_id)
             if action.retryable and action.attempt < self.settings.max_task_attempts:
@@ -72,7 +85,7 @@ class CallbackEffects:
                 ref, action.attempt, action.code, action.error, pipe, attempts=action.attempt
             )
         elif isinstance(action, ExecutionCallback):
-            await self._legacy(action, pipe)
+            return await self._legacy(action, pipe)
         elif isinstance(action, WebsocketSend):
             await self._send(action, pipe)
         else:
@@ -154,7 +167,7 @@ class CallbackEffects:
             pipe=pipe,
         )
 
-    async def _legacy(self, action: ExecutionCallback, pipe: Pipeline) -> None:
+    async def _legacy(self, action: ExecutionCallback, pipe: Pipeline) -> Spent | None:
         """The seed's `execution.callback`, applied to whatever attempt is current."""
         ref = TaskRef(action.tenant_id, action.session_id, action.task_id)
         if action.status == "completed":
@@ -165,10 +178,11 @@ class CallbackEffects:
             )
             content = action.result.response if action.result else ""
             await self._completed(ref, 0, content, usage, pipe)
-            return
+            return Spent(ref, usage)
         code = "timeout" if action.status == "timeout" else "execution_failed"
         message = action.error.message if action.error else action.status
         await self._failed(ref, 0, code, message, pipe)
+        return None
 
     async def _send(self, action: WebsocketSend, pipe: Pipeline) -> None:
         settings = self.settings

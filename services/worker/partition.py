@@ -29,8 +29,9 @@ from services.core.streams import (
     parse_read,
     reclaim,
 )
-from services.core.tasks import TaskStore, Verdict, parse_outcome
-from services.worker.callbacks import CallbackEffects
+from services.core.tasks import Outcome, TaskStore, Verdict, parse_outcome
+from services.core.usage import UsageCounter
+from services.worker.callbacks import CallbackEffects, Retry, Spent
 from services.worker.schedule import PartitionSchedule
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,13 @@ dead_letters = Counter("orchestrator_dead_letters", "Entries moved to the dead-l
 
 RETRY_PAUSE_SECONDS = 0.5
 SCHEDULE_TICK_SECONDS = 0.2
+
+
+def _completed_now_or_before(outcome: Outcome) -> bool:
+    """The completion applied now, or on an earlier delivery that died before counting."""
+    return outcome.verdict is Verdict.ok or (
+        outcome.verdict is Verdict.final and outcome.detail == "completed"
+    )
 
 
 class PartitionConsumer:
@@ -61,6 +69,7 @@ class PartitionConsumer:
         self.partition = partition
         self.stream = keys.callback_stream(partition)
         self.schedule = PartitionSchedule(redis, tasks, partition)
+        self.usage = UsageCounter(redis)
         self.stopping = asyncio.Event()
 
     def stop(self) -> None:
@@ -148,10 +157,19 @@ class PartitionConsumer:
                 failed.append((entry, result))
                 continue
             done.append(entry.id)
-            verdict = parse_outcome(result).verdict
-            callbacks_handled.labels(verdict).inc()
-            if plan is not None and verdict in (Verdict.ok, Verdict.requeued):
+            outcome = parse_outcome(result)
+            callbacks_handled.labels(outcome.verdict).inc()
+            if isinstance(plan, Retry) and outcome.verdict in (Verdict.ok, Verdict.requeued):
                 retries[plan.member] = plan.due
+            elif isinstance(plan, Spent) and _completed_now_or_before(outcome):
+                # Counted once per task by the usage script, so a redelivery is harmless.
+                await self.usage.add(
+                    plan.ref.tenant_id,
+                    plan.ref.task_id,
+                    input_tokens=plan.usage.input_tokens,
+                    output_tokens=plan.usage.output_tokens,
+                    cost=plan.usage.cost,
+                )
         if done:
             async with self.redis.pipeline(transaction=False) as pipe:
                 if retries:  # scheduled before the failure callback is acknowledged

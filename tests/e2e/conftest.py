@@ -23,6 +23,9 @@ def e2e_redis() -> Iterator[RedisServer]:
 
 
 def new_stack(redis: RedisServer, log_dir: Path, **settings: str) -> LocalStack:
+    """Unknown tenants get the enterprise tier unless a test says otherwise: most tests are
+    about the message path, not about limits."""
+    settings.setdefault("default_tier", "enterprise")
     return LocalStack.for_redis(redis.url, log_dir=log_dir, jwt_secret=SECRET, **settings)
 
 

@@ -1,0 +1,128 @@
+"""Tenancy at the door: quotas, tier rules, rate limits and budgets for sends and sockets.
+
+The tier always comes from the quota store (cached per pod, dropped on change), never from
+the client. A send costs two round trips here: the session and tenant rate limits in one
+pipeline, then the token budget (which also counts the request).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from prometheus_client import Counter
+
+from services.api.models import SendRequest
+from services.core import keys
+from services.core.errors import Forbidden, InvalidInput, RateLimited
+from services.core.quotas import EffectiveQuota, QuotaCache
+from services.core.ratelimit import (
+    RateCheck,
+    RateDecision,
+    RateLimiter,
+    most_restrictive,
+    rate_limited,
+)
+from services.core.settings import Settings
+from services.core.tenant_sockets import TenantSockets
+from services.core.usage import UsageCounter
+
+rate_limit_rejections = Counter(
+    "orchestrator_rate_limit_rejections", "Sends refused by a rate limit", ["scope"]
+)
+quota_rejections = Counter(
+    "orchestrator_quota_rejections", "Sends and sockets refused by a tier rule", ["reason"]
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    quota: EffectiveQuota
+    decision: RateDecision  # the most restrictive limit, for the RateLimit-* headers
+
+
+def seconds_until_utc_midnight(now: datetime | None = None) -> int:
+    moment = now or datetime.now(UTC)
+    tomorrow = (moment + timedelta(days=1)).date()
+    midnight = datetime(tomorrow.year, tomorrow.month, tomorrow.day, tzinfo=UTC)
+    return max(1, int((midnight - moment).total_seconds()) + 1)
+
+
+class Admission:
+    def __init__(
+        self,
+        quotas: QuotaCache,
+        limiter: RateLimiter,
+        usage: UsageCounter,
+        sockets: TenantSockets,
+        settings: Settings,
+    ) -> None:
+        self.quotas = quotas
+        self.limiter = limiter
+        self.usage = usage
+        self.sockets = sockets
+        self.settings = settings
+
+    async def quota(self, tenant_id: str) -> EffectiveQuota:
+        quota = await self.quotas.effective(tenant_id)
+        if quota is None:
+            quota_rejections.labels("unknown_tenant").inc()
+            raise Forbidden(f"tenant {tenant_id} is not registered", code="unknown_tenant")
+        return quota
+
+    async def admit_send(
+        self, tenant_id: str, session_id: str, agent_id: str, request: SendRequest
+    ) -> Admitted:
+        """Every tier rule, then the rate limits, then the budget; the first refusal wins."""
+        quota = await self.quota(tenant_id)
+        limits = quota.limits
+        if len(request.message) > limits.max_message_chars:
+            quota_rejections.labels("message_too_long").inc()
+            raise InvalidInput(
+                f"message is longer than the {quota.tier} tier's "
+                f"{limits.max_message_chars} characters",
+                details={"limit": limits.max_message_chars, "length": len(request.message)},
+                code="message_too_long",
+            )
+        if not limits.allows_agent(agent_id):
+            quota_rejections.labels("agent_not_allowed").inc()
+            raise Forbidden(
+                f"agent {agent_id} is not allowed for this tenant",
+                details={"agent_id": agent_id},
+                code="agent_not_allowed",
+            )
+        if request.stream and not limits.streaming:
+            quota_rejections.labels("streaming_not_allowed").inc()
+            raise Forbidden(
+                f"streaming is not part of the {quota.tier} tier",
+                details={"tier": quota.tier},
+                code="streaming_not_allowed",
+            )
+        per_session = limits.requests_per_minute_per_session or (
+            self.settings.max_requests_per_session
+        )
+        checks = [
+            RateCheck(keys.session_rate(tenant_id, session_id), per_session),
+            RateCheck(keys.tenant_rate(tenant_id), limits.requests_per_minute_per_tenant),
+        ]
+        decisions = await self.limiter.check_many(checks)
+        refused = [
+            (decision, scope)
+            for scope, decision in zip(("session", "tenant"), decisions, strict=True)
+            if not decision.allowed
+        ]
+        if refused:
+            decision, scope = max(refused, key=lambda pair: pair[0].retry_after)
+            rate_limit_rejections.labels(scope).inc()
+            raise rate_limited(decision, scope)
+        if not await self.usage.admit(tenant_id, limits.tokens_per_day):
+            quota_rejections.labels("token_budget").inc()
+            retry_after = seconds_until_utc_midnight()
+            raise RateLimited(
+                f"the tenant's {limits.tokens_per_day} tokens per day are used up until "
+                "midnight UTC",
+                details={"limit": limits.tokens_per_day, "retryAfter": retry_after},
+                headers={"Retry-After": str(retry_after)},
+                code="token_budget_exhausted",
+            )
+        return Admitted(quota, most_restrictive(decisions))

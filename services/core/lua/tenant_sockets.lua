@@ -1,0 +1,23 @@
+-- Count a tenant's open sockets across every pod; entries expire unless refreshed, so a pod
+-- that dies without closing its sockets stops counting against the tenant after the TTL.
+-- KEYS[1] the tenant's socket set (score: expiry in ms of the server clock)
+-- ARGV[1] op: acquire | refresh | release   ARGV[2] ttl (ms)   ARGV[3] limit (acquire)
+-- ARGV[4..] socket ids
+-- Returns {admitted (1/0), live sockets}
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local key, op, ttl = KEYS[1], ARGV[1], tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', key, '-inf', now_ms)
+if op == 'release' then
+  for i = 4, #ARGV do redis.call('ZREM', key, ARGV[i]) end
+  return {1, redis.call('ZCARD', key)}
+end
+if op == 'acquire' then
+  local live = redis.call('ZCARD', key)
+  if live >= tonumber(ARGV[3]) then return {0, live} end
+  redis.call('ZADD', key, now_ms + ttl, ARGV[4])
+else
+  for i = 4, #ARGV do redis.call('ZADD', key, 'XX', now_ms + ttl, ARGV[i]) end
+end
+redis.call('PEXPIRE', key, ttl * 2)
+return {1, redis.call('ZCARD', key)}
