@@ -131,3 +131,50 @@ async def test_sigterm_drains_sockets_with_1012_and_clients_resume_elsewhere(
                 await ws.close()
     finally:
         stack.stop()
+
+
+async def test_a_stalled_task_times_out_at_its_deadline_and_late_callbacks_are_dropped(
+    e2e_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from redis.asyncio import Redis
+
+    from services.core import keys
+    from services.core.actions import ACTION_FIELD, ExecutionCompleted, encode_action
+    from services.core.quotas import QuotaStore
+    from services.core.settings import load_settings
+
+    stack = new_stack(e2e_redis, tmp_path_factory.mktemp("logs"), **FAST_EXECUTOR)
+    redis = Redis.from_url(e2e_redis.url)
+    try:
+        api = stack.start_api()
+        stack.start("worker")
+        stack.start("executor")
+        stack.wait_ready(api)
+        tenant, session = unique("t"), unique("s")
+        store = QuotaStore(redis, load_settings())
+        await store.set(tenant, "pro", {"taskTimeoutSeconds": 1})
+        ws, _ = await connect(api.ws_url, tenant, session)
+        async with httpx.AsyncClient() as http:
+            reply = await send(
+                http, api.url, tenant,
+                {"message": "never answered", "session_id": session,
+                 "context": {"simulate": {"stall": True}}},
+            )  # fmt: skip
+            task_id = reply.json()["task_id"]
+            events = await events_until(ws, final_of(task_id), timeout=10)
+            assert events[-1]["type"] == "chat.error"
+            assert events[-1]["data"]["code"] == "timed_out"
+            late = ExecutionCompleted(
+                tenant_id=tenant, session_id=session, task_id=task_id, content="too late"
+            )
+            partition = keys.partition_of(tenant, session, 8)
+            await redis.xadd(keys.callback_stream(partition), {ACTION_FIELD: encode_action(late)})
+            marker = await send(http, api.url, tenant, {"message": "after", "session_id": session})
+            after = await events_until(ws, final_of(marker.json()["task_id"]))
+            assert not [e for e in after if e.get("task_id") == task_id], "late answer dropped"
+            state = await http.get(f"{api.url}/api/chat/tasks/{task_id}", headers=auth(tenant))
+            assert state.json()["status"] == "timed_out"
+        await ws.close()
+    finally:
+        await redis.aclose()
+        stack.stop()
