@@ -17,11 +17,13 @@ from typing import Any
 from litestar import Litestar, Request, Response
 from litestar.config.cors import CORSConfig
 from litestar.di import Provide
+from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
+from litestar.plugins.prometheus import PrometheusConfig
 
-from services.api import chat, health, sockets
+from services.api import chat, health, metrics, sockets
 from services.api.admission import Admission
 from services.api.auth import provide_principal
 from services.api.chat_service import ChatService
@@ -230,6 +232,16 @@ def create_app(settings: Settings, *, pod_id: str | None = None) -> Litestar:
             security=[{"bearer": []}],
         ),
         request_max_body_size=settings.max_body_bytes,
+        middleware=[
+            PrometheusConfig(
+                app_name="agent-orchestrator",
+                prefix=metrics.HTTP_METRICS_PREFIX,
+                group_path=True,
+                scopes={ScopeType.HTTP},
+                buckets=list(metrics.HTTP_BUCKETS),
+                exclude=["/health", "/health/ready"],
+            ).middleware
+        ],
         logging_config=None,
         debug=False,
     )

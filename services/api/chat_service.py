@@ -125,6 +125,7 @@ class ChatService:
                     "stream": "1" if request.stream else "0",
                     "priority": priority,
                     "tier": admitted.quota.tier,
+                    "created_ms": str(int(now.timestamp() * 1000)),
                     "deadline": action.deadline.isoformat(),
                     "action": encoded.decode(),
                 },
@@ -150,6 +151,7 @@ class ChatService:
         if outcome.verdict is not Verdict.ok:  # a 128-bit id collided: practically never
             raise Conflict("task id collision, retry")
         metrics.tasks_submitted.labels(priority).inc()
+        metrics.tasks.labels("accepted", admitted.quota.tier).inc()
         accepted = Accepted(
             task_id=ref.task_id, status=TaskStatus.processing, session_id=session_id
         )

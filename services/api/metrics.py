@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge
 
 WEBSOCKET_CONNECTIONS_METRIC = "orchestrator_websocket_connections"
 
@@ -19,15 +19,13 @@ websocket_refusals = Counter(
     "WebSocket handshakes refused or sockets closed by policy",
     ["reason"],
 )
-http_requests = Counter(
-    "orchestrator_http_requests", "HTTP requests answered", ["method", "route", "status"]
-)
-http_latency = Histogram(
-    "orchestrator_http_request_duration_seconds",
-    "HTTP request latency",
-    ["method", "route"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-)
 tasks_submitted = Counter(
     "orchestrator_tasks_submitted", "Chat messages accepted and enqueued", ["priority"]
 )
+tasks = Counter("orchestrator_tasks", "Tasks reaching a status, by tier", ["status", "tier"])
+
+HTTP_METRICS_PREFIX = "orchestrator_http"
+"""Litestar's Prometheus middleware names its metrics `orchestrator_http_requests_total`,
+`orchestrator_http_request_duration_seconds`, `orchestrator_http_requests_in_progress` and
+`orchestrator_http_requests_error_total` (labels method, path template, status_code)."""
+HTTP_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]

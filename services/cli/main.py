@@ -70,6 +70,40 @@ def _run_schemas(args: argparse.Namespace, _: Settings) -> int:
     return 0
 
 
+def _run_tenants(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from services.cli import tenants
+
+    if args.action == "set":
+        return asyncio.run(
+            tenants.set_command(
+                settings,
+                args.tenant,
+                tier=args.tier,
+                limits=args.limit,
+                allowed_agents=args.allowed_agents,
+            )
+        )
+    if args.action == "get":
+        return asyncio.run(tenants.get_command(settings, args.tenant))
+    if args.action == "delete":
+        return asyncio.run(tenants.delete_command(settings, args.tenant))
+    return asyncio.run(tenants.list_command(settings))
+
+
+def _run_deadletters(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from services.cli import deadletters
+
+    if args.action == "list":
+        return asyncio.run(deadletters.list_command(settings, limit=args.limit, as_json=args.json))
+    return asyncio.run(
+        deadletters.replay_command(settings, args.ids, replay_all=args.all, as_json=args.json)
+    )
+
+
 def _run_async(main: object) -> None:
     import uvloop
 
@@ -110,6 +144,41 @@ def build_parser() -> argparse.ArgumentParser:
     schemas.add_argument("--dir", type=Path, default=DEFAULT_SCHEMA_DIR)
     schemas.add_argument("--check", action="store_true", help="fail if the files are stale")
     schemas.set_defaults(handler=_run_schemas)
+
+    tenants = commands.add_parser("tenants", help="read and write the quota store")
+    tenant_actions = tenants.add_subparsers(dest="action", required=True, metavar="ACTION")
+    tenant_set = tenant_actions.add_parser("set", help="replace a tenant's tier and limits")
+    tenant_set.add_argument("tenant")
+    tenant_set.add_argument("--tier", required=True)
+    tenant_set.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one limit of the tier (repeatable), e.g. tokensPerDay=unlimited",
+    )
+    tenant_set.add_argument(
+        "--allowed-agents",
+        metavar="A,B",
+        help="comma-separated agent ids ('' allows every agent; default: the tier's list)",
+    )
+    tenant_get = tenant_actions.add_parser("get", help="a tenant's record and effective limits")
+    tenant_get.add_argument("tenant")
+    tenant_actions.add_parser("list", help="every tenant's record (JSON array)")
+    tenant_delete = tenant_actions.add_parser("delete", help="remove a tenant's record")
+    tenant_delete.add_argument("tenant")
+    tenants.set_defaults(handler=_run_tenants)
+
+    dead = commands.add_parser("deadletters", help="show and re-enqueue dead-lettered actions")
+    dead_actions = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
+    dead_list = dead_actions.add_parser("list", help="the dead letters, oldest first")
+    dead_list.add_argument("--limit", type=int, default=100, help="at most N (default 100)")
+    dead_list.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+    dead_replay = dead_actions.add_parser("replay", help="re-add dead letters to their stream")
+    dead_replay.add_argument("ids", nargs="*", metavar="ID")
+    dead_replay.add_argument("--all", action="store_true", help="replay every dead letter")
+    dead_replay.add_argument("--json", action="store_true", help="the results as a JSON array")
+    dead.set_defaults(handler=_run_deadletters)
     return parser
 
 

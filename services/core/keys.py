@@ -133,3 +133,13 @@ def tenant_usage(tenant_id: str, day: str) -> str:
 def tenant_usage_counted(tenant_id: str, task_id: str) -> str:
     """Marker that a task's usage was already counted (makes `UsageCounter.add` idempotent)."""
     return f"{{tn:{tenant_id}}}:counted:{task_id}"
+
+
+PERSIST_GROUP = "persist"
+PERSIST_RECORDS = "{persist}:records"
+"""Stream of finished tasks waiting to be written to PostgreSQL (one entry per task).
+
+One stream on one slot, like the AES streams: it carries one entry per chat message, far
+below a node's capacity, and any number of writers share it through the `persist` group.
+Writes are keyed by task id, so no order between entries matters and none is kept.
+"""

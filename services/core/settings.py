@@ -110,8 +110,19 @@ class Settings(BaseSettings):
     tiers_file: str | None = None
     tiers: str | None = None
 
+    # Persistence (issue 9)
+    database_pool_size: int = Field(5, ge=1, le=200)
+    database_connect_timeout_seconds: float = Field(5.0, gt=0, le=300)
+    database_command_timeout_seconds: float = Field(30.0, gt=0, le=3600)
+    persist_batch_size: int = Field(500, ge=1, le=5000)
+    persist_retry_max_seconds: float = Field(5.0, gt=0, le=300)
+    persist_reclaim_idle_seconds: float = Field(60.0, ge=1)
+    persist_stream_maxlen: int = Field(1_000_000, ge=1000)
+    history_page_max: int = Field(200, ge=1, le=1000)
+
     # Process
     metrics_port: int = Field(9090, ge=0, le=65535)
+    metrics_tenant_labels: int = Field(20, ge=0, le=1000)
     log_level: LogLevel = LogLevel.INFO
     pod_name: str | None = None
 

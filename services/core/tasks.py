@@ -53,6 +53,9 @@ class Verdict(StrEnum):
 class Outcome:
     verdict: Verdict
     detail: str
+    tier: str = ""
+    created_ms: int = 0  # when the task was accepted (for latency metrics)
+    first_chunk: bool = False
 
     @property
     def applied(self) -> bool:
@@ -155,8 +158,18 @@ class TaskStore:
 
 
 def parse_outcome(result: Any) -> Outcome:
-    verdict, detail = result
-    return Outcome(Verdict(_text(verdict) or ""), _text(detail) or "")
+    verdict, detail, *facts = result
+    outcome = Outcome(Verdict(_text(verdict) or ""), _text(detail) or "")
+    if len(facts) == 3:
+        tier, created_ms, first_chunk = facts
+        outcome = Outcome(
+            outcome.verdict,
+            outcome.detail,
+            _text(tier) or "",
+            int(_text(created_ms) or 0),
+            bool(first_chunk),
+        )
+    return outcome
 
 
 def encode_json(value: Any) -> str:

@@ -17,8 +17,9 @@ import os
 import signal
 import socket
 from collections import OrderedDict
+from datetime import UTC, datetime
 
-from prometheus_client import Counter, start_http_server
+from prometheus_client import Counter, Histogram, start_http_server
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -35,6 +36,7 @@ from services.core.actions import (
     decode_action,
     encode_action,
 )
+from services.core.metric_buckets import LATENCY_BUCKETS
 from services.core.redis_client import REDIS_DOWN, create_redis
 from services.core.settings import Settings
 from services.core.streams import (
@@ -50,6 +52,12 @@ from services.executor.agent import Simulation, chunks_of, reply_for, usage_for
 log = logging.getLogger(__name__)
 
 executions = Counter("orchestrator_executor_tasks", "Tasks run by the executor", ["outcome"])
+queue_wait = Histogram(
+    "orchestrator_queue_wait_seconds",
+    "From accepting a message to an executor starting on it",
+    ["priority"],
+    buckets=LATENCY_BUCKETS,
+)
 
 PRIORITY_RANK = {keys.aes_stream(p): rank for rank, p in enumerate(keys.PRIORITIES)}
 REMEMBERED_CANCELS = 10_000
@@ -146,6 +154,8 @@ class Executor:
             await self.redis.xack(entry.stream, keys.AES_GROUP, entry.id)
             executions.labels("cancelled").inc()
             return
+        waited = (datetime.now(UTC) - action.created_at).total_seconds()
+        queue_wait.labels(action.priority).observe(max(0.0, waited))
         task = asyncio.create_task(self._execute(entry, action))
         self.running[action.task_id] = (entry, task)
 

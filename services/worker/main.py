@@ -15,11 +15,14 @@ import signal
 import socket
 
 from prometheus_client import start_http_server
+from redis.exceptions import ResponseError
 
+from services.core import keys
 from services.core.redis_client import REDIS_DOWN, create_redis
 from services.core.scripts import Scripts
 from services.core.settings import Settings
 from services.core.tasks import TaskStore
+from services.worker import metrics
 from services.worker.callbacks import CallbackEffects
 from services.worker.leases import PartitionLeases
 from services.worker.partition import PartitionConsumer
@@ -50,11 +53,19 @@ class Worker:
             settings.partition_lease_seconds,
         )
         self.consumers: dict[int, tuple[PartitionConsumer, asyncio.Task[None]]] = {}
+        self.tenant_labels = metrics.TenantLabels(settings.metrics_tenant_labels)
+        self._lag_reported: set[str] = set()
         self.stopping = asyncio.Event()
 
     def _start_consumer(self, partition: int) -> None:
         consumer = PartitionConsumer(
-            self.redis, self.effects, self.tasks, self.settings, self.worker_id, partition
+            self.redis,
+            self.effects,
+            self.tasks,
+            self.settings,
+            self.worker_id,
+            partition,
+            self.tenant_labels,
         )
         task = asyncio.get_running_loop().create_task(consumer.run())
         self.consumers[partition] = (consumer, task)
@@ -65,7 +76,19 @@ class Worker:
         with contextlib.suppress(Exception):
             await task
 
+    def _restart_crashed(self) -> None:
+        """A consumer loop that died of a bug is logged and restarted, never silently lost."""
+        for partition, (_, task) in list(self.consumers.items()):
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.error(
+                    "consumer of partition %s crashed; restarting it",
+                    partition,
+                    exc_info=task.exception(),
+                )
+                self._start_consumer(partition)
+
     async def _rebalance(self) -> None:
+        self._restart_crashed()
         live = await self.leases.live_workers()
         for partition in await self.leases.renew():
             log.info("lost partition %s", partition)
@@ -76,6 +99,30 @@ class Worker:
         for partition in await self.leases.acquire(live):
             log.info("took partition %s", partition)
             self._start_consumer(partition)
+        await self._sample_lag()
+
+    async def _sample_lag(self) -> None:
+        """Lag and pending entries of the streams this worker owns (the AES streams too, from
+        the owner of partition 0, so that each stream is reported by exactly one worker)."""
+        streams = [(keys.callback_stream(p), keys.WORKER_GROUP) for p in self.leases.owned]
+        if 0 in self.leases.owned:
+            streams += [(keys.aes_stream(p), keys.AES_GROUP) for p in keys.PRIORITIES]
+        reported = set()
+        for stream, group in streams:
+            try:
+                groups = await self.redis.xinfo_groups(stream)
+            except ResponseError:
+                continue
+            for info in groups:
+                name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
+                if name == group:
+                    metrics.stream_lag.labels(stream).set(info.get("lag") or 0)
+                    metrics.stream_pending.labels(stream).set(info.get("pending") or 0)
+                    reported.add(stream)
+        for stream in self._lag_reported - reported:
+            metrics.stream_lag.remove(stream)
+            metrics.stream_pending.remove(stream)
+        self._lag_reported = reported
 
     async def run(self) -> None:
         interval = self.settings.partition_lease_seconds / 3

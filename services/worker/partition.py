@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 
-from prometheus_client import Counter
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -31,15 +30,12 @@ from services.core.streams import (
 )
 from services.core.tasks import Outcome, TaskStore, Verdict, parse_outcome
 from services.core.usage import UsageCounter
+from services.worker import metrics
 from services.worker.callbacks import CallbackEffects, Retry, Spent
 from services.worker.schedule import PartitionSchedule
 
 log = logging.getLogger(__name__)
 
-callbacks_handled = Counter(
-    "orchestrator_callbacks", "Callbacks handled by the worker, by verdict", ["verdict"]
-)
-dead_letters = Counter("orchestrator_dead_letters", "Entries moved to the dead-letter stream")
 
 RETRY_PAUSE_SECONDS = 0.5
 SCHEDULE_TICK_SECONDS = 0.2
@@ -61,6 +57,7 @@ class PartitionConsumer:
         settings: Settings,
         worker_id: str,
         partition: int,
+        tenant_labels: metrics.TenantLabels,
     ) -> None:
         self.redis = redis
         self.effects = effects
@@ -70,6 +67,7 @@ class PartitionConsumer:
         self.stream = keys.callback_stream(partition)
         self.schedule = PartitionSchedule(redis, tasks, partition)
         self.usage = UsageCounter(redis)
+        self.tenant_labels = tenant_labels
         self.stopping = asyncio.Event()
 
     def stop(self) -> None:
@@ -152,24 +150,27 @@ class PartitionConsumer:
         done: list[str] = []
         retries: dict[str, float] = {}
         failed: list[tuple[Entry, BaseException]] = []
-        for (entry, _), plan, result in zip(decoded, plans, results, strict=True):
+        for (entry, action), plan, result in zip(decoded, plans, results, strict=True):
             if isinstance(result, BaseException):
                 failed.append((entry, result))
                 continue
             done.append(entry.id)
             outcome = parse_outcome(result)
-            callbacks_handled.labels(outcome.verdict).inc()
+            metrics.callbacks_handled.labels(outcome.verdict).inc()
+            metrics.observe(action, outcome, retried=isinstance(plan, Retry))
             if isinstance(plan, Retry) and outcome.verdict in (Verdict.ok, Verdict.requeued):
                 retries[plan.member] = plan.due
             elif isinstance(plan, Spent) and _completed_now_or_before(outcome):
                 # Counted once per task by the usage script, so a redelivery is harmless.
-                await self.usage.add(
+                counted = await self.usage.add(
                     plan.ref.tenant_id,
                     plan.ref.task_id,
                     input_tokens=plan.usage.input_tokens,
                     output_tokens=plan.usage.output_tokens,
                     cost=plan.usage.cost,
                 )
+                if counted:
+                    metrics.observe_usage(self.tenant_labels, plan.ref.tenant_id, plan.usage)
         if done:
             async with self.redis.pipeline(transaction=False) as pipe:
                 if retries:  # scheduled before the failure callback is acknowledged
@@ -190,4 +191,4 @@ class PartitionConsumer:
 
     async def _dead_letter(self, entry: Entry, reason: str) -> None:
         await dead_letter(self.redis, entry, keys.WORKER_GROUP, reason)
-        dead_letters.inc()
+        metrics.dead_letters.inc()

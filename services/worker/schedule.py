@@ -13,18 +13,16 @@ import time
 from typing import cast
 
 import msgspec
-from prometheus_client import Counter
 from redis.asyncio import Redis
 
 from services.core import events, keys
 from services.core.actions import ACTION_FIELD, ChatProcess, MalformedAction, decode_action
 from services.core.ids import new_id
 from services.core.tasks import TaskRef, TaskStatus, TaskStore, Verdict, encode_json, parse_outcome
+from services.worker import metrics
 
 log = logging.getLogger(__name__)
 
-timeouts = Counter("orchestrator_task_timeouts", "Tasks that reached their deadline unfinished")
-retries = Counter("orchestrator_task_retries", "Attempts dispatched again after a failure")
 
 BATCH = 100
 AES_STREAM_MAXLEN = 1_000_000
@@ -69,8 +67,11 @@ class PartitionSchedule:
                     pipe=pipe,
                 )
             results = await pipe.execute()
-        fired = sum(1 for result in results if parse_outcome(result).verdict is Verdict.ok)
-        timeouts.inc(fired)
+        for result in results:
+            outcome = parse_outcome(result)
+            if outcome.verdict is Verdict.ok:
+                metrics.timeouts.inc()
+                metrics.tasks.labels("timed_out", outcome.tier or "unknown").inc()
         await self.redis.zrem(self.deadlines, *members)
 
     async def _dispatch_retries(self, now: float) -> None:
@@ -99,4 +100,4 @@ class PartitionSchedule:
             maxlen=AES_STREAM_MAXLEN,
             approximate=True,
         )
-        retries.inc()
+        metrics.retries.inc()

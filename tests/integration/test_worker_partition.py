@@ -13,6 +13,7 @@ from services.core.scripts import Scripts
 from services.core.settings import load_settings
 from services.core.tasks import TaskRef, TaskStore
 from services.worker.callbacks import CallbackEffects
+from services.worker.metrics import TenantLabels
 from services.worker.partition import PartitionConsumer
 
 SETTINGS = load_settings(worker_sleep_seconds=0.05, callback_partitions=1)
@@ -24,7 +25,7 @@ async def run_until_drained(redis: Redis) -> None:
     scripts = Scripts(redis)
     tasks = TaskStore(redis, scripts, SETTINGS)
     effects = CallbackEffects(tasks, scripts, SETTINGS)
-    consumer = PartitionConsumer(redis, effects, tasks, SETTINGS, "w1", 0)
+    consumer = PartitionConsumer(redis, effects, tasks, SETTINGS, "w1", 0, TenantLabels(5))
     running = asyncio.create_task(consumer.run())
     async with asyncio.timeout(10):
         while True:

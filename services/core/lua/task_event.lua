@@ -11,12 +11,15 @@
 -- ARGV[5] log max length   ARGV[6] log ttl (ms)   ARGV[7] task ttl (s)
 -- ARGV[8] delivery channel ARGV[9] now (ISO-8601)
 -- ARGV[10..] field, value pairs to set on the task
--- Returns {verdict, detail}: verdict ok (detail: event id or "", or the action for dispatch),
--- exists, unknown, final (detail: the status), stale (detail: the current attempt),
--- duplicate, requeued (a replayed requeue: already done).
+-- Returns {verdict, detail, tier, created_ms, first_chunk}: verdict ok (detail: event id or
+-- "", or the action for dispatch), exists, unknown, final (detail: the status), stale (detail:
+-- the current attempt), duplicate, requeued (a replayed requeue: already done). tier and
+-- created_ms (when the task was accepted) feed the metrics; first_chunk is 1 for the first
+-- chunk of an attempt.
 local task, log = KEYS[1], KEYS[2]
 local op, attempt, seq = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local finals = {completed = true, failed = true, cancelled = true, timed_out = true}
+local tier, created_ms, first_chunk = '', '0', 0
 
 local function set_fields(extra)
   local fields = {'updated_at', ARGV[9]}
@@ -32,8 +35,9 @@ if op == 'create' then
   end
   set_fields({'created_at', ARGV[9], 'attempt', '1', 'last_seq', '0'})
 else
-  local state = redis.call('HMGET', task, 'status', 'attempt', 'last_seq')
+  local state = redis.call('HMGET', task, 'status', 'attempt', 'last_seq', 'tier', 'created_ms')
   local status = state[1]
+  tier, created_ms = state[4] or '', state[5] or '0'
   if not status then return {'unknown', ''} end
   if finals[status] then return {'final', status} end
   local current = tonumber(state[2])
@@ -47,6 +51,7 @@ else
     if tonumber(state[3]) == 0 then
       extra[#extra + 1] = 'first_chunk_at'
       extra[#extra + 1] = ARGV[9]
+      first_chunk = 1
     end
     set_fields(extra)
   elseif op == 'requeue' then
@@ -60,8 +65,8 @@ else
   end
 end
 
-if ARGV[4] == '' then return {'ok', ''} end
+if ARGV[4] == '' then return {'ok', '', tier, created_ms, first_chunk} end
 local id = redis.call('XADD', log, 'MAXLEN', '~', ARGV[5], '*', 'e', ARGV[4])
 redis.call('PEXPIRE', log, ARGV[6])
 redis.call('SPUBLISH', ARGV[8], '{"id":"' .. id .. '",' .. ARGV[4])
-return {'ok', id}
+return {'ok', id, tier, created_ms, first_chunk}

@@ -1,0 +1,122 @@
+"""`orchestrator deadletters list|replay`: show and re-enqueue dead-lettered actions.
+
+The Redis side is `services.core.deadletters`; this module only parses, prints and picks the
+exit code. Printed JSON is for scripts; the table is for people.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from services.core.deadletters import (
+    DeadLetter,
+    ReplayOutcome,
+    ReplayResult,
+    count_dead_letters,
+    is_entry_id,
+    list_dead_letters,
+    replay_all_dead_letters,
+    replay_dead_letters,
+)
+from services.core.redis_client import REDIS_DOWN, create_redis
+from services.core.settings import ConfigError, Settings
+
+REASON_WIDTH = 60
+
+
+def _shorten(text: str, width: int) -> str:
+    text = " ".join(text.split())  # one line, whatever the reason held
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_table(letters: Sequence[DeadLetter]) -> list[str]:
+    """Aligned columns: id, time, origin stream, action type, reason (shortened)."""
+    header = ("ID", "AT", "STREAM", "ACTION_TYPE", "REASON")
+    rows = [
+        (
+            letter.id,
+            letter.at,
+            letter.stream,
+            letter.action_type or "-",
+            _shorten(letter.reason, REASON_WIDTH),
+        )
+        for letter in letters
+    ]
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header) - 1)]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+        + "  "
+        + row[-1]
+        for row in (header, *rows)
+    ]
+
+
+async def list_command(
+    settings: Settings, *, limit: int, as_json: bool, out: TextIO = sys.stdout
+) -> int:
+    if limit < 1:
+        raise ConfigError("--limit: must be at least 1")
+    try:
+        async with create_redis(settings) as redis:
+            letters = await list_dead_letters(redis, limit=limit)
+            total = await count_dead_letters(redis)
+    except REDIS_DOWN as exc:
+        print(f"orchestrator: cannot reach Redis: {exc}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps([letter.to_dict() for letter in letters], indent=2), file=out)
+        return 0
+    if not letters:
+        print("no dead letters", file=out)
+        return 0
+    for line in format_table(letters):
+        print(line, file=out)
+    shown = f"{len(letters)} of {total}" if total > len(letters) else str(len(letters))
+    print(f"{shown} dead letter(s); oldest first", file=out)
+    return 0
+
+
+def _describe(result: ReplayResult) -> str:
+    if result.outcome is ReplayOutcome.replayed:
+        return f"replayed {result.id} -> {result.stream} {result.new_id}"
+    if result.outcome is ReplayOutcome.not_found:
+        return f"not found {result.id}: {result.detail}"
+    return f"kept {result.id}: {result.detail}"
+
+
+async def replay_command(
+    settings: Settings,
+    ids: Sequence[str],
+    *,
+    replay_all: bool,
+    as_json: bool,
+    out: TextIO = sys.stdout,
+) -> int:
+    """Replay the named dead letters (or all); exit 1 when any was not replayed."""
+    if replay_all and ids:
+        raise ConfigError("deadletters replay: give either IDs or --all, not both")
+    if not replay_all and not ids:
+        raise ConfigError("deadletters replay: give the IDs to replay, or --all")
+    for entry_id in ids:
+        if not is_entry_id(entry_id):
+            raise ConfigError(f"deadletters replay: {entry_id!r} is not a dead letter id")
+    try:
+        async with create_redis(settings) as redis:
+            if replay_all:
+                results = await replay_all_dead_letters(redis)
+            else:
+                results = await replay_dead_letters(redis, ids)
+    except REDIS_DOWN as exc:
+        print(f"orchestrator: cannot reach Redis: {exc}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps([result.to_dict() for result in results], indent=2), file=out)
+    else:
+        for result in results:
+            print(_describe(result), file=out)
+        replayed = sum(result.ok for result in results)
+        print(f"{replayed} replayed, {len(results) - replayed} not replayed", file=out)
+    return 0 if all(result.ok for result in results) else 1

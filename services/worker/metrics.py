@@ -1,0 +1,103 @@
+"""The worker's Prometheus metrics (DESIGN §7) and the one place that records them.
+
+Tenant labels are bounded: the first `ORCHESTRATOR_METRICS_TENANT_LABELS` tenants a process
+sees get a label of their own, every later one is counted as `other`, so a large installation
+cannot blow up the series count.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.core.actions import (
+    Callback,
+    ExecutionCallback,
+    ExecutionChunk,
+    ExecutionCompleted,
+    ExecutionFailed,
+    Usage,
+)
+from services.core.metric_buckets import LATENCY_BUCKETS
+from services.core.tasks import Outcome, Verdict
+
+callbacks_handled = Counter(
+    "orchestrator_callbacks", "Callbacks handled by the worker, by verdict", ["verdict"]
+)
+dead_letters = Counter("orchestrator_dead_letters", "Entries moved to the dead-letter stream")
+tasks = Counter("orchestrator_tasks", "Tasks reaching a status, by tier", ["status", "tier"])
+late_callbacks = Counter(
+    "orchestrator_late_callbacks",
+    "Callbacks dropped because their task was final or their attempt superseded",
+    ["reason"],
+)
+time_to_first_chunk = Histogram(
+    "orchestrator_time_to_first_chunk_seconds",
+    "From accepting a message to its first streamed chunk",
+    ["tier"],
+    buckets=LATENCY_BUCKETS,
+)
+answer_time = Histogram(
+    "orchestrator_answer_seconds",
+    "From accepting a message to its final answer",
+    ["tier"],
+    buckets=LATENCY_BUCKETS,
+)
+usage_tokens = Counter(
+    "orchestrator_usage_tokens", "Tokens reported by the AES", ["tenant", "direction"]
+)
+usage_cost = Counter("orchestrator_usage_cost", "Cost reported by the AES", ["tenant"])
+stream_lag = Gauge("orchestrator_stream_lag", "Entries not yet read by the group", ["stream"])
+stream_pending = Gauge(
+    "orchestrator_stream_pending", "Entries read but not yet acknowledged", ["stream"]
+)
+timeouts = Counter("orchestrator_task_timeouts", "Tasks that reached their deadline unfinished")
+retries = Counter("orchestrator_task_retries", "Attempts dispatched again after a failure")
+
+
+class TenantLabels:
+    """Bounded tenant label values: the first `limit` tenants seen, then `other`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.known: set[str] = set()
+
+    def __call__(self, tenant_id: str) -> str:
+        if tenant_id in self.known:
+            return tenant_id
+        if len(self.known) < self.limit:
+            self.known.add(tenant_id)
+            return tenant_id
+        return "other"
+
+
+def observe(action: Callback, outcome: Outcome, retried: bool) -> None:
+    """Record what one applied (or dropped) callback means for the task metrics."""
+    if outcome.verdict in (Verdict.final, Verdict.stale):
+        late_callbacks.labels(outcome.verdict.value).inc()
+        return
+    if outcome.verdict is not Verdict.ok:
+        return
+    tier = outcome.tier or "unknown"
+    elapsed = time.time() - outcome.created_ms / 1000 if outcome.created_ms else None
+    if isinstance(action, ExecutionChunk):
+        if outcome.first_chunk and elapsed is not None:
+            time_to_first_chunk.labels(tier).observe(elapsed)
+        return
+    completed = isinstance(action, ExecutionCompleted) or (
+        isinstance(action, ExecutionCallback) and action.status == "completed"
+    )
+    if completed:
+        tasks.labels("completed", tier).inc()
+        if elapsed is not None:
+            answer_time.labels(tier).observe(elapsed)
+    elif isinstance(action, ExecutionFailed | ExecutionCallback):
+        tasks.labels("queued" if retried else "failed", tier).inc()
+
+
+def observe_usage(labels: TenantLabels, tenant_id: str, usage: Usage) -> None:
+    tenant = labels(tenant_id)
+    usage_tokens.labels(tenant, "input").inc(usage.input_tokens)
+    usage_tokens.labels(tenant, "output").inc(usage.output_tokens)
+    usage_cost.labels(tenant).inc(usage.cost)
