@@ -21,6 +21,7 @@ from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
+from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
 from litestar.plugins.prometheus import PrometheusConfig
 
 from services.api import chat, health, metrics, sockets
@@ -232,6 +233,17 @@ def create_app(settings: Settings, *, pod_id: str | None = None) -> Litestar:
             security=[{"bearer": []}],
         ),
         request_max_body_size=settings.max_body_bytes,
+        plugins=[
+            OpenTelemetryPlugin(
+                OpenTelemetryConfig(
+                    # Sockets are traced per frame by the handlers: one span per socket
+                    # lifetime (hours) is useless, and so are per-frame ASGI spans.
+                    scopes={ScopeType.HTTP},
+                    exclude=["^/health", "^/schema"],
+                    exclude_spans=["receive", "send"],
+                )
+            )
+        ],
         middleware=[
             PrometheusConfig(
                 app_name="agent-orchestrator",

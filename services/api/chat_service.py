@@ -16,9 +16,9 @@ import msgspec
 from redis.asyncio import Redis
 
 from services.api import metrics
-from services.api.admission import Admission
+from services.api.admission import Admission, Admitted
 from services.api.models import Accepted, Cancelled, SendRequest, TaskView
-from services.core import events, keys
+from services.core import events, keys, telemetry
 from services.core.actions import ACTION_FIELD, ChatCancel, ChatProcess, User, encode_action, utcnow
 from services.core.auth import Principal
 from services.core.errors import Conflict, InvalidInput, NotFound
@@ -108,11 +108,42 @@ class ChatService:
             priority=priority,
             deadline=now + timedelta(seconds=limits.task_timeout_seconds),
         )
-        encoded = encode_action(action)
         status_data: dict[str, Any] = {"status": TaskStatus.processing, "attempt": 1}
         if request.request_id is not None:
             status_data["request_id"] = request.request_id
         body = events.event_body(events.CHAT_STATUS, status_data, ref.task_id)
+        stream = keys.aes_stream(priority)
+        with telemetry.producer(
+            stream, **{"orchestrator.task_id": ref.task_id, "orchestrator.attempt": 1}
+        ) as span:
+            action.trace_context = telemetry.inject(span)
+            created = await self._enqueue(ref, action, body, principal, request, admitted, stream)
+        outcome = parse_outcome(created)
+        if outcome.verdict is not Verdict.ok:  # a 128-bit id collided: practically never
+            raise Conflict("task id collision, retry")
+        metrics.tasks_submitted.labels(priority).inc()
+        metrics.tasks.labels("accepted", admitted.quota.tier).inc()
+        accepted = Accepted(
+            task_id=ref.task_id, status=TaskStatus.processing, session_id=session_id
+        )
+        return Sent(accepted, rate_limit_headers(admitted.decision), replayed=False)
+
+    async def _enqueue(
+        self,
+        ref: TaskRef,
+        action: ChatProcess,
+        body: str,
+        principal: Principal,
+        request: SendRequest,
+        admitted: Admitted,
+        stream: str,
+    ) -> Any:
+        """Task state and its first event, its location, its deadline, then the action: one
+        round trip, state first so no answer can find no task."""
+        priority = action.priority
+        encoded = encode_action(action)
+        tenant_id, session_id = ref.tenant_id, ref.session_id
+        partition = keys.partition_of(tenant_id, session_id, self.settings.callback_partitions)
         async with self.redis.pipeline(transaction=False) as pipe:
             await self.tasks.apply(
                 ref,
@@ -120,12 +151,12 @@ class ChatService:
                 body=body,
                 fields={
                     "status": TaskStatus.processing,
-                    "agent_id": agent_id,
+                    "agent_id": action.agent_id,
                     "user_id": principal.user_id,
                     "stream": "1" if request.stream else "0",
                     "priority": priority,
                     "tier": admitted.quota.tier,
-                    "created_ms": str(int(now.timestamp() * 1000)),
+                    "created_ms": str(int(action.created_at.timestamp() * 1000)),
                     "deadline": action.deadline.isoformat(),
                     "action": encoded.decode(),
                 },
@@ -141,21 +172,13 @@ class ChatService:
                 {keys.task_member(tenant_id, session_id, ref.task_id): action.deadline.timestamp()},
             )
             pipe.xadd(
-                keys.aes_stream(priority),
+                stream,
                 {ACTION_FIELD: encoded},
                 maxlen=AES_STREAM_MAXLEN,
                 approximate=True,
             )
             created, *_ = await pipe.execute()
-        outcome = parse_outcome(created)
-        if outcome.verdict is not Verdict.ok:  # a 128-bit id collided: practically never
-            raise Conflict("task id collision, retry")
-        metrics.tasks_submitted.labels(priority).inc()
-        metrics.tasks.labels("accepted", admitted.quota.tier).inc()
-        accepted = Accepted(
-            task_id=ref.task_id, status=TaskStatus.processing, session_id=session_id
-        )
-        return Sent(accepted, rate_limit_headers(admitted.decision), replayed=False)
+        return created
 
     async def _replay(self, principal: Principal, idempotency: str) -> Sent | None:
         """The task an earlier request with this key created, if any (within 24 hours)."""
@@ -211,13 +234,19 @@ class ChatService:
             raise Conflict(
                 f"task {task_id} is already {outcome.detail}", details={"status": outcome.detail}
             )
-        notice = ChatCancel(tenant_id=ref.tenant_id, session_id=ref.session_id, task_id=task_id)
-        await self.redis.xadd(
-            keys.CANCEL_STREAM,
-            {ACTION_FIELD: encode_action(notice)},
-            maxlen=CANCEL_STREAM_MAXLEN,
-            approximate=True,
-        )
+        with telemetry.producer(keys.CANCEL_STREAM, **{"orchestrator.task_id": task_id}) as span:
+            notice = ChatCancel(
+                tenant_id=ref.tenant_id,
+                session_id=ref.session_id,
+                task_id=task_id,
+                trace_context=telemetry.inject(span),
+            )
+            await self.redis.xadd(
+                keys.CANCEL_STREAM,
+                {ACTION_FIELD: encode_action(notice)},
+                maxlen=CANCEL_STREAM_MAXLEN,
+                approximate=True,
+            )
         return Cancelled(task_id=task_id, status=TaskStatus.cancelled)
 
 

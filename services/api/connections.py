@@ -9,10 +9,11 @@ no task beyond its own receive loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+
+from opentelemetry.trace import Span
 
 from services.api import metrics
 from services.core.events import NO_EVENT_ID, parse_event_id
@@ -26,6 +27,21 @@ CLOSE_POLICY = 1008
 CLOSE_TRY_AGAIN = 1013
 CLOSE_RESTART = 1012
 CLOSE_INTERNAL = 1011
+
+FLUSH_TIMEOUT_SECONDS = 2.0
+
+
+class TracedFrame(str):
+    """A frame whose `websocket send` span ends when the frame is written to the socket."""
+
+    __slots__ = ("span",)
+    span: Span
+
+
+def traced_frame(text: str, span: Span) -> TracedFrame:
+    frame = TracedFrame(text)
+    frame.span = span
+    return frame
 
 
 class ClientConnection:
@@ -114,6 +130,8 @@ class ClientConnection:
                 frame = self._outbox.popleft()
                 await self._send(frame)
                 metrics.websocket_messages.labels("out").inc()
+                if type(frame) is TracedFrame:
+                    frame.span.end()  # the traced final event is on the wire
         except Exception:  # the peer went away mid-send; the receive loop sees it too
             self.closed = True
         finally:
@@ -124,20 +142,37 @@ class ClientConnection:
             return
         self.closed = True
         self._outbox.clear()
-        self._closing = asyncio.get_running_loop().create_task(self._close_quietly(code, reason))
+        # A send may be blocked on a client that does not read. Stop it first: the server's
+        # websocket protocol allows one writer at a time, and a close written alongside a
+        # blocked send fails (legacy `websockets` asserts), which left the socket half-closed
+        # and never torn down. The frame being sent is already whole in the transport buffer.
+        drain = self._drain
+        if drain is not None:
+            drain.cancel()
+        self._closing = asyncio.get_running_loop().create_task(
+            self._close_quietly(code, reason, drain)
+        )
 
     async def closing(self) -> None:
         """Wait for a close started by `close_soon` to be sent."""
         if self._closing is not None:
             await self._closing
 
-    async def _close_quietly(self, code: int, reason: str) -> None:
-        with contextlib.suppress(Exception):
+    async def _close_quietly(
+        self, code: int, reason: str, drain: asyncio.Task[None] | None
+    ) -> None:
+        if drain is not None:
+            await asyncio.wait([drain])  # never raises: the send's cancellation is expected
+        try:
             await self._close(code, reason)
+        except Exception as exc:  # the peer is gone already; the receive loop ends the socket
+            log.debug("close of %s failed: %r", self.connection_id, exc)
 
     async def flush(self) -> None:
-        """Wait until every queued frame was written (used before an orderly close)."""
+        """Wait until every queued frame was written (used before an orderly close).
+
+        Bounded: a client that does not read must not hold up a drain of the whole pod.
+        """
         drain = self._drain
         if drain is not None:
-            with contextlib.suppress(Exception):
-                await drain
+            await asyncio.wait([drain], timeout=FLUSH_TIMEOUT_SECONDS)

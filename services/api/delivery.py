@@ -21,16 +21,20 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from services.api.connections import ClientConnection
+from services.api.connections import ClientConnection, traced_frame
 from services.api.session_log import read_since
-from services.core import keys
+from services.core import keys, telemetry
 from services.core.events import ERROR, frame, frame_id, frame_with_id
 from services.core.redis_client import REDIS_DOWN
 
 log = logging.getLogger(__name__)
 
 READ_TIMEOUT_SECONDS = 1.0
+PING_IDLE_SECONDS = 2.0  # ping the subscription after this long without any message
+PONG_TIMEOUT_SECONDS = 3.0  # no answer by then: Redis is unreachable
+SUBSCRIBE_TIMEOUT_SECONDS = 5.0
 RECONNECT_MIN_SECONDS = 0.1
 RECONNECT_MAX_SECONDS = 2.0
 
@@ -108,13 +112,20 @@ class SessionHub:
         assert self._pubsub is not None
         confirmed = asyncio.get_running_loop().create_future()
         self._confirmations[channel] = confirmed
-        await self._pubsub.ssubscribe(channel)
-        if self._reader is None:  # during start(), read the confirmation ourselves
-            while not confirmed.done():
-                message = await self._pubsub.get_message(timeout=5.0)
-                if message is not None:
-                    self._dispatch(message)
-        await confirmed
+        try:
+            await self._pubsub.ssubscribe(channel)
+            async with asyncio.timeout(SUBSCRIBE_TIMEOUT_SECONDS):
+                if self._reader is None:  # during start(), read the confirmation ourselves
+                    while not confirmed.done():
+                        message = await self._pubsub.get_message(timeout=1.0)
+                        if message is not None:
+                            self._dispatch(message)
+                await confirmed
+        except TimeoutError as exc:  # Redis frozen or unreachable: the socket is refused
+            raise RedisTimeoutError(f"no confirmation of the subscription to {channel}") from exc
+        finally:
+            if self._confirmations.get(channel) is confirmed:
+                del self._confirmations[channel]
 
     async def _unsubscribe(self, channel: str) -> None:
         assert self._pubsub is not None
@@ -124,22 +135,45 @@ class SessionHub:
     async def _read_forever(self) -> None:
         assert self._pubsub is not None
         pubsub = self._pubsub
+        loop = asyncio.get_running_loop()
         delay = RECONNECT_MIN_SECONDS
+        heard = loop.time()  # when the subscription last gave any sign of life
+        pinged: float | None = None  # when we pinged it, while waiting for the answer
         while True:
             try:
                 message = await pubsub.get_message(timeout=READ_TIMEOUT_SECONDS)
+                now = loop.time()
+                if message is not None:
+                    heard, pinged = now, None
+                elif pinged is not None and now - pinged > PONG_TIMEOUT_SECONDS:
+                    # A frozen or unreachable Redis keeps the connection open and says
+                    # nothing; without this the sockets would wait in silence for ever.
+                    raise RedisTimeoutError("no answer to a ping on the subscription")
+                elif pinged is None and now - heard > PING_IDLE_SECONDS:
+                    await pubsub.ping()
+                    pinged = now
             except REDIS_DOWN:
                 if not self._outage:
                     self._begin_outage()
+                await self._reconnect_later(pubsub)
+                heard, pinged = loop.time(), None
                 await asyncio.sleep(delay)
                 delay = min(RECONNECT_MAX_SECONDS, delay * 2)
                 continue
             if self._outage:  # reconnected and resubscribed by redis-py
                 delay = RECONNECT_MIN_SECONDS
                 self._outage = False
-                self._resync = asyncio.get_running_loop().create_task(self._catch_up())
+                self._resync = loop.create_task(self._catch_up())
             if message is not None:
                 self._dispatch(message)
+
+    @staticmethod
+    async def _reconnect_later(pubsub: PubSub) -> None:
+        """Drop the subscription's connection: the next read reconnects and resubscribes."""
+        connection = pubsub.connection
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.disconnect()
 
     def _begin_outage(self) -> None:
         """Hold live events and tell every socket; nothing is lost, only delayed."""
@@ -170,6 +204,22 @@ class SessionHub:
                 sent_up_to = event_id
             conn.go_live(sent_up_to)
 
+    def _deliver_traced(
+        self, channel: str, members: set[ClientConnection], parent: str, text: str
+    ) -> None:
+        """Continue the message's trace on the delivery hop: a CONSUMER span for the channel
+        and, per socket, a `websocket send` span that ends when the frame is written."""
+        event_id = frame_id(text)
+        with telemetry.consumer(
+            channel, {"traceparent": parent}, message_id=event_id, sockets=len(members)
+        ):
+            for conn in members:
+                span = telemetry.tracer().start_span(
+                    "websocket send",
+                    attributes={"network.protocol.name": "websocket", "event.id": event_id},
+                )
+                conn.deliver(event_id, traced_frame(text, span))
+
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message["type"]
         channel = message["channel"]
@@ -180,6 +230,9 @@ class SessionHub:
             text = data.decode() if isinstance(data, bytes) else data
             members = self._sessions.get(channel)
             if members:
+                if text[0] != "{":  # "<traceparent>\n<frame>": a traced event, see tasks.py
+                    self._deliver_traced(channel, members, *text.split("\n", 1))
+                    return
                 event_id = frame_id(text)
                 for conn in members:
                     conn.deliver(event_id, text)

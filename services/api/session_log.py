@@ -1,9 +1,20 @@
 """Reading a session's event log for a socket that joins or resumes.
 
-A resume is exact or refused: it succeeds only when no event after `last_event_id` was
-trimmed or expired (the stream's `max-deleted-entry-id` says so). Otherwise the socket is
-told `resumed: false` and starts from the newest event, and the client fetches the task
-state (or, later, history) for what it missed.
+A resume is exact or refused: it succeeds only when provably no event after `last_event_id`
+was trimmed, deleted or expired. Otherwise the socket is told `resumed: false` and starts from
+the newest event, and the client fetches the task state (or, later, history) for what it
+missed.
+
+The proof, from `XINFO STREAM` read in the same transaction as the replay:
+
+- trimming (`MAXLEN ~`) removes entries from the head only, and does *not* move
+  `max-deleted-entry-id` (only `XDEL` does). So the replay is whole when `last_event_id` is at or
+  after the oldest retained entry (`recorded-first-entry-id`) and no entry after it was deleted.
+- an id older than the oldest retained entry is refused, even if it may be the very entry
+  trimmed last: the log cannot tell, and a refusal only costs a task-state fetch, while a wrong
+  "resumed" would lose events silently. The same holds for an id from an earlier incarnation
+  of the log (it expired, or Redis lost its data) or from the future.
+- `0-0` ("I have seen nothing") resumes only a log from which nothing was ever removed.
 """
 
 from __future__ import annotations
@@ -11,11 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from services.core import keys
 from services.core.events import NO_EVENT_ID, parse_event_id
-
-REPLAY_LIMIT = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +41,46 @@ def _text(value: bytes | str) -> str:
 
 def _info_field(info: dict[bytes, object], name: str) -> str | None:
     value = info.get(name.encode())
+    if isinstance(value, int):
+        return str(value)
     return _text(value) if isinstance(value, bytes | str) else None
+
+
+def _first_entry_id(info: dict[bytes, object]) -> str | None:
+    recorded = _info_field(info, "recorded-first-entry-id")
+    if recorded is not None:
+        return recorded
+    first = info.get(b"first-entry")
+    if isinstance(first, list | tuple) and first and isinstance(first[0], bytes | str):
+        return _text(first[0])
+    return None
+
+
+def _nothing_missing(info: dict[bytes, object], last_event_id: str, newest: str) -> bool:
+    """Whether every event of the log after `last_event_id` is still in it."""
+    after = parse_event_id(last_event_id)
+    if after > parse_event_id(newest):
+        return False  # not an id of this log
+    if after == parse_event_id(newest):
+        return True  # up to date: nothing after it, whatever was removed before
+    max_deleted = _info_field(info, "max-deleted-entry-id") or NO_EVENT_ID
+    if parse_event_id(max_deleted) > after:
+        return False
+    if last_event_id == NO_EVENT_ID:
+        added, length = _info_field(info, "entries-added"), _info_field(info, "length")
+        return added is not None and added == length  # nothing ever trimmed or deleted
+    first = _first_entry_id(info)
+    return first is not None and parse_event_id(first) <= after
+
+
+async def _info(redis: Redis, log_key: str) -> dict[bytes, object] | None:
+    try:
+        info: dict[bytes, object] = await redis.execute_command(  # type: ignore[no-untyped-call]
+            "XINFO", "STREAM", log_key
+        )
+    except ResponseError:  # no such key: never written, or expired
+        return None
+    return info
 
 
 async def read_since(
@@ -39,24 +88,31 @@ async def read_since(
 ) -> Replay:
     """The events after `last_event_id` (None: just the cursor of a fresh join)."""
     log_key = keys.session_log(tenant_id, session_id)
-    if not await redis.exists(log_key):
+    info = await _info(redis, log_key)
+    if info is None:
         if last_event_id is None:
             return Replay(None, NO_EVENT_ID)
         return Replay(last_event_id == NO_EVENT_ID, NO_EVENT_ID)
-    info: dict[bytes, object] = await redis.execute_command(  # type: ignore[no-untyped-call]
-        "XINFO", "STREAM", log_key
-    )
     newest = _info_field(info, "last-generated-id") or NO_EVENT_ID
     if last_event_id is None:
         return Replay(None, newest)
-    max_deleted = _info_field(info, "max-deleted-entry-id") or NO_EVENT_ID
-    after = parse_event_id(last_event_id)
-    if parse_event_id(max_deleted) > after or after > parse_event_id(newest):
+    if not _nothing_missing(info, last_event_id, newest):
         return Replay(False, newest)
-    entries = await redis.xrange(log_key, min=f"({last_event_id}", max="+", count=REPLAY_LIMIT)
-    replayed = [
-        (_text(entry_id), _text(fields[b"e"]))  # type: ignore[arg-type,index]
-        for entry_id, fields in entries or []
-    ]
+    # Read the events and check again in one transaction: a trim in between cannot slip by.
+    low = "-" if last_event_id == NO_EVENT_ID else f"({last_event_id}"
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.execute_command("XINFO", "STREAM", log_key)
+        pipe.xrange(log_key, min=low, max="+")
+        info, entries = await pipe.execute(raise_on_error=False)
+    if isinstance(entries, Exception):
+        raise entries
+    if isinstance(info, ResponseError):  # expired in between: everything after is gone
+        return Replay(False, NO_EVENT_ID)
+    if isinstance(info, Exception):
+        raise info
+    newest = _info_field(info, "last-generated-id") or NO_EVENT_ID
+    if not _nothing_missing(info, last_event_id, newest):
+        return Replay(False, newest)
+    replayed = [(_text(entry_id), _text(fields[b"e"])) for entry_id, fields in entries or []]
     cursor = replayed[-1][0] if replayed else last_event_id
     return Replay(True, cursor, replayed)

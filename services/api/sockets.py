@@ -16,6 +16,7 @@ from typing import Any
 
 import msgspec
 from litestar import WebSocket, websocket
+from opentelemetry.trace import SpanKind
 
 from services.api import metrics
 from services.api.connections import (
@@ -28,10 +29,11 @@ from services.api.connections import (
 from services.api.models import SendRequest, TaskRequest
 from services.api.runtime import Runtime
 from services.api.session_log import read_since
-from services.core import events
+from services.core import events, telemetry
 from services.core.auth import Principal
 from services.core.errors import BadRequest, OrchestratorError
 from services.core.ids import is_valid_id, new_id
+from services.core.logs import log_context
 from services.core.redis_client import REDIS_DOWN
 
 log = logging.getLogger(__name__)
@@ -162,6 +164,23 @@ async def _serve(
     )
     metrics.websocket_connections.inc()
     try:
+        with log_context(tenant_id=principal.tenant_id, session_id=session_id):
+            await _run_connection(socket, runtime, principal, conn, session_id, last_event_id)
+    finally:
+        metrics.websocket_connections.dec()
+        conn.closed = True
+        await runtime.hub.detach(conn)
+
+
+async def _run_connection(
+    socket: AnySocket,
+    runtime: Runtime,
+    principal: Principal,
+    conn: ClientConnection,
+    session_id: str,
+    last_event_id: str | None,
+) -> None:
+    try:
         await runtime.hub.attach(conn)
         replay = await read_since(runtime.redis, principal.tenant_id, session_id, last_event_id)
         conn.push(
@@ -186,12 +205,8 @@ async def _serve(
     except REDIS_DOWN:
         conn.close_soon(CLOSE_TRY_AGAIN, "redis unavailable: try again later")
     except Exception:
-        log.exception("socket handler failed", extra={"session_id": session_id})
+        log.exception("socket handler failed")
         conn.close_soon(CLOSE_INTERNAL, "internal error")
-    finally:
-        metrics.websocket_connections.dec()
-        conn.closed = True
-        await runtime.hub.detach(conn)
 
 
 async def _receive_frames(
@@ -235,6 +250,26 @@ async def _handle_frame(
         return
     data = frame.data or {}
     request_id = data.get("request_id") if isinstance(data.get("request_id"), str) else None
+    with telemetry.tracer().start_as_current_span(
+        f"WS {frame.type}",
+        kind=SpanKind.SERVER,
+        attributes={
+            "network.protocol.name": "websocket",
+            "orchestrator.tenant_id": conn.tenant_id,
+            "orchestrator.session_id": conn.session_id,
+        },
+    ):
+        await _handle_request(runtime, principal, conn, frame, data, request_id)
+
+
+async def _handle_request(
+    runtime: Runtime,
+    principal: Principal,
+    conn: ClientConnection,
+    frame: ClientFrame,
+    data: dict[str, Any],
+    request_id: str | None,
+) -> None:
     try:
         if frame.type == "chat.send":
             request = msgspec.convert(data, SendRequest)

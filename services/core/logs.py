@@ -1,17 +1,23 @@
 """JSON log lines on stdout, one object per line, for every process.
 
-Records carry `service` and any `extra=` fields. Message bodies and tokens are never passed to
-the logger by our code; `REDACTED_KEYS` is a second line of defence for extras.
+Records carry `service`, the `trace_id`/`span_id` of the current span (so a log line leads to
+its trace), the fields bound with `log_context` (tenant, session, task) and any `extra=`
+fields. Message bodies and tokens are never passed to the logger by our code;
+`REDACTED_KEYS` is a second line of defence for extras.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+from opentelemetry import trace
 
 REDACTED_KEYS = frozenset({"token", "authorization", "jwt", "secret", "password", "message"})
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {
@@ -22,6 +28,17 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()
     "websocket",
 }
 _encoder = msgspec.json.Encoder(enc_hook=str)
+_bound: ContextVar[dict[str, str]] = ContextVar("log_context", default={})  # noqa: B039
+
+
+@contextmanager
+def log_context(**fields: str) -> Iterator[None]:
+    """Bind fields (tenant_id, session_id, task_id) to every log line written inside."""
+    token = _bound.set({**_bound.get(), **fields})
+    try:
+        yield
+    finally:
+        _bound.reset(token)
 
 
 class JsonFormatter(logging.Formatter):
@@ -37,6 +54,11 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            line["trace_id"] = format(span.trace_id, "032x")
+            line["span_id"] = format(span.span_id, "016x")
+        line.update(_bound.get())
         for key, value in vars(record).items():
             if key in _STANDARD or key.startswith("_"):
                 continue

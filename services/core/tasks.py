@@ -99,6 +99,7 @@ class TaskStore:
         seq: int,
         body: str,
         fields: dict[str, str],
+        traceparent: str = "",
     ) -> tuple[list[str], list[str | int]]:
         settings = self.settings
         script_keys = [
@@ -115,6 +116,7 @@ class TaskStore:
             settings.task_ttl_seconds,
             keys.session_channel(ref.tenant_id, ref.session_id),
             isoformat(),
+            f"{traceparent}\n" if traceparent else "",
         ]
         for name, value in fields.items():
             args.extend((name, value))
@@ -130,10 +132,21 @@ class TaskStore:
         body: str = "",
         fields: dict[str, str] | None = None,
         pipe: Pipeline | None = None,
+        traceparent: str = "",
     ) -> Outcome | None:
-        """Run the task script; with `pipe`, queue it and return None (read the pipe's result)."""
+        """Run the task script; with `pipe`, queue it and return None (read the pipe's result).
+
+        `traceparent` rides on the published frame (not the log) so that the api pod that
+        delivers it continues the trace.
+        """
         script_keys, args = self._args(
-            ref, op, attempt=attempt, seq=seq, body=body, fields=fields or {}
+            ref,
+            op,
+            attempt=attempt,
+            seq=seq,
+            body=body,
+            fields=fields or {},
+            traceparent=traceparent,
         )
         result = await self.scripts.task_event(keys=script_keys, args=args, client=pipe)
         if pipe is not None:

@@ -23,7 +23,7 @@ from prometheus_client import Counter, Histogram, start_http_server
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from services.core import keys
+from services.core import keys, telemetry
 from services.core.actions import (
     ACTION_FIELD,
     ChatCancel,
@@ -36,6 +36,7 @@ from services.core.actions import (
     decode_action,
     encode_action,
 )
+from services.core.logs import log_context
 from services.core.metric_buckets import LATENCY_BUCKETS
 from services.core.redis_client import REDIS_DOWN, create_redis
 from services.core.settings import Settings
@@ -161,8 +162,25 @@ class Executor:
 
     async def _execute(self, entry: Entry, action: ChatProcess) -> None:
         outcome = "completed"
+        bound = log_context(
+            tenant_id=action.tenant_id, session_id=action.session_id, task_id=action.task_id
+        )
         try:
-            outcome = await self._answer(action)
+            with (
+                bound,
+                telemetry.consumer(
+                    entry.stream,
+                    action.trace_context,
+                    message_id=entry.id,
+                    group=keys.AES_GROUP,
+                    **{
+                        "orchestrator.task_id": action.task_id,
+                        "orchestrator.attempt": action.attempt,
+                    },
+                ) as span,
+            ):
+                outcome = await self._answer(action)
+                span.set_attribute("orchestrator.outcome", outcome)
             await self.redis.xack(entry.stream, keys.AES_GROUP, entry.id)
         except asyncio.CancelledError:
             outcome = "cancelled"
@@ -184,51 +202,62 @@ class Executor:
             await self.stopping.wait()
             raise asyncio.CancelledError
         if action.attempt <= simulation.fail_attempts:
-            failure = ExecutionFailed(
-                tenant_id=action.tenant_id,
-                session_id=action.session_id,
-                task_id=action.task_id,
-                trace_context=action.trace_context,
-                attempt=action.attempt,
-                error=f"simulated failure of attempt {action.attempt}",
-                retryable=simulation.retryable,
-            )
-            await self._callback(action, failure)
+            with telemetry.producer(action.callback_queue) as span:
+                telemetry.fail(span, f"simulated failure of attempt {action.attempt}")
+                failure = ExecutionFailed(
+                    tenant_id=action.tenant_id,
+                    session_id=action.session_id,
+                    task_id=action.task_id,
+                    trace_context=telemetry.inject(span),
+                    attempt=action.attempt,
+                    error=f"simulated failure of attempt {action.attempt}",
+                    retryable=simulation.retryable,
+                )
+                await self._callback(action, failure)
             return "failed"
         reply = reply_for(action.agent_id, action.message, simulation.repeat)
         if action.stream:
-            pace = simulation.chunk_delay_ms
-            pace = self.settings.executor_chunk_delay_ms if pace is None else pace
-            for seq, delta in enumerate(chunks_of(reply), start=1):
+            await self._stream(action, reply, simulation)
+        input_tokens, output_tokens, cost = usage_for(action.message, reply)
+        with telemetry.producer(action.callback_queue) as span:
+            completed = ExecutionCompleted(
+                tenant_id=action.tenant_id,
+                session_id=action.session_id,
+                task_id=action.task_id,
+                trace_context=telemetry.inject(span),
+                attempt=action.attempt,
+                content=reply,
+                usage=Usage(
+                    input_tokens=input_tokens,
+                    output_tokens=output_tokens,
+                    model="reference-echo-1",
+                    cost=cost,
+                ),
+            )
+            await self._callback(action, completed)
+        return "completed"
+
+    async def _stream(self, action: ChatProcess, reply: str, simulation: Simulation) -> None:
+        """The chunks of one answer: one PRODUCER span for the whole stream, not one per chunk."""
+        pace = simulation.chunk_delay_ms
+        pace = self.settings.executor_chunk_delay_ms if pace is None else pace
+        with telemetry.producer(action.callback_queue, **{"orchestrator.stream": True}) as span:
+            carrier = telemetry.inject(span)
+            chunks = chunks_of(reply)
+            for seq, delta in enumerate(chunks, start=1):
                 if seq > 1 and pace:
                     await asyncio.sleep(pace / 1000)
                 chunk = ExecutionChunk(
                     tenant_id=action.tenant_id,
                     session_id=action.session_id,
                     task_id=action.task_id,
-                    trace_context=action.trace_context,
+                    trace_context=carrier,
                     attempt=action.attempt,
                     seq=seq,
                     delta=delta,
                 )
                 await self._callback(action, chunk)
-        input_tokens, output_tokens, cost = usage_for(action.message, reply)
-        completed = ExecutionCompleted(
-            tenant_id=action.tenant_id,
-            session_id=action.session_id,
-            task_id=action.task_id,
-            trace_context=action.trace_context,
-            attempt=action.attempt,
-            content=reply,
-            usage=Usage(
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-                model="reference-echo-1",
-                cost=cost,
-            ),
-        )
-        await self._callback(action, completed)
-        return "completed"
+            span.set_attribute("messaging.batch.message_count", len(chunks))
 
     async def _callback(
         self, action: ChatProcess, callback: ExecutionChunk | ExecutionCompleted | ExecutionFailed

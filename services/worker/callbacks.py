@@ -64,7 +64,9 @@ class CallbackEffects:
         self.scripts = scripts
         self.settings = settings
 
-    async def queue(self, action: Callback, pipe: Pipeline) -> FollowUp | None:
+    async def queue(
+        self, action: Callback, pipe: Pipeline, traceparent: str = ""
+    ) -> FollowUp | None:
         """Queue the effect of one callback on `pipe`; its reply says what happened.
 
         What must follow once the effect is applied is returned: a `Retry` to schedule (a
@@ -75,17 +77,25 @@ class CallbackEffects:
             await self._chunk(action, pipe)
         elif isinstance(action, ExecutionCompleted):
             ref = TaskRef(action.tenant_id, action.session_id, action.task_id)
-            await self._completed(ref, action.attempt, action.content, action.usage, pipe)
+            await self._completed(
+                ref, action.attempt, action.content, action.usage, pipe, traceparent
+            )
             return Spent(ref, action.usage)
         elif isinstance(action, ExecutionFailed):
             ref = TaskRef(action.tenant_id, action.session_id, action.task_id)
             if action.retryable and action.attempt < self.settings.max_task_attempts:
-                return await self._requeue(ref, action, pipe)
+                return await self._requeue(ref, action, pipe, traceparent)
             await self._failed(
-                ref, action.attempt, action.code, action.error, pipe, attempts=action.attempt
+                ref,
+                action.attempt,
+                action.code,
+                action.error,
+                pipe,
+                attempts=action.attempt,
+                traceparent=traceparent,
             )
         elif isinstance(action, ExecutionCallback):
-            return await self._legacy(action, pipe)
+            return await self._legacy(action, pipe, traceparent)
         elif isinstance(action, WebsocketSend):
             await self._send(action, pipe)
         else:
@@ -102,7 +112,13 @@ class CallbackEffects:
         )
 
     async def _completed(
-        self, ref: TaskRef, attempt: int, content: str, usage: Usage, pipe: Pipeline
+        self,
+        ref: TaskRef,
+        attempt: int,
+        content: str,
+        usage: Usage,
+        pipe: Pipeline,
+        traceparent: str = "",
     ) -> None:
         usage_data = {
             "input_tokens": usage.input_tokens,
@@ -123,9 +139,12 @@ class CallbackEffects:
                 "usage": encode_json(usage_data),
             },
             pipe=pipe,
+            traceparent=traceparent,
         )
 
-    async def _requeue(self, ref: TaskRef, action: ExecutionFailed, pipe: Pipeline) -> Retry:
+    async def _requeue(
+        self, ref: TaskRef, action: ExecutionFailed, pipe: Pipeline, traceparent: str = ""
+    ) -> Retry:
         settings = self.settings
         delay = backoff_seconds(
             action.attempt, settings.retry_backoff_seconds, settings.retry_backoff_max_seconds
@@ -137,7 +156,14 @@ class CallbackEffects:
             "reason": action.error,
         }
         body = events.event_body(events.CHAT_STATUS, data, ref.task_id)
-        await self.tasks.apply(ref, "requeue", attempt=action.attempt, body=body, pipe=pipe)
+        await self.tasks.apply(
+            ref,
+            "requeue",
+            attempt=action.attempt,
+            body=body,
+            pipe=pipe,
+            traceparent=traceparent,
+        )
         return Retry(
             keys.partition_of(ref.tenant_id, ref.session_id, settings.callback_partitions),
             keys.task_member(ref.tenant_id, ref.session_id, ref.task_id),
@@ -153,6 +179,7 @@ class CallbackEffects:
         pipe: Pipeline,
         *,
         attempts: int | None = None,
+        traceparent: str = "",
     ) -> None:
         error: dict[str, Any] = {"code": code, "message": message}
         if attempts is not None:
@@ -165,9 +192,12 @@ class CallbackEffects:
             body=body,
             fields={"status": TaskStatus.failed, "error": encode_json(error)},
             pipe=pipe,
+            traceparent=traceparent,
         )
 
-    async def _legacy(self, action: ExecutionCallback, pipe: Pipeline) -> Spent | None:
+    async def _legacy(
+        self, action: ExecutionCallback, pipe: Pipeline, traceparent: str
+    ) -> Spent | None:
         """The seed's `execution.callback`, applied to whatever attempt is current."""
         ref = TaskRef(action.tenant_id, action.session_id, action.task_id)
         if action.status == "completed":
@@ -177,11 +207,11 @@ class CallbackEffects:
                 output_tokens=tokens.output if tokens else 0,
             )
             content = action.result.response if action.result else ""
-            await self._completed(ref, 0, content, usage, pipe)
+            await self._completed(ref, 0, content, usage, pipe, traceparent)
             return Spent(ref, usage)
         code = "timeout" if action.status == "timeout" else "execution_failed"
         message = action.error.message if action.error else action.status
-        await self._failed(ref, 0, code, message, pipe)
+        await self._failed(ref, 0, code, message, pipe, traceparent=traceparent)
         return None
 
     async def _send(self, action: WebsocketSend, pipe: Pipeline) -> None:

@@ -12,11 +12,21 @@ import asyncio
 import contextlib
 import logging
 
+from opentelemetry.trace import Span, SpanKind
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from services.core import keys
-from services.core.actions import Callback, MalformedAction, decode_callback
+from services.core import keys, telemetry
+from services.core.actions import (
+    Callback,
+    ExecutionCallback,
+    ExecutionChunk,
+    MalformedAction,
+    WebsocketBroadcast,
+    WebsocketSend,
+    action_type_of,
+    decode_callback,
+)
 from services.core.redis_client import REDIS_DOWN
 from services.core.settings import Settings
 from services.core.streams import (
@@ -39,6 +49,18 @@ log = logging.getLogger(__name__)
 
 RETRY_PAUSE_SECONDS = 0.5
 SCHEDULE_TICK_SECONDS = 0.2
+
+
+def _describe(span: Span, outcome: Outcome, plan: object) -> None:
+    """Put what the worker decided on the trace: applied, dropped (and why), retried."""
+    span.set_attribute("orchestrator.verdict", outcome.verdict.value)
+    if outcome.verdict in (Verdict.final, Verdict.stale):
+        span.add_event(
+            "callback dropped",
+            {"reason": outcome.verdict.value, "detail": outcome.detail},
+        )
+    elif isinstance(plan, Retry) and outcome.verdict in (Verdict.ok, Verdict.requeued):
+        span.add_event("retry scheduled", {"due": plan.due})
 
 
 def _completed_now_or_before(outcome: Outcome) -> bool:
@@ -144,20 +166,61 @@ class PartitionConsumer:
                 await self._dead_letter(entry, f"malformed action: {exc.reason}")
         if not decoded:
             return True
+        spans = [self._span_for(entry, action, len(entries)) for entry, action in decoded]
+        try:
+            return await self._apply(decoded, spans)
+        finally:
+            for span in spans:
+                if span is not None:
+                    span.end()
+
+    def _span_for(self, entry: Entry, action: Callback, batch: int) -> Span | None:
+        """A CONSUMER span for the callbacks that end or retry a task; chunks get none (a
+        stream is one span on the producer's side, not one span per chunk)."""
+        if isinstance(action, ExecutionChunk | WebsocketSend | WebsocketBroadcast):
+            return None
+        carrier = None if isinstance(action, ExecutionCallback) else action.trace_context
+        attempt = 0 if isinstance(action, ExecutionCallback) else action.attempt
+        return telemetry.tracer().start_span(
+            f"process {self.stream}",
+            context=telemetry.extract(carrier),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                **telemetry.messaging_attributes(
+                    self.stream,
+                    "process",
+                    message_id=entry.id,
+                    group=keys.WORKER_GROUP,
+                    batch=batch,
+                ),
+                "orchestrator.task_id": action.task_id,
+                "orchestrator.attempt": attempt,
+                "orchestrator.action_type": action_type_of(action),
+            },
+        )
+
+    async def _apply(self, decoded: list[tuple[Entry, Callback]], spans: list[Span | None]) -> bool:
         async with self.redis.pipeline(transaction=False) as pipe:
-            plans = [await self.effects.queue(action, pipe) for _, action in decoded]
+            plans = [
+                await self.effects.queue(action, pipe, telemetry.traceparent(span) if span else "")
+                for (_, action), span in zip(decoded, spans, strict=True)
+            ]
             results = await pipe.execute(raise_on_error=False)
         done: list[str] = []
         retries: dict[str, float] = {}
         failed: list[tuple[Entry, BaseException]] = []
-        for (entry, action), plan, result in zip(decoded, plans, results, strict=True):
+        for (entry, action), plan, result, span in zip(decoded, plans, results, spans, strict=True):
             if isinstance(result, BaseException):
                 failed.append((entry, result))
+                if span is not None:
+                    telemetry.fail(span, f"handler failed: {result}")
                 continue
             done.append(entry.id)
             outcome = parse_outcome(result)
             metrics.callbacks_handled.labels(outcome.verdict).inc()
             metrics.observe(action, outcome, retried=isinstance(plan, Retry))
+            if span is not None:
+                _describe(span, outcome, plan)
             if isinstance(plan, Retry) and outcome.verdict in (Verdict.ok, Verdict.requeued):
                 retries[plan.member] = plan.due
             elif isinstance(plan, Spent) and _completed_now_or_before(outcome):
@@ -190,5 +253,9 @@ class PartitionConsumer:
         return False
 
     async def _dead_letter(self, entry: Entry, reason: str) -> None:
-        await dead_letter(self.redis, entry, keys.WORKER_GROUP, reason)
+        with telemetry.consumer(
+            self.stream, None, message_id=entry.id, group=keys.WORKER_GROUP
+        ) as span:
+            telemetry.fail(span, "dead-lettered", reason=reason[:200])
+            await dead_letter(self.redis, entry, keys.WORKER_GROUP, reason)
         metrics.dead_letters.inc()

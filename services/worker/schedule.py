@@ -13,9 +13,10 @@ import time
 from typing import cast
 
 import msgspec
+from opentelemetry.trace import SpanKind
 from redis.asyncio import Redis
 
-from services.core import events, keys
+from services.core import events, keys, telemetry
 from services.core.actions import ACTION_FIELD, ChatProcess, MalformedAction, decode_action
 from services.core.ids import new_id
 from services.core.tasks import TaskRef, TaskStatus, TaskStore, Verdict, encode_json, parse_outcome
@@ -32,6 +33,18 @@ def _ref(member: bytes | str) -> TaskRef:
     text = member.decode() if isinstance(member, bytes) else member
     tenant_id, session_id, task_id = text.split("/", 2)
     return TaskRef(tenant_id, session_id, task_id)
+
+
+def _stored_trace(state: dict[str, str | None] | None) -> dict[str, str] | None:
+    """The trace context of the task's original `chat.process` (kept in its state)."""
+    raw = (state or {}).get("action")
+    if not raw:
+        return None
+    try:
+        action = decode_action(raw)
+    except MalformedAction:
+        return None
+    return action.trace_context if isinstance(action, ChatProcess) else None
 
 
 class PartitionSchedule:
@@ -67,12 +80,27 @@ class PartitionSchedule:
                     pipe=pipe,
                 )
             results = await pipe.execute()
-        for result in results:
+        for member, result in zip(members, results, strict=True):
             outcome = parse_outcome(result)
             if outcome.verdict is Verdict.ok:
                 metrics.timeouts.inc()
                 metrics.tasks.labels("timed_out", outcome.tier or "unknown").inc()
+                await self._trace_timeout(_ref(member))
         await self.redis.zrem(self.deadlines, *members)
+
+    async def _trace_timeout(self, ref: TaskRef) -> None:
+        """Put the timeout on the message's trace (its context is in the stored action)."""
+        state = await self.tasks.read(ref)
+        carrier = _stored_trace(state)
+        with telemetry.tracer().start_as_current_span(
+            "task timed out",
+            context=telemetry.extract(carrier),
+            attributes={
+                "orchestrator.task_id": ref.task_id,
+                "orchestrator.attempt": int((state or {}).get("attempt") or 1),
+            },
+        ) as span:
+            telemetry.fail(span, "the task did not finish before its deadline")
 
     async def _dispatch_retries(self, now: float) -> None:
         members = await self._due(self.retries, now)
@@ -93,11 +121,25 @@ class PartitionSchedule:
             return
         state = await self.tasks.read(ref)
         attempt = int((state or {}).get("attempt") or action.attempt)
-        again = msgspec.structs.replace(action, action_id=new_id(), attempt=attempt)
-        await self.redis.xadd(
-            keys.aes_stream(again.priority),
-            {ACTION_FIELD: msgspec.json.encode(again)},
-            maxlen=AES_STREAM_MAXLEN,
-            approximate=True,
-        )
+        stream = keys.aes_stream(action.priority)
+        with telemetry.tracer().start_as_current_span(
+            f"send {stream}",
+            context=telemetry.extract(action.trace_context),
+            kind=SpanKind.PRODUCER,
+            attributes={
+                **telemetry.messaging_attributes(stream, "send"),
+                "orchestrator.task_id": ref.task_id,
+                "orchestrator.attempt": attempt,
+                "orchestrator.retry": True,
+            },
+        ) as span:
+            again = msgspec.structs.replace(
+                action, action_id=new_id(), attempt=attempt, trace_context=telemetry.inject(span)
+            )
+            await self.redis.xadd(
+                stream,
+                {ACTION_FIELD: msgspec.json.encode(again)},
+                maxlen=AES_STREAM_MAXLEN,
+                approximate=True,
+            )
         metrics.retries.inc()

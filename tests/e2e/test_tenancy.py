@@ -76,44 +76,49 @@ async def post(api: Child, tenant: str, body: dict[str, Any], **headers: str) ->
 async def test_the_request_after_the_session_limit_is_refused_across_api_processes(
     tenancy: Tenancy, tier: str, per_session: int
 ) -> None:
+    """A limit of N per minute admits a burst of N; the next is refused. The bucket refills
+    one request every 60/N seconds, so on a slow machine the burst may earn a few more."""
     tenant, session = unique("t"), unique("s")
     await tenancy.store.set(tenant, tier, {"requestsPerMinutePerTenant": 1000})
+    started = time.monotonic()
+    accepted = 0
     async with httpx.AsyncClient() as http:
-        for n in range(per_session):
-            api = tenancy.apis[n % 2]  # spread over both processes
+        while True:
+            api = tenancy.apis[accepted % 2]  # spread over both processes
+            before = await tenancy.queued()
             reply = await http.post(
                 f"{api.url}/api/chat/send",
-                json={"message": f"m{n}", "session_id": session},
+                json={"message": f"m{accepted}", "session_id": session},
                 headers=auth(tenant),
             )
-            assert reply.status_code == 202, reply.text
-            assert int(reply.headers["RateLimit-Remaining"]) == per_session - n - 1
-        before = await tenancy.queued()
-        refused = await http.post(
-            f"{tenancy.apis[1].url}/api/chat/send",
-            json={"message": "one too many", "session_id": session},
-            headers=auth(tenant),
-        )
-    assert refused.status_code == 429
-    body = refused.json()["error"]
+            if reply.status_code != 202:
+                break
+            accepted += 1
+            assert int(reply.headers["RateLimit-Remaining"]) >= per_session - accepted
+            assert accepted <= 2 * per_session, "the limit never refused"
+    refilled = int((time.monotonic() - started) * per_session / 60)
+    assert per_session <= accepted <= per_session + refilled
+    assert reply.status_code == 429
+    body = reply.json()["error"]
     assert body["code"] == "rate_limited"
     assert body["details"]["scope"] == "session"
-    assert refused.headers["RateLimit-Limit"] == str(per_session)
-    assert refused.headers["RateLimit-Remaining"] == "0"
-    assert int(refused.headers["Retry-After"]) == -(-60 // per_session)
-    assert int(refused.headers["RateLimit-Reset"]) >= 1
-    assert await tenancy.queued() == before
+    assert reply.headers["RateLimit-Limit"] == str(per_session)
+    assert reply.headers["RateLimit-Remaining"] == "0"
+    assert 1 <= int(reply.headers["Retry-After"]) <= -(-60 // per_session)
+    assert int(reply.headers["RateLimit-Reset"]) >= 1
+    assert await tenancy.queued() == before, "a refused send enqueues nothing"
 
 
 async def test_a_refused_session_is_allowed_again_after_retry_after(tenancy: Tenancy) -> None:
     tenant, session = unique("t"), unique("s")
-    await tenancy.store.set(tenant, "pro", {"requestsPerMinutePerSession": 120})
+    await tenancy.store.set(tenant, "pro", {"requestsPerMinutePerSession": 30})
     body = {"message": "quick", "session_id": session}
-    replies = await asyncio.gather(*(post(tenancy.apis[n % 2], tenant, body) for n in range(121)))
-    statuses = sorted(r.status_code for r in replies)
-    assert statuses.count(202) == 120
-    assert statuses.count(429) == 1
-    refused = next(r for r in replies if r.status_code == 429)
+    replies = await asyncio.gather(*(post(tenancy.apis[n % 2], tenant, body) for n in range(31)))
+    assert sum(r.status_code == 202 for r in replies) >= 30
+    refused = next((r for r in replies if r.status_code == 429), None)
+    while refused is None:  # a slow machine refilled the bucket meanwhile: keep going
+        reply = await post(tenancy.apis[0], tenant, body)
+        refused = reply if reply.status_code == 429 else None
     await asyncio.sleep(int(refused.headers["Retry-After"]))  # the client's documented wait
     again = await post(tenancy.apis[0], tenant, body)
     assert again.status_code == 202
@@ -121,13 +126,20 @@ async def test_a_refused_session_is_allowed_again_after_retry_after(tenancy: Ten
 
 async def test_the_tenant_limit_holds_over_many_sessions(tenancy: Tenancy) -> None:
     tenant = unique("t")  # unknown: the free tier, 30 requests per minute per tenant
-    replies = [
-        await post(tenancy.apis[n % 2], tenant, {"message": "x", "session_id": f"s{n}"})
-        for n in range(31)
-    ]
-    assert [r.status_code for r in replies[:30]] == [202] * 30
-    assert replies[30].status_code == 429
-    assert replies[30].json()["error"]["details"]["scope"] == "tenant"
+    started = time.monotonic()
+    accepted = 0
+    while True:
+        reply = await post(
+            tenancy.apis[accepted % 2], tenant, {"message": "x", "session_id": f"s{accepted}"}
+        )
+        if reply.status_code != 202:
+            break
+        accepted += 1
+        assert accepted <= 60, "the tenant limit never refused"
+    refilled = int((time.monotonic() - started) * 30 / 60)
+    assert 30 <= accepted <= 30 + refilled
+    assert reply.status_code == 429
+    assert reply.json()["error"]["details"]["scope"] == "tenant"
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,9 @@
 -- ARGV[4] frame body without id ("" publishes nothing)
 -- ARGV[5] log max length   ARGV[6] log ttl (ms)   ARGV[7] task ttl (s)
 -- ARGV[8] delivery channel ARGV[9] now (ISO-8601)
--- ARGV[10..] field, value pairs to set on the task
+-- ARGV[10] prefix of the published message: "" or a W3C traceparent and a newline, so the
+--          api can continue the trace on the delivery hop (the log never stores it)
+-- ARGV[11..] field, value pairs to set on the task
 -- Returns {verdict, detail, tier, created_ms, first_chunk}: verdict ok (detail: event id or
 -- "", or the action for dispatch), exists, unknown, final (detail: the status), stale (detail:
 -- the current attempt), duplicate, requeued (a replayed requeue: already done). tier and
@@ -23,7 +25,7 @@ local tier, created_ms, first_chunk = '', '0', 0
 
 local function set_fields(extra)
   local fields = {'updated_at', ARGV[9]}
-  for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
+  for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
   for _, v in ipairs(extra) do fields[#fields + 1] = v end
   redis.call('HSET', task, unpack(fields))
   redis.call('EXPIRE', task, ARGV[7])
@@ -68,5 +70,5 @@ end
 if ARGV[4] == '' then return {'ok', '', tier, created_ms, first_chunk} end
 local id = redis.call('XADD', log, 'MAXLEN', '~', ARGV[5], '*', 'e', ARGV[4])
 redis.call('PEXPIRE', log, ARGV[6])
-redis.call('SPUBLISH', ARGV[8], '{"id":"' .. id .. '",' .. ARGV[4])
+redis.call('SPUBLISH', ARGV[8], ARGV[10] .. '{"id":"' .. id .. '",' .. ARGV[4])
 return {'ok', id, tier, created_ms, first_chunk}

@@ -1,0 +1,182 @@
+"""One trace per chat message across every process, exported over real OTLP/HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from services.cli.embedded import RedisServer
+from services.cli.stack import Child, LocalStack
+from tests.e2e.clients import connect, events_until, final_of, send, token, unique
+from tests.e2e.conftest import new_stack
+from tests.e2e.otlp import ReceivedSpan, Receiver
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def traced(
+    e2e_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[LocalStack, Child, Receiver]]:
+    receiver = Receiver().start()
+    stack = new_stack(e2e_redis, tmp_path_factory.mktemp("logs"), executor_chunk_delay_ms="1")
+    stack.env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint
+    stack.env["OTEL_BSP_SCHEDULE_DELAY"] = "100"
+    try:
+        api = stack.start_api()
+        stack.start("worker")
+        stack.start("executor")
+        stack.wait_ready(api)
+        yield stack, api, receiver
+    finally:
+        stack.stop()
+        receiver.stop()
+
+
+async def trace_of(receiver: Receiver, task_id: str, until: set[str]) -> list[ReceivedSpan]:
+    """The spans of the task's trace, once every service in `until` has exported some."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with receiver.lock:
+            marked = [
+                s for s in receiver.spans if s.attributes.get("orchestrator.task_id") == task_id
+            ]
+        if marked:
+            spans = receiver.trace(marked[0].trace_id)
+            if until <= {s.service for s in spans}:
+                return spans
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no complete trace for {task_id}")
+
+
+def ancestry(spans: list[ReceivedSpan], leaf: ReceivedSpan) -> list[ReceivedSpan]:
+    by_id = {s.span_id: s for s in spans}
+    chain = [leaf]
+    while chain[-1].parent_id:
+        parent = by_id.get(chain[-1].parent_id)
+        assert parent is not None, f"missing parent of {chain[-1].name} in {chain[-1].service}"
+        chain.append(parent)
+    return chain
+
+
+async def test_a_streamed_chat_is_one_trace_from_http_to_the_socket(
+    traced: tuple[LocalStack, Child, Receiver],
+) -> None:
+    _, api, receiver = traced
+    tenant, session = unique("t"), unique("s")
+    ws, _ = await connect(api.ws_url, tenant, session)
+    async with httpx.AsyncClient() as http:
+        reply = await send(
+            http, api.url, tenant, {"message": "trace me", "stream": True, "session_id": session}
+        )
+    task_id = reply.json()["task_id"]
+    await events_until(ws, final_of(task_id))
+    await ws.close()
+    services = {
+        "agent-orchestrator-api",
+        "agent-orchestrator-worker",
+        "agent-orchestrator-executor",
+    }
+    spans = await trace_of(receiver, task_id, services)
+
+    server = [s for s in spans if s.kind == "SERVER" and s.service == "agent-orchestrator-api"]
+    assert server, "the HTTP request is the root"
+    sends = [s for s in spans if s.kind == "PRODUCER"]
+    processes = [s for s in spans if s.kind == "CONSUMER"]
+    aes_send = next(s for s in sends if s.name.startswith("send {aes}:actions:"))
+    assert aes_send.service == "agent-orchestrator-api"
+    executor = next(s for s in processes if s.service == "agent-orchestrator-executor")
+    worker = next(s for s in processes if s.service == "agent-orchestrator-worker")
+    for span in (executor, worker):
+        assert span.attributes["messaging.system"] == "redis"
+        assert span.attributes["messaging.destination.name"] in span.name
+        assert span.attributes["messaging.message.id"]
+        assert span.attributes["messaging.consumer.group.name"] in ("aes", "workers")
+    assert worker.attributes["messaging.batch.message_count"] >= 1
+    chain = ancestry(spans, worker)
+    names = [(s.service.rsplit("-", 1)[-1], s.kind) for s in reversed(chain)]
+    assert names[0] == ("api", "SERVER")
+    assert ("api", "PRODUCER") in names
+    assert ("executor", "CONSUMER") in names
+    assert ("executor", "PRODUCER") in names
+    assert names[-1] == ("worker", "CONSUMER")
+    deadline = time.monotonic() + 10
+    while not [s for s in spans if s.name == "websocket send"]:
+        assert time.monotonic() < deadline, "the socket send never reached the trace"
+        await asyncio.sleep(0.05)
+        spans = receiver.trace(worker.trace_id)
+    delivered = next(s for s in spans if s.name == "websocket send")
+    path = [(s.service.rsplit("-", 1)[-1], s.kind) for s in reversed(ancestry(spans, delivered))]
+    assert path[0] == ("api", "SERVER")
+    assert ("worker", "CONSUMER") in path
+    assert path[-2:] == [("api", "CONSUMER"), ("api", "INTERNAL")], "delivery hop, then send"
+    stream = [s for s in sends if s.attributes.get("orchestrator.stream")]
+    assert len(stream) == 1, "a stream of chunks is one span, not one per chunk"
+    assert stream[0].attributes["messaging.batch.message_count"] > 1
+    secret = token(tenant)
+    for span in receiver.spans:
+        assert secret not in repr(span.attributes), "no span holds a token"
+
+
+async def test_retries_and_timeouts_are_visible_on_the_trace(
+    traced: tuple[LocalStack, Child, Receiver], e2e_redis: RedisServer
+) -> None:
+    from redis.asyncio import Redis
+
+    from services.core.quotas import QuotaStore
+    from services.core.settings import load_settings
+
+    _, api, receiver = traced
+    tenant, impatient, session = unique("t"), unique("t"), unique("s")
+    redis = Redis.from_url(e2e_redis.url)
+    await QuotaStore(redis, load_settings()).set(impatient, "pro", {"taskTimeoutSeconds": 1})
+    await redis.aclose()
+    ws, _ = await connect(api.ws_url, tenant, session)
+    ws_impatient, _ = await connect(api.ws_url, impatient, session)
+    async with httpx.AsyncClient() as http:
+        retried = await send(
+            http, api.url, tenant,
+            {"message": "flaky", "session_id": session,
+             "context": {"simulate": {"fail_attempts": 1}}},
+        )  # fmt: skip
+        stalled = await send(
+            http, api.url, impatient,
+            {"message": "stuck", "session_id": session, "context": {"simulate": {"stall": True}}},
+        )  # fmt: skip
+    answer = await events_until(ws, final_of(retried.json()["task_id"]))
+    assert answer[-1]["type"] == "chat.response"
+    await events_until(ws_impatient, final_of(stalled.json()["task_id"]), timeout=10)
+    await ws.close()
+    await ws_impatient.close()
+
+    services = {
+        "agent-orchestrator-api",
+        "agent-orchestrator-worker",
+        "agent-orchestrator-executor",
+    }
+    deadline = time.monotonic() + 10
+    while True:  # spans of the second attempt arrive with the exporters' next batch
+        spans = await trace_of(receiver, retried.json()["task_id"], services)
+        attempts = {s.attributes.get("orchestrator.attempt") for s in spans if s.kind == "CONSUMER"}
+        if {1, 2} <= attempts or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert {1, 2} <= attempts
+    assert any("retry scheduled" in s.events for s in spans)
+    assert any(s.attributes.get("orchestrator.retry") for s in spans if s.kind == "PRODUCER")
+    assert any(s.status_code == 2 for s in spans), "the failed attempt is an error"
+
+    deadline = time.monotonic() + 10
+    while True:
+        spans = await trace_of(receiver, stalled.json()["task_id"], {"agent-orchestrator-api"})
+        timed_out = [s for s in spans if s.name == "task timed out"]
+        if timed_out:
+            break
+        assert time.monotonic() < deadline, "the timeout never reached the trace"
+        await asyncio.sleep(0.05)
+    assert timed_out[0].status_code == 2
+    assert timed_out[0].service == "agent-orchestrator-worker"
