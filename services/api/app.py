@@ -32,6 +32,7 @@ from services.api.delivery import SessionHub
 from services.api.drain import drain
 from services.api.internal import InternalServer
 from services.api.runtime import Runtime
+from services.core import telemetry
 from services.core.auth import TokenVerifier
 from services.core.errors import OrchestratorError
 from services.core.ids import new_id
@@ -252,6 +253,7 @@ def create_app(settings: Settings, *, pod_id: str | None = None) -> Litestar:
                 scopes={ScopeType.HTTP},
                 buckets=list(metrics.HTTP_BUCKETS),
                 exclude=["/health", "/health/ready"],
+                exemplars=lambda _: telemetry.exemplar() or {},
             ).middleware
         ],
         logging_config=None,

@@ -12,11 +12,20 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import REGISTRY
+from prometheus_client.exposition import choose_encoder
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 8192
+
+
+def _header(head: str, name: str) -> str:
+    for line in head.split("\r\n")[1:]:
+        key, _, value = line.partition(":")
+        if key.strip().lower() == name:
+            return value.strip()
+    return ""
 
 
 def _response(status: str, body: bytes, content_type: str = "text/plain") -> bytes:
@@ -45,12 +54,15 @@ class InternalServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            method, path, *_ = request[:MAX_REQUEST_BYTES].decode("latin-1").split(" ", 2)
+            head = request[:MAX_REQUEST_BYTES].decode("latin-1")
+            method, path, *_ = head.split(" ", 2)
             path = path.split("?", 1)[0]
             if method != "GET":
                 reply = _response("405 Method Not Allowed", b"GET only\n")
             elif path == "/metrics":
-                reply = _response("200 OK", generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+                # OpenMetrics when Prometheus asks for it: the format that carries exemplars.
+                encode, content_type = choose_encoder(_header(head, "accept"))
+                reply = _response("200 OK", encode(REGISTRY), content_type)
             elif path == "/drain":
                 closed = await self.drain()
                 reply = _response("200 OK", f"drained {closed} sockets\n".encode())

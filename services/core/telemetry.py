@@ -157,6 +157,14 @@ def consumer(
         yield span
 
 
+def exemplar(span: Span | None = None) -> dict[str, str] | None:
+    """`{"trace_id": ...}` of a recording span (or the current one), for a metric exemplar."""
+    context = (span or trace.get_current_span()).get_span_context()
+    if not context.is_valid or not context.trace_flags.sampled:
+        return None
+    return {"trace_id": format(context.trace_id, "032x")}
+
+
 def fail(span: Span, description: str, **attributes: Any) -> None:
     """Mark a span as an error with an event that says what happened."""
     span.set_status(Status(StatusCode.ERROR, description))

@@ -72,7 +72,9 @@ class TenantLabels:
         return "other"
 
 
-def observe(action: Callback, outcome: Outcome, retried: bool) -> None:
+def observe(
+    action: Callback, outcome: Outcome, retried: bool, exemplar: dict[str, str] | None = None
+) -> None:
     """Record what one applied (or dropped) callback means for the task metrics."""
     if outcome.verdict in (Verdict.final, Verdict.stale):
         late_callbacks.labels(outcome.verdict.value).inc()
@@ -83,7 +85,7 @@ def observe(action: Callback, outcome: Outcome, retried: bool) -> None:
     elapsed = time.time() - outcome.created_ms / 1000 if outcome.created_ms else None
     if isinstance(action, ExecutionChunk):
         if outcome.first_chunk and elapsed is not None:
-            time_to_first_chunk.labels(tier).observe(elapsed)
+            time_to_first_chunk.labels(tier).observe(elapsed, exemplar)
         return
     completed = isinstance(action, ExecutionCompleted) or (
         isinstance(action, ExecutionCallback) and action.status == "completed"
@@ -91,7 +93,7 @@ def observe(action: Callback, outcome: Outcome, retried: bool) -> None:
     if completed:
         tasks.labels("completed", tier).inc()
         if elapsed is not None:
-            answer_time.labels(tier).observe(elapsed)
+            answer_time.labels(tier).observe(elapsed, exemplar)
     elif isinstance(action, ExecutionFailed | ExecutionCallback):
         tasks.labels("queued" if retried else "failed", tier).inc()
 

@@ -218,7 +218,12 @@ class PartitionConsumer:
             done.append(entry.id)
             outcome = parse_outcome(result)
             metrics.callbacks_handled.labels(outcome.verdict).inc()
-            metrics.observe(action, outcome, retried=isinstance(plan, Retry))
+            metrics.observe(
+                action,
+                outcome,
+                retried=isinstance(plan, Retry),
+                exemplar=telemetry.exemplar(span) if span is not None else None,
+            )
             if span is not None:
                 _describe(span, outcome, plan)
             if isinstance(plan, Retry) and outcome.verdict in (Verdict.ok, Verdict.requeued):

@@ -1,0 +1,123 @@
+"""After a known set of chats, every process's /metrics shows exactly what happened."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.cli.embedded import RedisServer
+from services.cli.stack import Child, LocalStack
+from tests.e2e.clients import connect, events_until, final_of, send, unique
+from tests.e2e.conftest import new_stack
+
+pytestmark = pytest.mark.e2e
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(port: int | None) -> Samples:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    wanted = set(labels.items())
+    return sum(v for (n, got), v in samples.items() if n == name and wanted <= set(got))
+
+
+@pytest.fixture(scope="module")
+def metered(
+    e2e_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[LocalStack, Child, Child, Child]]:
+    stack = new_stack(e2e_redis, tmp_path_factory.mktemp("logs"), executor_chunk_delay_ms="1")
+    try:
+        api = stack.start_api()
+        worker = stack.start("worker")
+        executor = stack.start("executor")
+        stack.wait_ready(api)
+        yield stack, api, worker, executor
+    finally:
+        stack.stop()
+
+
+async def test_each_process_counts_the_chats_it_handled(
+    metered: tuple[LocalStack, Child, Child, Child],
+) -> None:
+    _, api, worker, executor = metered
+    tenant, session = unique("t"), unique("s")
+    ws, _ = await connect(api.ws_url, tenant, session)
+    async with httpx.AsyncClient() as http:
+        for stream in (True, True, False):
+            reply = await send(
+                http,
+                api.url,
+                tenant,
+                {"message": "count me", "stream": stream, "session_id": session},
+            )
+            await events_until(ws, final_of(reply.json()["task_id"]))
+    api_metrics = scrape(api.metrics_port)
+    assert total(api_metrics, "orchestrator_tasks_total", status="accepted", tier="enterprise") == 3
+    assert total(api_metrics, "orchestrator_websocket_connections") == 1
+    assert (
+        total(api_metrics, "orchestrator_http_requests_total", path="/api/chat/send", method="POST")
+        == 3
+    )
+    assert (
+        total(
+            api_metrics, "orchestrator_http_request_duration_seconds_count", path="/api/chat/send"
+        )
+        == 3
+    )
+    assert total(api_metrics, "orchestrator_websocket_messages_total", direction="out") >= 3
+
+    worker_metrics = scrape(worker.metrics_port)
+    assert (
+        total(worker_metrics, "orchestrator_tasks_total", status="completed", tier="enterprise")
+        == 3
+    )
+    assert total(worker_metrics, "orchestrator_answer_seconds_count", tier="enterprise") == 3
+    assert total(worker_metrics, "orchestrator_time_to_first_chunk_seconds_count") == 2
+    assert (
+        total(worker_metrics, "orchestrator_usage_tokens_total", tenant=tenant, direction="output")
+        > 0
+    )
+    assert total(worker_metrics, "orchestrator_callbacks_total", verdict="ok") >= 3
+
+    executor_metrics = scrape(executor.metrics_port)
+    assert total(executor_metrics, "orchestrator_executor_tasks_total", outcome="completed") == 3
+    assert total(executor_metrics, "orchestrator_queue_wait_seconds_count", priority="high") == 3
+    await ws.close()
+
+
+async def test_stream_lag_is_reported_once_per_stream(
+    metered: tuple[LocalStack, Child, Child, Child],
+) -> None:
+    _, _, worker, _ = metered
+    wanted = {f"{{cb:{n}}}:callbacks" for n in range(8)} | {"{aes}:actions:high"}
+    deadline = time.monotonic() + 15  # sampled at every lease round (a third of the lease)
+    while True:
+        samples = scrape(worker.metrics_port)
+        lag = {
+            dict(labels)["stream"]
+            for (name, labels) in samples
+            if name == "orchestrator_stream_lag"
+        }
+        if wanted <= lag or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert wanted <= lag
+    pending = {
+        dict(labels)["stream"]
+        for (name, labels) in samples
+        if name == "orchestrator_stream_pending"
+    }
+    assert pending == lag, "lag and pending are reported together"
