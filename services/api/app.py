@@ -24,7 +24,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
 from litestar.plugins.prometheus import PrometheusConfig
 
-from services.api import chat, health, metrics, sockets
+from services.api import chat, health, history, metrics, sockets
 from services.api.admission import Admission
 from services.api.auth import provide_principal
 from services.api.chat_service import ChatService
@@ -45,6 +45,8 @@ from services.core.tasks import TaskStore
 from services.core.tenant_sockets import TenantSockets
 from services.core.tiers import load_tiers
 from services.core.usage import UsageCounter
+from services.persistence.database import create_engine
+from services.persistence.history import HistoryStore
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +178,12 @@ def create_app(settings: Settings, *, pod_id: str | None = None) -> Litestar:
             chat=ChatService(redis, tasks, admission, settings),
             admission=admission,
         )
+        engine = None
+        if settings.database_url:
+            engine = create_engine(settings)
+            runtime.history = HistoryStore(engine, page_max=settings.history_page_max)
+            runtime.database = engine
+            runtime.chat.history = runtime.history
         heartbeat = asyncio.get_running_loop().create_task(keep_sockets_counted(runtime))
         app.state.runtime = runtime
         internal = None
@@ -191,6 +199,8 @@ def create_app(settings: Settings, *, pod_id: str | None = None) -> Litestar:
             if internal is not None:
                 await internal.stop()
             heartbeat.cancel()
+            if engine is not None:
+                await engine.dispose()
             await quotas.stop()
             await hub.stop()
             await redis.aclose()
@@ -209,6 +219,9 @@ def create_app(settings: Settings, *, pod_id: str | None = None) -> Litestar:
             chat.task_status,
             chat.get_task,
             chat.cancel_task,
+            history.session_messages,
+            history.erase_session,
+            history.tenant_usage,
             health.health,
             health.ready,
             health.detailed,

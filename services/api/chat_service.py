@@ -27,6 +27,8 @@ from services.core.keys import Priority
 from services.core.ratelimit import rate_limit_headers
 from services.core.settings import Settings
 from services.core.tasks import TaskRef, TaskStatus, TaskStore, Verdict, encode_json, parse_outcome
+from services.persistence.history import HistoryStore
+from services.persistence.records import publish_finished
 
 CANCEL_STREAM_MAXLEN = 10_000
 AES_STREAM_MAXLEN = 1_000_000
@@ -56,6 +58,7 @@ class ChatService:
         self.tasks = tasks
         self.admission = admission
         self.settings = settings
+        self.history: HistoryStore | None = None  # set when PostgreSQL is configured
 
     async def send(
         self,
@@ -201,10 +204,14 @@ class ChatService:
         return ref
 
     async def status(self, principal: Principal, task_id: str) -> TaskView:
-        ref = await self._owned(principal, task_id)
+        ref = await self.tasks.locate(task_id)
+        if ref is None:  # expired from Redis: the durable record answers
+            return await self._persisted(principal, task_id)
+        if ref.tenant_id != principal.tenant_id:
+            raise NotFound(f"task {task_id} not found")
         state = await self.tasks.read(ref)
         if state is None:
-            raise NotFound(f"task {task_id} not found")
+            return await self._persisted(principal, task_id)
         return TaskView(
             task_id=task_id,
             status=state.get("status") or TaskStatus.processing,
@@ -217,6 +224,14 @@ class ChatService:
             error=_json_field(state, "error"),
             usage=_json_field(state, "usage"),
         )
+
+    async def _persisted(self, principal: Principal, task_id: str) -> TaskView:
+        record = None
+        if self.history is not None:
+            record = await self.history.task(principal.tenant_id, task_id)
+        if record is None:
+            raise NotFound(f"task {task_id} not found")
+        return msgspec.convert(record.to_status(), TaskView)
 
     async def cancel(self, principal: Principal, task_id: str) -> Cancelled:
         ref = await self._owned(principal, task_id)
@@ -233,6 +248,10 @@ class ChatService:
         if outcome.verdict is Verdict.final:
             raise Conflict(
                 f"task {task_id} is already {outcome.detail}", details={"status": outcome.detail}
+            )
+        if self.settings.database_url:
+            await publish_finished(
+                self.redis, [(ref, outcome.detail)], maxlen=self.settings.persist_stream_maxlen
             )
         with telemetry.producer(keys.CANCEL_STREAM, **{"orchestrator.task_id": task_id}) as span:
             notice = ChatCancel(

@@ -14,6 +14,8 @@ from services.core import keys
 from services.core.auth import Principal
 from services.core.errors import Unavailable
 from services.core.redis_client import REDIS_DOWN
+from services.persistence.database import ping
+from services.persistence.writer import backlog as persistence_backlog
 
 AnyRequest = Request[Any, Any, Any]
 
@@ -56,6 +58,14 @@ async def _queue_lag(runtime: Runtime) -> dict[str, Any]:
     return lag
 
 
+async def _database(runtime: Runtime) -> dict[str, Any]:
+    """PostgreSQL is not on the message path: its state is reported, never a reason to fail
+    readiness (the backlog waits in Redis until it is back)."""
+    if runtime.database is None:
+        return {"status": "not_configured"}
+    return {"status": "up" if await ping(runtime.database) else "down"}
+
+
 @get("/health/detailed", summary="Component states: redis, workers, queue lag")
 async def detailed(request: AnyRequest) -> Response[dict[str, Any]]:
     runtime = _runtime(request)
@@ -77,7 +87,12 @@ async def detailed(request: AnyRequest) -> Response[dict[str, Any]]:
     except REDIS_DOWN:
         healthy = False
         components["redis"] = {"status": "down"}
-    components["database"] = {"status": "not_configured"}
+    components["database"] = await _database(runtime)
+    if runtime.database is not None:
+        try:
+            components["persistence_backlog"] = await persistence_backlog(runtime.redis)
+        except REDIS_DOWN:
+            components["persistence_backlog"] = None
     components["websockets"] = {"connections": runtime.hub.count()}
     body = {"status": "ok" if healthy else "degraded", "components": components}
     return Response(body, status_code=200 if healthy else 503)

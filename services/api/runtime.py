@@ -6,12 +6,14 @@ import asyncio
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.api.admission import Admission
 from services.api.chat_service import ChatService
 from services.api.delivery import SessionHub
 from services.core.auth import TokenVerifier
 from services.core.settings import Settings
+from services.persistence.history import HistoryStore
 
 
 @dataclass
@@ -23,6 +25,8 @@ class Runtime:
     hub: SessionHub
     chat: ChatService
     admission: Admission
+    history: HistoryStore | None = None
+    database: AsyncEngine | None = None
     draining: bool = False
     drained: asyncio.Event | None = None
     background: set[asyncio.Task[None]] = field(default_factory=set)

@@ -1,12 +1,14 @@
 """`orchestrator dev`: the whole product on one machine, no Kubernetes, nothing to install.
 
-Starts an embedded Redis, then the api, the worker and the reference executor as child
-processes, prints the URL and a ready-to-use token, and stops every child on Ctrl-C (or when
-one of them dies), leaving nothing running.
+Starts an embedded Redis and PostgreSQL (migrated), then the api, the worker and the
+reference executor as child processes, prints the URL and a ready-to-use token, and stops
+every child on Ctrl-C (or when one of them dies), leaving nothing running.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import secrets
 import signal
@@ -15,9 +17,11 @@ import time
 from pathlib import Path
 
 from services.cli.embedded import RedisServer
+from services.cli.embedded_postgres import PostgresServer
 from services.cli.stack import LocalStack
 from services.core.auth import dev_secret_path, issue_token, read_dev_secret
 from services.core.settings import load_settings
+from services.persistence.migrate import migrate
 
 
 def ensure_dev_secret() -> str:
@@ -41,49 +45,70 @@ def _interrupt(signum: int, frame: object) -> None:
 def run_dev(*, host: str, port: int, redis_mode: str) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the children too, like Ctrl-C
     secret = os.environ.get("ORCHESTRATOR_JWT_SECRET") or ensure_dev_secret()
-    redis = RedisServer().start()
+    with contextlib.ExitStack() as servers:
+        try:
+            redis = RedisServer()
+            servers.callback(redis.cleanup)
+            redis.start()
+            postgres = PostgresServer()
+            servers.callback(postgres.cleanup)
+            postgres.start()
+            asyncio.run(migrate(postgres.url()))
+            stack = _stack(host, port, redis_mode, secret, redis.url, postgres.url())
+            servers.callback(stack.stop)
+            return _serve(stack, host, port, secret, redis.url, postgres.url())
+        except KeyboardInterrupt:
+            return 0
+        except RuntimeError as exc:
+            print(f"orchestrator dev: {exc}", file=sys.stderr)
+            return 1
+
+
+def _stack(
+    host: str, port: int, redis_mode: str, secret: str, redis_url: str, database_url: str
+) -> LocalStack:
     base_url = f"http://{host}:{port}"
     origins = [o for o in os.environ.get("ORCHESTRATOR_ALLOWED_ORIGINS", "").split(",") if o]
     origins += [base_url, f"http://localhost:{port}"]
     stack = LocalStack.for_redis(
-        redis.url,
+        redis_url,
         redis_mode=redis_mode,
         jwt_secret=secret,
         default_tier=os.environ.get("ORCHESTRATOR_DEFAULT_TIER", "pro"),
         allowed_origins=",".join(origins),
+        database_url=database_url,
     )
     # Keep the rest of the caller's configuration (log level, pace of the executor, ...).
     for name, value in os.environ.items():
         if name.startswith("ORCHESTRATOR_") and name not in stack.env:
             stack.env[name] = value
-    try:
-        api = stack.start_api(host=host, port=port)
-        worker = stack.start("worker")
-        executor = stack.start("executor")
-        stack.wait_ready(api)
-        settings = load_settings(jwt_secret=secret)
-        token = issue_token(settings, tenant_id="demo", user_id="dev", ttl_seconds=86_400)
-        print(
-            "\nAgent Orchestrator is running\n"
-            f"  URL:       {base_url}   (OpenAPI: {base_url}/schema)\n"
-            f"  WebSocket: ws://{host}:{port}/ws/demo/<session_id>\n"
-            f"  Redis:     {redis.url}\n"
-            f"  Metrics:   api :{api.metrics_port}, worker :{worker.metrics_port}, "
-            f"executor :{executor.metrics_port}\n"
-            "  Token (tenant 'demo', 24 h):\n"
-            f"{token}\n"
-            "  More tokens: orchestrator token --tenant demo --user alice\n"
-            "Press Ctrl-C to stop.\n",
-            flush=True,
-        )
-        while True:
-            stack.check_alive()
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        return 0
-    except RuntimeError as exc:
-        print(f"orchestrator dev: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        stack.stop()
-        redis.cleanup()
+    return stack
+
+
+def _serve(
+    stack: LocalStack, host: str, port: int, secret: str, redis_url: str, database_url: str
+) -> int:
+    base_url = f"http://{host}:{port}"
+    api = stack.start_api(host=host, port=port)
+    worker = stack.start("worker")
+    executor = stack.start("executor")
+    stack.wait_ready(api)
+    settings = load_settings(jwt_secret=secret)
+    token = issue_token(settings, tenant_id="demo", user_id="dev", ttl_seconds=86_400)
+    print(
+        "\nAgent Orchestrator is running\n"
+        f"  URL:       {base_url}   (OpenAPI: {base_url}/schema)\n"
+        f"  WebSocket: ws://{host}:{port}/ws/demo/<session_id>\n"
+        f"  Redis:     {redis_url}\n"
+        f"  Postgres:  {database_url}\n"
+        f"  Metrics:   api :{api.metrics_port}, worker :{worker.metrics_port}, "
+        f"executor :{executor.metrics_port}\n"
+        "  Token (tenant 'demo', 24 h):\n"
+        f"{token}\n"
+        "  More tokens: orchestrator token --tenant demo --user alice\n"
+        "Press Ctrl-C to stop.\n",
+        flush=True,
+    )
+    while True:
+        stack.check_alive()
+        time.sleep(0.5)

@@ -104,6 +104,38 @@ def _run_deadletters(args: argparse.Namespace, settings: Settings) -> int:
     )
 
 
+def _run_operator(args: argparse.Namespace, settings: Settings) -> int:
+    from services.operator.main import configure_operator_logging, run_operator
+    from services.operator.settings import load_operator_settings
+
+    operator_settings = load_operator_settings()
+    configure_operator_logging(settings.log_level)
+    return run_operator(
+        settings,
+        operator_settings,
+        namespaces=args.namespace,
+        all_namespaces=args.all_namespaces,
+        standalone=True if args.standalone else None,
+        priority=args.priority,
+    )
+
+
+def _run_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from services.persistence.cli import migrate_command
+
+    if not settings.database_url:
+        raise ConfigError("ORCHESTRATOR_DATABASE_URL: must be set to migrate")
+    return migrate_command(settings, args.down)
+
+
+def _run_prune(_: argparse.Namespace, settings: Settings) -> int:
+    from services.persistence.cli import prune_command
+
+    if not settings.database_url:
+        raise ConfigError("ORCHESTRATOR_DATABASE_URL: must be set to prune")
+    return prune_command(settings)
+
+
 def _run_async(main: object) -> None:
     import uvloop
 
@@ -179,6 +211,31 @@ def build_parser() -> argparse.ArgumentParser:
     dead_replay.add_argument("--all", action="store_true", help="replay every dead letter")
     dead_replay.add_argument("--json", action="store_true", help="the results as a JSON array")
     dead.set_defaults(handler=_run_deadletters)
+
+    migrate = commands.add_parser("migrate", help="apply the PostgreSQL migrations")
+    migrate.add_argument("--down", metavar="REVISION", help="migrate down to REVISION instead")
+    migrate.set_defaults(handler=_run_migrate)
+    commands.add_parser(
+        "prune", help="delete history older than ORCHESTRATOR_HISTORY_RETENTION_DAYS"
+    ).set_defaults(handler=_run_prune)
+
+    operator = commands.add_parser("operator", help="run the TierQuota operator (kopf)")
+    operator.add_argument(
+        "--namespace",
+        action="append",
+        default=[],
+        metavar="NS",
+        help="watch this namespace (repeatable; default: ORCHESTRATOR_OPERATOR_NAMESPACES, "
+        "else every namespace)",
+    )
+    operator.add_argument(
+        "-A", "--all-namespaces", action="store_true", help="watch every namespace"
+    )
+    operator.add_argument("--standalone", action="store_true", help="run without kopf peering")
+    operator.add_argument(
+        "--priority", type=int, help="kopf peering priority (default: random per replica)"
+    )
+    operator.set_defaults(handler=_run_operator)
     return parser
 
 
@@ -189,8 +246,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings()
         if args.command in ("api", "worker", "executor"):
             from services.core.logs import configure_logging
+            from services.core.telemetry import configure_tracing
 
             configure_logging(settings.log_level, args.command)
+            configure_tracing(args.command)
         return handler(args, settings)
     except ConfigError as exc:
         print(f"orchestrator: configuration error: {exc}", file=sys.stderr)

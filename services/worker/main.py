@@ -22,6 +22,7 @@ from services.core.redis_client import REDIS_DOWN, create_redis
 from services.core.scripts import Scripts
 from services.core.settings import Settings
 from services.core.tasks import TaskStore
+from services.persistence.writer import PersistenceWriter
 from services.worker import metrics
 from services.worker.callbacks import CallbackEffects
 from services.worker.leases import PartitionLeases
@@ -127,6 +128,12 @@ class Worker:
     async def run(self) -> None:
         interval = self.settings.partition_lease_seconds / 3
         log.info("worker %s started", self.worker_id)
+        writer = None
+        writing: asyncio.Task[None] | None = None
+        if self.settings.database_url:
+            # Off the message path: finished tasks reach PostgreSQL through a Redis stream.
+            writer = PersistenceWriter(self.redis, self.settings, consumer=self.worker_id)
+            writing = asyncio.get_running_loop().create_task(writer.run())
         while not self.stopping.is_set():
             try:
                 await self._rebalance()
@@ -136,6 +143,10 @@ class Worker:
                 await asyncio.wait_for(self.stopping.wait(), interval)
         for partition in list(self.consumers):
             await self._stop_consumer(partition)
+        if writer is not None and writing is not None:
+            writer.stop()
+            with contextlib.suppress(Exception):
+                await writing
         with contextlib.suppress(*REDIS_DOWN):
             await self.leases.leave()
         await self.redis.aclose()

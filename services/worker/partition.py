@@ -21,6 +21,8 @@ from services.core.actions import (
     Callback,
     ExecutionCallback,
     ExecutionChunk,
+    ExecutionCompleted,
+    ExecutionFailed,
     MalformedAction,
     WebsocketBroadcast,
     WebsocketSend,
@@ -38,8 +40,9 @@ from services.core.streams import (
     parse_read,
     reclaim,
 )
-from services.core.tasks import Outcome, TaskStore, Verdict, parse_outcome
+from services.core.tasks import Outcome, TaskRef, TaskStore, Verdict, parse_outcome
 from services.core.usage import UsageCounter
+from services.persistence.records import publish_finished
 from services.worker import metrics
 from services.worker.callbacks import CallbackEffects, Retry, Spent
 from services.worker.schedule import PartitionSchedule
@@ -61,6 +64,13 @@ def _describe(span: Span, outcome: Outcome, plan: object) -> None:
         )
     elif isinstance(plan, Retry) and outcome.verdict in (Verdict.ok, Verdict.requeued):
         span.add_event("retry scheduled", {"due": plan.due})
+
+
+def _ends_task(action: Callback, plan: object) -> bool:
+    """Completions and failures that are not retried end their task."""
+    if isinstance(action, ExecutionCompleted | ExecutionCallback):
+        return True
+    return isinstance(action, ExecutionFailed) and not isinstance(plan, Retry)
 
 
 def _completed_now_or_before(outcome: Outcome) -> bool:
@@ -207,6 +217,7 @@ class PartitionConsumer:
             ]
             results = await pipe.execute(raise_on_error=False)
         done: list[str] = []
+        finished: list[tuple[TaskRef, str | None]] = []
         retries: dict[str, float] = {}
         failed: list[tuple[Entry, BaseException]] = []
         for (entry, action), plan, result, span in zip(decoded, plans, results, spans, strict=True):
@@ -226,6 +237,9 @@ class PartitionConsumer:
             )
             if span is not None:
                 _describe(span, outcome, plan)
+            if _ends_task(action, plan) and outcome.verdict in (Verdict.ok, Verdict.final):
+                ref = TaskRef(action.tenant_id, action.session_id, str(action.task_id))
+                finished.append((ref, outcome.detail if outcome.verdict is Verdict.ok else None))
             if isinstance(plan, Retry) and outcome.verdict in (Verdict.ok, Verdict.requeued):
                 retries[plan.member] = plan.due
             elif isinstance(plan, Spent) and _completed_now_or_before(outcome):
@@ -239,6 +253,10 @@ class PartitionConsumer:
                 )
                 if counted:
                     metrics.observe_usage(self.tenant_labels, plan.ref.tenant_id, plan.usage)
+        if finished and self.settings.database_url:
+            # For the durable record; a redelivery publishes again and the writer's keys
+            # make that harmless. Delivery has already happened: this only delays the ack.
+            await publish_finished(self.redis, finished, maxlen=self.settings.persist_stream_maxlen)
         if done:
             async with self.redis.pipeline(transaction=False) as pipe:
                 if retries:  # scheduled before the failure callback is acknowledged

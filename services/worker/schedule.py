@@ -20,6 +20,7 @@ from services.core import events, keys, telemetry
 from services.core.actions import ACTION_FIELD, ChatProcess, MalformedAction, decode_action
 from services.core.ids import new_id
 from services.core.tasks import TaskRef, TaskStatus, TaskStore, Verdict, encode_json, parse_outcome
+from services.persistence.records import publish_finished
 from services.worker import metrics
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class PartitionSchedule:
     def __init__(self, redis: Redis, tasks: TaskStore, partition: int) -> None:
         self.redis = redis
         self.tasks = tasks
+        self.settings = tasks.settings
         self.deadlines = keys.partition_deadlines(partition)
         self.retries = keys.partition_retries(partition)
 
@@ -80,12 +82,16 @@ class PartitionSchedule:
                     pipe=pipe,
                 )
             results = await pipe.execute()
+        finished: list[tuple[TaskRef, str | None]] = []
         for member, result in zip(members, results, strict=True):
             outcome = parse_outcome(result)
             if outcome.verdict is Verdict.ok:
                 metrics.timeouts.inc()
                 metrics.tasks.labels("timed_out", outcome.tier or "unknown").inc()
                 await self._trace_timeout(_ref(member))
+                finished.append((_ref(member), outcome.detail))
+        if finished and self.settings.database_url:
+            await publish_finished(self.redis, finished, maxlen=self.settings.persist_stream_maxlen)
         await self.redis.zrem(self.deadlines, *members)
 
     async def _trace_timeout(self, ref: TaskRef) -> None:

@@ -21,6 +21,7 @@
 local task, log = KEYS[1], KEYS[2]
 local op, attempt, seq = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local finals = {completed = true, failed = true, cancelled = true, timed_out = true}
+local final_ops = {completed = true, failed = true, cancel = true, timeout = true}
 local tier, created_ms, first_chunk = '', '0', 0
 
 local function set_fields(extra)
@@ -71,4 +72,8 @@ if ARGV[4] == '' then return {'ok', '', tier, created_ms, first_chunk} end
 local id = redis.call('XADD', log, 'MAXLEN', '~', ARGV[5], '*', 'e', ARGV[4])
 redis.call('PEXPIRE', log, ARGV[6])
 redis.call('SPUBLISH', ARGV[8], ARGV[10] .. '{"id":"' .. id .. '",' .. ARGV[4])
+if final_ops[op] then
+  -- The history cursor: the id of the event that ended the task (see services/persistence).
+  redis.call('HSET', task, 'final_event_id', id)
+end
 return {'ok', id, tier, created_ms, first_chunk}

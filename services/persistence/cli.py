@@ -1,0 +1,53 @@
+"""What `orchestrator migrate` and `orchestrator prune` run (the CLI wires them to argparse).
+
+Each returns the process exit code and prints one line saying what happened; a missing
+`ORCHESTRATOR_DATABASE_URL` is a `ConfigError` (exit 2, one line, like every bad setting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.core.settings import ConfigError, Settings
+from services.persistence.database import create_engine
+from services.persistence.migrate import HEAD, current_revision, downgrade, migrate
+from services.persistence.retention import PruneResult, prune
+
+
+def _database_url(settings: Settings) -> str:
+    if not settings.database_url:
+        raise ConfigError("ORCHESTRATOR_DATABASE_URL: required (postgresql://user@host/db)")
+    return settings.database_url
+
+
+async def apply_migrations(settings: Settings, *, down: str | None = None) -> str | None:
+    """Upgrade to the latest revision, or downgrade to `down`; returns the revision reached."""
+    url = _database_url(settings)
+    if down is None:
+        await migrate(url, HEAD)
+    else:
+        await downgrade(url, down)
+    return await current_revision(url)
+
+
+async def prune_history(settings: Settings) -> PruneResult:
+    engine = create_engine(settings)
+    try:
+        return await prune(engine, settings.history_retention_days)
+    finally:
+        await engine.dispose()
+
+
+def migrate_command(settings: Settings, down: str | None = None) -> int:
+    """`orchestrator migrate [--down REVISION]`: safe to run from several places at once."""
+    revision = asyncio.run(apply_migrations(settings, down=down))
+    print(f"database schema at revision {revision or 'base'}")
+    return 0
+
+
+def prune_command(settings: Settings) -> int:
+    """`orchestrator prune`: delete history older than the retention; prints the counts."""
+    result = asyncio.run(prune_history(settings))
+    counts = ", ".join(f"{table} {count}" for table, count in result.deleted.items())
+    print(f"pruned history before {result.cutoff.isoformat()}: {counts}")
+    return 0

@@ -1,0 +1,354 @@
+"""Reading the durable record back: a session's history, usage per day, a task's final state.
+
+Every query filters by tenant first: another tenant's session, task or usage is simply not
+there (the api answers 404, as for Redis state). History comes newest last, in pages:
+
+- no cursor: the newest `limit` messages; `next_cursor` (when there are older ones) pages back;
+- `after_event_id`: the messages of tasks whose final event came after that session log id
+  (ids compared as numbers), oldest first; `next_cursor` pages forward. A client told
+  `resumed: false` on reconnect fetches exactly what it missed this way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import Row, delete, exists, func, select, tuple_
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.core.errors import BadRequest, InvalidInput
+from services.core.events import parse_event_id
+from services.core.ids import is_valid_id
+from services.core.tasks import isoformat
+from services.persistence.cursor import Cursor, Direction, decode_cursor, encode_cursor
+from services.persistence.schema import messages, sessions, tasks, usage_daily
+
+DEFAULT_PAGE = 50
+MAX_USAGE_DAYS = 366
+
+
+def _moment(value: datetime | None) -> str | None:
+    return None if value is None else isoformat(value)
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryMessage:
+    task_id: str
+    role: str
+    session_id: str
+    agent_id: str
+    user_id: str | None
+    content: str
+    status: str
+    final_event_id: str | None
+    usage: dict[str, Any] | None
+    created_at: datetime
+    completed_at: datetime
+    first_chunk_at: datetime | None
+    key: tuple[int, int, int]
+
+    @property
+    def message_id(self) -> str:
+        """Stable and unique per tenant: a task has one message per role."""
+        return f"{self.task_id}:{self.role}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "message_id": self.message_id,
+            "task_id": self.task_id,
+            "role": self.role,
+            "agent_id": self.agent_id,
+            "user_id": self.user_id,
+            "content": self.content,
+            "status": self.status,
+            "final_event_id": self.final_event_id,
+            "usage": self.usage,
+            "created_at": _moment(self.created_at),
+            "completed_at": _moment(self.completed_at),
+            "first_chunk_at": _moment(self.first_chunk_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    messages: list[HistoryMessage]
+    next_cursor: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "messages": [message.to_dict() for message in self.messages],
+            "next_cursor": self.next_cursor,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DayUsage:
+    day: date
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cost: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "day": self.day.isoformat(),
+            "requests": self.requests,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "tokens": self.input_tokens + self.output_tokens,
+            "cost": self.cost,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """A task's final state; `to_status()` has the shape of the status endpoints."""
+
+    tenant_id: str
+    session_id: str
+    task_id: str
+    agent_id: str
+    status: str
+    attempt: int
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
+    usage: dict[str, Any] | None
+    final_event_id: str | None
+    created_at: datetime
+    updated_at: datetime
+
+    def to_status(self) -> dict[str, Any]:
+        status: dict[str, Any] = {
+            "task_id": self.task_id,
+            "status": self.status,
+            "created_at": isoformat(self.created_at),
+            "updated_at": isoformat(self.updated_at),
+            "session_id": self.session_id,
+            "agent_id": self.agent_id,
+            "attempt": self.attempt,
+        }
+        for name in ("result", "error", "usage"):
+            if (value := getattr(self, name)) is not None:
+                status[name] = value
+        return status
+
+
+def parse_day(value: str, name: str) -> date:
+    """A `YYYY-MM-DD` query parameter; `InvalidInput` (422) naming the parameter otherwise."""
+    try:
+        if len(value) != 10:
+            raise ValueError(value)
+        return date.fromisoformat(value)
+    except ValueError:
+        raise InvalidInput(
+            f"{name} must be a date (YYYY-MM-DD)", details={"parameter": name}
+        ) from None
+
+
+def _require_id(name: str, value: str) -> None:
+    if not is_valid_id(value):
+        raise InvalidInput(f"{name} must match [A-Za-z0-9_-]{{1,64}}", details={"parameter": name})
+
+
+def _usage(row: Row[Any]) -> dict[str, Any] | None:
+    if row.input_tokens is None:
+        return None
+    return {
+        "input_tokens": row.input_tokens,
+        "output_tokens": row.output_tokens,
+        "model": row.model,
+        "cost": float(row.cost),
+    }
+
+
+def _message(row: Row[Any]) -> HistoryMessage:
+    return HistoryMessage(
+        task_id=row.task_id,
+        role=row.role,
+        session_id=row.session_id,
+        agent_id=row.agent_id,
+        user_id=row.user_id,
+        content=row.content,
+        status=row.status,
+        final_event_id=row.final_event_id,
+        usage=_usage(row),
+        created_at=row.created_at,
+        completed_at=row.completed_at,
+        first_chunk_at=row.first_chunk_at,
+        key=(row.event_ms, row.event_seq, row.part),
+    )
+
+
+class HistoryStore:
+    """Tenant-scoped reads (and erasure) of the persisted history."""
+
+    def __init__(self, engine: AsyncEngine, *, page_max: int = 200) -> None:
+        self.engine = engine
+        self.page_max = page_max
+
+    def _position(
+        self, session_id: str, cursor: str | None, after_event_id: str | None
+    ) -> Cursor | None:
+        if cursor is not None and after_event_id is not None:
+            raise BadRequest("pass either cursor or after_event_id, not both")
+        if cursor is not None:
+            return decode_cursor(cursor, session_id)
+        if after_event_id is None:
+            return None
+        try:
+            event_ms, event_seq = parse_event_id(after_event_id)
+        except ValueError:
+            raise BadRequest(
+                "after_event_id must be an event id (<milliseconds>-<sequence>)",
+                details={"parameter": "after_event_id"},
+            ) from None
+        return Cursor("after", session_id, event_ms, event_seq, 1)
+
+    async def messages(
+        self,
+        tenant_id: str,
+        session_id: str,
+        *,
+        limit: int = DEFAULT_PAGE,
+        cursor: str | None = None,
+        after_event_id: str | None = None,
+    ) -> Page:
+        """One page of the session's history, newest last (see the module docstring)."""
+        _require_id("tenant_id", tenant_id)
+        _require_id("session_id", session_id)
+        if not 1 <= limit <= self.page_max:
+            raise InvalidInput(
+                f"limit must be between 1 and {self.page_max}",
+                details={"parameter": "limit", "max": self.page_max},
+            )
+        position = self._position(session_id, cursor, after_event_id)
+        key = tuple_(messages.c.event_ms, messages.c.event_seq, messages.c.part)
+        query = select(messages).where(
+            messages.c.tenant_id == tenant_id, messages.c.session_id == session_id
+        )
+        forward = position is not None and position.direction == "after"
+        if position is not None:
+            bound = tuple_(*position.key)
+            query = query.where(key > bound if forward else key < bound)
+        order = (messages.c.event_ms, messages.c.event_seq, messages.c.part)
+        query = query.order_by(*(order if forward else (c.desc() for c in order)))
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query.limit(limit + 1))).all()
+        found = [_message(row) for row in rows[:limit]]
+        next_cursor = None
+        if len(rows) > limit:
+            event_ms, event_seq, part = found[-1].key
+            direction: Direction = "after" if forward else "before"
+            edge = Cursor(direction, session_id, event_ms, event_seq, 1 if part else 0)
+            next_cursor = encode_cursor(edge)
+        if not forward:
+            found.reverse()
+        return Page(found, next_cursor)
+
+    async def session_exists(self, tenant_id: str, session_id: str) -> bool:
+        """True when the tenant's session has persisted history."""
+        _require_id("tenant_id", tenant_id)
+        _require_id("session_id", session_id)
+        query = select(
+            exists().where(messages.c.tenant_id == tenant_id, messages.c.session_id == session_id)
+        )
+        async with self.engine.connect() as conn:
+            return bool(await conn.scalar(query))
+
+    async def delete_session(self, tenant_id: str, session_id: str) -> int:
+        """Erase the tenant's session history; returns the messages deleted (0: none existed).
+
+        The session keeps a tombstone (`erased_at`): a record of a task created before the
+        erasure that is still on its way to the writer writes no history. Usage stays counted.
+        """
+        _require_id("tenant_id", tenant_id)
+        _require_id("session_id", session_id)
+        now = func.now()
+        tombstone = insert(sessions).values(
+            tenant_id=tenant_id,
+            session_id=session_id,
+            created_at=now,
+            last_activity_at=now,
+            erased_at=now,
+        )
+        tombstone = tombstone.on_conflict_do_update(
+            index_elements=[sessions.c.tenant_id, sessions.c.session_id],
+            set_={"erased_at": now},
+        )
+        async with self.engine.begin() as conn:
+            await conn.execute(tombstone)
+            deleted = await conn.execute(
+                delete(messages).where(
+                    messages.c.tenant_id == tenant_id, messages.c.session_id == session_id
+                )
+            )
+            await conn.execute(
+                delete(tasks).where(
+                    tasks.c.tenant_id == tenant_id, tasks.c.session_id == session_id
+                )
+            )
+        return int(deleted.rowcount)
+
+    async def usage(self, tenant_id: str, day_from: date, day_to: date) -> list[DayUsage]:
+        """The tenant's usage per UTC day in [day_from, day_to]; days without use are absent."""
+        _require_id("tenant_id", tenant_id)
+        if day_from > day_to:
+            raise InvalidInput(
+                "from must not be after to",
+                details={"from": day_from.isoformat(), "to": day_to.isoformat()},
+            )
+        if (day_to - day_from).days >= MAX_USAGE_DAYS:
+            raise InvalidInput(
+                f"at most {MAX_USAGE_DAYS} days per request",
+                details={"from": day_from.isoformat(), "to": day_to.isoformat()},
+            )
+        query = (
+            select(usage_daily)
+            .where(
+                usage_daily.c.tenant_id == tenant_id,
+                usage_daily.c.day >= day_from,
+                usage_daily.c.day <= day_to,
+            )
+            .order_by(usage_daily.c.day)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            DayUsage(row.day, row.requests, row.input_tokens, row.output_tokens, float(row.cost))
+            for row in rows
+        ]
+
+    async def task(self, tenant_id: str, task_id: str) -> TaskRecord | None:
+        """The task's final state once persisted; None for an unknown or another tenant's."""
+        _require_id("tenant_id", tenant_id)
+        _require_id("task_id", task_id)
+        query = select(tasks).where(tasks.c.tenant_id == tenant_id, tasks.c.task_id == task_id)
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        if row is None:
+            return None
+        usage = None
+        if row.status == "completed":
+            usage = {
+                "input_tokens": row.input_tokens,
+                "output_tokens": row.output_tokens,
+                "model": row.model,
+                "cost": float(row.cost),
+            }
+        return TaskRecord(
+            tenant_id=row.tenant_id,
+            session_id=row.session_id,
+            task_id=row.task_id,
+            agent_id=row.agent_id,
+            status=row.status,
+            attempt=row.attempt,
+            result=row.result,
+            error=row.error,
+            usage=usage,
+            final_event_id=row.final_event_id,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+        )

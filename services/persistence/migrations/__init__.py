@@ -1,0 +1,1 @@
+"""Alembic migrations of the persistence schema (applied by `orchestrator migrate`)."""

@@ -1,0 +1,58 @@
+"""History retention: deleting what is older than `ORCHESTRATOR_HISTORY_RETENTION_DAYS`.
+
+History (messages, tasks' final state, sessions idle since the cutoff) and the per-task usage
+markers go; the daily usage sums stay (they hold no content and billing looks further back).
+Deletes run in chunks of `CHUNK_ROWS`, each its own short transaction, so pruning a large
+backlog never holds long locks against the writer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, Table, delete, literal_column, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.persistence.schema import messages, sessions, tasks, usage_events
+
+CHUNK_ROWS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class PruneResult:
+    cutoff: datetime
+    deleted: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.deleted.values())
+
+
+async def _delete_chunked(engine: AsyncEngine, table: Table, old: ColumnElement[bool]) -> int:
+    ctid: Any = literal_column("ctid")
+    chunk = select(ctid).select_from(table).where(old).limit(CHUNK_ROWS).scalar_subquery()
+    total = 0
+    while True:
+        async with engine.begin() as conn:
+            result = await conn.execute(delete(table).where(ctid.in_(chunk)))
+        total += int(result.rowcount)
+        if result.rowcount < CHUNK_ROWS:
+            return total
+
+
+async def prune(
+    engine: AsyncEngine, retention_days: int, *, now: datetime | None = None
+) -> PruneResult:
+    """Delete history older than `retention_days` days; returns the rows deleted per table."""
+    cutoff = (now or datetime.now(UTC)) - timedelta(days=retention_days)
+    deleted = {
+        "messages": await _delete_chunked(engine, messages, messages.c.completed_at < cutoff),
+        "tasks": await _delete_chunked(engine, tasks, tasks.c.updated_at < cutoff),
+        "usage_events": await _delete_chunked(
+            engine, usage_events, usage_events.c.day < cutoff.date()
+        ),
+        "sessions": await _delete_chunked(engine, sessions, sessions.c.last_activity_at < cutoff),
+    }
+    return PruneResult(cutoff, deleted)

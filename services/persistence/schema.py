@@ -1,0 +1,131 @@
+"""The tables, as SQLAlchemy Core sees them (the migrations in `migrations/` create them).
+
+Every row carries `tenant_id` and every key starts with it, so each query is scoped by tenant
+and served by an index. Keys make every write of the writer idempotent:
+
+- `messages`: (tenant, task, role): a task has at most one user and one assistant message.
+- `tasks`: (tenant, task): a task's final state, written once.
+- `usage_events`: (tenant, task): the marker that a task's usage was added to `usage_daily`;
+  the daily sums only ever grow by rows this insert actually created.
+- `usage_daily`: (tenant, day): the sums, updated in the transaction that adds the markers.
+- `sessions`: (tenant, session): first and last activity, and when its history was erased.
+
+History is ordered by the session log id of each task's final event (`event_ms`,
+`event_seq`, compared as numbers), then `part` (0: the user's message, 1: the answer).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    Date,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    SmallInteger,
+    Table,
+    Text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+COST = Numeric(20, 9)
+"""Cost in the AES's currency unit, exact: daily sums add up to the cent and below."""
+
+FINAL_STATUSES = "('completed', 'failed', 'cancelled', 'timed_out')"
+
+metadata = MetaData(naming_convention={"pk": "%(table_name)s_pkey"})
+
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("tenant_id", Text, primary_key=True),
+    Column("session_id", Text, primary_key=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("last_activity_at", DateTime(timezone=True), nullable=False),
+    Column("erased_at", DateTime(timezone=True)),
+    Index("sessions_last_activity", "last_activity_at"),
+)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("tenant_id", Text, primary_key=True),
+    Column("task_id", Text, primary_key=True),
+    Column("role", Text, primary_key=True),
+    Column("session_id", Text, nullable=False),
+    Column("part", SmallInteger, nullable=False),
+    Column("agent_id", Text, nullable=False),
+    Column("user_id", Text),
+    Column("content", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("final_event_id", Text),
+    Column("event_ms", BigInteger, nullable=False),
+    Column("event_seq", BigInteger, nullable=False),
+    Column("input_tokens", BigInteger),
+    Column("output_tokens", BigInteger),
+    Column("cost", COST),
+    Column("model", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("completed_at", DateTime(timezone=True), nullable=False),
+    Column("first_chunk_at", DateTime(timezone=True)),
+    CheckConstraint("role IN ('user', 'assistant')", name="messages_role"),
+    CheckConstraint(
+        "(role = 'user' AND part = 0) OR (role = 'assistant' AND part = 1)", name="messages_part"
+    ),
+    CheckConstraint(f"status IN {FINAL_STATUSES}", name="messages_status"),
+    Index("messages_history", "tenant_id", "session_id", "event_ms", "event_seq", "part"),
+    Index("messages_completed_at", "completed_at"),
+)
+
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("tenant_id", Text, primary_key=True),
+    Column("task_id", Text, primary_key=True),
+    Column("session_id", Text, nullable=False),
+    Column("agent_id", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("error", JSONB),
+    Column("result", JSONB),
+    Column("input_tokens", BigInteger, nullable=False),
+    Column("output_tokens", BigInteger, nullable=False),
+    Column("cost", COST, nullable=False),
+    Column("model", Text),
+    Column("final_event_id", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    CheckConstraint(f"status IN {FINAL_STATUSES}", name="tasks_status"),
+    Index("tasks_session", "tenant_id", "session_id"),
+    Index("tasks_updated_at", "updated_at"),
+)
+
+usage_events = Table(
+    "usage_events",
+    metadata,
+    Column("tenant_id", Text, primary_key=True),
+    Column("task_id", Text, primary_key=True),
+    Column("day", Date, nullable=False),
+    Column("input_tokens", BigInteger, nullable=False),
+    Column("output_tokens", BigInteger, nullable=False),
+    Column("cost", COST, nullable=False),
+    Index("usage_events_day", "day"),
+)
+
+usage_daily = Table(
+    "usage_daily",
+    metadata,
+    Column("tenant_id", Text, primary_key=True),
+    Column("day", Date, primary_key=True),
+    Column("requests", BigInteger, nullable=False),
+    Column("input_tokens", BigInteger, nullable=False),
+    Column("output_tokens", BigInteger, nullable=False),
+    Column("cost", COST, nullable=False),
+)
+
+HISTORY_TABLES = (sessions, messages, tasks)
+ALL_TABLES = (sessions, messages, tasks, usage_events, usage_daily)

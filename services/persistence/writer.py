@@ -1,0 +1,277 @@
+"""The persistence writer: drains the record stream into PostgreSQL, read top to bottom.
+
+own pending entries first -> entries idle too long at a dead writer -> new entries (blocking
+read) -> decode (dead-letter what never will) -> write the batch in one transaction, retrying
+with backoff for as long as PostgreSQL is away -> acknowledge and delete what was written.
+
+Nothing is acknowledged before its transaction commits, so an outage, a crash or a stop
+loses nothing: the entries wait in Redis (pending or unread) and are written, once, when
+PostgreSQL answers again. A batch refused for its *data* is split to find the one record at
+fault, which is dead-lettered; the rest are written. Any number of writers share the stream
+through the consumer group; written entries are deleted, so the stream holds only backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Sequence
+
+from prometheus_client import Counter, Gauge
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.core import keys
+from services.core.redis_client import REDIS_DOWN
+from services.core.settings import Settings
+from services.core.streams import Entry, dead_letter, ensure_group, is_missing_group, parse_read
+from services.core.streams import reclaim as reclaim_idle
+from services.persistence.batch import Written, write_batch
+from services.persistence.database import create_engine, is_data_error
+from services.persistence.records import MalformedRecord, PersistRecord, decode_record
+
+log = logging.getLogger(__name__)
+
+backlog_gauge = Gauge(
+    "orchestrator_persistence_backlog", "Finished tasks waiting to be written to PostgreSQL"
+)
+rows_written = Counter(
+    "orchestrator_persistence_rows_written", "Rows written to PostgreSQL, by table", ["table"]
+)
+records_written = Counter(
+    "orchestrator_persistence_records", "Records taken off the persistence stream, by outcome",
+    ["outcome"],
+)  # fmt: skip
+write_failures = Counter(
+    "orchestrator_persistence_write_failures", "Batch writes that failed and will be retried"
+)
+
+FIRST_RETRY_SECONDS = 0.1
+BACKLOG_REPORT_SECONDS = 1.0
+
+
+async def backlog(redis: Redis) -> int:
+    """Records not yet written: never delivered to a writer (lag) plus delivered, unacked.
+
+    Falls back to the stream's length (it holds only unwritten entries) when Redis cannot
+    tell the lag. 0 when the stream does not exist yet.
+    """
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.xinfo_groups(keys.PERSIST_RECORDS)
+        pipe.xlen(keys.PERSIST_RECORDS)
+        groups, length = await pipe.execute(raise_on_error=False)
+    if isinstance(length, BaseException):
+        raise length
+    if isinstance(groups, BaseException):
+        return int(length)
+    for group in groups:
+        name = group.get("name")
+        if (name.decode() if isinstance(name, bytes) else name) != keys.PERSIST_GROUP:
+            continue
+        lag = group.get("lag")
+        if lag is None:
+            return int(length)
+        return int(lag) + int(group.get("pending") or 0)
+    return int(length)
+
+
+def writer_name(settings: Settings) -> str:
+    return settings.pod_name or f"{socket.gethostname()}-{os.getpid()}"
+
+
+class PersistenceWriter:
+    """One consumer of the `persist` group. `run()` until `stop()`; owns its engine unless given.
+
+    `stop()` lets the batch in hand finish (or, while PostgreSQL is down, leaves it pending
+    for the next writer) and returns from `run()`.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        *,
+        engine: AsyncEngine | None = None,
+        consumer: str | None = None,
+    ) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.engine = engine or create_engine(settings)
+        self.owns_engine = engine is None
+        self.consumer = consumer or writer_name(settings)
+        self.stream = keys.PERSIST_RECORDS
+        self.stopping = asyncio.Event()
+        self.database_down = False
+        self.batches = 0  # transactions committed: the unit the writer works in
+        self._own_pending = True
+        self._next_reclaim = 0.0
+        self._next_report = 0.0
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def run(self) -> None:
+        try:
+            await ensure_group(self.redis, self.stream, keys.PERSIST_GROUP)
+            while not self.stopping.is_set():
+                try:
+                    entries = await self._next_batch()
+                    if entries:
+                        await self._persist(entries)
+                    await self._report_backlog()
+                except REDIS_DOWN as exc:
+                    log.warning("persistence writer: redis unavailable (%s)", exc)
+                    self._own_pending = True
+                    await self._pause(self.settings.persist_retry_max_seconds)
+                except ResponseError as exc:
+                    if not is_missing_group(exc):
+                        raise
+                    log.warning("persistence writer: consumer group missing, recreating")
+                    await ensure_group(self.redis, self.stream, keys.PERSIST_GROUP)
+        finally:
+            if self.owns_engine:
+                await self.engine.dispose()
+
+    async def _next_batch(self) -> list[Entry]:
+        """Own pending entries first, then those idle at a dead writer, then new ones."""
+        count = self.settings.persist_batch_size
+        if self._own_pending:
+            reply = await self.redis.xreadgroup(
+                keys.PERSIST_GROUP, self.consumer, {self.stream: "0"}, count=count
+            )
+            entries = parse_read(reply)
+            if entries:
+                return entries
+            self._own_pending = False
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._next_reclaim:
+            self._next_reclaim = loop.time() + self.settings.persist_reclaim_idle_seconds / 2
+            idle_ms = int(self.settings.persist_reclaim_idle_seconds * 1000)
+            claimed = await reclaim_idle(
+                self.redis, self.stream, keys.PERSIST_GROUP, self.consumer, idle_ms, count
+            )
+            if claimed:
+                return claimed
+        reply = await self.redis.xreadgroup(
+            keys.PERSIST_GROUP,
+            self.consumer,
+            {self.stream: ">"},
+            count=count,
+            block=int(self.settings.worker_sleep_seconds * 1000),
+        )
+        return parse_read(reply)
+
+    async def _persist(self, entries: list[Entry]) -> None:
+        decoded: list[tuple[Entry, PersistRecord]] = []
+        for entry in entries:
+            raw = entry.raw_action
+            if not entry.fields:  # trimmed while pending: nothing left to write
+                await self._done([entry.id])
+                records_written.labels("trimmed").inc()
+            elif raw is None:
+                await self._dead_letter(entry, "stream entry has no 'action' field")
+            else:
+                try:
+                    decoded.append((entry, decode_record(raw)))
+                except MalformedRecord as exc:
+                    await self._dead_letter(entry, f"malformed record: {exc.reason}")
+        if decoded and await self._write_until_done(decoded):
+            await self._done([entry.id for entry, _ in decoded])
+
+    async def _write_until_done(self, batch: Sequence[tuple[Entry, PersistRecord]]) -> bool:
+        """True once the batch is written (its refused records dead-lettered); False on stop."""
+        delay = FIRST_RETRY_SECONDS
+        split = False
+        while True:
+            try:
+                if split:
+                    await self._write_one_by_one(batch)
+                else:
+                    self._count(await self._write([record for _, record in batch]), len(batch))
+            except Exception as exc:  # classified here, so the loop never dies of it
+                if is_data_error(exc) and not split:
+                    split = True
+                    continue
+                write_failures.inc()
+                if not self.database_down:
+                    log.warning("persistence writer: database unavailable, retrying: %s", exc)
+                self.database_down = True
+                await self._keep_claim([entry for entry, _ in batch])
+                await self._report_backlog()
+                if await self._pause(delay):
+                    return False
+                delay = min(delay * 2, self.settings.persist_retry_max_seconds)
+                continue
+            if self.database_down:
+                log.info("persistence writer: database answers again")
+            self.database_down = False
+            return True
+
+    async def _write(self, records: Sequence[PersistRecord]) -> Written:
+        async with self.engine.begin() as conn:
+            written = await write_batch(conn, records)
+        self.batches += 1
+        return written
+
+    async def _write_one_by_one(self, batch: Sequence[tuple[Entry, PersistRecord]]) -> None:
+        """Find the records PostgreSQL refuses for their data: dead-letter them, write the rest.
+
+        Any other failure propagates: the caller retries the whole batch, and the records
+        written here meanwhile are skipped then (writes are idempotent).
+        """
+        for entry, record in batch:
+            try:
+                written = await self._write([record])
+            except Exception as exc:  # only a data error is this record's fault
+                if not is_data_error(exc):
+                    raise
+                await self._dead_letter(entry, f"refused by the database: {exc}")
+                continue
+            self._count(written, 1)
+
+    def _count(self, written: Written, records: int) -> None:
+        records_written.labels("written").inc(records)
+        for table, count in written.rows.items():
+            rows_written.labels(table).inc(count)
+
+    async def _done(self, ids: list[str]) -> None:
+        """Acknowledge and delete: the stream keeps only what is still to be written."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xack(self.stream, keys.PERSIST_GROUP, *ids)
+            pipe.xdel(self.stream, *ids)
+            await pipe.execute()
+
+    async def _dead_letter(self, entry: Entry, reason: str) -> None:
+        await dead_letter(self.redis, entry, keys.PERSIST_GROUP, reason)
+        await self.redis.xdel(self.stream, entry.id)
+        records_written.labels("dead_lettered").inc()
+
+    async def _keep_claim(self, entries: list[Entry]) -> None:
+        """Reset the entries' idle time, so other writers do not take over a batch in hand."""
+        with contextlib.suppress(*REDIS_DOWN):
+            await self.redis.xclaim(
+                self.stream,
+                keys.PERSIST_GROUP,
+                self.consumer,
+                min_idle_time=0,
+                message_ids=[entry.id for entry in entries],
+                justid=True,
+            )
+
+    async def _report_backlog(self) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._next_report:
+            return
+        self._next_report = loop.time() + BACKLOG_REPORT_SECONDS
+        with contextlib.suppress(*REDIS_DOWN):
+            backlog_gauge.set(await backlog(self.redis))
+
+    async def _pause(self, seconds: float) -> bool:
+        """Wait `seconds` or until stopped; True when stopping."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+        return self.stopping.is_set()
