@@ -156,6 +156,8 @@ def create_app(settings: Settings, *, pod_id: str | None = None) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         redis = create_redis(settings)
         scripts = Scripts(redis)
+        with contextlib.suppress(*REDIS_DOWN):  # else loaded on the first NOSCRIPT
+            await scripts.load()
         tasks = TaskStore(redis, scripts, settings)
         name = pod_id or settings.pod_name or new_id()
         hub = SessionHub(redis, name)

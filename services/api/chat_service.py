@@ -25,8 +25,17 @@ from services.core.errors import Conflict, InvalidInput, NotFound
 from services.core.ids import new_id
 from services.core.keys import Priority
 from services.core.ratelimit import rate_limit_headers
+from services.core.scripts import missing_script
 from services.core.settings import Settings
-from services.core.tasks import TaskRef, TaskStatus, TaskStore, Verdict, encode_json, parse_outcome
+from services.core.tasks import (
+    Outcome,
+    TaskRef,
+    TaskStatus,
+    TaskStore,
+    Verdict,
+    encode_json,
+    parse_outcome,
+)
 from services.persistence.history import HistoryStore
 from services.persistence.records import publish_finished
 
@@ -120,8 +129,7 @@ class ChatService:
             stream, **{"orchestrator.task_id": ref.task_id, "orchestrator.attempt": 1}
         ) as span:
             action.trace_context = telemetry.inject(span)
-            created = await self._enqueue(ref, action, body, principal, request, admitted, stream)
-        outcome = parse_outcome(created)
+            outcome = await self._enqueue(ref, action, body, principal, request, admitted, stream)
         if outcome.verdict is not Verdict.ok:  # a 128-bit id collided: practically never
             raise Conflict("task id collision, retry")
         metrics.tasks_submitted.labels(priority).inc()
@@ -140,31 +148,26 @@ class ChatService:
         request: SendRequest,
         admitted: Admitted,
         stream: str,
-    ) -> Any:
+    ) -> Outcome:
         """Task state and its first event, its location, its deadline, then the action: one
         round trip, state first so no answer can find no task."""
         priority = action.priority
         encoded = encode_action(action)
         tenant_id, session_id = ref.tenant_id, ref.session_id
         partition = keys.partition_of(tenant_id, session_id, self.settings.callback_partitions)
+        fields = {
+            "status": TaskStatus.processing,
+            "agent_id": action.agent_id,
+            "user_id": principal.user_id,
+            "stream": "1" if request.stream else "0",
+            "priority": priority,
+            "tier": admitted.quota.tier,
+            "created_ms": str(int(action.created_at.timestamp() * 1000)),
+            "deadline": action.deadline.isoformat(),
+            "action": encoded.decode(),
+        }
         async with self.redis.pipeline(transaction=False) as pipe:
-            await self.tasks.apply(
-                ref,
-                "create",
-                body=body,
-                fields={
-                    "status": TaskStatus.processing,
-                    "agent_id": action.agent_id,
-                    "user_id": principal.user_id,
-                    "stream": "1" if request.stream else "0",
-                    "priority": priority,
-                    "tier": admitted.quota.tier,
-                    "created_ms": str(int(action.created_at.timestamp() * 1000)),
-                    "deadline": action.deadline.isoformat(),
-                    "action": encoded.decode(),
-                },
-                pipe=pipe,
-            )
+            await self.tasks.apply(ref, "create", body=body, fields=fields, pipe=pipe)
             pipe.set(
                 keys.task_location(ref.task_id),
                 self.tasks.location_value(ref),
@@ -180,8 +183,17 @@ class ChatService:
                 maxlen=AES_STREAM_MAXLEN,
                 approximate=True,
             )
-            created, *_ = await pipe.execute()
-        return created
+            created, *_ = await pipe.execute(raise_on_error=False)
+        if missing_script(created):
+            # Redis lost its scripts (restarted): the rest of the pipeline ran, so create the
+            # task state now (the script is idempotent) before any answer can look for it.
+            await self.tasks.scripts.load()
+            outcome = await self.tasks.apply(ref, "create", body=body, fields=fields)
+            assert outcome is not None
+            return outcome
+        if isinstance(created, Exception):
+            raise created
+        return parse_outcome(created)
 
     async def _replay(self, principal: Principal, idempotency: str) -> Sent | None:
         """The task an earlier request with this key created, if any (within 24 hours)."""

@@ -148,10 +148,10 @@ class TaskStore:
             fields=fields or {},
             traceparent=traceparent,
         )
-        result = await self.scripts.task_event(keys=script_keys, args=args, client=pipe)
         if pipe is not None:
+            self.scripts.queue(pipe, self.scripts.task_event, script_keys, args)
             return None
-        return parse_outcome(result)
+        return parse_outcome(await self.scripts.task_event(keys=script_keys, args=args))
 
     async def locate(self, task_id: str) -> TaskRef | None:
         where = _text(await self.redis.get(keys.task_location(task_id)))

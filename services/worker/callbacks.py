@@ -225,19 +225,21 @@ class CallbackEffects:
             keys.session_channel(tenant, session),
             DEDUPE_TTL_SECONDS,
         ]
-        await self.scripts.session_event(
-            keys=[
+        self.scripts.queue(
+            pipe,
+            self.scripts.session_event,
+            [
                 keys.session_dedupe(tenant, session, action.action_id),
                 keys.session_log(tenant, session),
             ],
-            args=args,
-            client=pipe,
+            args,
         )
 
     async def _broadcast(self, action: WebsocketBroadcast, pipe: Pipeline) -> None:
         body = events.event_body(events.MESSAGE, action.message, action.task_id)
-        await self.scripts.broadcast(
-            keys=[keys.tenant_dedupe(action.tenant_id, action.action_id)],
-            args=[body, keys.tenant_channel(action.tenant_id), DEDUPE_TTL_SECONDS],
-            client=pipe,
+        self.scripts.queue(
+            pipe,
+            self.scripts.broadcast,
+            [keys.tenant_dedupe(action.tenant_id, action.action_id)],
+            [body, keys.tenant_channel(action.tenant_id), DEDUPE_TTL_SECONDS],
         )

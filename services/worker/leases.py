@@ -16,7 +16,7 @@ import zlib
 from redis.asyncio import Redis
 
 from services.core import keys
-from services.core.scripts import Scripts
+from services.core.scripts import Scripts, missing_script
 
 
 class PartitionLeases:
@@ -48,12 +48,16 @@ class PartitionLeases:
         owned = sorted(self.owned)
         async with self.redis.pipeline(transaction=False) as pipe:
             for partition in owned:
-                await self.scripts.lease(
-                    keys=[keys.partition_lease(partition)],
-                    args=[self.worker_id, self.ttl_ms, "renew"],
-                    client=pipe,
+                self.scripts.queue(
+                    pipe,
+                    self.scripts.lease,
+                    [keys.partition_lease(partition)],
+                    [self.worker_id, self.ttl_ms, "renew"],
                 )
-            results = await pipe.execute()
+            results = await pipe.execute(raise_on_error=False)
+        if any(missing_script(result) for result in results):
+            await self.scripts.load()  # Redis lost its scripts: renew again next round
+            return set()
         lost = {p for p, held in zip(owned, results, strict=True) if not held}
         self.owned -= lost
         return lost

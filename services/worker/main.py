@@ -127,6 +127,8 @@ class Worker:
 
     async def run(self) -> None:
         interval = self.settings.partition_lease_seconds / 3
+        with contextlib.suppress(*REDIS_DOWN):  # else loaded on the first NOSCRIPT
+            await self.scripts.load()
         log.info("worker %s started", self.worker_id)
         writer = None
         writing: asyncio.Task[None] | None = None

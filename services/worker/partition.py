@@ -30,6 +30,7 @@ from services.core.actions import (
     decode_callback,
 )
 from services.core.redis_client import REDIS_DOWN
+from services.core.scripts import missing_script
 from services.core.settings import Settings
 from services.core.streams import (
     Entry,
@@ -216,6 +217,8 @@ class PartitionConsumer:
                 for (_, action), span in zip(decoded, spans, strict=True)
             ]
             results = await pipe.execute(raise_on_error=False)
+        if any(missing_script(result) for result in results):
+            await self.effects.scripts.load()  # Redis lost its scripts; those entries retry
         done: list[str] = []
         finished: list[tuple[TaskRef, str | None]] = []
         retries: dict[str, float] = {}

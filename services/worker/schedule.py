@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from services.core import events, keys, telemetry
 from services.core.actions import ACTION_FIELD, ChatProcess, MalformedAction, decode_action
 from services.core.ids import new_id
+from services.core.scripts import missing_script
 from services.core.tasks import TaskRef, TaskStatus, TaskStore, Verdict, encode_json, parse_outcome
 from services.persistence.records import publish_finished
 from services.worker import metrics
@@ -81,7 +82,10 @@ class PartitionSchedule:
                     fields={"status": TaskStatus.timed_out, "error": encode_json(error)},
                     pipe=pipe,
                 )
-            results = await pipe.execute()
+            results = await pipe.execute(raise_on_error=False)
+        if any(missing_script(result) for result in results):
+            await self.tasks.scripts.load()  # fired again at the next tick
+            return
         finished: list[tuple[TaskRef, str | None]] = []
         for member, result in zip(members, results, strict=True):
             outcome = parse_outcome(result)
