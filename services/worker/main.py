@@ -55,7 +55,7 @@ class Worker:
         )
         self.consumers: dict[int, tuple[PartitionConsumer, asyncio.Task[None]]] = {}
         self.tenant_labels = metrics.TenantLabels(settings.metrics_tenant_labels)
-        self._lag_reported: set[str] = set()
+        self._lag_reported: set[tuple[str, str]] = set()
         self.stopping = asyncio.Event()
 
     def _start_consumer(self, partition: int) -> None:
@@ -108,7 +108,7 @@ class Worker:
         streams = [(keys.callback_stream(p), keys.WORKER_GROUP) for p in self.leases.owned]
         if 0 in self.leases.owned:
             streams += [(keys.aes_stream(p), keys.AES_GROUP) for p in keys.PRIORITIES]
-        reported = set()
+        reported: set[tuple[str, str]] = set()
         for stream, group in streams:
             try:
                 groups = await self.redis.xinfo_groups(stream)
@@ -117,12 +117,12 @@ class Worker:
             for info in groups:
                 name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
                 if name == group:
-                    metrics.stream_lag.labels(stream).set(info.get("lag") or 0)
-                    metrics.stream_pending.labels(stream).set(info.get("pending") or 0)
-                    reported.add(stream)
-        for stream in self._lag_reported - reported:
-            metrics.stream_lag.remove(stream)
-            metrics.stream_pending.remove(stream)
+                    metrics.stream_lag.labels(stream, group).set(info.get("lag") or 0)
+                    metrics.stream_pending.labels(stream, group).set(info.get("pending") or 0)
+                    reported.add((stream, group))
+        for stream, group in self._lag_reported - reported:
+            metrics.stream_lag.remove(stream, group)
+            metrics.stream_pending.remove(stream, group)
         self._lag_reported = reported
 
     async def run(self) -> None:

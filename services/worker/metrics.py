@@ -48,9 +48,11 @@ usage_tokens = Counter(
     "orchestrator_usage_tokens", "Tokens reported by the AES", ["tenant", "direction"]
 )
 usage_cost = Counter("orchestrator_usage_cost", "Cost reported by the AES", ["tenant"])
-stream_lag = Gauge("orchestrator_stream_lag", "Entries not yet read by the group", ["stream"])
+stream_lag = Gauge(
+    "orchestrator_stream_lag", "Entries not yet read by the group", ["stream", "group"]
+)
 stream_pending = Gauge(
-    "orchestrator_stream_pending", "Entries read but not yet acknowledged", ["stream"]
+    "orchestrator_stream_pending", "Entries read but not yet acknowledged", ["stream", "group"]
 )
 timeouts = Counter("orchestrator_task_timeouts", "Tasks that reached their deadline unfinished")
 retries = Counter("orchestrator_task_retries", "Attempts dispatched again after a failure")

@@ -1,0 +1,453 @@
+{{/*
+Names, labels, images and the pieces every pod shares. One place for each so that every
+component is rendered the same way (labels, security, env, volumes).
+*/}}
+
+{{- define "ao.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "ao.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* <fullname>-<component>, kept within 63 characters. Call with (dict "root" $ "component" "api"). */}}
+{{- define "ao.componentName" -}}
+{{- printf "%s-%s" (include "ao.fullname" .root | trunc (int (sub 62 (len .component))) | trimSuffix "-") .component -}}
+{{- end -}}
+
+{{- define "ao.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Selector labels: only name, instance and component (immutable on Deployments). */}}
+{{- define "ao.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "ao.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* Every label of a component's objects. Call with (dict "root" $ "component" "api"). */}}
+{{- define "ao.labels" -}}
+{{ include "ao.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: agent-orchestrator
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+helm.sh/chart: {{ include "ao.chart" .root }}
+{{- with .root.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Labels of objects that belong to no single component (ConfigMap, Secret, policies). */}}
+{{- define "ao.commonLabels" -}}
+{{ include "ao.labels" (dict "root" . "component" "shared") }}
+{{- end -}}
+
+{{- define "ao.serviceAccountName" -}}
+{{- $sa := index .root.Values .component "serviceAccount" -}}
+{{- default (include "ao.componentName" .) $sa.name -}}
+{{- end -}}
+
+{{/*
+Image reference. Call with (dict "root" $ "image" .Values.api.image "fallback" .Values.worker.image).
+Fields empty in `image` fall back to `fallback`; the tag defaults to the appVersion; a tag of the
+form "tag@sha256:..." (skaffold) is split; a digest wins over the tag.
+*/}}
+{{- define "ao.image" -}}
+{{- $fallback := default dict .fallback -}}
+{{- $image := mergeOverwrite (deepCopy $fallback) (default dict .image) -}}
+{{- $repository := required "image repository is required" $image.repository -}}
+{{- $tag := toString (default .root.Chart.AppVersion (toString (default "" $image.tag))) -}}
+{{- $digest := toString (default "" $image.digest) -}}
+{{- if contains "@" $tag -}}
+{{- $parts := splitList "@" $tag -}}
+{{- $tag = first $parts -}}
+{{- if and (not $digest) (last $parts) -}}
+{{- $digest = last $parts -}}
+{{- end -}}
+{{- end -}}
+{{- $name := $repository -}}
+{{- if $image.registry -}}
+{{- $name = printf "%s/%s" $image.registry $repository -}}
+{{- end -}}
+{{- if $tag -}}
+{{- $name = printf "%s:%s" $name $tag -}}
+{{- end -}}
+{{- if $digest -}}
+{{- $name = printf "%s@%s" $name $digest -}}
+{{- end -}}
+{{- $name -}}
+{{- end -}}
+
+{{- define "ao.imagePullPolicy" -}}
+{{- $fallback := default dict .fallback -}}
+{{- $image := mergeOverwrite (deepCopy $fallback) (default dict .image) -}}
+{{- default "IfNotPresent" $image.pullPolicy -}}
+{{- end -}}
+
+{{- define "ao.imagePullSecrets" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "ao.podSecurityContext" -}}
+securityContext:
+{{ toYaml .Values.podSecurityContext | indent 2 }}
+{{- end -}}
+
+{{- define "ao.containerSecurityContext" -}}
+securityContext:
+{{ toYaml .Values.containerSecurityContext | indent 2 }}
+{{- end -}}
+
+{{/* The only writable path of every container. */}}
+{{- define "ao.tmpVolume" -}}
+- name: tmp
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .Values.tmpSizeLimit }}
+{{- end -}}
+
+{{- define "ao.tmpMount" -}}
+- name: tmp
+  mountPath: /tmp
+{{- end -}}
+
+{{- define "ao.tiersVolume" -}}
+- name: tiers
+  configMap:
+    name: {{ include "ao.componentName" (dict "root" . "component" "tiers") }}
+{{- end -}}
+
+{{- define "ao.tiersMount" -}}
+- name: tiers
+  mountPath: /etc/agent-orchestrator
+  readOnly: true
+{{- end -}}
+
+{{/* Where the URL of Redis comes from: a Secret name and key. */}}
+{{- define "ao.redisSecret" -}}
+{{- if .Values.redis.enabled -}}
+{{ include "ao.componentName" (dict "root" . "component" "redis") }}
+{{- else if .Values.externalRedis.existingSecret -}}
+{{ .Values.externalRedis.existingSecret }}
+{{- else -}}
+{{ include "ao.componentName" (dict "root" . "component" "connections") }}
+{{- end -}}
+{{- end -}}
+
+{{- define "ao.redisSecretKey" -}}
+{{- if .Values.redis.enabled -}}
+redis-url
+{{- else if .Values.externalRedis.existingSecret -}}
+{{ .Values.externalRedis.existingSecretKey }}
+{{- else -}}
+redis-url
+{{- end -}}
+{{- end -}}
+
+{{- define "ao.hasRedisUrl" -}}
+{{- if or .Values.redis.enabled .Values.externalRedis.existingSecret .Values.externalRedis.url -}}true{{- end -}}
+{{- end -}}
+
+{{- define "ao.hasDatabase" -}}
+{{- if or .Values.postgresql.enabled .Values.externalDatabase.existingSecret .Values.externalDatabase.url -}}true{{- end -}}
+{{- end -}}
+
+{{- define "ao.databaseSecret" -}}
+{{- if .Values.postgresql.enabled -}}
+{{ include "ao.componentName" (dict "root" . "component" "postgresql") }}
+{{- else if .Values.externalDatabase.existingSecret -}}
+{{ .Values.externalDatabase.existingSecret }}
+{{- else -}}
+{{ include "ao.componentName" (dict "root" . "component" "connections") }}
+{{- end -}}
+{{- end -}}
+
+{{- define "ao.databaseSecretKey" -}}
+{{- if .Values.postgresql.enabled -}}
+database-url
+{{- else if .Values.externalDatabase.existingSecret -}}
+{{ .Values.externalDatabase.existingSecretKey }}
+{{- else -}}
+database-url
+{{- end -}}
+{{- end -}}
+
+{{- define "ao.jwtSecretName" -}}
+{{- default (include "ao.componentName" (dict "root" . "component" "jwt")) .Values.auth.existingSecret -}}
+{{- end -}}
+
+{{- define "ao.jwtUsesPublicKey" -}}
+{{- if not (hasPrefix "HS" .Values.auth.algorithm) -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+Env of every orchestrator container: pod name from the downward API, the secrets, OpenTelemetry.
+Everything else comes from the settings ConfigMap through envFrom. Call with
+(dict "root" $ "component" "api" "extraEnv" .Values.api.extraEnv).
+*/}}
+{{- define "ao.env" -}}
+{{- $root := .root -}}
+{{- $v := $root.Values -}}
+- name: ORCHESTRATOR_POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: POD_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+{{- if include "ao.hasRedisUrl" $root }}
+- name: ORCHESTRATOR_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "ao.redisSecret" $root }}
+      key: {{ include "ao.redisSecretKey" $root }}
+{{- end }}
+{{- if and (include "ao.hasDatabase" $root) (has .component (list "api" "worker" "migrations")) }}
+- name: ORCHESTRATOR_DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "ao.databaseSecret" $root }}
+      key: {{ include "ao.databaseSecretKey" $root }}
+{{- end }}
+{{- if has .component (list "api" "test") }}
+{{- if include "ao.jwtUsesPublicKey" $root }}
+- name: ORCHESTRATOR_JWT_PUBLIC_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "ao.jwtSecretName" $root }}
+      key: {{ ternary $v.auth.existingSecretPublicKeyKey "jwt-public-key" (ne $v.auth.existingSecret "") }}
+{{- else }}
+- name: ORCHESTRATOR_JWT_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "ao.jwtSecretName" $root }}
+      key: {{ ternary $v.auth.existingSecretKey "jwt-secret" (ne $v.auth.existingSecret "") }}
+{{- end }}
+{{- end }}
+{{- if eq .component "worker" }}
+{{- include "ao.kedaRedisPasswordEnv" $root }}
+{{- end }}
+- name: OTEL_SERVICE_NAME
+  value: agent-orchestrator-{{ .component }}
+{{- if $v.otel.enabled }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ $v.otel.endpoint | quote }}
+- name: OTEL_EXPORTER_OTLP_PROTOCOL
+  value: {{ $v.otel.protocol | quote }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ $v.otel.sampler | quote }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ $v.otel.samplerArg | quote }}
+{{- $attributes := list "k8s.namespace.name=$(POD_NAMESPACE)" "k8s.pod.name=$(ORCHESTRATOR_POD_NAME)" (printf "service.version=%s" $root.Chart.AppVersion) }}
+{{- range $key, $value := $v.otel.resourceAttributes }}
+{{- $attributes = append $attributes (printf "%s=%s" $key $value) }}
+{{- end }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ join "," $attributes | quote }}
+{{- else }}
+- name: OTEL_SDK_DISABLED
+  value: "true"
+{{- end }}
+{{- with .extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* KEDA's redis-streams trigger reads the password from an env var of the scale target. */}}
+{{- define "ao.kedaRedisPassword" -}}
+{{- $v := .Values -}}
+{{- if and (eq $v.autoscaling.mode "keda") $v.autoscaling.keda.redisPasswordSecret.name -}}
+{{ $v.autoscaling.keda.redisPasswordSecret.name }}/{{ required "autoscaling.keda.redisPasswordSecret.key is required with its name" $v.autoscaling.keda.redisPasswordSecret.key }}
+{{- else if and (eq $v.autoscaling.mode "keda") $v.redis.enabled -}}
+{{ include "ao.componentName" (dict "root" . "component" "redis") }}/redis-password
+{{- end -}}
+{{- end -}}
+
+{{- define "ao.kedaRedisPasswordEnv" -}}
+{{- $ref := include "ao.kedaRedisPassword" . -}}
+{{- if $ref }}
+- name: KEDA_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ first (splitList "/" $ref) }}
+      key: {{ last (splitList "/" $ref) }}
+{{- end }}
+{{- end -}}
+
+{{/* Pod annotations that roll pods when their configuration changes. */}}
+{{- define "ao.checksums" -}}
+checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha256sum }}
+checksum/secret: {{ include (print .Template.BasePath "/secrets.yaml") . | sha256sum }}
+{{- end -}}
+
+{{/* Topology spread over zones and nodes. Call with (dict "root" $ "component" "api"). */}}
+{{- define "ao.topologySpread" -}}
+{{- $spread := index .root.Values .component "topologySpread" -}}
+{{- if $spread.enabled }}
+topologySpreadConstraints:
+{{- range $spread.topologyKeys }}
+  - maxSkew: {{ $spread.maxSkew }}
+    topologyKey: {{ . }}
+    whenUnsatisfiable: {{ $spread.whenUnsatisfiable }}
+    labelSelector:
+      matchLabels:
+{{ include "ao.selectorLabels" $ | indent 8 }}
+    matchLabelKeys:
+      - pod-template-hash
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Scheduling knobs shared by every component. Call with the component's values. */}}
+{{- define "ao.scheduling" -}}
+{{- with .nodeSelector }}
+nodeSelector:
+{{ toYaml . | indent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations:
+{{ toYaml . | indent 2 }}
+{{- end }}
+{{- with .affinity }}
+affinity:
+{{ toYaml . | indent 2 }}
+{{- end }}
+{{- with .priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- end -}}
+
+{{/* Probes on the metrics port for processes without an HTTP API (worker, executor). */}}
+{{- define "ao.metricsProbes" -}}
+startupProbe:
+  httpGet:
+    path: /metrics
+    port: metrics
+  periodSeconds: {{ .startup.periodSeconds }}
+  timeoutSeconds: {{ .startup.timeoutSeconds }}
+  failureThreshold: {{ .startup.failureThreshold }}
+readinessProbe:
+  httpGet:
+    path: /metrics
+    port: metrics
+  periodSeconds: {{ .readiness.periodSeconds }}
+  timeoutSeconds: {{ .readiness.timeoutSeconds }}
+  failureThreshold: {{ .readiness.failureThreshold }}
+  successThreshold: {{ .readiness.successThreshold }}
+livenessProbe:
+  tcpSocket:
+    port: metrics
+  periodSeconds: {{ .liveness.periodSeconds }}
+  timeoutSeconds: {{ .liveness.timeoutSeconds }}
+  failureThreshold: {{ .liveness.failureThreshold }}
+{{- end -}}
+
+{{/* Whether a Prometheus Operator kind may be rendered: API present, or forced. */}}
+{{- define "ao.monitoringApi" -}}
+{{- if or .force (.root.Capabilities.APIVersions.Has (printf "monitoring.coreos.com/v1/%s" .kind)) -}}true{{- end -}}
+{{- end -}}
+
+{{/* Guards: configurations that cannot work fail the render with one clear line. */}}
+{{- define "ao.validate" -}}
+{{- $v := .Values -}}
+{{- if not (has $v.autoscaling.mode (list "none" "hpa" "keda")) -}}
+{{- fail (printf "autoscaling.mode must be one of none, hpa, keda (got %q): the HPA and KEDA modes are mutually exclusive" $v.autoscaling.mode) -}}
+{{- end -}}
+{{- if not (has $v.exposure.mode (list "none" "ingress" "gateway")) -}}
+{{- fail (printf "exposure.mode must be one of none, ingress, gateway (got %q)" $v.exposure.mode) -}}
+{{- end -}}
+{{- if and $v.redis.enabled (or $v.externalRedis.url $v.externalRedis.existingSecret) -}}
+{{- fail "redis.enabled and externalRedis are mutually exclusive: disable the in-chart Redis to use an external one" -}}
+{{- end -}}
+{{- if and $v.redis.enabled (ne $v.externalRedis.mode "standalone") -}}
+{{- fail "the in-chart Redis is a single node: externalRedis.mode must stay standalone with redis.enabled" -}}
+{{- end -}}
+{{- if and (not $v.redis.enabled) (eq $v.externalRedis.mode "sentinel") (not $v.externalRedis.sentinels) -}}
+{{- fail "externalRedis.sentinels is required when externalRedis.mode is sentinel" -}}
+{{- end -}}
+{{- if and (not $v.redis.enabled) (ne $v.externalRedis.mode "sentinel") (not (or $v.externalRedis.url $v.externalRedis.existingSecret)) -}}
+{{- fail "Redis is required: set redis.enabled=true (evaluation) or externalRedis.url / externalRedis.existingSecret" -}}
+{{- end -}}
+{{- if and $v.postgresql.enabled (or $v.externalDatabase.url $v.externalDatabase.existingSecret) -}}
+{{- fail "postgresql.enabled and externalDatabase are mutually exclusive: disable the in-chart PostgreSQL to use an external one" -}}
+{{- end -}}
+{{- if and (include "ao.jwtUsesPublicKey" .) (not (or $v.auth.publicKey $v.auth.existingSecret)) -}}
+{{- fail (printf "auth.algorithm %s needs auth.publicKey or auth.existingSecret (holding the public key)" $v.auth.algorithm) -}}
+{{- end -}}
+{{- if not (hasKey $v.tiers $v.config.defaultTier) -}}
+{{- fail (printf "config.defaultTier %q is not a tier in `tiers`" $v.config.defaultTier) -}}
+{{- end -}}
+{{- if ge (int $v.api.autoscaling.targetConnectionsPerPod) (int $v.config.maxWebsocketConnections) -}}
+{{- fail "api.autoscaling.targetConnectionsPerPod must be below config.maxWebsocketConnections, or pods reach the cap before the HPA adds more" -}}
+{{- end -}}
+{{- if gt (int $v.api.autoscaling.minReplicas) (int $v.api.autoscaling.maxReplicas) -}}
+{{- fail "api.autoscaling.minReplicas must not exceed maxReplicas" -}}
+{{- end -}}
+{{- if gt (int $v.worker.autoscaling.minReplicas) (int $v.worker.autoscaling.maxReplicas) -}}
+{{- fail "worker.autoscaling.minReplicas must not exceed maxReplicas" -}}
+{{- end -}}
+{{- if and (eq $v.autoscaling.mode "keda") (not $v.redis.enabled) (not $v.autoscaling.keda.redisAddress) -}}
+{{- fail "autoscaling.keda.redisAddress is required with an external Redis (KEDA reads the stream lag itself)" -}}
+{{- end -}}
+{{- if and (eq $v.exposure.mode "gateway") (not $v.exposure.gateway.parentRefs) -}}
+{{- fail "exposure.gateway.parentRefs is required when exposure.mode is gateway" -}}
+{{- end -}}
+{{- $reserved := list "ORCHESTRATOR_POD_NAME" "POD_NAMESPACE" "ORCHESTRATOR_REDIS_URL" "ORCHESTRATOR_DATABASE_URL" "ORCHESTRATOR_JWT_SECRET" "ORCHESTRATOR_JWT_PUBLIC_KEY" "OTEL_SERVICE_NAME" -}}
+{{- range $name, $value := $v.config.extraEnv -}}
+{{- if or (has $name $reserved) (hasKey (include "ao.settingsEnv" $ | fromYaml) $name) -}}
+{{- fail (printf "config.extraEnv.%s is already set by the chart: use its value instead" $name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The ORCHESTRATOR_* settings of the ConfigMap, as a YAML map (without config.extraEnv). */}}
+{{- define "ao.settingsEnv" -}}
+{{- $v := .Values -}}
+ORCHESTRATOR_LOG_LEVEL: {{ $v.config.logLevel | quote }}
+ORCHESTRATOR_DEFAULT_TIER: {{ $v.config.defaultTier | quote }}
+ORCHESTRATOR_ALLOWED_ORIGINS: {{ join "," $v.config.allowedOrigins | quote }}
+ORCHESTRATOR_MAX_WEBSOCKET_CONNECTIONS: {{ $v.config.maxWebsocketConnections | quote }}
+ORCHESTRATOR_WEBSOCKET_PING_INTERVAL: {{ $v.config.websocketPingInterval | quote }}
+ORCHESTRATOR_WEBSOCKET_PING_TIMEOUT: {{ $v.config.websocketPingTimeout | quote }}
+ORCHESTRATOR_WEBSOCKET_COMPRESSION: {{ $v.config.websocketCompression | quote }}
+ORCHESTRATOR_CALLBACK_PARTITIONS: {{ $v.config.callbackPartitions | quote }}
+ORCHESTRATOR_HISTORY_RETENTION_DAYS: {{ $v.config.historyRetentionDays | quote }}
+ORCHESTRATOR_VALIDATION_CACHE_TTL: {{ $v.config.validationCacheTtl | quote }}
+ORCHESTRATOR_METRICS_PORT: {{ $v.config.metricsPort | quote }}
+ORCHESTRATOR_DRAIN_SECONDS: {{ $v.api.drain.seconds | quote }}
+ORCHESTRATOR_TIERS_FILE: /etc/agent-orchestrator/tiers.json
+ORCHESTRATOR_EXECUTOR_CONCURRENCY: {{ $v.executor.concurrency | quote }}
+ORCHESTRATOR_EXECUTOR_CHUNK_DELAY_MS: {{ $v.executor.chunkDelayMs | quote }}
+{{- if $v.redis.enabled }}
+ORCHESTRATOR_REDIS_MODE: "standalone"
+{{- else }}
+ORCHESTRATOR_REDIS_MODE: {{ $v.externalRedis.mode | quote }}
+{{- if eq $v.externalRedis.mode "sentinel" }}
+ORCHESTRATOR_REDIS_SENTINELS: {{ join "," $v.externalRedis.sentinels | quote }}
+ORCHESTRATOR_REDIS_SENTINEL_MASTER: {{ $v.externalRedis.sentinelMaster | quote }}
+{{- end }}
+{{- end }}
+ORCHESTRATOR_REDIS_MAX_CONNECTIONS: {{ $v.externalRedis.maxConnections | quote }}
+ORCHESTRATOR_JWT_ALGORITHM: {{ $v.auth.algorithm | quote }}
+{{- with $v.auth.audience }}
+ORCHESTRATOR_JWT_AUDIENCE: {{ . | quote }}
+{{- end }}
+{{- with $v.auth.issuer }}
+ORCHESTRATOR_JWT_ISSUER: {{ . | quote }}
+{{- end }}
+{{- end -}}
