@@ -10,10 +10,10 @@ import httpx
 import pytest
 
 from services.cli.embedded import RedisServer
+from services.cli.otlp_sink import ReceivedSpan, Receiver
 from services.cli.stack import Child, LocalStack
 from tests.e2e.clients import connect, events_until, final_of, send, token, unique
 from tests.e2e.conftest import new_stack
-from tests.e2e.otlp import ReceivedSpan, Receiver
 
 pytestmark = pytest.mark.e2e
 

@@ -1,4 +1,4 @@
-"""A real OTLP/HTTP receiver for the tests: collects the spans every process exports."""
+"""A real OTLP/HTTP receiver for tests and benchmarks: collects the spans every process exports."""
 
 from __future__ import annotations
 
