@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -26,7 +28,8 @@ pytestmark = pytest.mark.e2e
 
 
 class Tenancy:
-    def __init__(self, stack: LocalStack, apis: list[Child], redis: Redis) -> None:
+    def __init__(self, stack: LocalStack, apis: list[Child], redis: Redis, url: str) -> None:
+        self.redis_url = url
         self.stack = stack
         self.apis = apis
         self.redis = redis
@@ -63,7 +66,7 @@ async def tenancy(
     tenancy_stack: tuple[LocalStack, list[Child]], e2e_redis: RedisServer
 ) -> AsyncIterator[Tenancy]:
     redis = Redis.from_url(e2e_redis.url)
-    yield Tenancy(*tenancy_stack, redis)
+    yield Tenancy(*tenancy_stack, redis, e2e_redis.url)
     await redis.aclose()
 
 
@@ -191,7 +194,7 @@ async def test_a_tenant_over_its_token_budget_is_refused_until_midnight_utc(
     await ws.close()
 
 
-async def test_a_quota_change_applies_on_running_apis_within_two_seconds(
+async def test_a_quota_change_by_the_cli_applies_on_running_apis_within_two_seconds(
     tenancy: Tenancy,
 ) -> None:
     tenant = unique("t")
@@ -200,7 +203,12 @@ async def test_a_quota_change_applies_on_running_apis_within_two_seconds(
         await post(tenancy.apis[0], tenant, {"message": "hi", "stream": True})
     ).status_code == 403
     changed = time.monotonic()
-    await tenancy.store.set(tenant, "pro")
+    command = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli.main", "tenants", "set", tenant, "--tier", "pro",
+        env={"PATH": os.environ.get("PATH", ""), "ORCHESTRATOR_REDIS_URL": tenancy.redis_url},
+        stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert await command.wait() == 0
     while True:
         reply = await post(tenancy.apis[0], tenant, {"message": "hi", "stream": True})
         if reply.status_code == 202:
