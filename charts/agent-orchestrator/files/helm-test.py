@@ -1,6 +1,7 @@
 # The `helm test` check (templates/tests/test-connection.yaml), run with the api image's Python.
 # API_URL: the api Service. With ORCHESTRATOR_JWT_SECRET it signs a token (`orchestrator token`)
-# and expects connection.ack; without (RS*/ES*: no private key here) a completed handshake is enough.
+# and expects connection.ack; without (RS*/ES*: no private key here) a completed handshake
+# is enough.
 import asyncio
 import json
 import os
@@ -21,7 +22,9 @@ protocols = ["orchestrator.v1"]
 if os.environ.get("ORCHESTRATOR_JWT_SECRET"):
     token = subprocess.run(
         ["orchestrator", "token", "--tenant", "helm-test", "--user", "helm-test", "--ttl", "120"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     protocols.append("bearer." + token)
 
