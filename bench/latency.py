@@ -68,6 +68,7 @@ def main() -> None:
     logs = Path(tempfile.mkdtemp(prefix="latency-logs-"))
     stack = LocalStack.for_redis(
         redis.url, log_dir=logs, jwt_secret=SECRET, executor_chunk_delay_ms="0",
+        default_tier="enterprise",
         log_level="WARNING",
     )  # fmt: skip
     try:
