@@ -17,7 +17,10 @@ from services.api.metrics import WEBSOCKET_CONNECTIONS_METRIC
 from services.core import keys
 from services.core.settings import ENV_PREFIX, Settings
 from services.core.tiers import DEFAULT_TIERS, TIERS_FILE_VARIABLE, parse_tiers_config
+from services.operator.rbac import required_rules
+from services.operator.settings import OPERATOR_PREFIX, OperatorSettings
 from tests.chart.conftest import (
+    CHART_DIR,
     KEDA_APIS,
     NAMESPACE,
     PROMETHEUS_OPERATOR_APIS,
@@ -366,11 +369,7 @@ def test_settings_configmap_names_only_real_settings(rendered: Rendered) -> None
 
 def test_env_from_the_chart_names_real_settings(rendered: Rendered) -> None:
     fields = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
-    operator_only = {
-        "ORCHESTRATOR_OPERATOR_NAMESPACES",
-        "ORCHESTRATOR_OPERATOR_PEERING",
-        "ORCHESTRATOR_OPERATOR_HEALTH_PORT",
-    }
+    operator_only = {OPERATOR_PREFIX + name.upper() for name in OperatorSettings.model_fields}
     for obj, pod in rendered.pod_specs():
         if _component(obj) not in ORCHESTRATOR_COMPONENTS | {"migrations", "test"}:
             continue
@@ -527,25 +526,33 @@ def _rules(role: dict[str, Any]) -> set[tuple[str, str, str]]:
 
 
 def test_operator_rbac_is_least_privilege(all_rendered: dict[str, Rendered]) -> None:
-    group = "orchestrator.agents.io"
-    base = {(group, "tierquotas", v) for v in ("get", "list", "watch", "patch", "update")}
-    base |= {(group, "tierquotas/status", v) for v in ("get", "patch", "update")}
-    base |= {("", "events", "create")}
-
+    """The rendered rules are the operator's `required_rules()`, nothing more (every scope and
+    peering combination: tests/chart/test_operator_wiring.py)."""
     everything = all_rendered["everything"]  # two namespaces, namespaced peering
     roles = everything.of_kind("Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["chat", "tenants"]
-    peering = {("kopf.dev", "kopfpeerings", v) for v in ("get", "list", "watch", "patch")}
-    assert all(_rules(r) == base | peering for r in roles)
+    peering_name = everything.values["operator"]["peering"].get("name", "agent-orchestrator")
+    expected = required_rules(clusterwide=False, peering_name=peering_name)
+    assert all(r["rules"] == expected for r in roles)
     assert not everything.of_kind("ClusterRole")
     bindings = everything.of_kind("RoleBinding")
     assert {b["subjects"][0]["name"] for b in bindings} == {"ao-agent-orchestrator-operator"}
 
-    cluster = all_rendered["sentinel-rs256"]  # cluster-wide, no peering
+    cluster = all_rendered["sentinel-rs256"]  # cluster-wide, peering named by default
     (cluster_role,) = cluster.of_kind("ClusterRole")
-    assert _rules(cluster_role) == base
+    assert cluster_role["rules"] == required_rules(
+        clusterwide=True, peering_name="agent-orchestrator"
+    )
     assert not cluster.of_kind("Role")
     assert all_rendered["default"].of_kind("Role") == []
+    for rendered in all_rendered.values():
+        for role in rendered.of_kind("Role") + rendered.of_kind("ClusterRole"):
+            for verb in ("get", "create", "update", "delete"):
+                assert (
+                    "orchestrator.agents.io",
+                    "tierquotas",
+                    verb,
+                ) not in _rules(role), "kopf lists, watches and patches TierQuotas"
 
 
 def test_network_policies_default_deny_and_narrow_the_api(rendered: Rendered) -> None:
@@ -639,40 +646,8 @@ def test_monitoring_objects_need_their_api_or_force() -> None:
     assert not disabled.of_kind("PrometheusRule")
 
 
-def test_alerts_have_summary_and_runbook(all_rendered: dict[str, Rendered]) -> None:
-    (rule,) = all_rendered["production"].of_kind("PrometheusRule")
-    alerts = [r for group in rule["spec"]["groups"] for r in group["rules"]]
-    names = {a["alert"] for a in alerts}
-    assert names == {
-        "OrchestratorHighErrorRate",
-        "OrchestratorStreamLag",
-        "OrchestratorDeadLetters",
-        "OrchestratorPodNearConnectionCap",
-    }
-    for alert in alerts:
-        assert alert["annotations"]["summary"]
-        assert alert["annotations"]["description"]
-        assert alert["annotations"]["runbook_url"].startswith("https://")
-        assert 'namespace="chat"' in alert["expr"], "scoped to the release"
-        assert "{{ $" not in alert["expr"]
-    cap = next(a for a in alerts if a["alert"] == "OrchestratorPodNearConnectionCap")
-    assert WEBSOCKET_CONNECTIONS_METRIC in cap["expr"]
-    assert "0.9 * 5000" in cap["expr"]
-
-
-DASHBOARD_METRICS = {
-    WEBSOCKET_CONNECTIONS_METRIC,
-    "orchestrator_websocket_messages_total",
-    "orchestrator_http_requests_total",
-    "orchestrator_http_request_duration_seconds_bucket",
-    "orchestrator_tasks_submitted_total",
-    "orchestrator_callbacks_total",
-    "orchestrator_dead_letters_total",
-    "orchestrator_rate_limit_rejections_total",
-    "orchestrator_quota_rejections_total",
-    "orchestrator_task_timeouts_total",
-    "orchestrator_task_retries_total",
-}
+# Alerts (summary, runbook, scope) and the dashboard's queries (every metric and label exists in
+# the code's registries, panels for every metric): tests/chart/test_observability.py.
 
 
 def test_dashboard_configmap_has_the_sidecar_label(rendered: Rendered) -> None:
@@ -684,15 +659,9 @@ def test_dashboard_configmap_has_the_sidecar_label(rendered: Rendered) -> None:
         return
     (dashboards,) = maps
     assert dashboards["metadata"]["labels"]["grafana_dashboard"] == "1"
-    dashboard = json.loads(dashboards["data"]["agent-orchestrator.json"])
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
-    assert len(exprs) >= 10
-    used = {m for expr in exprs for m in DASHBOARD_METRICS if m + "{" in expr}
-    assert used == DASHBOARD_METRICS, f"panels missing for {DASHBOARD_METRICS - used}"
-    import re
-
-    names = {n for expr in exprs for n in re.findall(r"\b(orchestrator_[a-z_]+)\{", expr)}
-    assert names <= DASHBOARD_METRICS, f"unknown metric names {names - DASHBOARD_METRICS}"
+    for path in (CHART_DIR / "dashboards").glob("*.json"):
+        shipped = json.loads(dashboards["data"][path.name])
+        assert shipped == json.loads(path.read_text()), f"{path.name} shipped as it is"
 
 
 @pytest.mark.parametrize("name", ["default", "production", "everything"])

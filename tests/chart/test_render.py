@@ -1,7 +1,8 @@
 """The chart renders, lints clean and every object is valid for the API that will receive it.
 
 Built-in kinds are checked with `kubernetes-validate` (strict: unknown fields are errors)
-against two Kubernetes minors; custom resources against the upstream CRDs in ../shared/crds.
+against two Kubernetes minors; custom resources against the upstream CRDs in ../shared/crds,
+or against the chart's own crds/ for the kinds it ships (kopf's peering objects).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ CRD_FILES = {
         "gateway.networking.k8s.io",
         "HTTPRoute",
     ): "gateway.networking.k8s.io_httproutes.experimental.yaml",
+    # The chart's own CRDs (absolute paths: not in ../shared/crds).
+    ("kopf.dev", "KopfPeering"): str(CHART_DIR / "crds" / "kopf-peering.yaml"),
+    ("kopf.dev", "ClusterKopfPeering"): str(CHART_DIR / "crds" / "kopf-peering.yaml"),
 }
 
 
@@ -112,14 +116,21 @@ def _structural(schema: Any) -> Any:
 
 
 @cache
-def _crd_validator(filename: str, version: str) -> jsonschema.Draft7Validator:
-    crd = yaml.safe_load((SHARED_CRDS / filename).read_text())
+def _crd_validator(
+    filename: str, version: str, kind: str | None = None
+) -> jsonschema.Draft7Validator:
+    """The schema of `kind` (the only CRD of the file when None) as the API server applies it."""
+    crds = [d for d in yaml.safe_load_all((SHARED_CRDS / filename).read_text()) if d]
+    (crd,) = [c for c in crds if kind is None or c["spec"]["names"]["kind"] == kind]
     served = {v["name"]: v for v in crd["spec"]["versions"] if v.get("served")}
     assert version in served, f"{filename} does not serve {version}"
     schema = copy.deepcopy(served[version]["schema"]["openAPIV3Schema"])
     schema = _structural(schema)
-    # metadata is validated by the API server's ObjectMeta, not by the CRD.
+    # metadata is validated by the API server's ObjectMeta, not by the CRD; apiVersion and kind
+    # are implied for every object, whether or not the CRD lists them.
     schema["properties"]["metadata"] = {"type": "object"}
+    schema["properties"].setdefault("apiVersion", {"type": "string"})
+    schema["properties"].setdefault("kind", {"type": "string"})
     return jsonschema.Draft7Validator(schema)
 
 
@@ -134,7 +145,7 @@ def test_custom_resources_match_upstream_crds(rendered: Rendered) -> None:
         filename = _crd_for(obj)
         if filename is None:
             continue
-        validator = _crd_validator(filename, obj["apiVersion"].split("/")[1])
+        validator = _crd_validator(filename, obj["apiVersion"].split("/")[1], obj["kind"])
         for error in validator.iter_errors(clean(obj)):
             where = "/".join(str(p) for p in error.absolute_path)
             errors.append(f"{obj['kind']} {obj['metadata']['name']} at {where}: {error.message}")
@@ -146,6 +157,7 @@ def test_custom_resources_are_rendered_by_some_value_set(
 ) -> None:
     kinds = {obj["kind"] for r in all_rendered.values() for obj in r.objects}
     assert {"ServiceMonitor", "PrometheusRule", "ScaledObject", "HTTPRoute"} <= kinds
+    assert {"KopfPeering", "ClusterKopfPeering"} <= kinds
 
 
 def test_crd_check_rejects_a_typo() -> None:

@@ -107,6 +107,10 @@ def test_top_level_and_component_objects_refuse_unknown_keys(
         ({"networkPolicy": {"enabled": "yes"}}, "enabled"),
         ({"monitoring": {"prometheusRule": {"errorRatio": 2}}}, "errorRatio"),
         ({"operator": {"watchNamespaces": ["Not_A_Namespace"]}}, "watchNamespaces"),
+        ({"operator": {"peering": {"name": "Not_A_Name"}}}, "name"),
+        ({"operator": {"livenessPort": 0}}, "livenessPort"),
+        ({"operator": {"refreshSeconds": 0.5}}, "refreshSeconds"),
+        ({"operator": {"healthPort": 8080}}, "healthPort"),
     ],
 )
 def test_schema_refuses_nonsense(chart: Any, values: dict[str, Any], complaint: str) -> None:
@@ -153,6 +157,10 @@ def chart_without_schema(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ),
         ({"config": {"extraEnv": {"ORCHESTRATOR_LOG_LEVEL": "DEBUG"}}}, "already set"),
         ({"config": {"extraEnv": {"ORCHESTRATOR_REDIS_URL": "redis://x"}}}, "already set"),
+        (
+            {"operator": {"enabled": True, "clusterWide": True, "watchNamespaces": ["a"]}},
+            "leave operator.watchNamespaces empty",
+        ),
     ],
 )
 def test_template_guards_fail_with_a_clear_line(

@@ -451,3 +451,21 @@ ORCHESTRATOR_JWT_AUDIENCE: {{ . | quote }}
 ORCHESTRATOR_JWT_ISSUER: {{ . | quote }}
 {{- end }}
 {{- end -}}
+
+{{/*
+The namespaces the operator watches, as a JSON array: [] with operator.clusterWide (every
+namespace: ClusterRole, ClusterKopfPeering, ORCHESTRATOR_OPERATOR_NAMESPACES empty), else
+operator.watchNamespaces or the release namespace (a Role and a KopfPeering in each). The
+two settings contradict each other when both are set: fail instead of ignoring one.
+*/}}
+{{- define "ao.operatorNamespaces" -}}
+{{- $operator := .Values.operator -}}
+{{- if $operator.clusterWide -}}
+{{- if $operator.watchNamespaces -}}
+{{- fail "operator.clusterWide watches every namespace: leave operator.watchNamespaces empty" -}}
+{{- end -}}
+{{- list | toJson -}}
+{{- else -}}
+{{- $operator.watchNamespaces | default (list .Release.Namespace) | uniq | toJson -}}
+{{- end -}}
+{{- end -}}
