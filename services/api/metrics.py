@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
+from services.core import task_metrics
+
 WEBSOCKET_CONNECTIONS_METRIC = "orchestrator_websocket_connections"
 
 websocket_connections = Gauge(
@@ -22,7 +24,7 @@ websocket_refusals = Counter(
 tasks_submitted = Counter(
     "orchestrator_tasks_submitted", "Chat messages accepted and enqueued", ["priority"]
 )
-tasks = Counter("orchestrator_tasks", "Tasks reaching a status, by tier", ["status", "tier"])
+tasks = task_metrics.tasks
 
 HTTP_METRICS_PREFIX = "orchestrator_http"
 """Litestar's Prometheus middleware names its metrics `orchestrator_http_requests_total`,

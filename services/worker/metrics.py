@@ -11,6 +11,7 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.core import task_metrics
 from services.core.actions import (
     Callback,
     ExecutionCallback,
@@ -26,7 +27,7 @@ callbacks_handled = Counter(
     "orchestrator_callbacks", "Callbacks handled by the worker, by verdict", ["verdict"]
 )
 dead_letters = Counter("orchestrator_dead_letters", "Entries moved to the dead-letter stream")
-tasks = Counter("orchestrator_tasks", "Tasks reaching a status, by tier", ["status", "tier"])
+tasks = task_metrics.tasks
 late_callbacks = Counter(
     "orchestrator_late_callbacks",
     "Callbacks dropped because their task was final or their attempt superseded",
