@@ -7,7 +7,9 @@ stream of its priority. The state is written first, so an AES answer can never f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -25,6 +27,7 @@ from services.core.errors import Conflict, InvalidInput, NotFound
 from services.core.ids import new_id
 from services.core.keys import Priority
 from services.core.ratelimit import rate_limit_headers
+from services.core.redis_client import REDIS_DOWN, is_cluster
 from services.core.scripts import missing_script
 from services.core.settings import Settings
 from services.core.tasks import (
@@ -42,6 +45,8 @@ from services.persistence.records import publish_finished
 CANCEL_STREAM_MAXLEN = 10_000
 AES_STREAM_MAXLEN = 1_000_000
 IDEMPOTENCY_TTL_SECONDS = 86_400
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,11 +134,28 @@ class ChatService:
             stream, **{"orchestrator.task_id": ref.task_id, "orchestrator.attempt": 1}
         ) as span:
             action.trace_context = telemetry.inject(span)
-            outcome = await self._enqueue(ref, action, body, principal, request, admitted, stream)
+            try:
+                outcome = await self._enqueue(
+                    ref, action, body, principal, request, admitted, stream
+                )
+            except REDIS_DOWN:
+                if is_cluster(self.redis):
+                    await self._abandon(ref, idempotency)
+                raise
         if outcome.verdict is not Verdict.ok:  # a 128-bit id collided: practically never
             raise Conflict("task id collision, retry")
         metrics.tasks_submitted.labels(priority).inc()
         metrics.tasks.labels("accepted", admitted.quota.tier).inc()
+        log.info(
+            "message accepted",
+            extra={
+                "tenant_id": tenant_id,
+                "session_id": session_id,
+                "task_id": ref.task_id,
+                "agent_id": agent_id,
+                "tier": admitted.quota.tier,
+            },
+        )
         accepted = Accepted(
             task_id=ref.task_id, status=TaskStatus.processing, session_id=session_id
         )
@@ -166,6 +188,9 @@ class ChatService:
             "deadline": action.deadline.isoformat(),
             "action": encoded.decode(),
         }
+        # A cluster pipeline runs its commands on several nodes at once, in no order: there the
+        # action is added once the task state is written (one more round trip).
+        cluster = is_cluster(self.redis)
         async with self.redis.pipeline(transaction=False) as pipe:
             await self.tasks.apply(ref, "create", body=body, fields=fields, pipe=pipe)
             pipe.set(
@@ -177,23 +202,51 @@ class ChatService:
                 keys.partition_deadlines(partition),
                 {keys.task_member(tenant_id, session_id, ref.task_id): action.deadline.timestamp()},
             )
-            pipe.xadd(
-                stream,
-                {ACTION_FIELD: encoded},
-                maxlen=AES_STREAM_MAXLEN,
-                approximate=True,
-            )
-            created, *_ = await pipe.execute(raise_on_error=False)
+            if not cluster:
+                pipe.xadd(
+                    stream, {ACTION_FIELD: encoded}, maxlen=AES_STREAM_MAXLEN, approximate=True
+                )
+            created, *rest = await pipe.execute(raise_on_error=False)
         if missing_script(created):
             # Redis lost its scripts (restarted): the rest of the pipeline ran, so create the
             # task state now (the script is idempotent) before any answer can look for it.
             await self.tasks.scripts.load()
             outcome = await self.tasks.apply(ref, "create", body=body, fields=fields)
             assert outcome is not None
-            return outcome
-        if isinstance(created, Exception):
+        elif isinstance(created, Exception):
             raise created
-        return parse_outcome(created)
+        else:
+            outcome = parse_outcome(created)
+        if cluster:
+            failed = next((reply for reply in rest if isinstance(reply, Exception)), None)
+            if failed is not None:
+                raise failed
+            await self.redis.xadd(
+                stream, {ACTION_FIELD: encoded}, maxlen=AES_STREAM_MAXLEN, approximate=True
+            )
+        return outcome
+
+    async def _abandon(self, ref: TaskRef, idempotency: str | None) -> None:
+        """On a cluster the task state and the action live on different nodes, so a send can
+        fail after its task was created: fail that task with a clear error (its socket gets
+        `chat.error`), and free the `Idempotency-Key` so the client's retry (it got 503) makes
+        a new task instead of being told about one that was never queued. Best effort."""
+        error = {"code": "unavailable", "message": "the message was not queued; send it again"}
+        with contextlib.suppress(*REDIS_DOWN):
+            await self.tasks.apply(
+                ref,
+                "failed",
+                body=events.event_body(events.CHAT_ERROR, error, ref.task_id),
+                fields={
+                    "status": TaskStatus.failed,
+                    "error": encode_json(error),
+                    "abandoned": "1",
+                },
+            )
+        if idempotency is not None:
+            with contextlib.suppress(*REDIS_DOWN):
+                if _text(await self.redis.get(idempotency)) == ref.task_id:
+                    await self.redis.delete(idempotency)
 
     async def _replay(self, principal: Principal, idempotency: str) -> Sent | None:
         """The task an earlier request with this key created, if any (within 24 hours)."""
@@ -204,6 +257,8 @@ class ChatService:
         if ref is None or ref.tenant_id != principal.tenant_id:
             return None
         state = await self.tasks.read(ref)
+        if (state or {}).get("abandoned"):
+            return None  # never queued (see `_abandon`): the retry makes a new task
         status = (state or {}).get("status") or TaskStatus.processing
         accepted = Accepted(task_id=ref.task_id, status=status, session_id=ref.session_id)
         return Sent(accepted, {}, replayed=True)
@@ -287,3 +342,7 @@ def _json_field(state: dict[str, Any], name: str) -> dict[str, Any] | None:
         return None
     value = _json_decoder.decode(raw)
     return value if isinstance(value, dict) else None
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 
@@ -12,7 +13,7 @@ import pytest
 from services.cli.embedded import RedisServer
 from services.cli.otlp_sink import ReceivedSpan, Receiver
 from services.cli.stack import Child, LocalStack
-from tests.e2e.clients import connect, events_until, final_of, send, token, unique
+from tests.e2e.clients import SECRET, connect, events_until, final_of, send, token, unique
 from tests.e2e.conftest import new_stack
 
 pytestmark = pytest.mark.e2e
@@ -53,6 +54,17 @@ async def trace_of(receiver: Receiver, task_id: str, until: set[str]) -> list[Re
     raise AssertionError(f"no complete trace for {task_id}")
 
 
+def complete(spans: list[ReceivedSpan]) -> bool:
+    """Every parent received, and the worker's span, the stream span and the socket send."""
+    ids = {s.span_id for s in spans}
+    return (
+        all(not s.parent_id or s.parent_id in ids for s in spans)
+        and any(s.kind == "CONSUMER" and s.service.endswith("worker") for s in spans)
+        and any(s.attributes.get("orchestrator.stream") for s in spans)
+        and any(s.name == "websocket send" for s in spans)
+    )
+
+
 def ancestry(spans: list[ReceivedSpan], leaf: ReceivedSpan) -> list[ReceivedSpan]:
     by_id = {s.span_id: s for s in spans}
     chain = [leaf]
@@ -82,6 +94,11 @@ async def test_a_streamed_chat_is_one_trace_from_http_to_the_socket(
         "agent-orchestrator-executor",
     }
     spans = await trace_of(receiver, task_id, services)
+    deadline = time.monotonic() + 15
+    while not complete(spans):  # each process exports in its own batches: wait for them all
+        assert time.monotonic() < deadline, "the trace never became complete"
+        await asyncio.sleep(0.05)
+        spans = receiver.trace(spans[0].trace_id)
 
     server = [s for s in spans if s.kind == "SERVER" and s.service == "agent-orchestrator-api"]
     assert server, "the HTTP request is the root"
@@ -104,11 +121,6 @@ async def test_a_streamed_chat_is_one_trace_from_http_to_the_socket(
     assert ("executor", "CONSUMER") in names
     assert ("executor", "PRODUCER") in names
     assert names[-1] == ("worker", "CONSUMER")
-    deadline = time.monotonic() + 10
-    while not [s for s in spans if s.name == "websocket send"]:
-        assert time.monotonic() < deadline, "the socket send never reached the trace"
-        await asyncio.sleep(0.05)
-        spans = receiver.trace(worker.trace_id)
     delivered = next(s for s in spans if s.name == "websocket send")
     path = [(s.service.rsplit("-", 1)[-1], s.kind) for s in reversed(ancestry(spans, delivered))]
     assert path[0] == ("api", "SERVER")
@@ -118,8 +130,10 @@ async def test_a_streamed_chat_is_one_trace_from_http_to_the_socket(
     assert len(stream) == 1, "a stream of chunks is one span, not one per chunk"
     assert stream[0].attributes["messaging.batch.message_count"] > 1
     secret = token(tenant)
-    for span in receiver.spans:
-        assert secret not in repr(span.attributes), "no span holds a token"
+    with receiver.lock:
+        assert all(secret not in repr(s.attributes) for s in receiver.spans), (
+            "no span holds a token"
+        )
 
 
 async def test_retries_and_timeouts_are_visible_on_the_trace(
@@ -180,3 +194,42 @@ async def test_retries_and_timeouts_are_visible_on_the_trace(
         await asyncio.sleep(0.05)
     assert timed_out[0].status_code == 2
     assert timed_out[0].service == "agent-orchestrator-worker"
+
+
+async def test_log_lines_are_json_with_the_trace_id_and_never_hold_a_secret(
+    traced: tuple[LocalStack, Child, Receiver],
+) -> None:
+    stack, api, receiver = traced
+    tenant, session = unique("t"), unique("s")
+    bearer = token(tenant)
+    ws, _ = await connect(api.ws_url, tenant, session, bearer=bearer)
+    async with httpx.AsyncClient() as http:
+        reply = await send(http, api.url, tenant, {"message": "log me", "session_id": session})
+    task_id = reply.json()["task_id"]
+    await events_until(ws, final_of(task_id))
+    await ws.close()
+    spans = await trace_of(receiver, task_id, {"agent-orchestrator-api"})
+
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [
+            line
+            for child in stack.children
+            if child.log_path is not None
+            # Complete lines only: a process may be writing its next line right now.
+            for line in child.log_path.read_text().split("\n")[:-1]
+            if line.strip()
+        ]
+        accepted = [line for line in lines if task_id in line and "message accepted" in line]
+        if accepted or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert all({"ts", "level", "service", "msg"} <= set(record) for record in records)
+    mine = json.loads(accepted[0])
+    assert mine["trace_id"] == spans[0].trace_id
+    assert (mine["tenant_id"], mine["session_id"]) == (tenant, session)
+    everything = "\n".join(lines)
+    assert bearer not in everything
+    assert SECRET not in everything
+    assert "log me" not in everything, "message bodies are not logged"
