@@ -20,9 +20,11 @@ import httpx
 import websockets
 
 from services.cli.embedded import RedisServer
+from services.cli.embedded_postgres import PostgresServer
 from services.cli.stack import LocalStack
 from services.core.auth import issue_token
 from services.core.settings import load_settings
+from services.persistence.migrate import migrate
 
 SECRET = "latency-benchmark-secret-" + "z" * 24
 
@@ -63,12 +65,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=200)
     parser.add_argument("--stream", action="store_true", help="streamed answers (chunks)")
+    parser.add_argument(
+        "--database", action="store_true", help="with PostgreSQL persistence (embedded, migrated)"
+    )
     args = parser.parse_args()
     redis = RedisServer().start()
+    postgres = PostgresServer(durable=False).start() if args.database else None
+    if postgres is not None:
+        asyncio.run(migrate(postgres.url()))
     logs = Path(tempfile.mkdtemp(prefix="latency-logs-"))
     stack = LocalStack.for_redis(
         redis.url, log_dir=logs, jwt_secret=SECRET, executor_chunk_delay_ms="0",
         default_tier="enterprise",
+        **({"database_url": postgres.url()} if postgres is not None else {}),
         log_level="WARNING",
     )  # fmt: skip
     try:
@@ -81,7 +90,11 @@ def main() -> None:
     finally:
         stack.stop()
         redis.cleanup()
-    kind = "streamed" if args.stream else "non-streamed"
+        if postgres is not None:
+            postgres.cleanup()
+    kind = ("streamed" if args.stream else "non-streamed") + (
+        ", persisted" if args.database else ""
+    )
     print(
         f"{args.messages} {kind} messages, REST send -> chat.response: "
         f"median {statistics.median(timings):.2f} ms, p90 {percentile(timings, 0.9):.2f} ms, "

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from redis.asyncio import Redis
 
-from services.cli.embedded import RedisServer
+from services.cli.embedded import LocalCluster, RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +29,14 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
     await client.flushall()
     yield client
     await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalCluster]:
+    """One real 3-master Redis Cluster for the whole test session, started on first use.
+
+    With an append-only file, so that a node a test kills and restarts keeps its data.
+    """
+    cluster = LocalCluster(masters=3, appendonly=True).start()
+    yield cluster
+    cluster.cleanup()

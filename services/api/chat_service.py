@@ -7,7 +7,7 @@ stream of its priority. The state is written first, so an AES answer can never f
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -45,6 +45,7 @@ from services.persistence.records import publish_finished
 CANCEL_STREAM_MAXLEN = 10_000
 AES_STREAM_MAXLEN = 1_000_000
 IDEMPOTENCY_TTL_SECONDS = 86_400
+ABANDON_RETRY_SECONDS = 30.0
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class ChatService:
         self.admission = admission
         self.settings = settings
         self.history: HistoryStore | None = None  # set when PostgreSQL is configured
+        self._background: set[asyncio.Task[None]] = set()
 
     async def send(
         self,
@@ -230,9 +232,28 @@ class ChatService:
         """On a cluster the task state and the action live on different nodes, so a send can
         fail after its task was created: fail that task with a clear error (its socket gets
         `chat.error`), and free the `Idempotency-Key` so the client's retry (it got 503) makes
-        a new task instead of being told about one that was never queued. Best effort."""
+        a new task instead of being told about one that was never queued. When the task's own
+        node is unreachable too, this is retried in the background for a while."""
+        if await self._fail_unqueued(ref, idempotency):
+            return
+        retry = asyncio.get_running_loop().create_task(self._abandon_later(ref, idempotency))
+        self._background.add(retry)
+        retry.add_done_callback(self._background.discard)
+
+    async def _abandon_later(self, ref: TaskRef, idempotency: str | None) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ABANDON_RETRY_SECONDS
+        delay = 0.2
+        while loop.time() < deadline:
+            await asyncio.sleep(delay)
+            if await self._fail_unqueued(ref, idempotency):
+                return
+            delay = min(2.0, delay * 2)
+        log.warning("a task that was never queued could not be failed", extra={"task": ref})
+
+    async def _fail_unqueued(self, ref: TaskRef, idempotency: str | None) -> bool:
         error = {"code": "unavailable", "message": "the message was not queued; send it again"}
-        with contextlib.suppress(*REDIS_DOWN):
+        try:
             await self.tasks.apply(
                 ref,
                 "failed",
@@ -243,10 +264,11 @@ class ChatService:
                     "abandoned": "1",
                 },
             )
-        if idempotency is not None:
-            with contextlib.suppress(*REDIS_DOWN):
-                if _text(await self.redis.get(idempotency)) == ref.task_id:
-                    await self.redis.delete(idempotency)
+            if idempotency is not None and _text(await self.redis.get(idempotency)) == ref.task_id:
+                await self.redis.delete(idempotency)
+        except REDIS_DOWN:
+            return False
+        return True
 
     async def _replay(self, principal: Principal, idempotency: str) -> Sent | None:
         """The task an earlier request with this key created, if any (within 24 hours)."""

@@ -54,6 +54,7 @@ class ClientConnection:
         "_held",
         "_limit",
         "_outbox",
+        "_replay_left",
         "_send",
         "closed",
         "connection_id",
@@ -84,6 +85,9 @@ class ClientConnection:
         self._close = close
         self._limit = limit
         self._outbox: deque[str] = deque()
+        # Frames queued while held (the ack and the replay of a resume or a catch-up): bounded
+        # by the session log, not by the client's reading, so not counted against `limit`.
+        self._replay_left = 0
         self._drain: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
         # While the connection is being set up (resume), live events wait here.
@@ -101,7 +105,9 @@ class ClientConnection:
         """Queue a frame for the client without waiting."""
         if self.closed:
             return
-        if len(self._outbox) >= self._limit:
+        if self._held is not None:
+            self._replay_left += 1
+        elif len(self._outbox) >= self._limit + self._replay_left:
             metrics.websocket_refusals.labels("slow_client").inc()
             self.close_soon(CLOSE_POLICY, "send queue full: client not reading")
             return
@@ -129,6 +135,8 @@ class ClientConnection:
             while self._outbox and not self.closed:
                 frame = self._outbox.popleft()
                 await self._send(frame)
+                if self._replay_left:
+                    self._replay_left -= 1
                 metrics.websocket_messages.labels("out").inc()
                 if type(frame) is TracedFrame:
                     frame.span.end()  # the traced final event is on the wire

@@ -9,6 +9,14 @@ it. Any pod may hold any session: stickiness only improves locality.
 Joining is gap-free: the channel subscription is confirmed before the log is read, live events
 arriving meanwhile are held by the connection, and held events at or below the last event
 sent from the log are dropped (`ClientConnection.go_live`).
+
+Subscriptions travel on lanes: one pub/sub connection to a single server (or to the primary
+behind Sentinel), and on Redis Cluster one per node, since a sharded channel is served only by
+the node of its slot. When a lane fails, the sockets whose sessions live on it are held and
+told; on a single server the connection is re-established and redis-py resubscribes it; on a
+cluster the lane is dropped and its channels are subscribed again wherever the refreshed slot
+map puts them (the same node once it is back, or the replica promoted in its place). Either
+way the held sockets are then caught up from their session logs, so nothing is lost.
 """
 
 from __future__ import annotations
@@ -21,13 +29,14 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.exceptions import RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.api.connections import ClientConnection, traced_frame
 from services.api.session_log import read_since
 from services.core import keys, telemetry
 from services.core.events import ERROR, frame, frame_id, frame_with_id
-from services.core.redis_client import REDIS_DOWN
+from services.core.redis_client import REDIS_DOWN, ClusterClient
 
 log = logging.getLogger(__name__)
 
@@ -39,36 +48,62 @@ RECONNECT_MIN_SECONDS = 0.1
 RECONNECT_MAX_SECONDS = 2.0
 
 
+class _Lane:
+    """One pub/sub connection: the only one on a single server, one per node on a cluster."""
+
+    def __init__(self, name: str, pubsub: PubSub, client: Redis | None = None) -> None:
+        self.name = name
+        self.pubsub = pubsub
+        self.client = client  # the lane's own client on its node (cluster), closed with it
+        self.channels: set[str] = set()
+        self.reader: asyncio.Task[None] | None = None
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.pubsub.aclose()  # type: ignore[no-untyped-call]
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                await self.client.aclose()
+
+
 class SessionHub:
     """Subscriptions and fan-out for every socket on this pod."""
 
     def __init__(self, redis: Redis, pod_id: str) -> None:
         self._redis = redis
+        self._cluster = redis if isinstance(redis, ClusterClient) else None
         self._pod_channel = f"{{pod:{pod_id}}}:control"
         self._sessions: dict[str, set[ClientConnection]] = defaultdict(set)
         self._tenants: dict[str, set[ClientConnection]] = defaultdict(set)
         self._confirmations: dict[str, asyncio.Future[None]] = {}
         self._lock = asyncio.Lock()
-        self._pubsub: PubSub | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._lanes: dict[str, _Lane] = {}
+        self._lane_of: dict[str, _Lane] = {}  # subscribed channel -> its lane
+        self._homeless: set[str] = set()  # cluster: channels of a lost lane, to subscribe again
+        self._changed = asyncio.Event()  # pulsed when a channel's subscription is restored
+        self._closing: set[asyncio.Task[None]] = set()
         self._resync: asyncio.Task[None] | None = None
         self._outage = False
+        self._stalled: set[ClientConnection] = set()  # held since an outage, to catch up
         self.connections: set[ClientConnection] = set()
 
     async def start(self) -> None:
-        self._pubsub = self._redis.pubsub()
-        # Always hold one subscription so the reader has a connection to wait on.
+        # Always hold one subscription so a reader has a connection to wait on.
         await self._subscribe(self._pod_channel)
-        self._reader = asyncio.get_running_loop().create_task(self._read_forever())
 
     async def stop(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        tasks = [lane.reader for lane in self._lanes.values() if lane.reader is not None]
+        tasks += [task for task in (self._resync,) if task is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
-        if self._pubsub is not None:
-            with contextlib.suppress(Exception):
-                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+                await task
+        for lane in list(self._lanes.values()):
+            await lane.close()
+        self._lanes.clear()
+        if self._closing:
+            await asyncio.wait(self._closing)
 
     def count(self) -> int:
         return len(self.connections)
@@ -89,10 +124,10 @@ class SessionHub:
         self.connections.add(conn)
         async with self._lock:
             for channel, table in ((session, self._sessions), (tenant, self._tenants)):
-                first = not table.get(channel)
                 table[channel].add(conn)
-                if first:
+                if channel not in self._lane_of and channel not in self._homeless:
                     await self._subscribe(channel)
+        await self._until_live(session)
 
     async def detach(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
@@ -108,16 +143,48 @@ class SessionHub:
                     del table[channel]
                     await self._unsubscribe(channel)
 
+    async def _until_live(self, channel: str) -> None:
+        """Wait (bounded) while the channel's subscription is being restored after an outage:
+        a socket that read its log before that would miss what is published in between."""
+        try:
+            async with asyncio.timeout(SUBSCRIBE_TIMEOUT_SECONDS):
+                while channel not in self._lane_of or self._outage:
+                    await self._changed.wait()
+        except TimeoutError as exc:
+            raise RedisTimeoutError(f"the subscription to {channel} is not restored") from exc
+
+    def _pulse(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _lane_for(self, channel: str) -> _Lane:
+        """The lane that can subscribe to `channel` (made on first use)."""
+        cluster = self._cluster
+        if cluster is None:
+            lane = self._lanes.get("redis")
+            if lane is None:
+                lane = self._lanes["redis"] = _Lane("redis", self._redis.pubsub())
+            return lane
+        await cluster.initialize()  # learns the slot map once; a no-op afterwards
+        node = cluster.get_node_from_key(channel)
+        if node is None:
+            raise RedisClusterException(f"no node serves the slot of {channel}")
+        lane = self._lanes.get(node.name)
+        if lane is None:
+            client, pubsub = cluster.node_pubsub(node)
+            lane = self._lanes[node.name] = _Lane(node.name, pubsub, client)
+        return lane
+
     async def _subscribe(self, channel: str) -> None:
-        assert self._pubsub is not None
+        lane = await self._lane_for(channel)
         confirmed = asyncio.get_running_loop().create_future()
         self._confirmations[channel] = confirmed
         try:
-            await self._pubsub.ssubscribe(channel)
+            await lane.pubsub.ssubscribe(channel)
             async with asyncio.timeout(SUBSCRIBE_TIMEOUT_SECONDS):
-                if self._reader is None:  # during start(), read the confirmation ourselves
+                if lane.reader is None:  # a new lane: read the confirmation ourselves
                     while not confirmed.done():
-                        message = await self._pubsub.get_message(timeout=1.0)
+                        message = await lane.pubsub.get_message(timeout=1.0)
                         if message is not None:
                             self._dispatch(message)
                 await confirmed
@@ -126,15 +193,24 @@ class SessionHub:
         finally:
             if self._confirmations.get(channel) is confirmed:
                 del self._confirmations[channel]
+        lane.channels.add(channel)
+        self._lane_of[channel] = lane
+        self._homeless.discard(channel)
+        if lane.reader is None:
+            lane.reader = asyncio.get_running_loop().create_task(self._read_forever(lane))
+        self._pulse()
 
     async def _unsubscribe(self, channel: str) -> None:
-        assert self._pubsub is not None
+        self._homeless.discard(channel)
+        lane = self._lane_of.pop(channel, None)
+        if lane is None:
+            return
+        lane.channels.discard(channel)
         with contextlib.suppress(*REDIS_DOWN):
-            await self._pubsub.sunsubscribe(channel)
+            await lane.pubsub.sunsubscribe(channel)
 
-    async def _read_forever(self) -> None:
-        assert self._pubsub is not None
-        pubsub = self._pubsub
+    async def _read_forever(self, lane: _Lane) -> None:
+        pubsub = lane.pubsub
         loop = asyncio.get_running_loop()
         delay = RECONNECT_MIN_SECONDS
         heard = loop.time()  # when the subscription last gave any sign of life
@@ -153,6 +229,9 @@ class SessionHub:
                     await pubsub.ping()
                     pinged = now
             except REDIS_DOWN:
+                if self._cluster is not None:
+                    self._lose(lane)
+                    return
                 if not self._outage:
                     self._begin_outage()
                 await self._reconnect_later(pubsub)
@@ -163,6 +242,7 @@ class SessionHub:
             if self._outage:  # reconnected and resubscribed by redis-py
                 delay = RECONNECT_MIN_SECONDS
                 self._outage = False
+                self._pulse()
                 self._resync = loop.create_task(self._catch_up())
             if message is not None:
                 self._dispatch(message)
@@ -179,30 +259,127 @@ class SessionHub:
         """Hold live events and tell every socket; nothing is lost, only delayed."""
         log.warning("delivery subscription lost; reconnecting")
         self._outage = True
+        if self._resync is not None:  # a catch-up in progress starts over after this outage
+            self._resync.cancel()
+            self._resync = None
         notice = {"code": "unavailable", "message": "delivery interrupted, resuming"}
         for conn in list(self.connections):
             conn.hold()
             conn.push(frame(conn.last_event_id, ERROR, notice))
+            self._stalled.add(conn)
+
+    def _lose(self, lane: _Lane) -> None:
+        """A cluster node's lane failed: hold and tell the sockets of its sessions, drop the
+        lane, and subscribe its channels again wherever the slot map then puts them."""
+        log.warning("delivery subscription on %s lost; resubscribing its channels", lane.name)
+        if self._lanes.get(lane.name) is lane:
+            del self._lanes[lane.name]
+        notice = {"code": "unavailable", "message": "delivery interrupted, resuming"}
+        for channel in lane.channels:
+            self._lane_of.pop(channel, None)
+            self._homeless.add(channel)
+            for conn in self._sessions.get(channel, ()):
+                conn.hold()
+                conn.push(frame(conn.last_event_id, ERROR, notice))
+                self._stalled.add(conn)
+        lane.channels.clear()
+        closing = asyncio.get_running_loop().create_task(lane.close())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+        if self._resync is not None:  # a catch-up in progress starts over after this loss
+            self._resync.cancel()
+        self._resync = asyncio.get_running_loop().create_task(self._rehome())
+
+    def _due(self, conn: ClientConnection) -> bool:
+        """A held socket that can be caught up now (or dropped: it is gone)."""
+        if self._cluster is None or conn.closed or conn not in self.connections:
+            return True
+        return keys.session_channel(conn.tenant_id, conn.session_id) in self._lane_of
+
+    def _wanted(self, channel: str) -> bool:
+        return (
+            channel == self._pod_channel
+            or bool(self._sessions.get(channel))
+            or bool(self._tenants.get(channel))
+        )
+
+    async def _rehome(self) -> None:
+        """Subscribe the channels of lost lanes again wherever the refreshed slot map puts them
+        (with backoff), catching up each held socket as soon as its session's channel is back.
+
+        A node that is still down is skipped for the round after its first failure, so that the
+        channels of the other nodes (and their sockets) do not wait for it.
+        """
+        assert self._cluster is not None
+        delay = RECONNECT_MIN_SECONDS
+        while True:
+            await asyncio.sleep(delay)
+            with contextlib.suppress(*REDIS_DOWN, RedisClusterException):
+                await self._cluster.nodes_manager.initialize()
+            down: set[str] = set()
+            async with self._lock:
+                for channel in sorted(self._homeless):
+                    if not self._wanted(channel):
+                        self._homeless.discard(channel)
+                        continue
+                    node = ""
+                    try:
+                        node = (await self._lane_for(channel)).name
+                        if node not in down:
+                            await self._subscribe(channel)
+                    except (*REDIS_DOWN, RedisClusterException) as exc:
+                        down.add(node)
+                        log.info("delivery resubscription of %s not possible yet: %s", channel, exc)
+            self._pulse()
+            await self._catch_up()
+            if not self._homeless:
+                return
+            delay = min(RECONNECT_MAX_SECONDS, delay * 2)
 
     async def _catch_up(self) -> None:
-        """After a reconnect, re-read each session's log from each socket's last event."""
-        log.info("delivery subscription restored; catching up %d sockets", len(self.connections))
-        for conn in list(self.connections):
+        """After a reconnect, re-read each held socket's session log from its last event.
+
+        Every held socket is released, whatever it takes: a socket left held would wait in
+        silence for ever. A read that fails is retried with backoff (a new outage cancels this
+        task and starts another when it ends).
+        """
+        if self._stalled:
+            log.info("delivery subscription restored; catching up %d sockets", len(self._stalled))
+        delay = RECONNECT_MIN_SECONDS
+        while True:
+            # On a cluster, a socket whose session's channel is not subscribed again yet (its
+            # node still lost) waits for a later round of `_rehome`.
+            conn = next((held for held in self._stalled if self._due(held)), None)
+            if conn is None:
+                return
+            if conn.closed or conn not in self.connections:
+                self._stalled.discard(conn)
+                continue
             try:
+                # `partial`: what the log still holds after the gap is delivered too.
                 replay = await read_since(
-                    self._redis, conn.tenant_id, conn.session_id, conn.last_event_id
+                    self._redis, conn.tenant_id, conn.session_id, conn.last_event_id, partial=True
                 )
             except REDIS_DOWN:
-                return  # the reader sees the outage again and will catch up once more
+                await asyncio.sleep(delay)
+                delay = min(RECONNECT_MAX_SECONDS, delay * 2)
+                continue
             sent_up_to = conn.last_event_id
             if replay.resumed is False:
+                # Events were trimmed, expired or lost with Redis's data: say so, then deliver
+                # what remains (newer than the socket's cursor, in log order).
                 gap = {"code": "resume_gap", "message": "events were lost; fetch the task state"}
-                conn.push(frame(replay.cursor, ERROR, gap))
-                sent_up_to = replay.cursor
+                conn.push(frame(conn.last_event_id, ERROR, gap))
+                log.warning(
+                    "events lost for a socket after an outage",
+                    extra={"session_id": conn.session_id, "after": conn.last_event_id,
+                           "log_cursor": replay.cursor},
+                )  # fmt: skip
             for event_id, body in replay.events:
                 conn.push(frame_with_id(event_id, body))
-                sent_up_to = event_id
+            sent_up_to = replay.cursor
             conn.go_live(sent_up_to)
+            self._stalled.discard(conn)
 
     def _deliver_traced(
         self, channel: str, members: set[ClientConnection], parent: str, text: str

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import ClusterDownError, ResponseError
 
 from services.core import keys
 from services.core.events import NO_EVENT_ID, parse_event_id
@@ -78,15 +78,27 @@ async def _info(redis: Redis, log_key: str) -> dict[bytes, object] | None:
         info: dict[bytes, object] = await redis.execute_command(  # type: ignore[no-untyped-call]
             "XINFO", "STREAM", log_key
         )
+    except ClusterDownError:  # an outage (a cluster node rejoining), not a missing log
+        raise
     except ResponseError:  # no such key: never written, or expired
         return None
     return info
 
 
 async def read_since(
-    redis: Redis, tenant_id: str, session_id: str, last_event_id: str | None
+    redis: Redis,
+    tenant_id: str,
+    session_id: str,
+    last_event_id: str | None,
+    *,
+    partial: bool = False,
 ) -> Replay:
-    """The events after `last_event_id` (None: just the cursor of a fresh join)."""
+    """The events after `last_event_id` (None: just the cursor of a fresh join).
+
+    A refused resume carries no events and the newest id as its cursor, unless `partial`:
+    then it carries what the log still holds after `last_event_id` (a live socket that lost
+    its subscription is told of the gap, then given everything that can still be given).
+    """
     log_key = keys.session_log(tenant_id, session_id)
     info = await _info(redis, log_key)
     if info is None:
@@ -96,7 +108,7 @@ async def read_since(
     newest = _info_field(info, "last-generated-id") or NO_EVENT_ID
     if last_event_id is None:
         return Replay(None, newest)
-    if not _nothing_missing(info, last_event_id, newest):
+    if not partial and not _nothing_missing(info, last_event_id, newest):
         return Replay(False, newest)
     # Read the events and check again in one transaction: a trim in between cannot slip by.
     low = "-" if last_event_id == NO_EVENT_ID else f"({last_event_id}"
@@ -111,8 +123,11 @@ async def read_since(
     if isinstance(info, Exception):
         raise info
     newest = _info_field(info, "last-generated-id") or NO_EVENT_ID
-    if not _nothing_missing(info, last_event_id, newest):
+    exact = _nothing_missing(info, last_event_id, newest)
+    if not exact and not partial:
         return Replay(False, newest)
     replayed = [(_text(entry_id), _text(fields[b"e"])) for entry_id, fields in entries or []]
-    cursor = replayed[-1][0] if replayed else last_event_id
-    return Replay(True, cursor, replayed)
+    # Nothing after it: an exact resume stays where it was; a refused one starts from the newest.
+    unchanged = last_event_id if exact else newest
+    cursor = replayed[-1][0] if replayed else unchanged
+    return Replay(exact, cursor, replayed)

@@ -1,8 +1,9 @@
 """`orchestrator dev`: the whole product on one machine, no Kubernetes, nothing to install.
 
-Starts an embedded Redis and PostgreSQL (migrated), then the api, the worker and the
-reference executor as child processes, prints the URL and a ready-to-use token, and stops
-every child on Ctrl-C (or when one of them dies), leaving nothing running.
+Starts an embedded Redis (one server; with `--redis-mode cluster` a local 3-master cluster;
+with `sentinel` a primary, a replica and 3 sentinels) and PostgreSQL (migrated), then the api,
+the worker and the reference executor as child processes, prints the URL and a ready-to-use
+token, and stops every child on Ctrl-C (or when one of them dies), leaving nothing running.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from services.cli.embedded import RedisServer
+from services.cli.embedded import LocalCluster, LocalRedis, LocalSentinel, RedisServer
 from services.cli.embedded_postgres import PostgresServer
 from services.cli.stack import LocalStack
 from services.core.auth import dev_secret_path, issue_token, read_dev_secret
@@ -47,16 +48,16 @@ def run_dev(*, host: str, port: int, redis_mode: str) -> int:
     secret = os.environ.get("ORCHESTRATOR_JWT_SECRET") or ensure_dev_secret()
     with contextlib.ExitStack() as servers:
         try:
-            redis = RedisServer()
+            redis = local_redis(redis_mode)
             servers.callback(redis.cleanup)
             redis.start()
             postgres = PostgresServer()
             servers.callback(postgres.cleanup)
             postgres.start()
             asyncio.run(migrate(postgres.url()))
-            stack = _stack(host, port, redis_mode, secret, redis.url, postgres.url())
+            stack = _stack(host, port, redis, secret, postgres.url())
             servers.callback(stack.stop)
-            return _serve(stack, host, port, secret, redis.url, postgres.url())
+            return _serve(stack, host, port, secret, describe(redis), postgres.url())
         except KeyboardInterrupt:
             return 0
         except RuntimeError as exc:
@@ -64,15 +65,35 @@ def run_dev(*, host: str, port: int, redis_mode: str) -> int:
             return 1
 
 
-def _stack(
-    host: str, port: int, redis_mode: str, secret: str, redis_url: str, database_url: str
-) -> LocalStack:
+def local_redis(redis_mode: str) -> LocalRedis:
+    """The embedded Redis of `--redis-mode` (not started yet)."""
+    if redis_mode == "cluster":
+        return LocalCluster(masters=3)
+    if redis_mode == "sentinel":
+        return LocalSentinel()
+    return RedisServer()
+
+
+def describe(redis: LocalRedis) -> str:
+    if isinstance(redis, LocalCluster):
+        nodes = ", ".join(f"127.0.0.1:{port}" for port in redis.ports)
+        return f"cluster of {redis.masters} primaries: {nodes}"
+    if isinstance(redis, LocalSentinel):
+        return (
+            f"sentinel master {redis.master_name!r} (primary {redis.url}, replica "
+            f"127.0.0.1:{redis.replica.port}), sentinels {redis.addresses}"
+        )
+    return redis.url
+
+
+def _stack(host: str, port: int, redis: LocalRedis, secret: str, database_url: str) -> LocalStack:
     base_url = f"http://{host}:{port}"
     origins = [o for o in os.environ.get("ORCHESTRATOR_ALLOWED_ORIGINS", "").split(",") if o]
     origins += [base_url, f"http://localhost:{port}"]
     stack = LocalStack.for_redis(
-        redis_url,
-        redis_mode=redis_mode,
+        redis.url,
+        log_dir=None,
+        **redis.client_settings(),
         jwt_secret=secret,
         default_tier=os.environ.get("ORCHESTRATOR_DEFAULT_TIER", "pro"),
         allowed_origins=",".join(origins),
@@ -86,7 +107,7 @@ def _stack(
 
 
 def _serve(
-    stack: LocalStack, host: str, port: int, secret: str, redis_url: str, database_url: str
+    stack: LocalStack, host: str, port: int, secret: str, redis_text: str, database_url: str
 ) -> int:
     base_url = f"http://{host}:{port}"
     api = stack.start_api(host=host, port=port)
@@ -99,7 +120,7 @@ def _serve(
         "\nAgent Orchestrator is running\n"
         f"  URL:       {base_url}   (OpenAPI: {base_url}/schema)\n"
         f"  WebSocket: ws://{host}:{port}/ws/demo/<session_id>\n"
-        f"  Redis:     {redis_url}\n"
+        f"  Redis:     {redis_text}\n"
         f"  Postgres:  {database_url}\n"
         f"  Metrics:   api :{api.metrics_port}, worker :{worker.metrics_port}, "
         f"executor :{executor.metrics_port}\n"

@@ -7,6 +7,7 @@ with one line naming the variable and exit code 2.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -136,6 +137,30 @@ def _run_prune(_: argparse.Namespace, settings: Settings) -> int:
     return prune_command(settings)
 
 
+REDIS_COMMANDS = ("api", "worker", "executor", "operator", "tenants", "deadletters")
+
+
+def _verify_redis(settings: Settings) -> None:
+    """A wrong `ORCHESTRATOR_REDIS_MODE` for the server reached stops here with one line."""
+    import asyncio
+
+    from services.core.redis_client import verify_topology
+
+    asyncio.run(verify_topology(settings))
+
+
+def _run_bench(bench_args: list[str]) -> int:
+    """The side-by-side benchmark lives in the repository's bench/ (it starts the peers too);
+    its own options (--quick, --json PATH, --scenario, --help) pass through untouched."""
+    runner = Path.cwd() / "bench" / "run.py"
+    if not runner.exists():
+        print("orchestrator bench: run it from the repository root (bench/run.py)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(runner.parent.parent))
+    bench_run = importlib.import_module("bench.run")
+    return int(bench_run.main(bench_args))
+
+
 def _run_async(main: object) -> None:
     import uvloop
 
@@ -163,7 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     dev = commands.add_parser("dev", help="run everything locally with an embedded Redis")
     dev.add_argument("--host", default="127.0.0.1")
     dev.add_argument("--port", type=int, default=8000)
-    dev.add_argument("--redis-mode", choices=["standalone"], default="standalone")
+    dev.add_argument(
+        "--redis-mode",
+        choices=["standalone", "cluster", "sentinel"],
+        default="standalone",
+        help="one embedded server (default), a local 3-master cluster, or a primary, a "
+        "replica and 3 sentinels",
+    )
     dev.set_defaults(handler=_run_dev)
 
     token = commands.add_parser("token", help="print a signed client token")
@@ -212,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     dead_replay.add_argument("--json", action="store_true", help="the results as a JSON array")
     dead.set_defaults(handler=_run_deadletters)
 
+    commands.add_parser(
+        "bench", help="the side-by-side benchmark: us and the peers (--quick, --json PATH, --help)"
+    )
+
     migrate = commands.add_parser("migrate", help="apply the PostgreSQL migrations")
     migrate.add_argument("--down", metavar="REVISION", help="migrate down to REVISION instead")
     migrate.set_defaults(handler=_run_migrate)
@@ -240,10 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["bench"]:
+        return _run_bench(arguments[1:])
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace, Settings], int] = args.handler
     try:
         settings = load_settings()
+        if args.command in REDIS_COMMANDS:
+            _verify_redis(settings)
         if args.command in ("api", "worker", "executor"):
             from services.core.logs import configure_logging
             from services.core.telemetry import configure_tracing

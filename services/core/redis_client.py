@@ -12,47 +12,351 @@ it into 503 `unavailable`):
 
 Without `socket_timeout` a frozen Redis held every request (and readiness probe) for as long
 as the kernel kept the connection: tens of seconds to hours.
+
+Topologies (`ORCHESTRATOR_REDIS_MODE`, issue 11):
+
+- `standalone`: one server at `REDIS_URL` (or host and port).
+- `cluster`: `REDIS_URL` names any seed node; the client learns the slot map from it, routes
+  each command to the slot's primary and refreshes the map on MOVED, connection errors and
+  CLUSTERDOWN. Every multi-key command and script of the product touches one slot (see
+  `keys`), so the cluster never refuses one with CROSSSLOT. The client is typed `Redis`
+  everywhere: the command API is the same, and the few places where the cluster client
+  differs (pipelines with scripts, sharded pub/sub per node) ask `is_cluster`.
+- `sentinel`: `REDIS_SENTINELS` are asked for the primary of `REDIS_SENTINEL_MASTER` on every
+  (re)connect, so after a failover the next connection goes to the promoted replica; a
+  connection that finds its old primary demoted (READONLY) is dropped and re-resolved.
+  `REDIS_URL`, when set, gives the primary's credentials and TLS (its host is ignored).
+
+A wrong mode for the server reached stops the process at start with one line
+(`verify_topology`).
 """
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
+import asyncio
+import contextvars
+import logging
+from collections.abc import Generator
+from typing import Any, cast
+
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    RedisClusterException,
+    ResponseError,
+    SlotNotCoveredError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.core.settings import ConfigError, RedisMode, Settings
 
+log = logging.getLogger(__name__)
+
 RedisClient = Redis
 
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+# Errors that mean "Redis is not answering right now": callers back off and retry (the api
+# answers 503). On a cluster this includes a slot without a primary (a node lost, its
+# failover not done yet) and the whole cluster being unreachable.
+REDIS_DOWN = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    ClusterDownError,
+    SlotNotCoveredError,
+)
 
 COMMAND_TIMEOUT_SECONDS = 2.0  # beyond the longest blocking read (XREADGROUP BLOCK)
 CONNECT_TIMEOUT_SECONDS = 2.0
 RETRIES = 3
 BACKOFF_BASE_SECONDS = 0.05
 BACKOFF_CAP_SECONDS = 0.5
+VERIFY_TIMEOUT_SECONDS = 8.0
+
+_UNREACHABLE_CLUSTER = "Redis Cluster cannot be connected"
+
+
+def _retry() -> Retry:
+    return Retry(
+        ExponentialWithJitterBackoff(base=BACKOFF_BASE_SECONDS, cap=BACKOFF_CAP_SECONDS),
+        retries=RETRIES,
+        supported_errors=(RedisConnectionError,),
+    )
+
+
+def _timeouts(settings: Settings) -> dict[str, Any]:
+    # Blocking stream reads wait up to `worker_sleep_seconds` for an answer by design.
+    return {
+        "socket_timeout": settings.worker_sleep_seconds + COMMAND_TIMEOUT_SECONDS,
+        "socket_connect_timeout": CONNECT_TIMEOUT_SECONDS,
+        "socket_keepalive": True,
+        "health_check_interval": 30,
+    }
 
 
 def create_redis(settings: Settings, *, max_connections: int | None = None) -> Redis:
-    """A pooled client. Commands retry with jittered backoff across short outages."""
-    if settings.redis_mode is not RedisMode.standalone:
-        raise ConfigError(
-            f"ORCHESTRATOR_REDIS_MODE: '{settings.redis_mode}' is not supported by this build yet"
-        )
-    # Blocking stream reads wait up to `worker_sleep_seconds` for an answer by design.
-    longest_block = settings.worker_sleep_seconds
+    """A pooled client for the configured topology (per node on a cluster).
+
+    Commands retry with jittered backoff across short outages; on a cluster or behind
+    Sentinel they follow the slot map or the promoted primary by themselves.
+    """
+    pool_size = max_connections or settings.redis_max_connections
+    if settings.redis_mode is RedisMode.cluster:
+        return cast(Redis, _cluster(settings, pool_size))
+    if settings.redis_mode is RedisMode.sentinel:
+        return _sentinel_primary(settings, pool_size)
     return Redis.from_url(
-        settings.redis_address,
-        max_connections=max_connections or settings.redis_max_connections,
-        retry=Retry(
-            ExponentialWithJitterBackoff(base=BACKOFF_BASE_SECONDS, cap=BACKOFF_CAP_SECONDS),
-            retries=RETRIES,
-            supported_errors=(RedisConnectionError,),
-        ),
-        socket_timeout=longest_block + COMMAND_TIMEOUT_SECONDS,
-        socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
-        socket_keepalive=True,
-        health_check_interval=30,
+        settings.redis_address, max_connections=pool_size, retry=_retry(), **_timeouts(settings)
     )
+
+
+def is_cluster(redis: Redis | RedisCluster) -> bool:
+    return isinstance(redis, RedisCluster)
+
+
+def _cluster(settings: Settings, pool_size: int) -> ClusterClient:
+    client = ClusterClient.from_url(
+        settings.redis_address,
+        max_connections=pool_size,
+        # Used for its count only: the cluster client retries at once after refreshing
+        # the slot map; the callers' loops back off.
+        retry=_retry(),
+        # A lost node must not stop traffic to the slots the others still serve (when the
+        # servers allow it: `cluster-require-full-coverage no`).
+        require_full_coverage=False,
+        **_timeouts(settings),
+    )
+    return cast(ClusterClient, client)
+
+
+def _sentinel_primary(settings: Settings, pool_size: int) -> Redis:
+    primary: dict[str, Any] = {}
+    if settings.redis_url:
+        primary = dict(parse_url(settings.redis_url))
+        for name in ("host", "port", "path"):
+            primary.pop(name, None)
+        if primary.pop("connection_class", None) is SSLConnection:
+            primary["ssl"] = True
+    sentinel_auth = {
+        "username": settings.redis_sentinel_username,
+        "password": settings.redis_sentinel_password,
+    }
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        settings.sentinel_addresses,
+        sentinel_kwargs={
+            **{k: v for k, v in sentinel_auth.items() if v},
+            "socket_timeout": CONNECT_TIMEOUT_SECONDS,
+            "socket_connect_timeout": CONNECT_TIMEOUT_SECONDS,
+        },
+    )
+    client: Redis = sentinel.master_for(
+        settings.redis_sentinel_master,
+        redis_class=Redis,
+        max_connections=pool_size,
+        retry=_retry(),
+        **_timeouts(settings),
+        **primary,
+    )
+    return client
+
+
+# Set while this task runs a command or pipeline of the cluster client (see `aclose`).
+_in_command: contextvars.ContextVar[bool] = contextvars.ContextVar("in_command", default=False)
+
+
+class ClusterClient(RedisCluster):
+    """redis-py's cluster client, adjusted where the product needs it.
+
+    - A timeout is not retried (see the module's docstring): the command may have run.
+    - Pipelines run Lua scripts by SHA (`Scripts.queue`): redis-py blocks EVALSHA in cluster
+      pipelines. A node that lacks a script (restarted, or a promoted replica) answers NOSCRIPT
+      for it, as a restarted standalone server does; the callers reload and retry.
+    - An outage reported by one node inside a pipeline (CLUSTERDOWN while a restarted node
+      rejoins, a connection lost mid-read) raises, as a lost connection does on a standalone
+      server, instead of passing for that command's result.
+    - redis-py reacts to CLUSTERDOWN (and to repeated MOVED) by closing every connection of
+      every node, including those other tasks are using that instant, whose commands then fail
+      with errors such as `'NoneType' object has no attribute 'writelines'`. Here the slot map
+      is refreshed on the next command instead, and only idle connections are dropped.
+    """
+
+    ERRORS_ALLOW_RETRY = (RedisConnectionError, ClusterDownError, SlotNotCoveredError)  # type: ignore[assignment]
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        token = _in_command.set(True)
+        try:
+            return await super().execute_command(*args, **kwargs)
+        finally:
+            _in_command.reset(token)
+
+    async def aclose(self) -> None:
+        if not _in_command.get():
+            await super().aclose()  # the owner closes the client
+            return
+        # redis-py's own reset, from inside a failing command (see the class docstring).
+        self._initialize = True
+        for node in list(self.nodes_manager.nodes_cache.values()):
+            node.update_active_connections_for_reconnect()
+            await node.disconnect_free_connections()
+
+    async def initialize(
+        self,
+        additional_startup_nodes_info: list[tuple[str, int]] | None = None,
+        last_failed_node_name: str | None = None,
+    ) -> ClusterClient:
+        """Reaching no node at all is an outage (`REDIS_DOWN`), not a programming error."""
+        try:
+            await super().initialize(additional_startup_nodes_info, last_failed_node_name)
+        except RedisClusterException as exc:
+            if str(exc).startswith(_UNREACHABLE_CLUSTER) and "not enabled" not in str(exc):
+                raise RedisConnectionError(str(exc)) from exc
+            raise
+        return self
+
+    def pipeline(
+        self, transaction: Any | None = None, shard_hint: Any | None = None
+    ) -> ClusterPipeline:
+        if shard_hint:
+            raise RedisClusterException("shard_hint is deprecated in cluster mode")
+        return ScriptingClusterPipeline(self, transaction)  # type: ignore[abstract]
+
+    def node_pubsub(self, node: ClusterNode) -> tuple[Redis, PubSub]:
+        """A client of its own on one node and a pub/sub on it (for SSUBSCRIBE per node).
+
+        Close both when done: `await pubsub.aclose(); await client.aclose()`.
+        """
+        pool = ConnectionPool(
+            connection_class=node.connection_class, max_connections=2, **node.connection_kwargs
+        )
+        client = Redis.from_pool(pool)
+        return client, client.pubsub()
+
+
+class ScriptingClusterPipeline(ClusterPipeline):
+    """A cluster pipeline that queues EVALSHA (see `ClusterClient`).
+
+    Commands of one slot go to one node over one connection in the order they were queued,
+    so the per-session order of a pipeline holds; commands of different nodes run in parallel
+    with no order between them.
+    """
+
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> ScriptingClusterPipeline:
+        self.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
+        return self
+
+    def __await__(self) -> Generator[Any, None, ClusterPipeline]:
+        # redis-py's script objects `await client.evalsha(...)`; the base class answers that
+        # by re-initializing the pipeline, which would silently empty its queue.
+        return self._same().__await__()
+
+    async def execute(
+        self, raise_on_error: bool = True, allow_redirections: bool = True
+    ) -> list[Any]:
+        token = _in_command.set(True)
+        try:
+            results: list[Any] = await super().execute(raise_on_error, allow_redirections)
+        finally:
+            _in_command.reset(token)
+        outage = next((result for result in results if isinstance(result, REDIS_DOWN)), None)
+        if outage is not None:
+            raise outage
+        return results
+
+    async def _same(self) -> ScriptingClusterPipeline:
+        return self
+
+
+async def verify_topology(settings: Settings) -> None:
+    """Stop the process with one line when the server reached is not of the configured mode.
+
+    Unreachable servers are not an error here: every process waits for Redis by itself.
+    """
+    try:
+        async with asyncio.timeout(VERIFY_TIMEOUT_SECONDS):
+            await _verify(settings)
+    except ConfigError:
+        raise
+    except (*REDIS_DOWN, TimeoutError) as exc:
+        # Quietly: a CLI command reports it in its own words, a service logs its retries.
+        log.debug("redis not reachable at start (%s); mode not verified", exc)
+
+
+async def _verify(settings: Settings) -> None:
+    mode = settings.redis_mode
+    name = "ORCHESTRATOR_REDIS_MODE"
+    if mode is RedisMode.sentinel:
+        await _verify_sentinels(settings)
+    client = create_redis(settings, max_connections=2)
+    try:
+        if mode is RedisMode.cluster:
+            try:
+                await cast(RedisCluster, client).initialize()
+            except RedisClusterException as exc:
+                if "not enabled" in str(exc):
+                    raise ConfigError(
+                        f"{name}: cluster, but {_address(settings)} is not a cluster node "
+                        "(cluster mode is not enabled); set ORCHESTRATOR_REDIS_MODE=standalone"
+                    ) from None
+                raise
+            return
+        info = await client.info("server")
+        server_mode = str(info.get("redis_mode") or info.get("server_mode") or "standalone")
+        where = (
+            "the primary named by the sentinels"
+            if mode is RedisMode.sentinel
+            else (_address(settings))
+        )
+        if server_mode == "cluster":
+            raise ConfigError(
+                f"{name}: {mode.value}, but {where} is a Redis Cluster node; "
+                "set ORCHESTRATOR_REDIS_MODE=cluster"
+            )
+        if server_mode == "sentinel":
+            raise ConfigError(
+                f"{name}: {mode.value}, but {where} is a Sentinel; set "
+                "ORCHESTRATOR_REDIS_MODE=sentinel and ORCHESTRATOR_REDIS_SENTINELS to it"
+            )
+    finally:
+        await client.aclose()
+
+
+async def _verify_sentinels(settings: Settings) -> None:
+    """Every reachable sentinel must be a sentinel that monitors the configured master."""
+    master = settings.redis_sentinel_master
+    for host, port in settings.sentinel_addresses:
+        sentinel = Redis(
+            host=host,
+            port=port,
+            username=settings.redis_sentinel_username,
+            password=settings.redis_sentinel_password,
+            socket_timeout=CONNECT_TIMEOUT_SECONDS,
+            socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
+        )
+        try:
+            masters = cast(dict[str, Any], await sentinel.sentinel_masters())
+        except ResponseError:
+            raise ConfigError(
+                f"ORCHESTRATOR_REDIS_SENTINELS: {host}:{port} is not a Sentinel "
+                "(it does not know the SENTINEL command)"
+            ) from None
+        except REDIS_DOWN:
+            continue
+        finally:
+            await sentinel.aclose()
+        if master not in masters:
+            known = ", ".join(sorted(masters)) or "none"
+            raise ConfigError(
+                f"ORCHESTRATOR_REDIS_SENTINEL_MASTER: the sentinel at {host}:{port} monitors "
+                f"no master named {master!r} (it monitors: {known})"
+            )
+
+
+def _address(settings: Settings) -> str:
+    parsed = parse_url(settings.redis_address)
+    return f"{parsed.get('host', '?')}:{parsed.get('port', 6379)}"

@@ -120,6 +120,11 @@ class Settings(BaseSettings):
     persist_stream_maxlen: int = Field(1_000_000, ge=1000)
     history_page_max: int = Field(200, ge=1, le=1000)
 
+    # Redis topology (issue 11)
+    # Sentinel: the sentinels' own credentials (the master's come from REDIS_URL when set).
+    redis_sentinel_username: str | None = None
+    redis_sentinel_password: str | None = None
+
     # Process
     metrics_port: int = Field(9090, ge=0, le=65535)
     metrics_tenant_labels: int = Field(20, ge=0, le=1000)
@@ -144,6 +149,15 @@ class Settings(BaseSettings):
             raise ValueError(f"must be one of {', '.join(sorted(allowed))}")
         return value
 
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinel_addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{address!r} is not host:port")
+        return value
+
     @model_validator(mode="after")
     def _coherent(self) -> Settings:
         if self.redis_mode is RedisMode.sentinel and not self.redis_sentinels:
@@ -155,6 +169,12 @@ class Settings(BaseSettings):
     @property
     def redis_address(self) -> str:
         return self.redis_url or f"redis://{self.redis_host}:{self.redis_port}/0"
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """`REDIS_SENTINELS` as (host, port) pairs (validated at load)."""
+        pairs = (address.rpartition(":") for address in self.redis_sentinels)
+        return [(host, int(port)) for host, _, port in pairs]
 
     @property
     def uses_public_key(self) -> bool:

@@ -217,7 +217,8 @@ class PartitionConsumer:
                 for (_, action), span in zip(decoded, spans, strict=True)
             ]
             results = await pipe.execute(raise_on_error=False)
-        if any(missing_script(result) for result in results):
+        reloaded = any(missing_script(result) for result in results)
+        if reloaded:
             await self.effects.scripts.load()  # Redis lost its scripts; those entries retry
         done: list[str] = []
         finished: list[tuple[TaskRef, str | None]] = []
@@ -225,7 +226,11 @@ class PartitionConsumer:
         failed: list[tuple[Entry, BaseException]] = []
         for (entry, action), plan, result, span in zip(decoded, plans, results, spans, strict=True):
             if isinstance(result, BaseException):
-                failed.append((entry, result))
+                # A missing script is Redis's state, not the entry's fault: it does not count
+                # towards dead-lettering (an entry kept pending through an outage or failover
+                # has been delivered many times already).
+                if not missing_script(result):
+                    failed.append((entry, result))
                 if span is not None:
                     telemetry.fail(span, f"handler failed: {result}")
                 continue
@@ -267,7 +272,7 @@ class PartitionConsumer:
                 pipe.xack(self.stream, keys.WORKER_GROUP, *done)
                 await pipe.execute()
         if not failed:
-            return True
+            return not reloaded
         counts = await delivery_counts(
             self.redis, self.stream, keys.WORKER_GROUP, [entry for entry, _ in failed]
         )

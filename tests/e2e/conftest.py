@@ -6,9 +6,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
-from services.cli.embedded import RedisServer
+from services.cli.embedded import LocalRedis, RedisServer
 from services.cli.stack import Child, LocalStack
+from services.core.redis_client import create_redis
+from services.core.settings import load_settings
 from tests.e2e.clients import SECRET
 
 FAST_EXECUTOR = {"executor_chunk_delay_ms": "2"}
@@ -22,11 +25,24 @@ def e2e_redis() -> Iterator[RedisServer]:
     server.cleanup()
 
 
-def new_stack(redis: RedisServer, log_dir: Path, **settings: str) -> LocalStack:
+def new_stack(redis: LocalRedis, log_dir: Path, **settings: str) -> LocalStack:
     """Unknown tenants get the enterprise tier unless a test says otherwise: most tests are
-    about the message path, not about limits."""
+    about the message path, not about limits. The processes use `redis`'s topology (a single
+    server, a cluster or sentinels)."""
     settings.setdefault("default_tier", "enterprise")
+    settings = {**redis.client_settings(), **settings}
     return LocalStack.for_redis(redis.url, log_dir=log_dir, jwt_secret=SECRET, **settings)
+
+
+def redis_client(redis: LocalRedis) -> Redis:
+    """A client of the test's own on `redis`, of the kind the product uses for its topology."""
+    return create_redis(load_settings(redis_url=redis.url, **redis.client_settings()))
+
+
+def redis_env(redis: LocalRedis) -> dict[str, str]:
+    """The `ORCHESTRATOR_*` variables that point a command at `redis`."""
+    settings = {"redis_url": redis.url, **redis.client_settings()}
+    return {f"ORCHESTRATOR_{name.upper()}": value for name, value in settings.items()}
 
 
 class Deployment:

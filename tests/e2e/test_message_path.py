@@ -7,7 +7,6 @@ from typing import Any
 
 import httpx
 import pytest
-from redis.asyncio import Redis
 
 from services.cli.embedded import RedisServer
 from services.core.events import parse_event_id
@@ -20,7 +19,7 @@ from tests.e2e.clients import (
     send,
     unique,
 )
-from tests.e2e.conftest import FAST_EXECUTOR, Deployment, new_stack
+from tests.e2e.conftest import FAST_EXECUTOR, Deployment, new_stack, redis_client
 
 pytestmark = pytest.mark.e2e
 
@@ -304,7 +303,7 @@ async def test_per_session_order_holds_with_two_workers(
             await ws.close()
 
         await asyncio.gather(*(check(s) for s in sessions))
-        client = Redis.from_url(e2e_redis.url)
+        client = redis_client(e2e_redis)
         assert await client.zcard("{workers}:heartbeats") >= 2
         await client.aclose()
     finally:

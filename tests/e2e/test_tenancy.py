@@ -22,14 +22,22 @@ from services.core import keys
 from services.core.quotas import QuotaStore
 from services.core.settings import load_settings
 from tests.e2e.clients import auth, connect, events_until, final_of, next_event, token, unique
-from tests.e2e.conftest import FAST_EXECUTOR, new_stack
+from tests.e2e.conftest import FAST_EXECUTOR, new_stack, redis_client, redis_env
 
 pytestmark = pytest.mark.e2e
 
 
 class Tenancy:
-    def __init__(self, stack: LocalStack, apis: list[Child], redis: Redis, url: str) -> None:
+    def __init__(
+        self,
+        stack: LocalStack,
+        apis: list[Child],
+        redis: Redis,
+        url: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.redis_url = url
+        self.redis_env = env or {"ORCHESTRATOR_REDIS_URL": url}  # what points a command at it
         self.stack = stack
         self.apis = apis
         self.redis = redis
@@ -65,8 +73,8 @@ def tenancy_stack(
 async def tenancy(
     tenancy_stack: tuple[LocalStack, list[Child]], e2e_redis: RedisServer
 ) -> AsyncIterator[Tenancy]:
-    redis = Redis.from_url(e2e_redis.url)
-    yield Tenancy(*tenancy_stack, redis, e2e_redis.url)
+    redis = redis_client(e2e_redis)
+    yield Tenancy(*tenancy_stack, redis, e2e_redis.url, redis_env(e2e_redis))
     await redis.aclose()
 
 
@@ -205,7 +213,7 @@ async def test_a_quota_change_by_the_cli_applies_on_running_apis_within_two_seco
     changed = time.monotonic()
     command = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "services.cli.main", "tenants", "set", tenant, "--tier", "pro",
-        env={"PATH": os.environ.get("PATH", ""), "ORCHESTRATOR_REDIS_URL": tenancy.redis_url},
+        env={"PATH": os.environ.get("PATH", ""), **tenancy.redis_env},
         stdout=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     assert await command.wait() == 0
