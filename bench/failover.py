@@ -81,7 +81,7 @@ async def run(redis: LocalRedis, scenario: str, lag_ms: int) -> tuple[Tally, dic
                     await asyncio.sleep(lag_ms / 1000)
                     primary = _command(old, "INFO", "replication")
                     link = primary.get("slave0", {})
-                    figures["replica behind (bytes)"] = float(
+                    figures["replica behind by (bytes)"] = float(
                         primary["master_repl_offset"] - int(link.get("offset", 0))
                     )
                 redis.kill_primary()
@@ -130,7 +130,10 @@ def main() -> None:
             tally, figures = asyncio.run(run(redis, scenario, args.lag_ms))
         finally:
             redis.cleanup()
-        extra = ", ".join(f"{name} {value:.2f} s" for name, value in figures.items())
+        extra = ", ".join(
+            f"{name} {value / 1e6:.1f} MB" if "bytes" in name else f"{name} {value:.2f} s"
+            for name, value in figures.items()
+        )
         print(f"{scenario} ({extra}): {tally.line()}")
         for error in tally.errors[:5]:
             print(f"    {error}")

@@ -98,6 +98,10 @@ class ClientConnection:
         if self._held is not None:
             self._held.append((event_id, frame))
             return
+        if parse_event_id(event_id) <= parse_event_id(self.last_event_id):
+            # Already sent: a catch-up read it from the log while it was still on its way
+            # through the (separate) subscription connection.
+            return
         self.last_event_id = event_id
         self.push(frame)
 

@@ -32,7 +32,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from services.api.connections import ClientConnection, traced_frame
+from services.api.connections import CLOSE_INTERNAL, ClientConnection, traced_frame
 from services.api.session_log import read_since
 from services.core import keys, telemetry
 from services.core.events import ERROR, frame, frame_id, frame_with_id
@@ -239,6 +239,14 @@ class SessionHub:
                 await asyncio.sleep(delay)
                 delay = min(RECONNECT_MAX_SECONDS, delay * 2)
                 continue
+            except Exception:
+                if self._cluster is None:
+                    raise
+                # A node's lane must not die in silence (say, a reply from a node that is
+                # rejoining the cluster): treat it as lost, its channels are subscribed again.
+                log.exception("delivery subscription on %s failed", lane.name)
+                self._lose(lane)
+                return
             if self._outage:  # reconnected and resubscribed by redis-py
                 delay = RECONNECT_MIN_SECONDS
                 self._outage = False
@@ -274,18 +282,26 @@ class SessionHub:
         log.warning("delivery subscription on %s lost; resubscribing its channels", lane.name)
         if self._lanes.get(lane.name) is lane:
             del self._lanes[lane.name]
-        notice = {"code": "unavailable", "message": "delivery interrupted, resuming"}
-        for channel in lane.channels:
-            self._lane_of.pop(channel, None)
-            self._homeless.add(channel)
-            for conn in self._sessions.get(channel, ()):
-                conn.hold()
-                conn.push(frame(conn.last_event_id, ERROR, notice))
-                self._stalled.add(conn)
-        lane.channels.clear()
+        for channel in list(lane.channels):
+            self._evict(channel)
         closing = asyncio.get_running_loop().create_task(lane.close())
         self._closing.add(closing)
         closing.add_done_callback(self._closing.discard)
+        self._restart_rehome()
+
+    def _evict(self, channel: str) -> None:
+        """`channel` is no longer subscribed: hold and tell its sockets until it is again."""
+        lane = self._lane_of.pop(channel, None)
+        if lane is not None:
+            lane.channels.discard(channel)
+        self._homeless.add(channel)
+        notice = {"code": "unavailable", "message": "delivery interrupted, resuming"}
+        for conn in self._sessions.get(channel, ()):
+            conn.hold()
+            conn.push(frame(conn.last_event_id, ERROR, notice))
+            self._stalled.add(conn)
+
+    def _restart_rehome(self) -> None:
         if self._resync is not None:  # a catch-up in progress starts over after this loss
             self._resync.cancel()
         self._resync = asyncio.get_running_loop().create_task(self._rehome())
@@ -327,13 +343,24 @@ class SessionHub:
                         node = (await self._lane_for(channel)).name
                         if node not in down:
                             await self._subscribe(channel)
-                    except (*REDIS_DOWN, RedisClusterException) as exc:
+                    except Exception as exc:  # whatever it is, this task must not die of it
                         down.add(node)
-                        log.info("delivery resubscription of %s not possible yet: %s", channel, exc)
+                        quiet = isinstance(exc, (*REDIS_DOWN, RedisClusterException))
+                        log.log(
+                            logging.INFO if quiet else logging.WARNING,
+                            "delivery resubscription of %s not possible yet: %r",
+                            channel,
+                            exc,
+                        )
             self._pulse()
             await self._catch_up()
             if not self._homeless:
                 return
+            log.info(
+                "delivery: %d channels not subscribed again yet, %d sockets held",
+                len(self._homeless),
+                len(self._stalled),
+            )
             delay = min(RECONNECT_MAX_SECONDS, delay * 2)
 
     async def _catch_up(self) -> None:
@@ -363,6 +390,11 @@ class SessionHub:
             except REDIS_DOWN:
                 await asyncio.sleep(delay)
                 delay = min(RECONNECT_MAX_SECONDS, delay * 2)
+                continue
+            except Exception:  # never leave a socket held in silence: it reconnects and resumes
+                log.exception("catch-up of a socket failed; closing it")
+                conn.close_soon(CLOSE_INTERNAL, "internal error: reconnect")
+                self._stalled.discard(conn)
                 continue
             sent_up_to = conn.last_event_id
             if replay.resumed is False:
@@ -422,3 +454,10 @@ class SessionHub:
             confirmed = self._confirmations.pop(channel, None)
             if confirmed is not None and not confirmed.done():
                 confirmed.set_result(None)
+        elif kind == "sunsubscribe" and channel in self._lane_of:
+            # Not asked for by us (`_unsubscribe` forgets the channel first): the node no
+            # longer serves the channel's slot (resharding, a restarted node rejoining).
+            # Without this its sockets would wait in silence; subscribe it where it now lives.
+            log.warning("delivery: %s unsubscribed by its node; resubscribing", channel)
+            self._evict(channel)
+            self._restart_rehome()

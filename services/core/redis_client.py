@@ -166,6 +166,17 @@ def _sentinel_primary(settings: Settings, pool_size: int) -> Redis:
     return client
 
 
+def _as_lost_connection(exc: RuntimeError | AttributeError) -> RedisConnectionError | None:
+    """redis-py (8.1) disconnects a node's idle connections after a connection error while
+    other tasks may be taking one of them: that task's command then fails inside the
+    transport (`handler is closed`, `'NoneType' object has no attribute 'writelines'`). For
+    the caller that is a lost connection, an outage to ride through; anything else is a bug."""
+    text = str(exc)
+    if "handler is closed" in text or "'NoneType' object has no attribute" in text:
+        return RedisConnectionError(f"connection closed under the command: {text}")
+    return None
+
+
 # Set while this task runs a command or pipeline of the cluster client (see `aclose`).
 _in_command: contextvars.ContextVar[bool] = contextvars.ContextVar("in_command", default=False)
 
@@ -183,7 +194,8 @@ class ClusterClient(RedisCluster):
     - redis-py reacts to CLUSTERDOWN (and to repeated MOVED) by closing every connection of
       every node, including those other tasks are using that instant, whose commands then fail
       with errors such as `'NoneType' object has no attribute 'writelines'`. Here the slot map
-      is refreshed on the next command instead, and only idle connections are dropped.
+      is refreshed on the next command instead (which recycles connections once idle), and
+      the same errors from redis-py's narrower races are reported as a lost connection.
     """
 
     ERRORS_ALLOW_RETRY = (RedisConnectionError, ClusterDownError, SlotNotCoveredError)  # type: ignore[assignment]
@@ -192,6 +204,11 @@ class ClusterClient(RedisCluster):
         token = _in_command.set(True)
         try:
             return await super().execute_command(*args, **kwargs)
+        except (RuntimeError, AttributeError) as exc:
+            lost = _as_lost_connection(exc)
+            if lost is None:
+                raise
+            raise lost from exc
         finally:
             _in_command.reset(token)
 
@@ -199,11 +216,9 @@ class ClusterClient(RedisCluster):
         if not _in_command.get():
             await super().aclose()  # the owner closes the client
             return
-        # redis-py's own reset, from inside a failing command (see the class docstring).
+        # redis-py's own reset, from inside a failing command (see the class docstring): the
+        # next command refreshes the slot map, which recycles connections once they are idle.
         self._initialize = True
-        for node in list(self.nodes_manager.nodes_cache.values()):
-            node.update_active_connections_for_reconnect()
-            await node.disconnect_free_connections()
 
     async def initialize(
         self,
@@ -261,6 +276,11 @@ class ScriptingClusterPipeline(ClusterPipeline):
         token = _in_command.set(True)
         try:
             results: list[Any] = await super().execute(raise_on_error, allow_redirections)
+        except (RuntimeError, AttributeError) as exc:
+            lost = _as_lost_connection(exc)
+            if lost is None:
+                raise
+            raise lost from exc
         finally:
             _in_command.reset(token)
         outage = next((result for result in results if isinstance(result, REDIS_DOWN)), None)

@@ -18,6 +18,8 @@ from redis.asyncio import Redis
 from services.core import keys
 from services.core.scripts import Scripts, missing_script
 
+LEASE_TRUST = 0.8  # of the lease's ttl, from when the renewal was sent
+
 
 class PartitionLeases:
     def __init__(
@@ -29,6 +31,14 @@ class PartitionLeases:
         self.partitions = partitions
         self.ttl_ms = int(ttl * 1000)
         self.owned: set[int] = set()
+        # Until when (time.monotonic) each owned lease surely still holds (see `valid`).
+        self.valid_until: dict[int, float] = {}
+        # How long a consumer of a newly taken partition waits before applying anything: the
+        # previous owner stops starting batches at `LEASE_TRUST` of the ttl, and may still be
+        # finishing one (`PartitionConsumer.run`). The first round at start takes only free
+        # partitions of nobody, so it does not wait.
+        self.takeover_grace = 0.0
+        self._grace = min(3.0, max(0.5, 0.3 * ttl))
         # Start looking at a worker-specific offset so workers do not all race for partition 0.
         self._offset = zlib.crc32(worker_id.encode()) % partitions
 
@@ -46,6 +56,7 @@ class PartitionLeases:
         if not self.owned:
             return set()
         owned = sorted(self.owned)
+        started = time.monotonic()
         async with self.redis.pipeline(transaction=False) as pipe:
             for partition in owned:
                 self.scripts.queue(
@@ -60,7 +71,27 @@ class PartitionLeases:
             return set()
         lost = {p for p, held in zip(owned, results, strict=True) if not held}
         self.owned -= lost
+        for partition in owned:
+            if partition in lost:
+                self.valid_until.pop(partition, None)
+            else:
+                self._trust(partition, started)
         return lost
+
+    def valid(self, partition: int) -> bool:
+        """Whether our lease on `partition` surely still holds, so that its consumer may apply.
+
+        Redis expires a lease `ttl` after the last renewal it ran, which it ran after we sent
+        it: until `sent + ttl` nobody else can hold it. We stop trusting it a margin earlier.
+        While Redis (or the lease's node) is away the lease cannot be renewed, and another
+        worker takes it once it expires; without this check the old owner's consumer, which
+        learns of the loss only at its next successful renewal, would apply callbacks of the
+        same partition at the same time as the new one, out of order.
+        """
+        return time.monotonic() < self.valid_until.get(partition, 0.0)
+
+    def _trust(self, partition: int, sent: float) -> None:
+        self.valid_until[partition] = sent + LEASE_TRUST * self.ttl_ms / 1000
 
     def surplus(self, live: int) -> list[int]:
         """Partitions to hand back so that every live worker can get its share."""
@@ -77,16 +108,20 @@ class PartitionLeases:
             partition = (self._offset + step) % self.partitions
             if partition in self.owned:
                 continue
+            started = time.monotonic()
             taken = await self.redis.set(
                 keys.partition_lease(partition), self.worker_id, nx=True, px=self.ttl_ms
             )
             if taken:
                 self.owned.add(partition)
+                self._trust(partition, started)
                 gained.add(partition)
+        self.takeover_grace = self._grace
         return gained
 
     async def release(self, partition: int) -> None:
         self.owned.discard(partition)
+        self.valid_until.pop(partition, None)
         await self.scripts.lease(
             keys=[keys.partition_lease(partition)], args=[self.worker_id, self.ttl_ms, "release"]
         )

@@ -58,7 +58,7 @@ class Worker:
         self._lag_reported: set[tuple[str, str]] = set()
         self.stopping = asyncio.Event()
 
-    def _start_consumer(self, partition: int) -> None:
+    def _start_consumer(self, partition: int, start_after: float = 0.0) -> None:
         consumer = PartitionConsumer(
             self.redis,
             self.effects,
@@ -67,6 +67,8 @@ class Worker:
             self.worker_id,
             partition,
             self.tenant_labels,
+            lease_valid=lambda: self.leases.valid(partition),
+            start_after=start_after,
         )
         task = asyncio.get_running_loop().create_task(consumer.run())
         self.consumers[partition] = (consumer, task)
@@ -99,7 +101,7 @@ class Worker:
             await self.leases.release(partition)
         for partition in await self.leases.acquire(live):
             log.info("took partition %s", partition)
-            self._start_consumer(partition)
+            self._start_consumer(partition, self.leases.takeover_grace)
         await self._sample_lag()
 
     async def _sample_lag(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from opentelemetry.trace import Span, SpanKind
 from redis.asyncio import Redis
@@ -91,8 +92,13 @@ class PartitionConsumer:
         worker_id: str,
         partition: int,
         tenant_labels: metrics.TenantLabels,
+        lease_valid: Callable[[], bool] | None = None,
+        start_after: float = 0.0,
     ) -> None:
         self.redis = redis
+        self.start_after = start_after
+        # Whether the partition's lease surely still holds (`PartitionLeases.valid`).
+        self._lease_valid = lease_valid or (lambda: True)
         self.effects = effects
         self.settings = settings
         self.consumer = worker_id
@@ -107,7 +113,19 @@ class PartitionConsumer:
         self.stopping.set()
 
     async def run(self) -> None:
-        await ensure_group(self.redis, self.stream, keys.WORKER_GROUP)
+        if self.start_after:
+            # A partition taken over after its lease expired: its previous owner may still be
+            # applying the batch it had in hand (a node rejoining, a slow retry); let it end
+            # before this consumer applies anything newer.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), self.start_after)
+        while not self.stopping.is_set():
+            try:
+                await ensure_group(self.redis, self.stream, keys.WORKER_GROUP)
+                break
+            except REDIS_DOWN as exc:
+                log.warning("partition %s: redis unavailable (%s)", self.partition, exc)
+                await self._pause()
         backlog = True
         loop = asyncio.get_running_loop()
         next_tick = 0.0
@@ -125,6 +143,12 @@ class PartitionConsumer:
                     entries = await self._new()
                     if not entries:
                         continue
+                if not self._lease_valid():
+                    # Our lease could not be renewed in time (Redis away): another worker may
+                    # own the partition now. Apply nothing until it is renewed (or lost).
+                    backlog = True
+                    await self._pause()
+                    continue
                 if not await self._handle(entries):
                     backlog = True
                     await self._pause()
@@ -216,6 +240,8 @@ class PartitionConsumer:
                 await self.effects.queue(action, pipe, telemetry.traceparent(span) if span else "")
                 for (_, action), span in zip(decoded, spans, strict=True)
             ]
+            if not self._lease_valid():  # expired while the batch was read and decoded
+                return False
             results = await pipe.execute(raise_on_error=False)
         reloaded = any(missing_script(result) for result in results)
         if reloaded:

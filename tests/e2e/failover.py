@@ -283,10 +283,12 @@ def tally(conversations: list[Conversation], fault_at: float | None) -> Tally:
                 result.errors.append(f"{task.task_id}: {finals[0]['data']}")
             if not finals or finals[0]["type"] == "chat.response":  # an error ends it early
                 got = {int(key[1]) for key in seen if key[0] == "chat.chunk"}
-                missing = len(set(range(1, len(expected) + 1)) - got)
-                missing += _FIRST_STATUS not in seen
-                missing += not finals
+                gaps = sorted(set(range(1, len(expected) + 1)) - got)
+                missing = len(gaps) + (_FIRST_STATUS not in seen) + (not finals)
                 result.lost += missing
+                if missing and finals:
+                    status = "" if _FIRST_STATUS in seen else "chat.status, "
+                    result.errors.append(f"{task.task_id}: missed {status}chunks {gaps}")
             if (
                 fault_at is not None
                 and task.sent_at > fault_at

@@ -95,7 +95,11 @@ async def test_a_failover_mid_stream_is_followed_by_every_process(
             figures["promoted_after"] = time.monotonic() - started
 
         result, _ = await converse(
-            conversations, MESSAGES, fault=kill_primary, fault_after_answers=SESSIONS
+            conversations,
+            MESSAGES,
+            fault=kill_primary,
+            fault_after_answers=SESSIONS,
+            answer_timeout=30,
         )
         print(
             f"\nsentinel failover (replica promoted {figures['promoted_after']:.2f} s after "
