@@ -9,6 +9,7 @@ Cluster) and `LocalSentinel` (a primary, a replica and three sentinels).
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import shutil
 import socket
@@ -294,6 +295,30 @@ class LocalCluster:
 
     def kill(self, node: RedisServer) -> None:
         node.kill()
+
+    def move_slot(self, slot: int, target: RedisServer) -> None:
+        """Migrate `slot` and its keys to the primary `target` while the cluster serves, the
+        way `valkey-cli --cluster reshard` does (IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE).
+        The old owner then unsubscribes the slot's shard-channel subscribers."""
+        source = self.node_of_slot(slot)
+        if source is target:
+            return
+        source_id = _command(source.port, "CLUSTER", "MYID")
+        target_id = _command(target.port, "CLUSTER", "MYID")
+        _command(target.port, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", source_id)
+        _command(source.port, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", target_id)
+        while names := _command(source.port, "CLUSTER", "GETKEYSINSLOT", str(slot), "100"):
+            _command(
+                source.port, "MIGRATE", "127.0.0.1", str(target.port), "", "0", "5000",
+                "KEYS", *names,
+            )  # fmt: skip
+        for node in (target, source):
+            _command(node.port, "CLUSTER", "SETSLOT", str(slot), "NODE", target_id)
+        for node in self.nodes:
+            if node.alive() and node not in (target, source):
+                with contextlib.suppress(redis.RedisError):  # a replica learns it by gossip
+                    _command(node.port, "CLUSTER", "SETSLOT", str(slot), "NODE", target_id)
+        self.wait_ready()
 
     def wait_failover(self, lost: RedisServer, timeout: float = 60.0) -> float:
         """Wait until the replicas of a killed primary have taken over all of its slots (after

@@ -293,3 +293,48 @@ async def test_a_node_restarted_mid_run_is_rejoined_by_every_process_by_itself(
         stack.stop()
         if not victim.alive():
             redis_cluster.restart(victim)
+
+
+async def test_a_session_whose_slot_moves_to_another_node_keeps_its_socket_fed(
+    redis_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """Live resharding: the node that gave up the session's slot unsubscribes the channel
+    (`sunsubscribe`); the api subscribes it again on the new owner and the socket gets every
+    event of the next answer, nothing twice, without reconnecting."""
+    stack = new_stack(redis_cluster, tmp_path / "logs", **FAST_EXECUTOR)
+    try:
+        api = stack.start_api()
+        stack.start("worker")
+        stack.start("executor")
+        stack.wait_ready(api)
+        tenant, session = unique("t"), unique("s")
+        ws, _ = await connect(api.ws_url, tenant, session)
+        async with httpx.AsyncClient(timeout=15) as http:
+            body = {"message": "before", "stream": True, "session_id": session}
+            reply = await send(http, api.url, tenant, body)
+            await events_until(ws, final_of(reply.json()["task_id"]))
+            slot = key_slot(keys.session_channel(tenant, session).encode())
+            source = redis_cluster.node_of_slot(slot)
+            target = next(
+                node for node in redis_cluster.nodes[: redis_cluster.masters] if node is not source
+            )
+            await asyncio.to_thread(redis_cluster.move_slot, slot, target)
+            assert redis_cluster.node_of_slot(slot) is target
+            reply = await send(http, api.url, tenant, {**body, "message": "after"})
+            assert reply.status_code == 202, reply.text
+            events = await events_until(ws, final_of(reply.json()["task_id"]), timeout=20)
+        await ws.close()
+        mine = [e for e in events if e.get("task_id") == reply.json()["task_id"]]
+        ids = [e["id"] for e in mine]
+        assert len(ids) == len(set(ids)), ids
+        assert mine[-1]["type"] == "chat.response"
+        assert mine[-1]["data"]["content"].endswith("after")
+        seqs = [e["data"]["seq"] for e in mine if e["type"] == "chat.chunk"]
+        assert seqs, mine
+        assert seqs == list(range(1, len(seqs) + 1)), seqs
+        log = stack.children[0].log_path
+        assert log is not None
+        assert "unsubscribed by its node" in log.read_text()
+        assert refusals(stack) == []
+    finally:
+        stack.stop()
