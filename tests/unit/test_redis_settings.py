@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from services.core.redis_client import ClusterClient, create_redis, is_cluster
+from services.core.redis_client import (
+    POOL_WAIT_SECONDS,
+    ClusterClient,
+    WaitingConnectionPool,
+    WaitingSentinelConnectionPool,
+    create_redis,
+    is_cluster,
+)
 from services.core.settings import ConfigError, RedisMode, load_settings
 
 
@@ -50,5 +57,11 @@ async def test_each_mode_builds_its_kind_of_client_without_connecting() -> None:
     assert not is_cluster(sentinel)
     assert sentinel.connection_pool.connection_kwargs["password"] == "pw"
     assert sentinel.connection_pool.connection_kwargs["db"] == 2
+    # Both pools wait for a free connection in a burst instead of failing at once.
+    assert isinstance(plain.connection_pool, WaitingConnectionPool)
+    assert isinstance(sentinel.connection_pool, WaitingSentinelConnectionPool)
+    for pooled in (plain, sentinel):
+        assert pooled.connection_pool.timeout == POOL_WAIT_SECONDS  # type: ignore[attr-defined]
+        assert "timeout" not in pooled.connection_pool.connection_kwargs
     for client in (cluster, plain, sentinel):
         await client.aclose()

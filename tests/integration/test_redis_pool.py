@@ -1,0 +1,69 @@
+"""The client's connection pool in a burst: more concurrent commands than connections wait
+for one (in order, up to `POOL_WAIT_SECONDS`) instead of failing with MaxConnectionsError."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis.exceptions import MaxConnectionsError
+
+from services.core.redis_client import REDIS_DOWN, WaitingConnectionPool, create_redis
+from services.core.settings import load_settings
+
+HOLD_SECONDS = 0.05  # a BLPOP on an empty list holds its connection this long
+
+
+async def test_a_burst_beyond_the_pool_waits_for_connections(redis_url: str) -> None:
+    client = create_redis(load_settings(redis_url=redis_url), max_connections=2)
+    pool = client.connection_pool
+    assert isinstance(pool, WaitingConnectionPool)
+    try:
+        held = [client.blpop(["pool:empty"], timeout=HOLD_SECONDS) for _ in range(6)]
+        quick = [client.incr("pool:count") for _ in range(200)]
+        results = await asyncio.gather(*held, *quick)
+        assert results[:6] == [None] * 6
+        assert sorted(results[6:]) == list(range(1, 201))
+        assert len(pool._in_use_connections) == 0
+        assert len(pool._available_connections) == 2
+        assert not pool._waiters
+    finally:
+        await client.aclose()
+
+
+async def test_waiting_ends_after_the_timeout_with_an_outage_error(redis_url: str) -> None:
+    client = create_redis(load_settings(redis_url=redis_url), max_connections=1)
+    pool = client.connection_pool
+    assert isinstance(pool, WaitingConnectionPool)
+    pool.timeout = 0.05
+    try:
+        holder = asyncio.ensure_future(client.blpop(["pool:empty"], timeout=1))
+        await asyncio.sleep(0.02)
+        with pytest.raises(MaxConnectionsError) as error:
+            await client.ping()
+        assert isinstance(error.value, REDIS_DOWN)  # the api answers 503 `unavailable`
+        assert await holder is None
+        assert await client.ping()  # the connection is free again
+        assert not pool._waiters
+    finally:
+        await client.aclose()
+
+
+async def test_a_cancelled_waiter_passes_its_turn_on(redis_url: str) -> None:
+    client = create_redis(load_settings(redis_url=redis_url), max_connections=1)
+    pool = client.connection_pool
+    assert isinstance(pool, WaitingConnectionPool)
+    try:
+        holder = asyncio.ensure_future(client.blpop(["pool:empty"], timeout=HOLD_SECONDS))
+        await asyncio.sleep(0.01)
+        first = asyncio.ensure_future(client.ping())
+        second = asyncio.ensure_future(client.ping())
+        await asyncio.sleep(0.01)
+        assert len(pool._waiters) == 2
+        first.cancel()
+        assert await holder is None
+        assert await asyncio.wait_for(second, 2)
+        assert first.cancelled()
+        assert not pool._waiters
+    finally:
+        await client.aclose()
