@@ -64,6 +64,8 @@ PRIORITY_RANK = {keys.aes_stream(p): rank for rank, p in enumerate(keys.PRIORITI
 REMEMBERED_CANCELS = 10_000
 CALLBACK_MAXLEN = 1_000_000
 
+Callback = ExecutionChunk | ExecutionCompleted | ExecutionFailed
+
 
 class Executor:
     def __init__(self, settings: Settings) -> None:
@@ -216,8 +218,9 @@ class Executor:
                 await self._callback(action, failure)
             return "failed"
         reply = reply_for(action.agent_id, action.message, simulation.repeat)
+        unsent: list[Callback] = []  # unpaced chunks: sent with the final callback
         if action.stream:
-            await self._stream(action, reply, simulation)
+            unsent = await self._stream(action, reply, simulation)
         input_tokens, output_tokens, cost = usage_for(action.message, reply)
         with telemetry.producer(action.callback_queue) as span:
             completed = ExecutionCompleted(
@@ -234,13 +237,20 @@ class Executor:
                     cost=cost,
                 ),
             )
-            await self._callback(action, completed)
+            await self._callback(action, *unsent, completed)
         return "completed"
 
-    async def _stream(self, action: ChatProcess, reply: str, simulation: Simulation) -> None:
-        """The chunks of one answer: one PRODUCER span for the whole stream, not one per chunk."""
+    async def _stream(
+        self, action: ChatProcess, reply: str, simulation: Simulation
+    ) -> list[Callback]:
+        """The chunks of one answer: one PRODUCER span for the whole stream, not one per chunk.
+
+        Paced chunks are sent one by one; without a delay between them they are returned, to
+        travel with the final callback in one round trip (a pipeline keeps their order).
+        """
         pace = simulation.chunk_delay_ms
         pace = self.settings.executor_chunk_delay_ms if pace is None else pace
+        unsent: list[Callback] = []
         with telemetry.producer(action.callback_queue, **{"orchestrator.stream": True}) as span:
             carrier = telemetry.inject(span)
             chunks = chunks_of(reply)
@@ -256,18 +266,34 @@ class Executor:
                     seq=seq,
                     delta=delta,
                 )
-                await self._callback(action, chunk)
+                if pace:
+                    await self._callback(action, chunk)
+                else:
+                    unsent.append(chunk)
             span.set_attribute("messaging.batch.message_count", len(chunks))
+        return unsent
 
-    async def _callback(
-        self, action: ChatProcess, callback: ExecutionChunk | ExecutionCompleted | ExecutionFailed
-    ) -> None:
-        await self.redis.xadd(
-            action.callback_queue,
-            {ACTION_FIELD: encode_action(callback)},
-            maxlen=CALLBACK_MAXLEN,
-            approximate=True,
-        )
+    async def _callback(self, action: ChatProcess, *callbacks: Callback) -> None:
+        """Add callbacks to the action's callback stream, in order, in one round trip."""
+        if len(callbacks) == 1:
+            await self.redis.xadd(
+                action.callback_queue,
+                {ACTION_FIELD: encode_action(callbacks[0])},
+                maxlen=CALLBACK_MAXLEN,
+                approximate=True,
+            )
+            return
+        # One slot (the callback partition), so one node and one connection even on a
+        # cluster: the entries are added in this order.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for callback in callbacks:
+                pipe.xadd(
+                    action.callback_queue,
+                    {ACTION_FIELD: encode_action(callback)},
+                    maxlen=CALLBACK_MAXLEN,
+                    approximate=True,
+                )
+            await pipe.execute()
 
     async def _listen_for_cancels(self) -> None:
         last_id = "$"
