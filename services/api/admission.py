@@ -1,8 +1,9 @@
 """Tenancy at the door: quotas, tier rules, rate limits and budgets for sends and sockets.
 
 The tier always comes from the quota store (cached per pod, dropped on change), never from
-the client. A send costs two round trips here: the session and tenant rate limits in one
-pipeline, then the token budget (which also counts the request).
+the client. A send costs one round trip here: the session's rate limit and the tenant's (with
+its token budget, which also counts the request: one script on the tenant's slot) in one
+pipeline.
 """
 
 from __future__ import annotations
@@ -101,9 +102,12 @@ class Admission:
         per_session = limits.requests_per_minute_per_session or (
             self.settings.max_requests_per_session
         )
+        budget = self.usage.budget(tenant_id, limits.tokens_per_day)
         checks = [
             RateCheck(keys.session_rate(tenant_id, session_id), per_session),
-            RateCheck(keys.tenant_rate(tenant_id), limits.requests_per_minute_per_tenant),
+            RateCheck(
+                keys.tenant_rate(tenant_id), limits.requests_per_minute_per_tenant, budget=budget
+            ),
         ]
         decisions = await self.limiter.check_many(checks)
         refused = [
@@ -115,7 +119,7 @@ class Admission:
             decision, scope = max(refused, key=lambda pair: pair[0].retry_after)
             rate_limit_rejections.labels(scope).inc()
             raise rate_limited(decision, scope)
-        if not await self.usage.admit(tenant_id, limits.tokens_per_day):
+        if not all(decision.within_budget for decision in decisions):
             quota_rejections.labels("token_budget").inc()
             retry_after = seconds_until_utc_midnight()
             raise RateLimited(

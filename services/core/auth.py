@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from services.core.ids import is_valid_id
 from services.core.settings import ConfigError, Settings
 
 LEEWAY_SECONDS = 10
+VERIFIED_CACHE_SIZE = 4096  # distinct tokens remembered per process (LRU)
+MAX_CACHED_TOKEN_CHARS = 4096  # longer tokens are verified every time, never kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +58,31 @@ class TokenVerifier:
         self._algorithms = [settings.jwt_algorithm]
         self._audience = settings.jwt_audience
         self._issuer = settings.jwt_issuer
+        self._verified: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
 
     def verify(self, token: str) -> Principal:
+        """The token's principal; a token verified before is not decoded again until it expires.
+
+        Only successes are remembered, by the whole token string, until the token's `exp` (with
+        the same leeway as the check): a token that passed every check passes them again until
+        then, so the result is the same without the signature's cost on every request.
+        """
+        cached = self._verified.get(token)
+        if cached is not None:
+            principal, expires = cached
+            if time.time() < expires:
+                self._verified.move_to_end(token)
+                return principal
+            del self._verified[token]
+            raise Unauthorized("token expired")
+        principal, exp = self._decode(token)
+        if len(token) <= MAX_CACHED_TOKEN_CHARS:
+            self._verified[token] = (principal, exp + LEEWAY_SECONDS)
+            if len(self._verified) > VERIFIED_CACHE_SIZE:
+                self._verified.popitem(last=False)
+        return principal
+
+    def _decode(self, token: str) -> tuple[Principal, float]:
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -76,7 +102,8 @@ class TokenVerifier:
             raise Unauthorized("token has no valid tenant_id claim")
         sub = claims["sub"]
         name = claims.get("name")
-        return Principal(tenant_id, str(sub), name if isinstance(name, str) else None)
+        principal = Principal(tenant_id, str(sub), name if isinstance(name, str) else None)
+        return principal, float(claims["exp"])
 
 
 def issue_token(

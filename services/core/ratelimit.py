@@ -37,12 +37,25 @@ class RateDecision:
     remaining: int
     reset_after: float  # until the limit is full again
     retry_after: float  # until the same request would be allowed; 0 when allowed
+    # With a `Budget`: False when the limit allowed the request but the day's tokens are used
+    # up (the request was not counted). Always True without one.
+    within_budget: bool = True
+
+
+class Budget(NamedTuple):
+    """A tenant's daily token budget, checked in the same script as its rate limit (one slot);
+    see `UsageCounter.budget`. An allowed check within the budget counts the request."""
+
+    usage_key: str
+    tokens_per_day: int | None  # None: unlimited
+    ttl_seconds: int
 
 
 class RateCheck(NamedTuple):
     key: str
     limit_per_minute: int
     cost: int = 1
+    budget: Budget | None = None
 
 
 def _interval(limit_per_minute: int) -> int:
@@ -61,17 +74,25 @@ def _validate(check: RateCheck) -> RateCheck:
 def _arguments(check: RateCheck, now_us: int | None) -> list[int | str]:
     interval = _interval(check.limit_per_minute)
     moment = "" if now_us is None else now_us
-    return [interval, interval * check.limit_per_minute, check.cost, moment]
+    args: list[int | str] = [interval, interval * check.limit_per_minute, check.cost, moment]
+    if check.budget is not None:
+        args += [check.budget.tokens_per_day or 0, check.budget.ttl_seconds]
+    return args
+
+
+def _keys(check: RateCheck) -> tuple[str, ...]:
+    return (check.key,) if check.budget is None else (check.key, check.budget.usage_key)
 
 
 def _decision(limit: int, reply: Sequence[int]) -> RateDecision:
-    allowed, remaining, reset_after, retry_after = (int(value) for value in reply)
+    allowed, remaining, reset_after, retry_after, *budget = (int(value) for value in reply)
     return RateDecision(
         allowed=allowed == 1,
         limit=limit,
         remaining=remaining,
         reset_after=reset_after / MICROSECONDS,
         retry_after=retry_after / MICROSECONDS,
+        within_budget=not budget or budget[0] == 1,
     )
 
 
@@ -116,6 +137,11 @@ class RateLimiter:
         refusal path only), and the result keeps every decision as made, so the caller can
         report the refusing one. The short window between the check and the refund can only
         refuse a concurrent request that would have fit: it never lets one too many through.
+
+        A check with a `Budget` also checks the day's tokens when its limit allows (its
+        decision's `within_budget`) and counts the request when within it; the refund of such
+        a check takes that count back. A request over its budget keeps what the rate limits
+        took, as when the budget was checked after them.
         """
         for check in checks:
             _validate(check)
@@ -126,7 +152,12 @@ class RateLimiter:
         ]
         if not all(decision.allowed for decision in decisions):
             refunds = [
-                RateCheck(check.key, check.limit_per_minute, -check.cost)
+                RateCheck(
+                    check.key,
+                    check.limit_per_minute,
+                    -check.cost,
+                    check.budget if decision.within_budget else None,
+                )
                 for check, decision in zip(checks, decisions, strict=True)
                 if decision.allowed and check.cost
             ]
@@ -156,7 +187,10 @@ class RateLimiter:
     async def _evalsha_each(self, checks: Sequence[RateCheck], now_us: int | None) -> list[Any]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for check in checks:
-                pipe.evalsha(self._script.sha, 1, check.key, *_arguments(check, now_us))
+                script_keys = _keys(check)
+                pipe.evalsha(
+                    self._script.sha, len(script_keys), *script_keys, *_arguments(check, now_us)
+                )
             replies: list[Any] = await pipe.execute(raise_on_error=False)
         return replies
 

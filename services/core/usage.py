@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 
 from services.core import keys
 from services.core.ids import is_valid_id
+from services.core.ratelimit import Budget
 
 USAGE_TTL_SECONDS = 2 * 86_400
 COUNTED_TTL_SECONDS = 2 * 86_400  # longer than any redelivery of a completion callback
@@ -133,6 +134,13 @@ class UsageCounter:
             args=[tokens_per_day or 0, USAGE_TTL_SECONDS],
         )
         return bool(int(reply[0]))
+
+    def budget(self, tenant_id: str, tokens_per_day: int | None) -> Budget:
+        """Today's budget, for the tenant's rate-limit check (`RateCheck.budget`): the same
+        admission as `admit`, in the limiter's script, so a send's admission is one round trip.
+        """
+        _require_id("tenant id", tenant_id)
+        return Budget(keys.tenant_usage(tenant_id, self.day()), tokens_per_day, USAGE_TTL_SECONDS)
 
     async def over_budget(self, tenant_id: str, tokens_per_day: int | None) -> bool:
         """True once today's tokens reach the budget; never for an unlimited one (None)."""

@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 from services.core import keys
 from services.core.errors import RateLimited
 from services.core.ratelimit import (
+    Budget,
     RateCheck,
     RateDecision,
     RateLimiter,
@@ -142,6 +143,78 @@ async def test_check_many_refunds_the_limits_that_allowed_when_another_refused(
     assert session.allowed
     assert not tenant.allowed
     assert (await limiter.check(session_key, 10, cost=0, now_us=NOW)).remaining == 7
+
+
+async def _requests(redis: Redis, usage_key: str) -> int:
+    return int(await redis.hget(usage_key, "requests") or 0)
+
+
+async def test_a_budget_is_checked_with_its_limit_and_counts_the_request(
+    limiter: RateLimiter, redis: Redis
+) -> None:
+    usage_key = keys.tenant_usage("acme", "2026-01-01")
+    budget = Budget(usage_key, 100, 3600)
+    checks = [
+        RateCheck(keys.session_rate("acme", "s1"), 10),
+        RateCheck(keys.tenant_rate("acme"), 30, budget=budget),
+    ]
+    session, tenant = await limiter.check_many(checks, now_us=NOW)
+    assert session.within_budget
+    assert tenant.within_budget
+    assert (tenant.allowed, tenant.remaining) == (True, 29)
+    assert await _requests(redis, usage_key) == 1
+    assert 0 < await redis.ttl(usage_key) <= 3600
+    await redis.hset(usage_key, "tokens", 100)  # the day's budget is used up
+    session, tenant = await limiter.check_many(checks, now_us=NOW)
+    assert tenant.allowed
+    assert not tenant.within_budget
+    assert tenant.remaining == 28  # as before: the rate limit counted the refused request
+    assert await _requests(redis, usage_key) == 1  # but it is not counted as a request
+    unlimited = [RateCheck(keys.tenant_rate("b"), 30, budget=Budget(usage_key, None, 3600))]
+    assert (await limiter.check_many(unlimited, now_us=NOW))[0].within_budget
+    assert await _requests(redis, usage_key) == 2
+
+
+async def test_a_refusal_by_another_limit_takes_back_the_counted_request(
+    limiter: RateLimiter, redis: Redis
+) -> None:
+    usage_key = keys.tenant_usage("acme", "2026-01-01")
+    session_key, tenant_key = keys.session_rate("acme", "s1"), keys.tenant_rate("acme")
+    checks = [
+        RateCheck(session_key, 2),
+        RateCheck(tenant_key, 30, budget=Budget(usage_key, 100, 3600)),
+    ]
+    for _ in range(2):
+        assert all(d.allowed for d in await limiter.check_many(checks, now_us=NOW))
+    session, tenant = await limiter.check_many(checks, now_us=NOW)
+    assert not session.allowed
+    assert tenant.allowed
+    assert await _requests(redis, usage_key) == 2  # the refused request is not counted
+    assert (await limiter.check(tenant_key, 30, cost=0, now_us=NOW)).remaining == 28
+    # Refused by its own limit, a budgeted check touches no budget (and is not refunded).
+    tight = [RateCheck(keys.tenant_rate("t"), 1, budget=Budget(usage_key, 100, 3600))]
+    assert (await limiter.check_many(tight, now_us=NOW))[0].allowed
+    refused = (await limiter.check_many(tight, now_us=NOW))[0]
+    assert not refused.allowed
+    assert refused.within_budget
+    assert await _requests(redis, usage_key) == 3
+
+
+async def test_a_budget_over_its_tokens_is_not_taken_back_when_another_limit_refused(
+    limiter: RateLimiter, redis: Redis
+) -> None:
+    usage_key = keys.tenant_usage("acme", "2026-01-01")
+    await redis.hset(usage_key, mapping={"tokens": 100, "requests": 5})
+    checks = [
+        RateCheck(keys.session_rate("acme", "s1"), 1),
+        RateCheck(keys.tenant_rate("acme"), 30, budget=Budget(usage_key, 100, 3600)),
+    ]
+    await limiter.check_many(checks, now_us=NOW)
+    session, tenant = await limiter.check_many(checks, now_us=NOW)
+    assert not session.allowed
+    assert not tenant.within_budget
+    assert await _requests(redis, usage_key) == 5
+    assert (await limiter.check(keys.tenant_rate("acme"), 30, cost=0, now_us=NOW)).remaining == 29
 
 
 async def test_check_many_sends_nothing_but_the_scripts(limiter: RateLimiter, redis: Redis) -> None:

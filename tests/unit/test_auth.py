@@ -86,3 +86,51 @@ def test_the_none_algorithm_is_never_accepted() -> None:
 def test_a_public_key_algorithm_without_a_key_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="ORCHESTRATOR_JWT_PUBLIC_KEY"):
         TokenVerifier(load_settings(jwt_algorithm="RS256"))
+
+
+def test_a_verified_token_is_remembered_until_it_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from services.core import auth
+
+    settings = load_settings(jwt_secret="k" * 32)
+    verifier = TokenVerifier(settings)
+    token = issue_token(settings, tenant_id="acme", user_id="ada", ttl_seconds=60)
+    exp = jwt.decode(token, options={"verify_signature": False})["exp"]
+    first = verifier.verify(token)
+    decoded: list[str] = []
+    real_decode = jwt.decode
+    monkeypatch.setattr(
+        auth.jwt,
+        "decode",
+        lambda token, *a, **k: decoded.append(token) or real_decode(token, *a, **k),
+    )
+    assert verifier.verify(token) == first  # from the cache: not decoded again
+    assert decoded == []
+    # Past `exp` plus the leeway the check allows, the remembered token is refused as expired.
+    monkeypatch.setattr(auth, "time", SimpleNamespace(time=lambda: exp + auth.LEEWAY_SECONDS - 1))
+    assert verifier.verify(token) == first
+    monkeypatch.setattr(auth, "time", SimpleNamespace(time=lambda: exp + auth.LEEWAY_SECONDS))
+    with pytest.raises(Unauthorized, match="expired"):
+        verifier.verify(token)
+    assert decoded == []
+
+
+def test_failures_are_not_remembered_and_the_cache_is_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from services.core import auth
+
+    monkeypatch.setattr(auth, "VERIFIED_CACHE_SIZE", 3)
+    settings = load_settings(jwt_secret="k" * 32)
+    verifier = TokenVerifier(settings)
+    forged = jwt.encode({"sub": "u", "tenant_id": "acme", "exp": 2**40}, "x" * 32, "HS256")
+    for _ in range(2):
+        with pytest.raises(Unauthorized):
+            verifier.verify(forged)
+    tokens = [
+        issue_token(settings, tenant_id="acme", user_id=f"u{n}", ttl_seconds=60) for n in range(5)
+    ]
+    for token in tokens:
+        assert verifier.verify(token).user_id.startswith("u")
+    assert list(verifier._verified) == tokens[-3:]
