@@ -1,4 +1,6 @@
-"""The api's app factory: `create_app(settings)` returns the Litestar app.
+"""The api's app factory: `create_app(settings)` returns the ASGI app: the session sockets
+(`/ws/{tenant_id}/{session_id}`, a plain ASGI handler: see `sockets`) in front of Litestar,
+which serves everything else (REST, health, the lifespan).
 
 Resources (the Redis pool, the delivery hub) are created in the lifespan and reach handlers
 through `app.state.runtime` and dependency injection; nothing is created at import time.
@@ -10,12 +12,13 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from litestar import Litestar, Request, Response
 from litestar.config.cors import CORSConfig
+from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException, ValidationException
@@ -28,6 +31,7 @@ from services.api import chat, health, history, metrics, sockets
 from services.api.admission import Admission
 from services.api.auth import provide_principal
 from services.api.chat_service import ChatService
+from services.api.connections import Send
 from services.api.delivery import SessionHub
 from services.api.drain import drain
 from services.api.internal import InternalServer
@@ -161,7 +165,35 @@ def _tracing_plugins() -> list[OpenTelemetryPlugin]:
     ]
 
 
-def create_app(settings: Settings, *, pod_id: str | None = None) -> Litestar:
+class Api:
+    """The api's ASGI app: session sockets straight to `sockets.session_socket`, everything
+    else (REST, health, lifespan, other websocket paths) to Litestar.
+
+    `__call__` returns the handler's coroutine instead of awaiting it, so a socket's task
+    holds no frame of this dispatcher (uvicorn is told the interface is ASGI 3).
+    """
+
+    __slots__ = ("litestar",)
+
+    def __init__(self, litestar: Litestar) -> None:
+        self.litestar = litestar
+
+    @property
+    def state(self) -> State:
+        return self.litestar.state
+
+    def __call__(
+        self, scope: sockets.Scope, receive: sockets.Receive, send: Send
+    ) -> Awaitable[None]:
+        if scope["type"] == "websocket":
+            ids = sockets.socket_ids(scope["path"])
+            if ids is not None:
+                runtime: Runtime = self.litestar.state.runtime
+                return sockets.session_socket(runtime, scope, receive, send, *ids)
+        return self.litestar(scope, receive, send)  # type: ignore[arg-type]
+
+
+def create_app(settings: Settings, *, pod_id: str | None = None) -> Api:
     verifier = TokenVerifier(settings)  # fail at start, not at the first request
     tiers = load_tiers(settings)
     if settings.default_tier not in tiers:
@@ -233,7 +265,7 @@ def create_app(settings: Settings, *, pod_id: str | None = None) -> Litestar:
         **dict.fromkeys(REDIS_DOWN, _on_redis_down),
         Exception: _on_unexpected,
     }
-    return Litestar(
+    litestar = Litestar(
         route_handlers=[
             chat.send_message,
             chat.task_status,
@@ -246,7 +278,6 @@ def create_app(settings: Settings, *, pod_id: str | None = None) -> Litestar:
             health.ready,
             health.detailed,
             health.socket_stats,
-            sockets.session_socket,
         ],
         dependencies={
             "principal": Provide(provide_principal),
@@ -282,3 +313,4 @@ def create_app(settings: Settings, *, pod_id: str | None = None) -> Litestar:
         logging_config=None,
         debug=False,
     )
+    return Api(litestar)

@@ -1,9 +1,15 @@
 """One client socket as the delivery side sees it: an ordered, bounded outbox.
 
-Frames are queued without waiting, and a drain task, started only while frames are waiting,
-writes them to the socket. A slow client therefore never stalls the delivery loop or other
-sockets; one that falls `send_queue` frames behind is closed with 1008. An idle socket holds
-no task beyond its own receive loop.
+A frame is written to the socket at once when nothing is waiting before it and the socket
+takes it without waiting (the usual case: one synchronous transport write, no task). When the
+socket cannot take it (the transport's buffer is full: a slow client), that write and every
+later frame are finished by a drain task, started only while frames are waiting. A slow client
+therefore never stalls the delivery loop or other sockets; one that falls `send_queue` frames
+behind is closed with 1008. An idle socket holds no task and no queue beyond its own receive
+loop.
+
+The connection keeps the raw ASGI `send` of its socket (no wrappers): frames go out as
+`websocket.send` messages, the close as `websocket.close`.
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Generator
+from types import CoroutineType
+from typing import Any
 
 from opentelemetry.trace import Span
 
@@ -20,8 +28,8 @@ from services.core.events import NO_EVENT_ID, parse_event_id
 
 log = logging.getLogger(__name__)
 
-SendText = Callable[[str], Awaitable[None]]
-Close = Callable[[int, str], Awaitable[None]]
+Message = dict[str, Any]
+Send = Callable[[Message], Awaitable[None]]  # the ASGI `send` of the socket
 
 CLOSE_POLICY = 1008
 CLOSE_TRY_AGAIN = 1013
@@ -29,6 +37,12 @@ CLOSE_RESTART = 1012
 CLOSE_INTERNAL = 1011
 
 FLUSH_TIMEOUT_SECONDS = 2.0
+# How long a client gets to take our close frame into its socket; after that (it does not read
+# at all) its TCP connection is aborted, or its buffered frames would hold the socket for ever.
+CLOSE_TIMEOUT_SECONDS = 10.0
+
+_SENT = metrics.websocket_messages.labels("out")
+_SLOW_CLIENT = metrics.websocket_refusals.labels("slow_client")
 
 
 class TracedFrame(str):
@@ -44,11 +58,46 @@ def traced_frame(text: str, span: Span) -> TracedFrame:
     return frame
 
 
+def _sent(frame: str) -> None:
+    _SENT.inc()
+    if type(frame) is TracedFrame:
+        frame.span.end()  # the traced final event is on the wire
+
+
+class _Suspended:
+    """Awaits a send coroutine that already ran up to its first suspension (the transport was
+    paused): re-yields what it waits for to the task, then lets it run to its end."""
+
+    __slots__ = ("_coro", "_waiting")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+        self._coro = coro
+        self._waiting = waiting
+
+    def __await__(self) -> Generator[Any, None, None]:
+        try:
+            yield self._waiting
+        except BaseException:  # cancelled while waiting: unwind the send where it stopped
+            self._coro.close()
+            raise
+        yield from self._coro.__await__()
+
+
+def abort_transport(send: Send) -> bool:
+    """Drop the TCP connection behind an ASGI `send` (uvicorn's protocol objects keep their
+    transport). ASGI has no message for this; a server without it keeps the socket."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    abort = getattr(transport, "abort", None)
+    if abort is None:
+        return False
+    abort()
+    return True
+
+
 class ClientConnection:
     """A socket of one session on this pod, with the id of the last event it was given."""
 
     __slots__ = (
-        "_close",
         "_closing",
         "_drain",
         "_held",
@@ -71,8 +120,7 @@ class ClientConnection:
         tenant_id: str,
         session_id: str,
         user_id: str,
-        send: SendText,
-        close: Close,
+        send: Send,
         limit: int,
     ) -> None:
         self.connection_id = connection_id
@@ -82,9 +130,10 @@ class ClientConnection:
         self.last_event_id = NO_EVENT_ID
         self.closed = False
         self._send = send
-        self._close = close
         self._limit = limit
-        self._outbox: deque[str] = deque()
+        # Frames waiting for the drain task; made when first needed (an empty deque is 0.6 KB
+        # per socket) and dropped when the drain task is done.
+        self._outbox: deque[str] | None = None
         # Frames queued while held (the ack and the replay of a resume or a catch-up): bounded
         # by the session log, not by the client's reading, so not counted against `limit`.
         self._replay_left = 0
@@ -106,18 +155,40 @@ class ClientConnection:
         self.push(frame)
 
     def push(self, frame: str) -> None:
-        """Queue a frame for the client without waiting."""
+        """Send a frame to the client without waiting (queued if the socket is busy)."""
         if self.closed:
             return
+        outbox = self._outbox
+        if self._drain is None:
+            self._write(frame)
+            return
+        if outbox is None:
+            outbox = self._outbox = deque()
         if self._held is not None:
             self._replay_left += 1
-        elif len(self._outbox) >= self._limit + self._replay_left:
-            metrics.websocket_refusals.labels("slow_client").inc()
+        elif len(outbox) >= self._limit + self._replay_left:
+            _SLOW_CLIENT.inc()
             self.close_soon(CLOSE_POLICY, "send queue full: client not reading")
             return
-        self._outbox.append(frame)
-        if self._drain is None:
-            self._drain = asyncio.get_running_loop().create_task(self._drain_outbox())
+        outbox.append(frame)
+
+    def _write(self, frame: str) -> None:
+        """Write at once; if the socket cannot take the frame now, a drain task finishes it."""
+        sending = self._send({"type": "websocket.send", "text": frame})
+        if type(sending) is not CoroutineType:  # some other awaitable: always via the task
+            self._drain = asyncio.get_running_loop().create_task(self._drain_outbox(sending, frame))
+            return
+        try:
+            waiting = sending.send(None)
+        except StopIteration:
+            _sent(frame)
+            return
+        except Exception:  # the peer went away; the receive loop sees it too
+            self.closed = True
+            return
+        self._drain = asyncio.get_running_loop().create_task(
+            self._drain_outbox(_Suspended(sending, waiting), frame)
+        )
 
     def hold(self) -> None:
         """Hold live events (while the events since `last_event_id` are re-read)."""
@@ -134,30 +205,34 @@ class ClientConnection:
                 self.last_event_id = event_id
                 self.push(frame)
 
-    async def _drain_outbox(self) -> None:
+    async def _drain_outbox(self, pending: Awaitable[None], first: str) -> None:
+        """Finish the write that could not complete at once, then the frames queued behind."""
+        send = self._send
         try:
-            while self._outbox and not self.closed:
-                frame = self._outbox.popleft()
-                await self._send(frame)
+            await pending
+            _sent(first)
+            outbox = self._outbox
+            while outbox and not self.closed:
+                frame = outbox.popleft()
+                await send({"type": "websocket.send", "text": frame})
                 if self._replay_left:
                     self._replay_left -= 1
-                metrics.websocket_messages.labels("out").inc()
-                if type(frame) is TracedFrame:
-                    frame.span.end()  # the traced final event is on the wire
+                _sent(frame)
         except Exception:  # the peer went away mid-send; the receive loop sees it too
             self.closed = True
         finally:
             self._drain = None
+            self._outbox = None
+            self._replay_left = 0
 
     def close_soon(self, code: int, reason: str) -> None:
         if self.closed:
             return
         self.closed = True
-        self._outbox.clear()
-        # A send may be blocked on a client that does not read. Stop it first: the server's
-        # websocket protocol allows one writer at a time, and a close written alongside a
-        # blocked send fails (legacy `websockets` asserts), which left the socket half-closed
-        # and never torn down. The frame being sent is already whole in the transport buffer.
+        self._outbox = None
+        self._replay_left = 0
+        # A send may be waiting for a client that does not read. Stop it first: the frames
+        # behind it are dropped anyway, and the close must not queue behind them.
         drain = self._drain
         if drain is not None:
             drain.cancel()
@@ -176,7 +251,12 @@ class ClientConnection:
         if drain is not None:
             await asyncio.wait([drain])  # never raises: the send's cancellation is expected
         try:
-            await self._close(code, reason)
+            async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
+                await self._send({"type": "websocket.close", "code": code, "reason": reason})
+        except TimeoutError:
+            # The client takes nothing: its socket buffers are full. Drop the connection.
+            log.info("socket %s does not read; aborting its connection", self.connection_id)
+            abort_transport(self._send)
         except Exception as exc:  # the peer is gone already; the receive loop ends the socket
             log.debug("close of %s failed: %r", self.connection_id, exc)
 

@@ -1,5 +1,9 @@
 """The session socket `WS /ws/{tenant_id}/{session_id}`: auth, resume, and client frames.
 
+Served by a plain ASGI handler placed in front of Litestar (`services.api.app.Api`): an idle
+socket holds only uvicorn's protocol, one coroutine of ours waiting on `receive` and its
+`ClientConnection`, with no framework objects (request, headers, middleware frames) per socket.
+
 A browser cannot set headers on a WebSocket, so the token comes in `Sec-WebSocket-Protocol`
 (`["orchestrator.v1", "bearer.<jwt>"]`, answered with `orchestrator.v1` only) or `?token=`.
 A cross-site page is refused before the handshake completes (Origin check); every other
@@ -12,10 +16,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+from urllib.parse import parse_qsl
 
 import msgspec
-from litestar import WebSocket, websocket
 from opentelemetry.trace import SpanKind
 
 from services.api import metrics
@@ -25,6 +30,8 @@ from services.api.connections import (
     CLOSE_RESTART,
     CLOSE_TRY_AGAIN,
     ClientConnection,
+    Message,
+    Send,
 )
 from services.api.models import SendRequest, TaskRequest
 from services.api.runtime import Runtime
@@ -40,8 +47,12 @@ log = logging.getLogger(__name__)
 
 SUBPROTOCOL = "orchestrator.v1"
 BEARER_PREFIX = "bearer."
+PATH_PREFIX = "/ws/"
 
-AnySocket = WebSocket[Any, Any, Any]
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+
+_RECEIVED = metrics.websocket_messages.labels("in")
 
 
 class ClientFrame(msgspec.Struct):
@@ -52,12 +63,42 @@ class ClientFrame(msgspec.Struct):
 _frame_decoder = msgspec.json.Decoder(ClientFrame)
 
 
-def _offered_token(socket: AnySocket) -> tuple[str | None, bool]:
+def socket_ids(path: str) -> tuple[str, str] | None:
+    """`(tenant_id, session_id)` of a `/ws/{tenant_id}/{session_id}` path, else None."""
+    if not path.startswith(PATH_PREFIX):
+        return None
+    rest = path[len(PATH_PREFIX) :].removesuffix("/")
+    tenant_id, slash, session_id = rest.partition("/")
+    if not slash or "/" in session_id:
+        return None
+    return tenant_id, session_id
+
+
+def _header(scope: Scope, wanted: bytes) -> str | None:
+    for name, value in scope["headers"]:
+        if name.lower() == wanted:
+            text: str = value.decode("latin-1")
+            return text
+    return None
+
+
+def _query(scope: Scope, wanted: str) -> str | None:
+    """The first value of a query parameter (parsed only when asked for: rarely)."""
+    query: bytes = scope.get("query_string") or b""
+    if not query:
+        return None
+    for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        if name == wanted:
+            return value
+    return None
+
+
+def _offered_token(scope: Scope) -> tuple[str | None, bool]:
     """The token and whether the client speaks our subprotocol (so we must select it)."""
-    offered: list[str] = list(socket.scope.get("subprotocols") or [])
+    offered: list[str] = list(scope.get("subprotocols") or [])
     token = next((p[len(BEARER_PREFIX) :] for p in offered if p.startswith(BEARER_PREFIX)), None)
     if token is None:
-        token = socket.query_params.get("token")
+        token = _query(scope, "token")
     return token, SUBPROTOCOL in offered
 
 
@@ -67,40 +108,51 @@ def _origin_allowed(runtime: Runtime, origin: str | None) -> bool:
     return origin in runtime.settings.allowed_origins
 
 
-async def _refuse(socket: AnySocket, speaks_v1: bool, code: int, reason: str) -> None:
+async def _refuse(send: Send, speaks_v1: bool, code: int, reason: str) -> None:
     metrics.websocket_refusals.labels(reason.split(":")[0]).inc()
-    await socket.accept(subprotocols=SUBPROTOCOL if speaks_v1 else None)
-    await socket.close(code=code, reason=reason[:120])
+    await send({"type": "websocket.accept", "subprotocol": SUBPROTOCOL if speaks_v1 else None})
+    await send({"type": "websocket.close", "code": code, "reason": reason[:120]})
 
 
-@websocket("/ws/{tenant_id:str}/{session_id:str}")
-async def session_socket(socket: AnySocket, tenant_id: str, session_id: str) -> None:
-    runtime: Runtime = socket.app.state.runtime
-    if not _origin_allowed(runtime, socket.headers.get("origin")):
+async def _admit(
+    runtime: Runtime, scope: Scope, send: Send, tenant_id: str, session_id: str
+) -> tuple[Principal, str, bool, str | None] | None:
+    """Every check before the handshake completes: `(principal, connection id, speaks v1,
+    last_event_id)` with the socket counted against the tenant's quota, or None (refused)."""
+    if not _origin_allowed(runtime, _header(scope, b"origin")):
         metrics.websocket_refusals.labels("origin").inc()
-        await socket.close(code=CLOSE_POLICY, reason="origin not allowed")
-        return
-    token, speaks_v1 = _offered_token(socket)
+        await send(
+            {"type": "websocket.close", "code": CLOSE_POLICY, "reason": "origin not allowed"}
+        )
+        return None
+    token, speaks_v1 = _offered_token(scope)
     if not is_valid_id(tenant_id) or not is_valid_id(session_id):
-        await _refuse(socket, speaks_v1, CLOSE_POLICY, "invalid_id: [A-Za-z0-9_-]{1,64}")
-        return
+        await _refuse(send, speaks_v1, CLOSE_POLICY, "invalid_id: [A-Za-z0-9_-]{1,64}")
+        return None
     if token is None:
-        await _refuse(socket, speaks_v1, CLOSE_POLICY, "unauthorized: no token")
-        return
+        await _refuse(send, speaks_v1, CLOSE_POLICY, "unauthorized: no token")
+        return None
     try:
         principal = runtime.verifier.verify(token)
     except OrchestratorError as exc:
-        await _refuse(socket, speaks_v1, CLOSE_POLICY, f"unauthorized: {exc.message}")
-        return
+        await _refuse(send, speaks_v1, CLOSE_POLICY, f"unauthorized: {exc.message}")
+        return None
     if principal.tenant_id != tenant_id:
-        await _refuse(socket, speaks_v1, CLOSE_POLICY, "forbidden: tenant does not match token")
-        return
+        await _refuse(send, speaks_v1, CLOSE_POLICY, "forbidden: tenant does not match token")
+        return None
     if runtime.draining:
-        await _refuse(socket, speaks_v1, CLOSE_RESTART, "draining: reconnect")
-        return
+        await _refuse(send, speaks_v1, CLOSE_RESTART, "draining: reconnect")
+        return None
     if runtime.hub.count() >= runtime.settings.max_websocket_connections:
-        await _refuse(socket, speaks_v1, CLOSE_TRY_AGAIN, "pod_full: try again later")
-        return
+        await _refuse(send, speaks_v1, CLOSE_TRY_AGAIN, "pod_full: try again later")
+        return None
+    last_event_id = _query(scope, "last_event_id")
+    if last_event_id is not None:
+        try:
+            events.parse_event_id(last_event_id)
+        except ValueError:
+            await _refuse(send, speaks_v1, CLOSE_POLICY, "invalid last_event_id")
+            return None
     connection_id = new_id()
     try:
         quota = await runtime.admission.quota(tenant_id)
@@ -108,138 +160,122 @@ async def session_socket(socket: AnySocket, tenant_id: str, session_id: str) -> 
             tenant_id, connection_id, quota.limits.max_connections
         )
     except OrchestratorError as exc:
-        await _refuse(socket, speaks_v1, CLOSE_POLICY, f"{exc.code}: {exc.message}")
-        return
+        await _refuse(send, speaks_v1, CLOSE_POLICY, f"{exc.code}: {exc.message}")
+        return None
     except REDIS_DOWN:
-        await _refuse(socket, speaks_v1, CLOSE_TRY_AGAIN, "unavailable: try again later")
-        return
+        await _refuse(send, speaks_v1, CLOSE_TRY_AGAIN, "unavailable: try again later")
+        return None
     if not admitted:
         await _refuse(
-            socket,
+            send,
             speaks_v1,
             CLOSE_POLICY,
             f"connection_limit: {quota.tier} tier allows {quota.limits.max_connections} sockets",
         )
-        return
-    last_event_id = socket.query_params.get("last_event_id")
-    if last_event_id is not None:
-        try:
-            events.parse_event_id(last_event_id)
-        except ValueError:
-            await _refuse(socket, speaks_v1, CLOSE_POLICY, "invalid last_event_id")
-            return
+        return None
+    return principal, connection_id, speaks_v1, last_event_id
 
+
+async def session_socket(
+    runtime: Runtime,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    tenant_id: str,
+    session_id: str,
+) -> None:
+    """The ASGI handler of one session socket, from the handshake to the end.
+
+    One coroutine for the socket's whole life (set-up and frame handling are awaited from it
+    and return), so an idle socket costs one frame of ours.
+    """
+    if (await receive())["type"] != "websocket.connect":
+        return
+    admitted = await _admit(runtime, scope, send, tenant_id, session_id)
+    if admitted is None:
+        return
+    principal, connection_id, speaks_v1, last_event_id = admitted
+    del admitted
     try:
-        await socket.accept(subprotocols=SUBPROTOCOL if speaks_v1 else None)
-        await _serve(socket, runtime, principal, session_id, last_event_id, connection_id)
+        await send({"type": "websocket.accept", "subprotocol": SUBPROTOCOL if speaks_v1 else None})
+        conn = ClientConnection(
+            connection_id=connection_id,
+            tenant_id=principal.tenant_id,
+            session_id=session_id,
+            user_id=principal.user_id,
+            send=send,
+            limit=runtime.settings.websocket_send_queue,
+        )
+        metrics.websocket_connections.inc()
+        try:
+            await _set_up(runtime, conn, last_event_id)
+            budget: FrameBudget | None = None  # made at the first frame: idle sockets send none
+            while True:
+                message = await receive()
+                if message["type"] != "websocket.receive":
+                    break
+                _RECEIVED.inc()
+                if budget is None:
+                    budget = FrameBudget(runtime.settings.websocket_frames_per_second)
+                if not budget.take():
+                    if budget.should_warn():
+                        _error(conn, "frame_rate_exceeded", "too many frames; some were dropped")
+                    continue
+                text = message.get("text")
+                if text is None:
+                    _error(conn, "unsupported_frame", "send JSON text frames")
+                    continue
+                max_bytes = runtime.settings.max_frame_bytes
+                if len(text) > max_bytes:
+                    _error(conn, "frame_too_large", f"frames are limited to {max_bytes} bytes")
+                    continue
+                try:
+                    frame = _frame_decoder.decode(text)
+                except msgspec.ValidationError as exc:  # a DecodeError subclass: test it first
+                    _error(conn, "invalid_frame", str(exc))
+                    continue
+                except msgspec.DecodeError:
+                    _error(conn, "malformed_json", "frame is not valid JSON")
+                    continue
+                await _handle_frame(runtime, principal, conn, frame)
+        except REDIS_DOWN:
+            conn.close_soon(CLOSE_TRY_AGAIN, "redis unavailable: try again later")
+        except Exception:
+            with log_context(tenant_id=principal.tenant_id, session_id=session_id):
+                log.exception("socket handler failed")
+            conn.close_soon(CLOSE_INTERNAL, "internal error")
+        finally:
+            metrics.websocket_connections.dec()
+            conn.closed = True
+            await runtime.hub.detach(conn)
+            await conn.closing()  # a close we started goes out before the handler returns
     finally:
         with contextlib.suppress(*REDIS_DOWN):
             await runtime.admission.sockets.release(tenant_id, connection_id)
 
 
-async def _serve(
-    socket: AnySocket,
-    runtime: Runtime,
-    principal: Principal,
-    session_id: str,
-    last_event_id: str | None,
-    connection_id: str,
-) -> None:
-    send = socket.send
-
-    async def send_text(text: str) -> None:
-        await send({"type": "websocket.send", "text": text, "bytes": None})
-
-    async def close(code: int, reason: str) -> None:
-        await socket.close(code=code, reason=reason)
-
-    conn = ClientConnection(
-        connection_id=connection_id,
-        tenant_id=principal.tenant_id,
-        session_id=session_id,
-        user_id=principal.user_id,
-        send=send_text,
-        close=close,
-        limit=runtime.settings.websocket_send_queue,
-    )
-    metrics.websocket_connections.inc()
-    try:
-        with log_context(tenant_id=principal.tenant_id, session_id=session_id):
-            await _run_connection(socket, runtime, principal, conn, session_id, last_event_id)
-    finally:
-        metrics.websocket_connections.dec()
-        conn.closed = True
-        await runtime.hub.detach(conn)
-
-
-async def _run_connection(
-    socket: AnySocket,
-    runtime: Runtime,
-    principal: Principal,
-    conn: ClientConnection,
-    session_id: str,
-    last_event_id: str | None,
-) -> None:
-    try:
-        await runtime.hub.attach(conn)
-        replay = await read_since(runtime.redis, principal.tenant_id, session_id, last_event_id)
-        conn.push(
-            events.frame(
-                replay.cursor,
-                events.CONNECTION_ACK,
-                {
-                    "connection_id": conn.connection_id,
-                    "tenant_id": principal.tenant_id,
-                    "session_id": session_id,
-                    "resumed": replay.resumed,
-                    "last_event_id": replay.cursor,
-                },
-            )
+async def _set_up(runtime: Runtime, conn: ClientConnection, last_event_id: str | None) -> None:
+    """Subscribe, then send the ack and the events since `last_event_id`, then go live."""
+    await runtime.hub.attach(conn)
+    replay = await read_since(runtime.redis, conn.tenant_id, conn.session_id, last_event_id)
+    conn.push(
+        events.frame(
+            replay.cursor,
+            events.CONNECTION_ACK,
+            {
+                "connection_id": conn.connection_id,
+                "tenant_id": conn.tenant_id,
+                "session_id": conn.session_id,
+                "resumed": replay.resumed,
+                "last_event_id": replay.cursor,
+            },
         )
-        sent_up_to = replay.cursor
-        for event_id, body in replay.events:
-            conn.push(events.frame_with_id(event_id, body))
-            sent_up_to = event_id
-        conn.go_live(sent_up_to)
-        await _receive_frames(socket, runtime, principal, conn)
-    except REDIS_DOWN:
-        conn.close_soon(CLOSE_TRY_AGAIN, "redis unavailable: try again later")
-    except Exception:
-        log.exception("socket handler failed")
-        conn.close_soon(CLOSE_INTERNAL, "internal error")
-
-
-async def _receive_frames(
-    socket: AnySocket, runtime: Runtime, principal: Principal, conn: ClientConnection
-) -> None:
-    receive = socket.receive
-    max_bytes = runtime.settings.max_frame_bytes
-    budget = FrameBudget(runtime.settings.websocket_frames_per_second)
-    while True:
-        message = await receive()
-        if message["type"] != "websocket.receive":
-            return
-        metrics.websocket_messages.labels("in").inc()
-        if not budget.take():
-            if budget.should_warn():
-                _error(conn, "frame_rate_exceeded", "too many frames; some were dropped")
-            continue
-        text = message.get("text")
-        if text is None:
-            _error(conn, "unsupported_frame", "send JSON text frames")
-            continue
-        if len(text) > max_bytes:
-            _error(conn, "frame_too_large", f"frames are limited to {max_bytes} bytes")
-            continue
-        try:
-            frame = _frame_decoder.decode(text)
-        except msgspec.ValidationError as exc:  # a subclass of DecodeError: test it first
-            _error(conn, "invalid_frame", str(exc))
-            continue
-        except msgspec.DecodeError:
-            _error(conn, "malformed_json", "frame is not valid JSON")
-            continue
-        await _handle_frame(runtime, principal, conn, frame)
+    )
+    sent_up_to = replay.cursor
+    for event_id, body in replay.events:
+        conn.push(events.frame_with_id(event_id, body))
+        sent_up_to = event_id
+    conn.go_live(sent_up_to)
 
 
 async def _handle_frame(
@@ -250,14 +286,17 @@ async def _handle_frame(
         return
     data = frame.data or {}
     request_id = data.get("request_id") if isinstance(data.get("request_id"), str) else None
-    with telemetry.tracer().start_as_current_span(
-        f"WS {frame.type}",
-        kind=SpanKind.SERVER,
-        attributes={
-            "network.protocol.name": "websocket",
-            "orchestrator.tenant_id": conn.tenant_id,
-            "orchestrator.session_id": conn.session_id,
-        },
+    with (
+        log_context(tenant_id=conn.tenant_id, session_id=conn.session_id),
+        telemetry.tracer().start_as_current_span(
+            f"WS {frame.type}",
+            kind=SpanKind.SERVER,
+            attributes={
+                "network.protocol.name": "websocket",
+                "orchestrator.tenant_id": conn.tenant_id,
+                "orchestrator.session_id": conn.session_id,
+            },
+        ),
     ):
         await _handle_request(runtime, principal, conn, frame, data, request_id)
 

@@ -1,0 +1,137 @@
+"""ClientConnection against an in-process ASGI `send` shaped like uvicorn's (websockets-sansio
+and wsproto): it waits while the transport is paused, then writes synchronously."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from services.api.connections import CLOSE_POLICY, ClientConnection
+from services.core.events import NO_EVENT_ID
+
+
+class Transport:
+    """What the server's protocol does with ASGI messages: a write buffer and a pause flag."""
+
+    def __init__(self) -> None:
+        self.written: list[str] = []
+        self.closed: tuple[int, str] | None = None
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.aborted = False
+        self.transport = self  # uvicorn's protocols keep theirs here: what a timed-out close aborts
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.writable.wait()
+        if message["type"] == "websocket.send":
+            self.written.append(message["text"])
+        elif message["type"] == "websocket.close":
+            self.closed = (message["code"], message["reason"])
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def connection(transport: Transport, limit: int = 3) -> ClientConnection:
+    conn = ClientConnection(
+        connection_id="c",
+        tenant_id="t",
+        session_id="s",
+        user_id="u",
+        send=transport.send,
+        limit=limit,
+    )
+    conn.go_live(NO_EVENT_ID)
+    return conn
+
+
+async def test_a_frame_is_written_at_once_without_a_task() -> None:
+    transport = Transport()
+    conn = connection(transport)
+    conn.push("a")
+    assert transport.written == ["a"]  # synchronously: no drain task was needed
+    assert conn._drain is None
+    assert conn._outbox is None
+
+
+async def test_frames_keep_their_order_while_the_transport_is_paused() -> None:
+    transport = Transport()
+    conn = connection(transport, limit=10)
+    conn.push("a")
+    transport.writable.clear()
+    conn.push("b")  # cannot be written now: finished by the drain task
+    conn.push("c")
+    conn.push("d")
+    await asyncio.sleep(0.01)
+    assert transport.written == ["a"]
+    transport.writable.set()
+    await conn.flush()
+    assert transport.written == ["a", "b", "c", "d"]
+    conn.push("e")  # the outbox is empty again: written at once
+    assert transport.written == ["a", "b", "c", "d", "e"]
+    assert conn._drain is None
+    assert conn._outbox is None
+
+
+async def test_a_client_that_stops_reading_is_closed_with_1008() -> None:
+    transport = Transport()
+    conn = connection(transport, limit=2)
+    transport.writable.clear()
+    for frame in "abcd":
+        conn.push(frame)
+    assert conn.closed
+    await asyncio.sleep(0.01)
+    assert transport.closed is None  # the close waits for the client too
+    transport.writable.set()
+    await conn.closing()
+    assert transport.closed == (CLOSE_POLICY, "send queue full: client not reading")
+    assert transport.written == []  # the cancelled send wrote nothing
+
+
+async def test_a_client_that_never_reads_has_its_connection_aborted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("services.api.connections.CLOSE_TIMEOUT_SECONDS", 0.05)
+    transport = Transport()
+    conn = connection(transport, limit=1)
+    transport.writable.clear()
+    for frame in "abc":
+        conn.push(frame)
+    await conn.closing()
+    assert transport.closed is None
+    assert transport.aborted
+
+
+async def test_events_not_newer_than_the_last_one_sent_are_dropped() -> None:
+    transport = Transport()
+    conn = ClientConnection(
+        connection_id="c",
+        tenant_id="t",
+        session_id="s",
+        user_id="u",
+        send=transport.send,
+        limit=3,
+    )
+    conn.deliver("5-0", "held 5")  # held during set-up
+    conn.deliver("7-0", "held 7")
+    conn.push("ack")
+    conn.push("replayed 6")
+    conn.go_live("6-0")
+    conn.deliver("7-0", "again 7")
+    conn.deliver("8-0", "live 8")
+    assert transport.written == ["ack", "replayed 6", "held 7", "live 8"]
+    assert conn.last_event_id == "8-0"
+
+
+async def test_a_send_to_a_gone_client_marks_the_connection_closed() -> None:
+    async def gone(message: dict[str, Any]) -> None:
+        raise OSError("client disconnected")
+
+    conn = ClientConnection(
+        connection_id="c", tenant_id="t", session_id="s", user_id="u", send=gone, limit=3
+    )
+    conn.go_live(NO_EVENT_ID)
+    conn.push("a")
+    assert conn.closed
