@@ -122,7 +122,15 @@ def report(before: tracemalloc.Snapshot, after: tracemalloc.Snapshot, sockets: i
             name = frame.filename
             if "/services/" in name or any(
                 lib in name
-                for lib in ("/litestar/", "/uvicorn/", "/websockets/", "/redis/", "/asyncio/")
+                for lib in (
+                    "/litestar/",
+                    "/uvicorn/",
+                    "/websockets/",
+                    "/wsproto/",
+                    "/h11/",
+                    "/redis/",
+                    "/asyncio/",
+                )
             ):
                 owner = (
                     f"{name.split('site-packages/')[-1].split('/work/main/')[-1]}:{frame.lineno}"
