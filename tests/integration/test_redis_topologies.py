@@ -149,12 +149,10 @@ class Sink:
         self.frames: list[dict[str, Any]] = []
         self.arrived = asyncio.Event()
 
-        async def send(text: str) -> None:
-            self.frames.append(json.loads(text.split("\n", 1)[-1]))
-            self.arrived.set()
-
-        async def close(code: int, reason: str) -> None:
-            return None
+        async def send(message: dict[str, Any]) -> None:  # the socket's ASGI send
+            if message["type"] == "websocket.send":
+                self.frames.append(json.loads(message["text"].split("\n", 1)[-1]))
+                self.arrived.set()
 
         self.conn = ClientConnection(
             connection_id=f"c-{session}",
@@ -162,7 +160,6 @@ class Sink:
             session_id=session,
             user_id="u",
             send=send,
-            close=close,
             limit=1000,
         )
 
