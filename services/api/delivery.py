@@ -40,7 +40,7 @@ from services.core.redis_client import REDIS_DOWN, ClusterClient
 
 log = logging.getLogger(__name__)
 
-READ_TIMEOUT_SECONDS = 1.0
+WATCH_INTERVAL_SECONDS = 0.5  # how often a lane's watchdog looks at it
 PING_IDLE_SECONDS = 2.0  # ping the subscription after this long without any message
 PONG_TIMEOUT_SECONDS = 3.0  # no answer by then: Redis is unreachable
 SUBSCRIBE_TIMEOUT_SECONDS = 5.0
@@ -57,6 +57,8 @@ class _Lane:
         self.client = client  # the lane's own client on its node (cluster), closed with it
         self.channels: set[str] = set()
         self.reader: asyncio.Task[None] | None = None
+        self.heard = 0.0  # loop time of the last sign of life (any message)
+        self.pinged: float | None = None  # when the watchdog pinged, until the answer
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -210,24 +212,24 @@ class SessionHub:
             await lane.pubsub.sunsubscribe(channel)
 
     async def _read_forever(self, lane: _Lane) -> None:
+        watchdog = asyncio.get_running_loop().create_task(self._watch(lane))
+        try:
+            await self._read(lane)
+        finally:
+            watchdog.cancel()
+
+    async def _read(self, lane: _Lane) -> None:
+        """Read the lane's messages with no timeout per read: an asyncio timer per message
+        was a sixth of the api's CPU when delivering thousands of events a second. Silence
+        is `_watch`'s business."""
         pubsub = lane.pubsub
         loop = asyncio.get_running_loop()
         delay = RECONNECT_MIN_SECONDS
-        heard = loop.time()  # when the subscription last gave any sign of life
-        pinged: float | None = None  # when we pinged it, while waiting for the answer
+        lane.heard, lane.pinged = loop.time(), None
         while True:
             try:
-                message = await pubsub.get_message(timeout=READ_TIMEOUT_SECONDS)
-                now = loop.time()
-                if message is not None:
-                    heard, pinged = now, None
-                elif pinged is not None and now - pinged > PONG_TIMEOUT_SECONDS:
-                    # A frozen or unreachable Redis keeps the connection open and says
-                    # nothing; without this the sockets would wait in silence for ever.
-                    raise RedisTimeoutError("no answer to a ping on the subscription")
-                elif pinged is None and now - heard > PING_IDLE_SECONDS:
-                    await pubsub.ping()
-                    pinged = now
+                message = await pubsub.get_message(timeout=None)
+                lane.heard, lane.pinged = loop.time(), None
             except REDIS_DOWN:
                 if self._cluster is not None:
                     self._lose(lane)
@@ -235,7 +237,7 @@ class SessionHub:
                 if not self._outage:
                     self._begin_outage()
                 await self._reconnect_later(pubsub)
-                heard, pinged = loop.time(), None
+                lane.heard, lane.pinged = loop.time(), None
                 await asyncio.sleep(delay)
                 delay = min(RECONNECT_MAX_SECONDS, delay * 2)
                 continue
@@ -254,6 +256,39 @@ class SessionHub:
                 self._resync = loop.create_task(self._catch_up())
             if message is not None:
                 self._dispatch(message)
+
+    async def _watch(self, lane: _Lane) -> None:
+        """Ping a lane that has been silent, and give it up when the ping goes unanswered.
+
+        A frozen or unreachable Redis keeps the connection open and says nothing; without
+        this the sockets would wait in silence for ever. Giving up starts the same recovery
+        as a lost connection (hold and tell the sockets, reconnect, catch up from the logs),
+        so nothing published while the connection was dead goes missing even if redis-py's
+        own retry then reconnects at once.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_SECONDS)
+            now = loop.time()
+            if lane.pinged is None:
+                if now - lane.heard > PING_IDLE_SECONDS:
+                    lane.pinged = now
+                    with contextlib.suppress(TimeoutError, *REDIS_DOWN):
+                        async with asyncio.timeout(PONG_TIMEOUT_SECONDS):
+                            await lane.pubsub.ping()
+                continue
+            if now - lane.pinged <= PONG_TIMEOUT_SECONDS:
+                continue
+            log.warning("no answer to a ping on the subscription %s", lane.name)
+            lane.pinged, lane.heard = None, now
+            if self._cluster is not None:
+                self._lose(lane)
+                if lane.reader is not None:
+                    lane.reader.cancel()  # also ends this task
+                return
+            if not self._outage:
+                self._begin_outage()
+            await self._reconnect_later(lane.pubsub)  # the blocked read fails and reconnects
 
     @staticmethod
     async def _reconnect_later(pubsub: PubSub) -> None:
