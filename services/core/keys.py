@@ -44,12 +44,21 @@ def session_channel(tenant_id: str, session_id: str) -> str:
     return f"{session_tag(tenant_id, session_id)}:events"
 
 
+def session_applied(tenant_id: str, session_id: str) -> str:
+    """The id of the session's last `websocket.send` entry applied (its partition stream's id):
+    a redelivered entry at or below it is a duplicate. One key per session."""
+    return f"{session_tag(tenant_id, session_id)}:applied:mark"
+
+
+def tenant_applied(tenant_id: str) -> str:
+    """Hash: partition stream -> id of the tenant's last `websocket.broadcast` applied from it."""
+    return f"{{tn:{tenant_id}}}:applied:mark"
+
+
 def session_dedupe(tenant_id: str, session_id: str, action_id: str) -> str:
+    """A per-action once-only key, for callers of `session_event.lua` with no stream entry
+    (`bench --direct`); the worker uses `session_applied`."""
     return f"{session_tag(tenant_id, session_id)}:applied:{action_id}"
-
-
-def tenant_dedupe(tenant_id: str, action_id: str) -> str:
-    return f"{{tn:{tenant_id}}}:applied:{action_id}"
 
 
 def tenant_sockets(tenant_id: str) -> str:

@@ -24,12 +24,26 @@ from services.core.actions import (
     Usage,
     WebsocketBroadcast,
     WebsocketSend,
+    action_type_of,
 )
 from services.core.scripts import Scripts
 from services.core.settings import Settings
 from services.core.tasks import TaskRef, TaskStatus, TaskStore, encode_json
 
+# How long a session's (a tenant's) applied mark outlives its last websocket.send (broadcast):
+# far beyond any redelivery, one small key per session.
 DEDUPE_TTL_SECONDS = 86_400
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a callback sits in its partition stream, for the once-only marks of
+    `websocket.send` and `websocket.broadcast`: its entry id, and the id of the previous entry
+    of the same session (tenant, for broadcasts) queued in the same batch, or ''."""
+
+    stream: str
+    entry_id: str
+    previous: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,13 +79,18 @@ class CallbackEffects:
         self.settings = settings
 
     async def queue(
-        self, action: Callback, pipe: Pipeline, traceparent: str = ""
+        self,
+        action: Callback,
+        pipe: Pipeline,
+        traceparent: str = "",
+        position: Position | None = None,
     ) -> FollowUp | None:
         """Queue the effect of one callback on `pipe`; its reply says what happened.
 
         What must follow once the effect is applied is returned: a `Retry` to schedule (a
         retryable failure with attempts left became a requeue), or the `Spent` usage of a
-        completed task to count.
+        completed task to count. `websocket.send` and `websocket.broadcast` need their
+        `position` (they are applied once per stream entry).
         """
         if isinstance(action, ExecutionChunk):
             await self._chunk(action, pipe)
@@ -96,10 +115,12 @@ class CallbackEffects:
             )
         elif isinstance(action, ExecutionCallback):
             return await self._legacy(action, pipe, traceparent)
+        elif position is None:
+            raise ValueError(f"{action_type_of(action)} needs its stream position")
         elif isinstance(action, WebsocketSend):
-            await self._send(action, pipe)
+            self._send(action, pipe, position)
         else:
-            await self._broadcast(action, pipe)
+            self._broadcast(action, pipe, position)
         return None
 
     async def _chunk(self, action: ExecutionChunk, pipe: Pipeline) -> None:
@@ -214,32 +235,37 @@ class CallbackEffects:
         await self._failed(ref, 0, code, message, pipe, traceparent=traceparent)
         return None
 
-    async def _send(self, action: WebsocketSend, pipe: Pipeline) -> None:
+    def _send(self, action: WebsocketSend, pipe: Pipeline, position: Position) -> None:
         settings = self.settings
         body = events.event_body(events.MESSAGE, action.message, action.task_id)
         tenant, session = action.tenant_id, action.session_id
-        args: list[Any] = [
-            body,
-            settings.session_log_maxlen,
-            settings.session_log_ttl_seconds * 1000,
-            keys.session_channel(tenant, session),
-            DEDUPE_TTL_SECONDS,
-        ]
         self.scripts.queue(
             pipe,
             self.scripts.session_event,
+            [keys.session_applied(tenant, session), keys.session_log(tenant, session)],
             [
-                keys.session_dedupe(tenant, session, action.action_id),
-                keys.session_log(tenant, session),
+                body,
+                settings.session_log_maxlen,
+                settings.session_log_ttl_seconds * 1000,
+                keys.session_channel(tenant, session),
+                DEDUPE_TTL_SECONDS,
+                position.entry_id,
+                position.previous,
             ],
-            args,
         )
 
-    async def _broadcast(self, action: WebsocketBroadcast, pipe: Pipeline) -> None:
+    def _broadcast(self, action: WebsocketBroadcast, pipe: Pipeline, position: Position) -> None:
         body = events.event_body(events.MESSAGE, action.message, action.task_id)
         self.scripts.queue(
             pipe,
             self.scripts.broadcast,
-            [keys.tenant_dedupe(action.tenant_id, action.action_id)],
-            [body, keys.tenant_channel(action.tenant_id), DEDUPE_TTL_SECONDS],
+            [keys.tenant_applied(action.tenant_id)],
+            [
+                body,
+                keys.tenant_channel(action.tenant_id),
+                DEDUPE_TTL_SECONDS,
+                position.stream,
+                position.entry_id,
+                position.previous,
+            ],
         )

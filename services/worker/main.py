@@ -2,7 +2,7 @@
 
 On SIGTERM the worker stops reading, lets each consumer finish the batch in hand (effects
 applied and acknowledged), gives its leases back so another worker takes over at once, and
-exits 0.
+exits 0. Deadlines and retries of all owned partitions are fired by one timer task.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from services.worker import metrics
 from services.worker.callbacks import CallbackEffects
 from services.worker.leases import PartitionLeases
 from services.worker.partition import PartitionConsumer
+from services.worker.schedule import TICK_SECONDS, fire_due_all
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,25 @@ class Worker:
             metrics.stream_pending.remove(stream, group)
         self._lag_reported = reported
 
+    async def _fire_timers(self) -> None:
+        """Deadlines and retries of every partition consumed here: one round trip per tick
+        finds what is due in all of them. Only partitions whose consumer runs (its takeover
+        grace over) and whose lease surely holds are fired."""
+        while not self.stopping.is_set():
+            schedules = [
+                consumer.schedule
+                for consumer, _ in self.consumers.values()
+                if consumer.active and consumer.lease_valid()
+            ]
+            try:
+                await fire_due_all(self.redis, schedules)
+            except REDIS_DOWN as exc:  # the consumers report the outage
+                log.debug("deadlines and retries not fired, redis unavailable: %s", exc)
+            except Exception:
+                log.exception("firing deadlines and retries failed; trying again")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), TICK_SECONDS)
+
     async def run(self) -> None:
         interval = self.settings.partition_lease_seconds / 3
         with contextlib.suppress(*REDIS_DOWN):  # else loaded on the first NOSCRIPT
@@ -138,6 +158,7 @@ class Worker:
             # Off the message path: finished tasks reach PostgreSQL through a Redis stream.
             writer = PersistenceWriter(self.redis, self.settings, consumer=self.worker_id)
             writing = asyncio.get_running_loop().create_task(writer.run())
+        timers = asyncio.get_running_loop().create_task(self._fire_timers())
         while not self.stopping.is_set():
             try:
                 await self._rebalance()
@@ -145,6 +166,8 @@ class Worker:
                 log.warning("rebalance failed, redis unavailable: %s", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), interval)
+        with contextlib.suppress(Exception):
+            await timers
         for partition in list(self.consumers):
             await self._stop_consumer(partition)
         if writer is not None and writing is not None:

@@ -1,9 +1,17 @@
 """The consumer loop of one callback partition, read top to bottom.
 
-adopt what the previous owner left pending -> read a batch -> apply all effects in one
-pipelined round trip -> acknowledge what took effect -> dead-letter what never will.
+adopt what the previous owner left pending -> read a batch (acknowledging the previous one in
+the same round trip) -> apply all effects in one pipelined round trip -> dead-letter what
+never will apply.
+
+So a batch costs two round trips: the read, and the effects. Acknowledging what took effect
+waits for the next read (or for the consumer's stop); a crash in between redelivers at most one
+batch, whose effects are idempotent: the task script refuses what it already applied, and
+`websocket.send`/`websocket.broadcast` compare the entry id with the session's (tenant's) mark.
 Entries are handled strictly in stream order; a failed batch is retried from the pending list
-before anything newer is read, so one session's events never overtake each other.
+before anything newer is read, and a session's later `websocket.send` in the same batch waits
+for its failed predecessor (DEFERRED), so one session's events never overtake each other.
+Deadlines and retries are fired by the worker for all its partitions at once (`Worker`).
 """
 
 from __future__ import annotations
@@ -11,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Callable
 
 from opentelemetry.trace import Span, SpanKind
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
 from services.core import keys, telemetry
@@ -46,14 +56,14 @@ from services.core.tasks import Outcome, TaskRef, TaskStore, Verdict, parse_outc
 from services.core.usage import UsageCounter
 from services.persistence.records import publish_finished
 from services.worker import metrics
-from services.worker.callbacks import CallbackEffects, Retry, Spent
+from services.worker.callbacks import CallbackEffects, Position, Retry, Spent
 from services.worker.schedule import PartitionSchedule
 
 log = logging.getLogger(__name__)
 
 
 RETRY_PAUSE_SECONDS = 0.5
-SCHEDULE_TICK_SECONDS = 0.2
+DEFERRED = "DEFERRED"  # the script's refusal: an earlier event of the session did not apply
 
 
 def _describe(span: Span, outcome: Outcome, plan: object) -> None:
@@ -73,6 +83,19 @@ def _ends_task(action: Callback, plan: object) -> bool:
     if isinstance(action, ExecutionCompleted | ExecutionCallback):
         return True
     return isinstance(action, ExecutionFailed) and not isinstance(plan, Retry)
+
+
+def _deferred(result: object) -> bool:
+    return isinstance(result, ResponseError) and str(result).startswith(DEFERRED)
+
+
+def _order_key(action: Callback) -> tuple[str, ...] | None:
+    """What a callback applied once per stream entry must keep its order within."""
+    if isinstance(action, WebsocketSend):
+        return ("s", action.tenant_id, action.session_id)
+    if isinstance(action, WebsocketBroadcast):
+        return ("t", action.tenant_id)
+    return None
 
 
 def _completed_now_or_before(outcome: Outcome) -> bool:
@@ -108,9 +131,18 @@ class PartitionConsumer:
         self.usage = UsageCounter(redis)
         self.tenant_labels = tenant_labels
         self.stopping = asyncio.Event()
+        # Reading and applying (its grace after a takeover is over): the worker's timers may fire.
+        self.active = False
+        # What the last batch applied, acknowledged with the next read (or at stop), and the
+        # retries its requeues scheduled (added before those failures are acknowledged).
+        self._acks: list[str] = []
+        self._retries: dict[str, float] = {}
 
     def stop(self) -> None:
         self.stopping.set()
+
+    def lease_valid(self) -> bool:
+        return self._lease_valid()
 
     async def run(self) -> None:
         if self.start_after:
@@ -126,21 +158,32 @@ class PartitionConsumer:
             except REDIS_DOWN as exc:
                 log.warning("partition %s: redis unavailable (%s)", self.partition, exc)
                 await self._pause()
+        self.active = True
+        try:
+            await self._consume()
+        finally:
+            self.active = False
+            # What the last batch applied: acknowledged now, or redelivered (harmlessly) to
+            # whoever consumes the partition next.
+            with contextlib.suppress(*REDIS_DOWN, ResponseError):
+                await self._flush_acks()
+
+    async def _consume(self) -> None:
         backlog = True
-        loop = asyncio.get_running_loop()
-        next_tick = 0.0
         while not self.stopping.is_set():
             try:
-                if loop.time() >= next_tick:
-                    await self.schedule.fire_due()
-                    next_tick = loop.time() + SCHEDULE_TICK_SECONDS
                 if backlog:
                     entries = await self._pending()
                     backlog = bool(entries)
                     if not entries:
                         continue
                 else:
-                    entries = await self._new()
+                    entries, missed = await self._new()
+                    if missed:
+                        # Our pending list holds entries this loop never saw (a read whose
+                        # reply was lost): take everything from there, in order.
+                        backlog = True
+                        continue
                     if not entries:
                         continue
                 if not self._lease_valid():
@@ -168,6 +211,7 @@ class PartitionConsumer:
 
     async def _pending(self) -> list[Entry]:
         """Our own pending entries, after taking over those of any previous owner."""
+        await self._flush_acks()
         await reclaim(self.redis, self.stream, keys.WORKER_GROUP, self.consumer, min_idle_ms=0)
         reply = await self.redis.xreadgroup(
             keys.WORKER_GROUP,
@@ -177,18 +221,51 @@ class PartitionConsumer:
         )
         return parse_read(reply)
 
-    async def _new(self) -> list[Entry]:
-        reply = await self.redis.xreadgroup(
-            keys.WORKER_GROUP,
-            self.consumer,
-            {self.stream: ">"},
-            count=self.settings.worker_batch_size,
-            block=int(self.settings.worker_sleep_seconds * 1000),
-        )
-        return parse_read(reply)
+    async def _new(self) -> tuple[list[Entry], bool]:
+        """Acknowledge the last batch and read the next one, in one round trip (the stream,
+        its group and the retries share the partition's slot).
+
+        Also whether our pending list held anything once the last batch was acknowledged: here
+        it holds nothing else, unless the reply of an earlier read was lost (a connection
+        dropped after Redis ran it, and the command retried).
+        """
+        async with self.redis.pipeline(transaction=False) as pipe:
+            self._queue_acks(pipe)
+            pipe.xpending_range(
+                self.stream, keys.WORKER_GROUP, "-", "+", 1, consumername=self.consumer
+            )
+            pipe.xreadgroup(
+                keys.WORKER_GROUP,
+                self.consumer,
+                {self.stream: ">"},
+                count=self.settings.worker_batch_size,
+                block=int(self.settings.worker_sleep_seconds * 1000),
+            )
+            results = await pipe.execute()
+        self._acked()
+        return parse_read(results[-1]), bool(results[-2])
+
+    def _queue_acks(self, pipe: Pipeline) -> None:
+        if self._retries:  # scheduled before the failure callbacks are acknowledged
+            pipe.zadd(keys.partition_retries(self.partition), self._retries)
+        if self._acks:
+            pipe.xack(self.stream, keys.WORKER_GROUP, *self._acks)
+
+    def _acked(self) -> None:
+        self._acks = []
+        self._retries = {}
+
+    async def _flush_acks(self) -> None:
+        if not self._acks and not self._retries:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            self._queue_acks(pipe)
+            await pipe.execute()
+        self._acked()
 
     async def _handle(self, entries: list[Entry]) -> bool:
-        """Apply a batch; True when every entry was acknowledged or dead-lettered."""
+        """Apply a batch; True when every entry was applied (to be acknowledged with the next
+        read) or dead-lettered."""
         decoded: list[tuple[Entry, Callback]] = []
         for entry in entries:
             raw = entry.raw_action
@@ -235,40 +312,52 @@ class PartitionConsumer:
         )
 
     async def _apply(self, decoded: list[tuple[Entry, Callback]], spans: list[Span | None]) -> bool:
+        previous: dict[tuple[str, ...], str] = {}
         async with self.redis.pipeline(transaction=False) as pipe:
-            plans = [
-                await self.effects.queue(action, pipe, telemetry.traceparent(span) if span else "")
-                for (_, action), span in zip(decoded, spans, strict=True)
-            ]
+            plans = []
+            for (entry, action), span in zip(decoded, spans, strict=True):
+                position = None
+                order = _order_key(action)
+                if order is not None:
+                    position = Position(self.stream, entry.id, previous.get(order, ""))
+                    previous[order] = entry.id
+                traceparent = telemetry.traceparent(span) if span else ""
+                plans.append(await self.effects.queue(action, pipe, traceparent, position))
             if not self._lease_valid():  # expired while the batch was read and decoded
                 return False
             results = await pipe.execute(raise_on_error=False)
         reloaded = any(missing_script(result) for result in results)
         if reloaded:
             await self.effects.scripts.load()  # Redis lost its scripts; those entries retry
+        waiting = False
         done: list[str] = []
         finished: list[tuple[TaskRef, str | None]] = []
         retries: dict[str, float] = {}
         failed: list[tuple[Entry, BaseException]] = []
+        verdicts: Counter[Verdict] = Counter()
         for (entry, action), plan, result, span in zip(decoded, plans, results, spans, strict=True):
             if isinstance(result, BaseException):
-                # A missing script is Redis's state, not the entry's fault: it does not count
-                # towards dead-lettering (an entry kept pending through an outage or failover
-                # has been delivered many times already).
-                if not missing_script(result):
+                # A missing script is Redis's state, not the entry's fault, and a deferred
+                # entry waits for its session's failed predecessor: neither counts towards
+                # dead-lettering (an entry kept pending through an outage or failover has been
+                # delivered many times already).
+                if _deferred(result):
+                    waiting = True
+                elif not missing_script(result):
                     failed.append((entry, result))
                 if span is not None:
                     telemetry.fail(span, f"handler failed: {result}")
                 continue
             done.append(entry.id)
             outcome = parse_outcome(result)
-            metrics.callbacks_handled.labels(outcome.verdict).inc()
-            metrics.observe(
-                action,
-                outcome,
-                retried=isinstance(plan, Retry),
-                exemplar=telemetry.exemplar(span) if span is not None else None,
-            )
+            verdicts[outcome.verdict] += 1
+            if not isinstance(action, WebsocketSend | WebsocketBroadcast):  # no task metrics
+                metrics.observe(
+                    action,
+                    outcome,
+                    retried=isinstance(plan, Retry),
+                    exemplar=telemetry.exemplar(span) if span is not None else None,
+                )
             if span is not None:
                 _describe(span, outcome, plan)
             if _ends_task(action, plan) and outcome.verdict in (Verdict.ok, Verdict.final):
@@ -291,14 +380,13 @@ class PartitionConsumer:
             # For the durable record; a redelivery publishes again and the writer's keys
             # make that harmless. Delivery has already happened: this only delays the ack.
             await publish_finished(self.redis, finished, maxlen=self.settings.persist_stream_maxlen)
-        if done:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                if retries:  # scheduled before the failure callback is acknowledged
-                    pipe.zadd(keys.partition_retries(self.partition), retries)
-                pipe.xack(self.stream, keys.WORKER_GROUP, *done)
-                await pipe.execute()
+        for verdict, count in verdicts.items():
+            metrics.callbacks_handled.labels(verdict).inc(count)
+        # Acknowledged with the next read (see the module's docstring).
+        self._acks += done
+        self._retries.update(retries)
         if not failed:
-            return not reloaded
+            return not (reloaded or waiting)
         counts = await delivery_counts(
             self.redis, self.stream, keys.WORKER_GROUP, [entry for entry, _ in failed]
         )

@@ -4,12 +4,16 @@ Both live in sorted sets on the partition's slot (`{cb:N}:deadlines`, `{cb:N}:re
 whoever consumes the partition also fires its timers, and a dead worker's timers move with
 its partitions. Firing is idempotent: the task script refuses a timeout for a final task and a
 dispatch for a task that is not waiting, so a timer fired twice changes nothing.
+
+The worker looks for due timers of all its partitions at once, in one round trip per tick
+(`fire_due_all`), off the partitions' consumer loops.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import cast
 
 import msgspec
@@ -29,6 +33,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 100
 AES_STREAM_MAXLEN = 1_000_000
+TICK_SECONDS = 0.2  # how often the worker looks for due deadlines and retries
 
 
 def _ref(member: bytes | str) -> TaskRef:
@@ -58,18 +63,16 @@ class PartitionSchedule:
         self.retries = keys.partition_retries(partition)
 
     async def fire_due(self, now: float | None = None) -> None:
-        moment = time.time() if now is None else now
-        await self._time_out(moment)
-        await self._dispatch_retries(moment)
+        await fire_due_all(self.redis, [self], now)
 
-    async def _due(self, key: str, now: float) -> list[bytes]:
-        members = await self.redis.zrangebyscore(key, "-inf", now, start=0, num=BATCH)
-        return cast(list[bytes], members)
+    async def fire(self, deadlines: list[bytes], retries: list[bytes]) -> None:
+        """Fire the due members of the partition's deadlines and retries."""
+        if deadlines:
+            await self._time_out(deadlines)
+        if retries:
+            await self._dispatch_retries(retries)
 
-    async def _time_out(self, now: float) -> None:
-        members = await self._due(self.deadlines, now)
-        if not members:
-            return
+    async def _time_out(self, members: list[bytes]) -> None:
         error = {"code": "timed_out", "message": "the task did not finish before its deadline"}
         async with self.redis.pipeline(transaction=False) as pipe:
             for member in members:
@@ -112,8 +115,7 @@ class PartitionSchedule:
         ) as span:
             telemetry.fail(span, "the task did not finish before its deadline")
 
-    async def _dispatch_retries(self, now: float) -> None:
-        members = await self._due(self.retries, now)
+    async def _dispatch_retries(self, members: list[bytes]) -> None:
         for member in members:
             ref = _ref(member)
             outcome = await self.tasks.apply(ref, "dispatch")
@@ -153,3 +155,21 @@ class PartitionSchedule:
                 approximate=True,
             )
         metrics.retries.inc()
+
+
+async def fire_due_all(
+    redis: Redis, schedules: Sequence[PartitionSchedule], now: float | None = None
+) -> None:
+    """Fire what is due in every partition of `schedules`: one round trip finds it all."""
+    if not schedules:
+        return
+    moment = time.time() if now is None else now
+    async with redis.pipeline(transaction=False) as pipe:
+        for schedule in schedules:
+            pipe.zrangebyscore(schedule.deadlines, "-inf", moment, start=0, num=BATCH)
+            pipe.zrangebyscore(schedule.retries, "-inf", moment, start=0, num=BATCH)
+        due = cast(list[list[bytes]], await pipe.execute())
+    for i, schedule in enumerate(schedules):
+        deadlines, retries = due[2 * i], due[2 * i + 1]
+        if deadlines or retries:
+            await schedule.fire(deadlines, retries)

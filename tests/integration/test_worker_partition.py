@@ -1,20 +1,32 @@
-"""The worker's partition loop: effects then acks, dead letters for what can never apply."""
+"""The worker's partition loop: effects then acks (with the next read), dead letters for what
+can never apply, once-only sends, and the timers of all partitions."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from services.core import events, keys
-from services.core.actions import ACTION_FIELD, ExecutionChunk, ExecutionCompleted, encode_action
+from services.core.actions import (
+    ACTION_FIELD,
+    Callback,
+    ExecutionChunk,
+    ExecutionCompleted,
+    WebsocketBroadcast,
+    WebsocketSend,
+    encode_action,
+)
 from services.core.scripts import Scripts
 from services.core.settings import load_settings
 from services.core.tasks import TaskRef, TaskStore
-from services.worker.callbacks import CallbackEffects
+from services.worker.callbacks import DEDUPE_TTL_SECONDS, CallbackEffects, FollowUp, Position
 from services.worker.metrics import TenantLabels
 from services.worker.partition import PartitionConsumer
+from services.worker.schedule import PartitionSchedule, fire_due_all
 
 SETTINGS = load_settings(worker_sleep_seconds=0.05, callback_partitions=1)
 STREAM = keys.callback_stream(0)
@@ -82,3 +94,179 @@ async def test_entries_left_pending_by_a_dead_owner_are_adopted(redis: Redis) ->
     state = await tasks.read(ref)
     assert state is not None
     assert state["status"] == "completed"
+
+
+def send(session: str, n: int) -> bytes:
+    return encode_action(WebsocketSend(tenant_id="acme", session_id=session, message={"n": n}))
+
+
+async def logged(redis: Redis, session: str) -> list[int]:
+    """The `n` of every `message` event in the session's log, in log order."""
+    entries = await redis.xrange(keys.session_log("acme", session))
+    frames = [json.loads(b"{" + fields[b"e"]) for _, fields in entries]
+    return [frame["data"]["n"] for frame in frames if frame["type"] == events.MESSAGE]
+
+
+def consumer_of(
+    redis: Redis, name: str, effects: CallbackEffects | None = None
+) -> PartitionConsumer:
+    scripts = Scripts(redis)
+    tasks = TaskStore(redis, scripts, SETTINGS)
+    effects = effects or CallbackEffects(tasks, scripts, SETTINGS)
+    return PartitionConsumer(redis, effects, tasks, SETTINGS, name, 0, TenantLabels(5))
+
+
+async def drain(consumer: PartitionConsumer, redis: Redis) -> None:
+    """Run `consumer` until the group has nothing pending or unread, then stop it."""
+    running = asyncio.create_task(consumer.run())
+    async with asyncio.timeout(10):
+        while True:
+            await asyncio.sleep(0.02)
+            groups = await redis.xinfo_groups(STREAM)
+            if groups and groups[0]["pending"] == 0 and groups[0]["lag"] == 0:
+                break
+    consumer.stop()
+    await running
+
+
+async def test_a_redelivered_send_or_broadcast_applies_once_with_one_mark_per_session(
+    redis: Redis,
+) -> None:
+    for n in (1, 2, 3):
+        await redis.xadd(STREAM, {ACTION_FIELD: send("s1", n)})
+    everyone = WebsocketBroadcast(tenant_id="acme", session_id="s1", message={"all": 1})
+    await redis.xadd(STREAM, {ACTION_FIELD: encode_action(everyone)})
+    pubsub = redis.pubsub()
+    await pubsub.ssubscribe(keys.tenant_channel("acme"))
+    await drain(consumer_of(redis, "w1"), redis)
+    assert await logged(redis, "s1") == [1, 2, 3]
+
+    # Every entry delivered again (acknowledgements lost, say): nothing is applied twice.
+    await redis.xgroup_setid(STREAM, keys.WORKER_GROUP, "0")
+    await drain(consumer_of(redis, "w2"), redis)
+    assert await logged(redis, "s1") == [1, 2, 3]
+    broadcasts = []
+    while (message := await pubsub.get_message(timeout=0.2)) is not None:
+        if message["type"] == "smessage":
+            broadcasts.append(message["data"])
+    await pubsub.aclose()
+    assert len(broadcasts) == 1
+
+    # One once-only mark per session (and per tenant), not one key per event.
+    marks = [key async for key in redis.scan_iter(match="*applied*")]
+    assert sorted(marks) == sorted(
+        [keys.session_applied("acme", "s1").encode(), keys.tenant_applied("acme").encode()]
+    )
+    assert 0 < await redis.ttl(keys.session_applied("acme", "s1")) <= DEDUPE_TTL_SECONDS
+
+
+async def test_after_a_takeover_what_the_dead_owner_applied_is_not_applied_again(
+    redis: Redis,
+) -> None:
+    for n in (1, 2, 3):
+        await redis.xadd(STREAM, {ACTION_FIELD: send("s1", n)})
+    dying = consumer_of(redis, "w1")
+    dying._queue_acks = lambda pipe: None  # type: ignore[method-assign]  # died before acking
+    running = asyncio.create_task(dying.run())
+    async with asyncio.timeout(10):
+        while await logged(redis, "s1") != [1, 2, 3]:
+            await asyncio.sleep(0.02)
+    dying.stop()
+    await running
+    assert (await redis.xpending(STREAM, keys.WORKER_GROUP))["pending"] == 3
+    for n in (4, 5):
+        await redis.xadd(STREAM, {ACTION_FIELD: send("s1", n)})
+
+    await drain(consumer_of(redis, "w2"), redis)
+
+    assert await logged(redis, "s1") == [1, 2, 3, 4, 5]
+
+
+class FailOnce(CallbackEffects):
+    """Effects whose `websocket.send` of `n == 2` fails the first time (an error in Redis)."""
+
+    failed = False
+
+    async def queue(
+        self,
+        action: Callback,
+        pipe: Pipeline,
+        traceparent: str = "",
+        position: Position | None = None,
+    ) -> FollowUp | None:
+        if isinstance(action, WebsocketSend) and action.message["n"] == 2 and not self.failed:
+            self.failed = True
+            pipe.execute_command("EVAL", "return redis.error_reply('ERR boom')", 0)
+            return None
+        return await super().queue(action, pipe, traceparent, position)
+
+
+async def test_a_send_after_a_failed_one_of_its_session_waits_for_it(redis: Redis) -> None:
+    for n in (1, 2, 3, 4):
+        await redis.xadd(STREAM, {ACTION_FIELD: send("s1", n)})
+        await redis.xadd(STREAM, {ACTION_FIELD: send("s2", n)})
+    scripts = Scripts(redis)
+    tasks = TaskStore(redis, scripts, SETTINGS)
+    effects = FailOnce(tasks, scripts, SETTINGS)
+
+    await drain(consumer_of(redis, "w1", effects), redis)
+
+    assert effects.failed
+    assert await logged(redis, "s1") == [1, 2, 3, 4]  # 3 and 4 did not overtake 2
+    assert await logged(redis, "s2") == [1, 2, 3, 4]
+    assert await redis.xlen(keys.DEAD_LETTERS) == 0
+
+
+async def test_a_read_whose_reply_was_lost_sends_the_loop_back_to_its_pending_list(
+    redis: Redis,
+) -> None:
+    consumer = consumer_of(redis, "w1")
+    await redis.xgroup_create(STREAM, keys.WORKER_GROUP, id="0", mkstream=True)
+    await redis.xadd(STREAM, {ACTION_FIELD: send("s1", 1)})
+    # Redis ran a read for w1 but its reply never arrived.
+    await redis.xreadgroup(keys.WORKER_GROUP, "w1", {STREAM: ">"}, count=10)
+    await redis.xadd(STREAM, {ACTION_FIELD: send("s1", 2)})
+
+    entries, missed = await consumer._new()
+
+    assert missed
+    assert len(entries) == 1
+    await drain(consumer, redis)
+    assert await logged(redis, "s1") == [1, 2]
+
+
+async def test_the_worker_fires_the_deadlines_of_all_its_partitions_in_one_pass(
+    redis: Redis,
+) -> None:
+    scripts = Scripts(redis)
+    settings = load_settings(callback_partitions=2)
+    tasks = TaskStore(redis, scripts, settings)
+    schedules = [PartitionSchedule(redis, tasks, partition) for partition in (0, 1)]
+    refs = [TaskRef("acme", f"s{p}", f"t{p}") for p in (0, 1)]
+    for partition, ref in enumerate(refs):
+        await tasks.apply(ref, "create", fields={"status": "processing"})
+        member = keys.task_member(ref.tenant_id, ref.session_id, ref.task_id)
+        await redis.zadd(keys.partition_deadlines(partition), {member: time.time() - 1})
+
+    await fire_due_all(redis, schedules)
+
+    for partition, ref in enumerate(refs):
+        state = await tasks.read(ref)
+        assert state is not None
+        assert state["status"] == "timed_out"
+        assert await redis.zcard(keys.partition_deadlines(partition)) == 0
+
+
+async def test_the_session_script_without_a_stream_entry_applies_once_per_key(
+    redis: Redis,
+) -> None:
+    """`bench --direct` calls the worker's script with a per-action key and no entry id."""
+    scripts = Scripts(redis)
+    body = events.event_body(events.MESSAGE, {"n": 1})
+    script_keys = [keys.session_dedupe("acme", "s1", "a1"), keys.session_log("acme", "s1")]
+    args = [body, 100, 60_000, keys.session_channel("acme", "s1"), 60]
+    first = await scripts.session_event(keys=script_keys, args=args)
+    again = await scripts.session_event(keys=script_keys, args=args)
+    assert first[0] == b"ok"
+    assert again == [b"duplicate", b""]
+    assert await logged(redis, "s1") == [1]

@@ -1,11 +1,40 @@
 -- Append an event that belongs to no task (the AES's websocket.send) to the session log and
--- publish it, once per action id: a redelivered action finds its dedupe key and does nothing.
+-- publish it, once: a session's callbacks are all in one partition stream and applied in its
+-- order, so one mark per session (the id of the last callback entry applied) tells a
+-- redelivered entry (at or below the mark: nothing happens) from a new one.
 --
--- KEYS[1] dedupe key   KEYS[2] session log stream
+-- KEYS[1] the session's applied mark   KEYS[2] session log stream
 -- ARGV[1] frame body without id   ARGV[2] log max length   ARGV[3] log ttl (ms)
--- ARGV[4] delivery channel        ARGV[5] dedupe ttl (s)
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[5]) then
-  return {'duplicate', ''}
+-- ARGV[4] delivery channel        ARGV[5] mark ttl (s)
+-- ARGV[6] the callback's entry id in its partition stream
+-- ARGV[7] the entry id of the session's previous websocket.send in the same worker batch, or
+--         '' (it must have applied first: if it did not, this one is refused with DEFERRED and
+--         retried after it, so a session's events never overtake or skip each other)
+-- Returns {'ok', log id} or {'duplicate', ''}.
+--
+-- Without ARGV[6] (a caller that has no stream entry, such as `bench --direct`), KEYS[1] is a
+-- key of its own for the action, set for ARGV[5] seconds: the event applies once per key.
+if ARGV[6] == nil then
+  if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[5]) then
+    return {'duplicate', ''}
+  end
+else
+  -- Stream ids are 'ms-seq'; compared as numbers (a Lua number holds 2^53 exactly).
+  local function after(a, b)
+    local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+    local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+    ams, bms = tonumber(ams), tonumber(bms)
+    if ams ~= bms then return ams > bms end
+    return tonumber(aseq) > tonumber(bseq)
+  end
+  local mark = redis.call('GET', KEYS[1])
+  if ARGV[7] ~= '' and (not mark or after(ARGV[7], mark)) then
+    return redis.error_reply('DEFERRED the previous event of the session did not apply')
+  end
+  if mark and not after(ARGV[6], mark) then
+    return {'duplicate', ''}
+  end
+  redis.call('SET', KEYS[1], ARGV[6], 'EX', ARGV[5])
 end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
