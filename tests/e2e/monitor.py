@@ -45,11 +45,11 @@ WRITES = {
 
 # Every key the product writes has one of these shapes (README, "Redis keys").
 FAMILIES = {
-    "session": re.compile(r"^\{s:[\w-]+:[\w-]+\}:(log|events|rl|task:[\w-]+|applied:[\w-]+)$"),
+    "session": re.compile(r"^\{s:[\w-]+:[\w-]+\}:(log|events|rl|task:[\w-]+|applied:mark)$"),
     "task location": re.compile(r"^\{t:[\w-]+\}:where$"),
     "tenant": re.compile(
         r"^\{tn:[\w-]+\}:(broadcast|sockets|quota|quota-owner|quota-contenders|rl"
-        r"|usage:\d{4}-\d{2}-\d{2}|counted:[\w-]+|idem:[0-9a-f]+|applied:[\w-]+)$"
+        r"|usage:\d{4}-\d{2}-\d{2}|counted:[\w-]+|idem:[0-9a-f]+|applied:mark)$"
     ),
     "aes contract": re.compile(r"^\{aes\}:(actions:(high|normal|low)|cancel)$"),
     "callback partition": re.compile(r"^\{cb:\d+\}:(callbacks|lease|deadlines|retries)$"),
