@@ -99,25 +99,30 @@ class PartitionLeases:
         extra = len(self.owned) - target
         return sorted(self.owned, reverse=True)[:extra] if extra > 0 else []
 
-    async def acquire(self, live: int) -> set[int]:
+    async def acquire(self, live: int) -> None:
+        """Take free leases up to our share; they are in `owned` as soon as taken.
+
+        It may fail part way (a lease on a node that is away) after taking others: the
+        caller starts a consumer for every owned partition that has none, whatever happened
+        (`Worker._rebalance`), or those would be held and renewed but never consumed.
+        """
         target = math.ceil(self.partitions / live)
-        gained: set[int] = set()
-        for step in range(self.partitions):
-            if len(self.owned) >= target:
-                break
-            partition = (self._offset + step) % self.partitions
-            if partition in self.owned:
-                continue
-            started = time.monotonic()
-            taken = await self.redis.set(
-                keys.partition_lease(partition), self.worker_id, nx=True, px=self.ttl_ms
-            )
-            if taken:
-                self.owned.add(partition)
-                self._trust(partition, started)
-                gained.add(partition)
-        self.takeover_grace = self._grace
-        return gained
+        try:
+            for step in range(self.partitions):
+                if len(self.owned) >= target:
+                    break
+                partition = (self._offset + step) % self.partitions
+                if partition in self.owned:
+                    continue
+                started = time.monotonic()
+                taken = await self.redis.set(
+                    keys.partition_lease(partition), self.worker_id, nx=True, px=self.ttl_ms
+                )
+                if taken:
+                    self.owned.add(partition)
+                    self._trust(partition, started)
+        finally:
+            self.takeover_grace = self._grace
 
     async def release(self, partition: int) -> None:
         self.owned.discard(partition)

@@ -100,9 +100,14 @@ class Worker:
         for partition in self.leases.surplus(live):
             await self._stop_consumer(partition)
             await self.leases.release(partition)
-        for partition in await self.leases.acquire(live):
-            log.info("took partition %s", partition)
-            self._start_consumer(partition, self.leases.takeover_grace)
+        try:
+            await self.leases.acquire(live)
+        finally:
+            # Also the leases taken before `acquire` failed part way: held (and renewed from
+            # now on), they must be consumed.
+            for partition in sorted(self.leases.owned - self.consumers.keys()):
+                log.info("took partition %s", partition)
+                self._start_consumer(partition, self.leases.takeover_grace)
         await self._sample_lag()
 
     async def _sample_lag(self) -> None:

@@ -1,15 +1,18 @@
 """The consumer loop of one callback partition, read top to bottom.
 
-adopt what the previous owner left pending -> read a batch (acknowledging the previous one in
-the same round trip) -> apply all effects in one pipelined round trip -> dead-letter what
-never will apply.
+adopt what the previous owner left pending -> read a batch -> apply all its effects in one
+pipelined round trip (acknowledging the previous batch and reading the next one in the same
+round trip) -> dead-letter what never will apply.
 
-So a batch costs two round trips: the read, and the effects. Acknowledging what took effect
-waits for the next read (or for the consumer's stop); a crash in between redelivers at most one
-batch, whose effects are idempotent: the task script refuses what it already applied, and
-`websocket.send`/`websocket.broadcast` compare the entry id with the session's (tenant's) mark.
+Under load a batch costs one round trip: its effects go in one pipeline with the
+acknowledgement of the previous batch and a (non-blocking) read of the next one. When that
+read finds nothing, the next read blocks, with the acknowledgements. Acknowledging what took
+effect thus waits for the next pipeline (or for the consumer's stop); a crash in between
+redelivers at most one batch, whose effects are idempotent: the task script refuses what it
+already applied, and `websocket.send`/`websocket.broadcast` compare the entry id with the
+session's (tenant's) mark.
 Entries are handled strictly in stream order; a failed batch is retried from the pending list
-before anything newer is read, and a session's later `websocket.send` in the same batch waits
+before anything newer is applied, and a session's later `websocket.send` in the same batch waits
 for its failed predecessor (DEFERRED), so one session's events never overtake each other.
 Deadlines and retries are fired by the worker for all its partitions at once (`Worker`).
 """
@@ -21,6 +24,7 @@ import contextlib
 import logging
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 from opentelemetry.trace import Span, SpanKind
 from redis.asyncio import Redis
@@ -89,6 +93,10 @@ def _deferred(result: object) -> bool:
     return isinstance(result, ResponseError) and str(result).startswith(DEFERRED)
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _order_key(action: Callback) -> tuple[str, ...] | None:
     """What a callback applied once per stream entry must keep its order within."""
     if isinstance(action, WebsocketSend):
@@ -137,6 +145,10 @@ class PartitionConsumer:
         # retries its requeues scheduled (added before those failures are acknowledged).
         self._acks: list[str] = []
         self._retries: dict[str, float] = {}
+        # The next batch, read with the last batch's effects; and whether that read found our
+        # pending list holding something it should not (see `_read_ahead`).
+        self._ahead: list[Entry] = []
+        self._missed = False
 
     def stop(self) -> None:
         self.stopping.set()
@@ -173,10 +185,13 @@ class PartitionConsumer:
         while not self.stopping.is_set():
             try:
                 if backlog:
+                    self._ahead = []  # pending: read again from there, in order
                     entries = await self._pending()
                     backlog = bool(entries)
                     if not entries:
                         continue
+                elif self._ahead:
+                    entries, self._ahead = self._ahead, []
                 else:
                     entries, missed = await self._new()
                     if missed:
@@ -192,9 +207,11 @@ class PartitionConsumer:
                     backlog = True
                     await self._pause()
                     continue
-                if not await self._handle(entries):
+                if not await self._handle(entries, read_ahead=not backlog):
                     backlog = True
                     await self._pause()
+                elif self._missed:
+                    backlog = True
             except REDIS_DOWN as exc:
                 log.warning("partition %s: redis unavailable (%s)", self.partition, exc)
                 backlog = True
@@ -231,19 +248,55 @@ class PartitionConsumer:
         """
         async with self.redis.pipeline(transaction=False) as pipe:
             self._queue_acks(pipe)
-            pipe.xpending_range(
-                self.stream, keys.WORKER_GROUP, "-", "+", 1, consumername=self.consumer
-            )
-            pipe.xreadgroup(
-                keys.WORKER_GROUP,
-                self.consumer,
-                {self.stream: ">"},
-                count=self.settings.worker_batch_size,
-                block=int(self.settings.worker_sleep_seconds * 1000),
-            )
+            self._queue_read(pipe, block=True)
             results = await pipe.execute()
         self._acked()
         return parse_read(results[-1]), bool(results[-2])
+
+    def _queue_read(self, pipe: Pipeline, block: bool) -> None:
+        """Our oldest pending entry (once the acks queued before have run), then a read."""
+        pipe.xpending_range(self.stream, keys.WORKER_GROUP, "-", "+", 1, consumername=self.consumer)
+        self._queue_xreadgroup(pipe, block)
+
+    def _queue_xreadgroup(self, pipe: Pipeline, block: bool) -> None:
+        pipe.xreadgroup(
+            keys.WORKER_GROUP,
+            self.consumer,
+            {self.stream: ">"},
+            count=self.settings.worker_batch_size,
+            block=int(self.settings.worker_sleep_seconds * 1000) if block else None,
+        )
+
+    def _queue_read_ahead(self, pipe: Pipeline, applying: int) -> None:
+        """A non-blocking read, then our pending list as it is after it (see `_read_ahead`)."""
+        self._queue_xreadgroup(pipe, block=False)
+        pipe.xpending_range(
+            self.stream,
+            keys.WORKER_GROUP,
+            "-",
+            "+",
+            applying + self.settings.worker_batch_size + 1,
+            consumername=self.consumer,
+        )
+
+    def _read_ahead(self, results: list[Any], applying: list[str]) -> None:
+        """Take the acks and the read queued after a batch's effects (see `_apply`).
+
+        Our pending list must then hold exactly the batch being applied (`applying`) and what
+        the read returned. Anything else is an entry this loop never saw: a read whose reply
+        was lost (a cluster pipeline runs again, after an error on any node, each command
+        whose reply it lacks), to be applied before this read's entries. Then go back to the
+        pending list, which has them all in order (`_missed`).
+        """
+        read, pending = results[-2:]
+        if any(isinstance(result, BaseException) for result in results):
+            self._ahead, self._missed = [], True  # the pending path sorts it out
+            return
+        self._acked()
+        entries = parse_read(read)
+        held = [_text(row["message_id"]) for row in pending]
+        self._missed = held != applying + [entry.id for entry in entries]
+        self._ahead = [] if self._missed else entries
 
     def _queue_acks(self, pipe: Pipeline) -> None:
         if self._retries:  # scheduled before the failure callbacks are acknowledged
@@ -263,9 +316,10 @@ class PartitionConsumer:
             await pipe.execute()
         self._acked()
 
-    async def _handle(self, entries: list[Entry]) -> bool:
+    async def _handle(self, entries: list[Entry], read_ahead: bool = False) -> bool:
         """Apply a batch; True when every entry was applied (to be acknowledged with the next
-        read) or dead-lettered."""
+        read) or dead-lettered. With `read_ahead`, the next batch is read with the effects."""
+        self._missed = False
         decoded: list[tuple[Entry, Callback]] = []
         for entry in entries:
             raw = entry.raw_action
@@ -280,7 +334,7 @@ class PartitionConsumer:
             return True
         spans = [self._span_for(entry, action, len(entries)) for entry, action in decoded]
         try:
-            return await self._apply(decoded, spans)
+            return await self._apply(decoded, spans, read_ahead)
         finally:
             for span in spans:
                 if span is not None:
@@ -311,7 +365,9 @@ class PartitionConsumer:
             },
         )
 
-    async def _apply(self, decoded: list[tuple[Entry, Callback]], spans: list[Span | None]) -> bool:
+    async def _apply(
+        self, decoded: list[tuple[Entry, Callback]], spans: list[Span | None], read_ahead: bool
+    ) -> bool:
         previous: dict[tuple[str, ...], str] = {}
         async with self.redis.pipeline(transaction=False) as pipe:
             plans = []
@@ -325,7 +381,13 @@ class PartitionConsumer:
                 plans.append(await self.effects.queue(action, pipe, traceparent, position))
             if not self._lease_valid():  # expired while the batch was read and decoded
                 return False
+            if read_ahead:
+                self._queue_acks(pipe)
+                self._queue_read_ahead(pipe, len(decoded))
             results = await pipe.execute(raise_on_error=False)
+        if read_ahead:
+            self._read_ahead(results[len(decoded) :], [entry.id for entry, _ in decoded])
+            del results[len(decoded) :]
         reloaded = any(missing_script(result) for result in results)
         if reloaded:
             await self.effects.scripts.load()  # Redis lost its scripts; those entries retry

@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from services.core import events, keys
 from services.core.actions import (
@@ -21,9 +24,11 @@ from services.core.actions import (
     encode_action,
 )
 from services.core.scripts import Scripts
-from services.core.settings import load_settings
+from services.core.settings import Settings, load_settings
+from services.core.streams import Entry
 from services.core.tasks import TaskRef, TaskStore
 from services.worker.callbacks import DEDUPE_TTL_SECONDS, CallbackEffects, FollowUp, Position
+from services.worker.main import Worker
 from services.worker.metrics import TenantLabels
 from services.worker.partition import PartitionConsumer
 from services.worker.schedule import PartitionSchedule, fire_due_all
@@ -107,13 +112,19 @@ async def logged(redis: Redis, session: str) -> list[int]:
     return [frame["data"]["n"] for frame in frames if frame["type"] == events.MESSAGE]
 
 
+SMALL_BATCHES = load_settings(worker_sleep_seconds=0.05, callback_partitions=1, worker_batch_size=3)
+
+
 def consumer_of(
-    redis: Redis, name: str, effects: CallbackEffects | None = None
+    redis: Redis,
+    name: str,
+    effects: CallbackEffects | None = None,
+    settings: Settings = SETTINGS,
 ) -> PartitionConsumer:
     scripts = Scripts(redis)
-    tasks = TaskStore(redis, scripts, SETTINGS)
-    effects = effects or CallbackEffects(tasks, scripts, SETTINGS)
-    return PartitionConsumer(redis, effects, tasks, SETTINGS, name, 0, TenantLabels(5))
+    tasks = TaskStore(redis, scripts, settings)
+    effects = effects or CallbackEffects(tasks, scripts, settings)
+    return PartitionConsumer(redis, effects, tasks, settings, name, 0, TenantLabels(5))
 
 
 async def drain(consumer: PartitionConsumer, redis: Redis) -> None:
@@ -201,20 +212,46 @@ class FailOnce(CallbackEffects):
         return await super().queue(action, pipe, traceparent, position)
 
 
-async def test_a_send_after_a_failed_one_of_its_session_waits_for_it(redis: Redis) -> None:
+@pytest.mark.parametrize("settings", [SETTINGS, SMALL_BATCHES], ids=["one-batch", "batches-of-3"])
+async def test_a_send_after_a_failed_one_of_its_session_waits_for_it(
+    redis: Redis, settings: Settings
+) -> None:
     for n in (1, 2, 3, 4):
         await redis.xadd(STREAM, {ACTION_FIELD: send("s1", n)})
         await redis.xadd(STREAM, {ACTION_FIELD: send("s2", n)})
     scripts = Scripts(redis)
-    tasks = TaskStore(redis, scripts, SETTINGS)
-    effects = FailOnce(tasks, scripts, SETTINGS)
+    tasks = TaskStore(redis, scripts, settings)
+    effects = FailOnce(tasks, scripts, settings)
 
-    await drain(consumer_of(redis, "w1", effects), redis)
+    await drain(consumer_of(redis, "w1", effects, settings), redis)
 
     assert effects.failed
     assert await logged(redis, "s1") == [1, 2, 3, 4]  # 3 and 4 did not overtake 2
     assert await logged(redis, "s2") == [1, 2, 3, 4]
     assert await redis.xlen(keys.DEAD_LETTERS) == 0
+
+
+async def test_with_small_batches_each_is_read_with_the_effects_of_the_one_before(
+    redis: Redis,
+) -> None:
+    for n in range(1, 21):
+        await redis.xadd(STREAM, {ACTION_FIELD: send(f"s{n % 3}", n)})
+    consumer = consumer_of(redis, "w1", settings=SMALL_BATCHES)
+    blocking_reads = 0
+    real_new = consumer._new
+
+    async def counting_new() -> tuple[list[Entry], bool]:
+        nonlocal blocking_reads
+        blocking_reads += 1
+        return await real_new()
+
+    consumer._new = counting_new  # type: ignore[method-assign]
+    await drain(consumer, redis)
+
+    for session in range(3):
+        assert await logged(redis, f"s{session}") == [n for n in range(1, 21) if n % 3 == session]
+    # 7 batches of at most 3: after the first, each came with the effects of the one before.
+    assert blocking_reads < 7
 
 
 async def test_a_read_whose_reply_was_lost_sends_the_loop_back_to_its_pending_list(
@@ -233,6 +270,65 @@ async def test_a_read_whose_reply_was_lost_sends_the_loop_back_to_its_pending_li
     assert len(entries) == 1
     await drain(consumer, redis)
     assert await logged(redis, "s1") == [1, 2]
+
+
+async def test_a_read_ahead_after_a_read_whose_reply_was_lost_waits_for_its_entries(
+    redis: Redis,
+) -> None:
+    """A cluster pipeline runs again each command whose reply it lacks: the entries of the
+    lost read are older than those of the read that replied, and must be applied first."""
+    consumer = consumer_of(redis, "w1", settings=SMALL_BATCHES)
+    await redis.xgroup_create(STREAM, keys.WORKER_GROUP, id="0", mkstream=True)
+    await redis.xadd(STREAM, {ACTION_FIELD: send("s1", 1)})
+    batch, missed = await consumer._new()
+    assert not missed
+    assert len(batch) == 1
+    await redis.xadd(STREAM, {ACTION_FIELD: send("s1", 2)})
+    # Redis ran a read for w1 but its reply never arrived.
+    await redis.xreadgroup(keys.WORKER_GROUP, "w1", {STREAM: ">"}, count=10)
+    await redis.xadd(STREAM, {ACTION_FIELD: send("s1", 3)})
+
+    assert await consumer._handle(batch, read_ahead=True)
+
+    assert consumer._missed
+    assert consumer._ahead == []  # 3 is not applied before 2
+    await drain(consumer, redis)
+    assert await logged(redis, "s1") == [1, 2, 3]
+
+
+async def test_leases_taken_before_a_failure_in_the_same_round_are_consumed(
+    redis: Redis, redis_url: str
+) -> None:
+    """Taking leases may fail part way (a node away): those taken before are held and renewed
+    from then on, so they must get a consumer too, or their partitions stall for good."""
+    settings = load_settings(
+        redis_url=redis_url, callback_partitions=4, worker_sleep_seconds=0.05, pod_name="w1"
+    )
+    worker = Worker(settings)
+    real_set = worker.redis.set
+    calls = 0
+
+    async def set_failing_the_third(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RedisConnectionError("node away")
+        return await real_set(*args, **kwargs)
+
+    worker.redis.set = set_failing_the_third  # type: ignore[method-assign]
+    try:
+        with pytest.raises(RedisConnectionError):
+            await worker._rebalance()
+        assert len(worker.leases.owned) == 2
+        assert set(worker.consumers) == worker.leases.owned
+
+        await worker._rebalance()
+        assert len(worker.leases.owned) == 4
+        assert set(worker.consumers) == worker.leases.owned
+    finally:
+        for partition in list(worker.consumers):
+            await worker._stop_consumer(partition)
+        await worker.redis.aclose()
 
 
 async def test_the_worker_fires_the_deadlines_of_all_its_partitions_in_one_pass(
