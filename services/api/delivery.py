@@ -36,7 +36,7 @@ from services.api.connections import CLOSE_INTERNAL, ClientConnection, traced_fr
 from services.api.session_log import read_since
 from services.core import keys, telemetry
 from services.core.events import ERROR, frame, frame_id, frame_with_id
-from services.core.redis_client import REDIS_DOWN, ClusterClient
+from services.core.redis_client import REDIS_DOWN, ClusterClient, as_lost_connection
 
 log = logging.getLogger(__name__)
 
@@ -241,12 +241,15 @@ class SessionHub:
                 await asyncio.sleep(delay)
                 delay = min(RECONNECT_MAX_SECONDS, delay * 2)
                 continue
-            except Exception:
+            except Exception as exc:
                 if self._cluster is None:
                     raise
                 # A node's lane must not die in silence (say, a reply from a node that is
                 # rejoining the cluster): treat it as lost, its channels are subscribed again.
-                log.exception("delivery subscription on %s failed", lane.name)
+                if as_lost_connection(exc) is None:
+                    log.exception("delivery subscription on %s failed", lane.name)
+                else:  # redis-py's transport race while the node reconnects: an outage
+                    log.warning("delivery subscription on %s lost: %r", lane.name, exc)
                 self._lose(lane)
                 return
             if self._outage:  # reconnected and resubscribed by redis-py

@@ -267,11 +267,13 @@ def _sentinel_primary(settings: Settings, pool_size: int) -> Redis:
     return client
 
 
-def _as_lost_connection(exc: RuntimeError | AttributeError) -> RedisConnectionError | None:
+def as_lost_connection(exc: BaseException) -> RedisConnectionError | None:
     """redis-py (8.1) disconnects a node's idle connections after a connection error while
     other tasks may be taking one of them: that task's command then fails inside the
     transport (`handler is closed`, `'NoneType' object has no attribute 'writelines'`). For
     the caller that is a lost connection, an outage to ride through; anything else is a bug."""
+    if not isinstance(exc, (RuntimeError, AttributeError)):
+        return None
     text = str(exc)
     if "handler is closed" in text or "'NoneType' object has no attribute" in text:
         return RedisConnectionError(f"connection closed under the command: {text}")
@@ -306,7 +308,7 @@ class ClusterClient(RedisCluster):
         try:
             return await super().execute_command(*args, **kwargs)
         except (RuntimeError, AttributeError) as exc:
-            lost = _as_lost_connection(exc)
+            lost = as_lost_connection(exc)
             if lost is None:
                 raise
             raise lost from exc
@@ -378,7 +380,7 @@ class ScriptingClusterPipeline(ClusterPipeline):
         try:
             results: list[Any] = await super().execute(raise_on_error, allow_redirections)
         except (RuntimeError, AttributeError) as exc:
-            lost = _as_lost_connection(exc)
+            lost = as_lost_connection(exc)
             if lost is None:
                 raise
             raise lost from exc
