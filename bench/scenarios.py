@@ -541,15 +541,30 @@ def delivery_side(
         rates = [saturated["events_per_s"] / 2, *fixed_rates]
         for index, rate in enumerate(rates):
             ask_all(fleet, {"cmd": "record"}, 30)
+            paced_meter = CpuMeter(
+                {**cpu_pids, "emitter": emitter.pid, "redis": run.redis.process.pid, **clients}
+            )
+            half_spies = (
+                run.profile(f"delivery-{side}-half", cpu_pids, plan.latency_seconds)
+                if index == 0
+                else []
+            )
+            paced_commands = CommandMeter(run.redis.url)
             paced = emitter.ask(
                 {"cmd": "rate", "rate": rate, "seconds": plan.latency_seconds},
                 plan.latency_seconds + 60,
             )
+            paced_commands.stop()
+            for spy in half_spies:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    spy.wait(30)
             reports = ask_all(fleet, {"cmd": "report"}, 30)
             figures = {
                 "rate": round(rate, 1),
                 "achieved_rate": round(paced["achieved_rate"], 1),
                 "lost": paced["lost"],
+                "cpu_cores": _fold_clients(paced_meter.cores()),
+                "redis_commands_per_event": paced_commands.per(paced["emitted"]),
                 **_delivery_latency(reports),
             }
             if index == 0:

@@ -76,16 +76,25 @@ class TenantLabels:
 
 
 def observe(
-    action: Callback, outcome: Outcome, retried: bool, exemplar: dict[str, str] | None = None
+    action: Callback,
+    outcome: Outcome,
+    retried: bool,
+    exemplar: dict[str, str] | None = None,
+    applied_at: float | None = None,
 ) -> None:
-    """Record what one applied (or dropped) callback means for the task metrics."""
+    """Record what one applied (or dropped) callback means for the task metrics.
+
+    `applied_at` (epoch seconds): when the effect was sent to Redis; its reply may come back
+    much later (see `PartitionConsumer._queue_read_ahead`), the client had the event then.
+    """
     if outcome.verdict in (Verdict.final, Verdict.stale):
         late_callbacks.labels(outcome.verdict.value).inc()
         return
     if outcome.verdict is not Verdict.ok:
         return
     tier = outcome.tier or "unknown"
-    elapsed = time.time() - outcome.created_ms / 1000 if outcome.created_ms else None
+    now = time.time() if applied_at is None else applied_at
+    elapsed = now - outcome.created_ms / 1000 if outcome.created_ms else None
     if isinstance(action, ExecutionChunk):
         if outcome.first_chunk and elapsed is not None:
             time_to_first_chunk.labels(tier).observe(elapsed, exemplar)
