@@ -37,9 +37,10 @@ class Scripts:
         self.session_event: AsyncScript = redis.register_script(_source("session_event"))
         self.broadcast: AsyncScript = redis.register_script(_source("broadcast"))
         self.lease: AsyncScript = redis.register_script(_source("lease"))
+        self.usage_add: AsyncScript = redis.register_script(_source("usage_add"))
 
     def all(self) -> list[AsyncScript]:
-        return [self.task_event, self.session_event, self.broadcast, self.lease]
+        return [self.task_event, self.session_event, self.broadcast, self.lease, self.usage_add]
 
     async def load(self) -> None:
         """Put every script in the server's cache (at start, and after a NOSCRIPT)."""

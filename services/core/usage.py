@@ -95,24 +95,39 @@ class UsageCounter:
 
         The worker calls this when a task completes; a redelivered callback is harmless.
         """
+        script_keys, args = self.add_call(
+            tenant_id, task_id, input_tokens=input_tokens, output_tokens=output_tokens, cost=cost
+        )
+        return bool(await self._add(keys=script_keys, args=args))
+
+    def add_call(
+        self,
+        tenant_id: str,
+        task_id: str,
+        *,
+        input_tokens: int,
+        output_tokens: int,
+        cost: float = 0.0,
+    ) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of `usage_add.lua` for `add`, for callers that queue it on a
+        pipeline (`Scripts.usage_add`): the worker counts a batch's completions with the
+        acknowledgements of the next round trip instead of one round trip each."""
         _require_id("tenant id", tenant_id)
         _require_id("task id", task_id)
         if input_tokens < 0 or output_tokens < 0 or cost < 0:
             raise ValueError("token counts and cost must not be negative")
-        counted = await self._add(
-            keys=[
-                keys.tenant_usage(tenant_id, self.day()),
-                keys.tenant_usage_counted(tenant_id, task_id),
-            ],
-            args=[
-                input_tokens,
-                output_tokens,
-                repr(float(cost)),
-                USAGE_TTL_SECONDS,
-                COUNTED_TTL_SECONDS,
-            ],
-        )
-        return bool(counted)
+        script_keys = [
+            keys.tenant_usage(tenant_id, self.day()),
+            keys.tenant_usage_counted(tenant_id, task_id),
+        ]
+        args: list[Any] = [
+            input_tokens,
+            output_tokens,
+            repr(float(cost)),
+            USAGE_TTL_SECONDS,
+            COUNTED_TTL_SECONDS,
+        ]
+        return script_keys, args
 
     async def record_request(self, tenant_id: str) -> None:
         """Count one accepted request (one round trip: a pipeline of HINCRBY and EXPIRE)."""

@@ -151,6 +151,10 @@ class PartitionConsumer:
         # retries its requeues scheduled (added before those failures are acknowledged).
         self._acks: list[str] = []
         self._retries: dict[str, float] = {}
+        # Usage of completions applied, counted with the acks (before them, in the same round
+        # trip: a crash in between redelivers the completion, which counts it again, once).
+        self._spent: list[Spent] = []
+        self._reload_scripts = False
         # The next batch, read with the last batch's effects; and whether that read found our
         # pending list holding something it should not (see `_read_ahead`).
         self._ahead: list[Entry] = []
@@ -190,6 +194,9 @@ class PartitionConsumer:
         backlog = True
         while not self.stopping.is_set():
             try:
+                if self._reload_scripts:  # Redis lost its scripts (restarted, flushed)
+                    self._reload_scripts = False
+                    await self.effects.scripts.load()
                 if backlog:
                     self._ahead = []  # pending: read again from there, in order
                     entries = await self._pending()
@@ -253,10 +260,13 @@ class PartitionConsumer:
         dropped after Redis ran it, and the command retried).
         """
         async with self.redis.pipeline(transaction=False) as pipe:
-            self._queue_acks(pipe)
+            acks = self._queue_acks(pipe)
             self._queue_read(pipe, block=True)
-            results = await pipe.execute()
-        self._acked()
+            results = await pipe.execute(raise_on_error=False)
+        self._acked(results[:acks])
+        for result in results[acks:]:
+            if isinstance(result, BaseException):
+                raise result
         return parse_read(results[-1]), bool(results[-2])
 
     def _queue_read(self, pipe: Pipeline, block: bool) -> None:
@@ -302,32 +312,67 @@ class PartitionConsumer:
         pending list, which has them all in order (`_missed`).
         """
         read, pending = results[-2:]
-        if any(isinstance(result, BaseException) for result in results):
-            self._ahead, self._missed = [], True  # the pending path sorts it out
+        try:
+            self._acked(results[:-2])
+        except (*REDIS_DOWN, ResponseError):
+            self._ahead, self._missed = [], True  # acks kept; the pending path sorts it out
             return
-        self._acked()
+        if isinstance(read, BaseException) or isinstance(pending, BaseException):
+            self._ahead, self._missed = [], True
+            return
         entries = parse_read(read)
         held = [_text(row["message_id"]) for row in pending]
         self._missed = held != applying + [entry.id for entry in entries]
         self._ahead = [] if self._missed else entries
 
-    def _queue_acks(self, pipe: Pipeline) -> None:
+    def _queue_acks(self, pipe: Pipeline) -> int:
+        """Queue what follows the last batch's effects: usage counts, retries, then the acks.
+
+        Returns how many commands were queued; their replies go to `_acked`.
+        """
+        scripts = self.effects.scripts
+        for spent in self._spent:
+            script_keys, args = self.usage.add_call(
+                spent.ref.tenant_id,
+                spent.ref.task_id,
+                input_tokens=spent.usage.input_tokens,
+                output_tokens=spent.usage.output_tokens,
+                cost=spent.usage.cost,
+            )
+            scripts.queue(pipe, scripts.usage_add, script_keys, args)
         if self._retries:  # scheduled before the failure callbacks are acknowledged
             pipe.zadd(keys.partition_retries(self.partition), self._retries)
         if self._acks:
             pipe.xack(self.stream, keys.WORKER_GROUP, *self._acks)
+        return len(self._spent) + bool(self._retries) + bool(self._acks)
 
-    def _acked(self) -> None:
+    def _acked(self, replies: list[Any]) -> None:
+        """Take the replies of what `_queue_acks` queued; raise the first failed ack (the acks
+        and retries are then kept for the next round trip). A usage count that failed is kept
+        too (counting is once per task, so sending it again is harmless)."""
+        counting, self._spent = self._spent, []
+        for spent, reply in zip(counting, replies, strict=False):
+            if isinstance(reply, BaseException):
+                self._spent.append(spent)
+                self._reload_scripts |= missing_script(reply)
+            elif reply:
+                metrics.observe_usage(self.tenant_labels, spent.ref.tenant_id, spent.usage)
+        for reply in replies[len(counting) :]:
+            if isinstance(reply, BaseException):
+                raise reply
         self._acks = []
         self._retries = {}
 
     async def _flush_acks(self) -> None:
-        if not self._acks and not self._retries:
+        if not self._acks and not self._retries and not self._spent:
             return
+        if self._reload_scripts:
+            self._reload_scripts = False
+            await self.effects.scripts.load()
         async with self.redis.pipeline(transaction=False) as pipe:
             self._queue_acks(pipe)
-            await pipe.execute()
-        self._acked()
+            replies = await pipe.execute(raise_on_error=False)
+        self._acked(replies)
 
     async def _handle(self, entries: list[Entry], read_ahead: bool = False) -> bool:
         """Apply a batch; True when every entry was applied (to be acknowledged with the next
@@ -447,16 +492,8 @@ class PartitionConsumer:
             if isinstance(plan, Retry) and outcome.verdict in (Verdict.ok, Verdict.requeued):
                 retries[plan.member] = plan.due
             elif isinstance(plan, Spent) and _completed_now_or_before(outcome):
-                # Counted once per task by the usage script, so a redelivery is harmless.
-                counted = await self.usage.add(
-                    plan.ref.tenant_id,
-                    plan.ref.task_id,
-                    input_tokens=plan.usage.input_tokens,
-                    output_tokens=plan.usage.output_tokens,
-                    cost=plan.usage.cost,
-                )
-                if counted:
-                    metrics.observe_usage(self.tenant_labels, plan.ref.tenant_id, plan.usage)
+                # Counted with the next round trip, before this entry's ack (`_queue_acks`).
+                self._spent.append(plan)
         if finished and self.settings.database_url:
             # For the durable record; a redelivery publishes again and the writer's keys
             # make that harmless. Delivery has already happened: this only delays the ack.

@@ -19,6 +19,7 @@ from services.core.actions import (
     Callback,
     ExecutionChunk,
     ExecutionCompleted,
+    Usage,
     WebsocketBroadcast,
     WebsocketSend,
     encode_action,
@@ -27,6 +28,7 @@ from services.core.scripts import Scripts
 from services.core.settings import Settings, load_settings
 from services.core.streams import Entry
 from services.core.tasks import TaskRef, TaskStore
+from services.core.usage import UsageCounter
 from services.worker.callbacks import DEDUPE_TTL_SECONDS, CallbackEffects, FollowUp, Position
 from services.worker.main import Worker
 from services.worker.metrics import TenantLabels
@@ -252,6 +254,39 @@ async def test_with_small_batches_each_is_read_with_the_effects_of_the_one_befor
         assert await logged(redis, f"s{session}") == [n for n in range(1, 21) if n % 3 == session]
     # 7 batches of at most 3: after the first, each came with the effects of the one before.
     assert blocking_reads < 7
+
+
+async def test_a_completions_usage_is_counted_with_the_next_round_trip_even_if_scripts_vanish(
+    redis: Redis,
+) -> None:
+    ref = TaskRef("acme", "s1", "t1")
+    tasks = TaskStore(redis, Scripts(redis), SETTINGS)
+    await tasks.apply(ref, "create", fields={"status": "processing"})
+    done = ExecutionCompleted(
+        tenant_id="acme",
+        session_id="s1",
+        task_id="t1",
+        content="hi",
+        usage=Usage(input_tokens=30, output_tokens=12, cost=0.5),
+    )
+    await redis.xadd(STREAM, {ACTION_FIELD: encode_action(done)})
+    consumer = consumer_of(redis, "w1")
+    await consumer.effects.scripts.load()
+    await redis.xgroup_create(STREAM, keys.WORKER_GROUP, id="0", mkstream=True)
+    batch, _ = await consumer._new()
+    assert await consumer._handle(batch)
+    counter = UsageCounter(redis)
+    assert (await counter.today("acme")).tokens == 0  # not in the effects' round trip
+
+    await redis.script_flush()  # Redis restarted between the two round trips
+    await consumer._flush_acks()
+
+    assert (await redis.xpending(STREAM, keys.WORKER_GROUP))["pending"] == 0  # acknowledged
+    assert (await counter.today("acme")).tokens == 0  # NOSCRIPT: kept for the next one
+    await consumer._flush_acks()
+    await consumer._flush_acks()
+    usage = await counter.today("acme")
+    assert (usage.tokens, usage.tasks, usage.cost) == (42, 1, 0.5)
 
 
 async def test_a_read_whose_reply_was_lost_sends_the_loop_back_to_its_pending_list(
