@@ -41,15 +41,17 @@ from collections import deque
 from collections.abc import Generator
 from typing import Any, cast
 
+import hiredis
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
-from redis.asyncio.connection import SSLConnection, parse_url
+from redis.asyncio.connection import AbstractConnection, SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import (
     ClusterDownError,
+    DataError,
     MaxConnectionsError,
     RedisClusterException,
     ResponseError,
@@ -107,6 +109,37 @@ def _timeouts(settings: Settings) -> dict[str, Any]:
     }
 
 
+class PackedByHiredis:
+    """Commands packed by hiredis (in C) instead of redis-py's Python `pack_command`.
+
+    redis-py's asyncio connections pack every command in Python: in the worker's profile
+    about a tenth of its CPU, and 17% of a five-command pipeline's client cost (measured:
+    206 -> 172 us). hiredis, already the reply parser, packs the same bytes.
+    """
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str):
+            args = (*args[0].encode().split(), *args[1:])
+        elif b" " in args[0]:
+            args = (*args[0].split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError as exc:  # None, bool: what redis-py's own encoder refuses too
+            raise DataError(f"invalid command argument: {exc}") from exc
+
+
+_PACKED: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+
+
+def _packed_by_hiredis(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
+    if issubclass(connection_class, PackedByHiredis):
+        return connection_class
+    if connection_class not in _PACKED:
+        packed = type(connection_class.__name__, (PackedByHiredis, connection_class), {})
+        _PACKED[connection_class] = cast(type[AbstractConnection], packed)
+    return _PACKED[connection_class]
+
+
 def create_redis(settings: Settings, *, max_connections: int | None = None) -> Redis:
     """A pooled client for the configured topology (per node on a cluster).
 
@@ -117,15 +150,19 @@ def create_redis(settings: Settings, *, max_connections: int | None = None) -> R
     if settings.redis_mode is RedisMode.cluster:
         return cast(Redis, _cluster(settings, pool_size))
     if settings.redis_mode is RedisMode.sentinel:
-        return _sentinel_primary(settings, pool_size)
-    pool = WaitingConnectionPool.from_url(
-        settings.redis_address,
-        max_connections=pool_size,
-        timeout=POOL_WAIT_SECONDS,
-        retry=_retry(),
-        **_timeouts(settings),
-    )
-    return Redis.from_pool(pool)
+        client = _sentinel_primary(settings, pool_size)
+        pool = client.connection_pool
+    else:
+        pool = WaitingConnectionPool.from_url(
+            settings.redis_address,
+            max_connections=pool_size,
+            timeout=POOL_WAIT_SECONDS,
+            retry=_retry(),
+            **_timeouts(settings),
+        )
+        client = Redis.from_pool(pool)
+    pool.connection_class = _packed_by_hiredis(pool.connection_class)
+    return client
 
 
 class _WaitForConnection:

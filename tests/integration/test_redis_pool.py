@@ -4,11 +4,18 @@ for one (in order, up to `POOL_WAIT_SECONDS`) instead of failing with MaxConnect
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
-from redis.exceptions import MaxConnectionsError
+from redis.asyncio import Connection
+from redis.exceptions import DataError, MaxConnectionsError
 
-from services.core.redis_client import REDIS_DOWN, WaitingConnectionPool, create_redis
+from services.core.redis_client import (
+    REDIS_DOWN,
+    PackedByHiredis,
+    WaitingConnectionPool,
+    create_redis,
+)
 from services.core.settings import load_settings
 
 HOLD_SECONDS = 0.05  # a BLPOP on an empty list holds its connection this long
@@ -65,5 +72,31 @@ async def test_a_cancelled_waiter_passes_its_turn_on(redis_url: str) -> None:
         assert await asyncio.wait_for(second, 2)
         assert first.cancelled()
         assert not pool._waiters
+    finally:
+        await client.aclose()
+
+
+async def test_commands_are_packed_by_hiredis_into_the_bytes_redis_py_sends(
+    redis_url: str,
+) -> None:
+    client = create_redis(load_settings(redis_url=redis_url))
+    connection = client.connection_pool.make_connection()
+    assert isinstance(connection, PackedByHiredis)
+    reference = Connection()
+    commands: list[tuple[Any, ...]] = [
+        ("SET", "k", b"\x00\xffbytes", "EX", 10),
+        ("EVALSHA", "a" * 40, 2, "{s:t:s}:log", "{s:t:s}:mark", 1.5, 0.1, 1e-7, -3, 10**20),
+        ("CONFIG GET", "maxmemory"),
+        ("HSET", "h", "ünïcode", "✓"),
+    ]
+    try:
+        for command in commands:
+            assert b"".join(connection.pack_command(*command)) == b"".join(
+                reference.pack_command(*command)
+            )
+        with pytest.raises(DataError):
+            connection.pack_command("SET", "k", None)
+        assert await client.set("packed", "ünïcode ✓", ex=10)
+        assert await client.get("packed") == "ünïcode ✓".encode()
     finally:
         await client.aclose()
