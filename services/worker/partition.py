@@ -25,6 +25,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry.trace import Span, SpanKind
@@ -61,7 +62,7 @@ from services.core.tasks import Outcome, TaskRef, TaskStore, Verdict, parse_outc
 from services.core.usage import UsageCounter
 from services.persistence.records import publish_finished
 from services.worker import metrics
-from services.worker.callbacks import CallbackEffects, Position, Retry, Spent
+from services.worker.callbacks import CallbackEffects, FollowUp, Position, Retry, Spent
 from services.worker.schedule import PartitionSchedule
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,28 @@ def _completed_now_or_before(outcome: Outcome) -> bool:
     return outcome.verdict is Verdict.ok or (
         outcome.verdict is Verdict.final and outcome.detail == "completed"
     )
+
+
+@dataclass(slots=True)
+class Batch:
+    """Decoded callbacks of one partition on their way through one round trip."""
+
+    decoded: list[tuple[Entry, Callback]]
+    spans: list[Span | None]
+    plans: list[FollowUp | None] = field(default_factory=list)
+    applied_at: float = 0.0  # when the effects were sent (epoch seconds)
+
+    def quiet(self) -> bool:
+        """Whether no reply of the batch is needed soon (see `_queue_read_ahead`)."""
+        return all(
+            plan is None and _quiet(action)
+            for (_, action), plan in zip(self.decoded, self.plans, strict=True)
+        )
+
+    def end_spans(self) -> None:
+        for span in self.spans:
+            if span is not None:
+                span.end()
 
 
 class PartitionConsumer:
@@ -378,6 +401,17 @@ class PartitionConsumer:
         """Apply a batch; True when every entry was applied (to be acknowledged with the next
         read) or dead-lettered. With `read_ahead`, the next batch is read with the effects."""
         self._missed = False
+        batch = await self.decode(entries)
+        if batch is None:
+            return True
+        try:
+            return await self._apply(batch, read_ahead)
+        finally:
+            batch.end_spans()
+
+    async def decode(self, entries: list[Entry]) -> Batch | None:
+        """The callbacks of `entries`, with their spans; what cannot be decoded goes to the
+        dead letters at once. None when nothing is left to apply."""
         decoded: list[tuple[Entry, Callback]] = []
         for entry in entries:
             raw = entry.raw_action
@@ -389,14 +423,9 @@ class PartitionConsumer:
             except MalformedAction as exc:
                 await self._dead_letter(entry, f"malformed action: {exc.reason}")
         if not decoded:
-            return True
+            return None
         spans = [self._span_for(entry, action, len(entries)) for entry, action in decoded]
-        try:
-            return await self._apply(decoded, spans, read_ahead)
-        finally:
-            for span in spans:
-                if span is not None:
-                    span.end()
+        return Batch(decoded, spans)
 
     def _span_for(self, entry: Entry, action: Callback, batch: int) -> Span | None:
         """A CONSUMER span for the callbacks that end or retry a task; chunks get none (a
@@ -423,34 +452,45 @@ class PartitionConsumer:
             },
         )
 
-    async def _apply(
-        self, decoded: list[tuple[Entry, Callback]], spans: list[Span | None], read_ahead: bool
-    ) -> bool:
-        previous: dict[tuple[str, ...], str] = {}
+    async def _apply(self, batch: Batch, read_ahead: bool) -> bool:
+        decoded = batch.decoded
         async with self.redis.pipeline(transaction=False) as pipe:
-            plans = []
-            for (entry, action), span in zip(decoded, spans, strict=True):
-                position = None
-                order = _order_key(action)
-                if order is not None:
-                    position = Position(self.stream, entry.id, previous.get(order, ""))
-                    previous[order] = entry.id
-                traceparent = telemetry.traceparent(span) if span else ""
-                plans.append(await self.effects.queue(action, pipe, traceparent, position))
+            await self.queue_effects(batch, pipe)
             if not self._lease_valid():  # expired while the batch was read and decoded
                 return False
             if read_ahead:
                 self._queue_acks(pipe)
-                quiet = all(
-                    plan is None and _quiet(action)
-                    for (_, action), plan in zip(decoded, plans, strict=True)
-                )
-                self._queue_read_ahead(pipe, len(decoded), block=quiet)
-            applied_at = time.time()
+                self._queue_read_ahead(pipe, len(decoded), block=batch.quiet())
+            batch.applied_at = time.time()
             results = await pipe.execute(raise_on_error=False)
         if read_ahead:
             self._read_ahead(results[len(decoded) :], [entry.id for entry, _ in decoded])
             del results[len(decoded) :]
+        return await self.settle(batch, results)
+
+    async def queue_effects(self, batch: Batch, pipe: Pipeline) -> None:
+        """Queue the effect of each callback of `batch` on `pipe`, in stream order."""
+        previous: dict[tuple[str, ...], str] = {}
+        for (entry, action), span in zip(batch.decoded, batch.spans, strict=True):
+            position = None
+            order = _order_key(action)
+            if order is not None:
+                position = Position(self.stream, entry.id, previous.get(order, ""))
+                previous[order] = entry.id
+            traceparent = telemetry.traceparent(span) if span else ""
+            batch.plans.append(await self.effects.queue(action, pipe, traceparent, position))
+
+    async def settle(self, batch: Batch, results: list[Any]) -> bool:
+        """Take the replies of the batch's effects: what applied is acknowledged with the next
+        round trip (with its follow-ups), what failed is retried or dead-lettered. True when
+        the loop may go on reading; False when the partition must go back to its pending list
+        (an entry failed, waits for a failed predecessor, or met a server without scripts)."""
+        decoded, plans, spans, applied_at = (
+            batch.decoded,
+            batch.plans,
+            batch.spans,
+            batch.applied_at,
+        )
         reloaded = any(missing_script(result) for result in results)
         if reloaded:
             await self.effects.scripts.load()  # Redis lost its scripts; those entries retry
