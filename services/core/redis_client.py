@@ -91,10 +91,10 @@ POOL_WAIT_SECONDS = 5.0
 _UNREACHABLE_CLUSTER = "Redis Cluster cannot be connected"
 
 
-def _retry() -> Retry:
+def _retry(retries: int = RETRIES) -> Retry:
     return Retry(
         ExponentialWithJitterBackoff(base=BACKOFF_BASE_SECONDS, cap=BACKOFF_CAP_SECONDS),
-        retries=RETRIES,
+        retries=retries,
         supported_errors=(RedisConnectionError,),
     )
 
@@ -140,24 +140,27 @@ def _packed_by_hiredis(connection_class: type[AbstractConnection]) -> type[Abstr
     return _PACKED[connection_class]
 
 
-def create_redis(settings: Settings, *, max_connections: int | None = None) -> Redis:
+def create_redis(
+    settings: Settings, *, max_connections: int | None = None, retries: int = RETRIES
+) -> Redis:
     """A pooled client for the configured topology (per node on a cluster).
 
-    Commands retry with jittered backoff across short outages; on a cluster or behind
-    Sentinel they follow the slot map or the promoted primary by themselves.
+    Commands retry with jittered backoff across short outages (`retries` times: 0 for a
+    caller that must see every lost connection); on a cluster or behind Sentinel they follow
+    the slot map or the promoted primary by themselves.
     """
     pool_size = max_connections or settings.redis_max_connections
     if settings.redis_mode is RedisMode.cluster:
         return cast(Redis, _cluster(settings, pool_size))
     if settings.redis_mode is RedisMode.sentinel:
-        client = _sentinel_primary(settings, pool_size)
+        client = _sentinel_primary(settings, pool_size, retries)
         pool = client.connection_pool
     else:
         pool = WaitingConnectionPool.from_url(
             settings.redis_address,
             max_connections=pool_size,
             timeout=POOL_WAIT_SECONDS,
-            retry=_retry(),
+            retry=_retry(retries),
             **_timeouts(settings),
         )
         client = Redis.from_pool(pool)
@@ -271,7 +274,7 @@ def _cluster(settings: Settings, pool_size: int) -> ClusterClient:
     return cast(ClusterClient, client)
 
 
-def _sentinel_primary(settings: Settings, pool_size: int) -> Redis:
+def _sentinel_primary(settings: Settings, pool_size: int, retries: int = RETRIES) -> Redis:
     primary: dict[str, Any] = {}
     if settings.redis_url:
         primary = dict(parse_url(settings.redis_url))
@@ -297,7 +300,7 @@ def _sentinel_primary(settings: Settings, pool_size: int) -> Redis:
         connection_pool_class=WaitingSentinelConnectionPool,
         max_connections=pool_size,
         timeout=POOL_WAIT_SECONDS,
-        retry=_retry(),
+        retry=_retry(retries),
         **_timeouts(settings),
         **primary,
     )

@@ -15,16 +15,18 @@ import signal
 import socket
 
 from prometheus_client import start_http_server
+from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from services.core import keys
 from services.core.redis_client import REDIS_DOWN, create_redis
 from services.core.scripts import Scripts
-from services.core.settings import Settings
+from services.core.settings import RedisMode, Settings
 from services.core.tasks import TaskStore
 from services.persistence.writer import PersistenceWriter
 from services.worker import metrics
 from services.worker.callbacks import CallbackEffects
+from services.worker.joint import JointConsumer
 from services.worker.leases import PartitionLeases
 from services.worker.partition import PartitionConsumer
 from services.worker.schedule import TICK_SECONDS, fire_due_all
@@ -55,6 +57,12 @@ class Worker:
             settings.partition_lease_seconds,
         )
         self.consumers: dict[int, tuple[PartitionConsumer, asyncio.Task[None]]] = {}
+        # On one server, the steady partitions are read and applied together (`joint`).
+        self.joint_redis: Redis | None = None
+        self.joint: JointConsumer | None = None
+        if settings.redis_mode is not RedisMode.cluster:
+            self.joint_redis = create_redis(settings, max_connections=2, retries=0)
+            self.joint = JointConsumer(self.joint_redis, settings, self.worker_id)
         self.tenant_labels = metrics.TenantLabels(settings.metrics_tenant_labels)
         self._lag_reported: set[tuple[str, str]] = set()
         self.stopping = asyncio.Event()
@@ -70,6 +78,7 @@ class Worker:
             self.tenant_labels,
             lease_valid=lambda: self.leases.valid(partition),
             start_after=start_after,
+            joint=self.joint,
         )
         task = asyncio.get_running_loop().create_task(consumer.run())
         self.consumers[partition] = (consumer, task)
@@ -181,6 +190,8 @@ class Worker:
                 await writing
         with contextlib.suppress(*REDIS_DOWN):
             await self.leases.leave()
+        if self.joint_redis is not None:
+            await self.joint_redis.aclose()
         await self.redis.aclose()
         log.info("worker %s stopped", self.worker_id)
 

@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import Span, SpanKind
 from redis.asyncio import Redis
@@ -62,6 +62,9 @@ from services.core.tasks import Outcome, TaskRef, TaskStore, Verdict, parse_outc
 from services.core.usage import UsageCounter
 from services.persistence.records import publish_finished
 from services.worker import metrics
+
+if TYPE_CHECKING:
+    from services.worker.joint import JointConsumer
 from services.worker.callbacks import CallbackEffects, FollowUp, Position, Retry, Spent
 from services.worker.schedule import PartitionSchedule
 
@@ -154,8 +157,11 @@ class PartitionConsumer:
         tenant_labels: metrics.TenantLabels,
         lease_valid: Callable[[], bool] | None = None,
         start_after: float = 0.0,
+        joint: JointConsumer | None = None,
     ) -> None:
         self.redis = redis
+        # On a single server, the loop that reads and applies every steady partition at once.
+        self.joint = joint
         self.start_after = start_after
         # Whether the partition's lease surely still holds (`PartitionLeases.valid`).
         self._lease_valid = lease_valid or (lambda: True)
@@ -177,10 +183,10 @@ class PartitionConsumer:
         # Usage of completions applied, counted with the acks (before them, in the same round
         # trip: a crash in between redelivers the completion, which counts it again, once).
         self._spent: list[Spent] = []
-        self._reload_scripts = False
+        self.reload_scripts = False
         # The next batch, read with the last batch's effects; and whether that read found our
         # pending list holding something it should not (see `_read_ahead`).
-        self._ahead: list[Entry] = []
+        self.ahead: list[Entry] = []
         self._missed = False
 
     def stop(self) -> None:
@@ -217,17 +223,24 @@ class PartitionConsumer:
         backlog = True
         while not self.stopping.is_set():
             try:
-                if self._reload_scripts:  # Redis lost its scripts (restarted, flushed)
-                    self._reload_scripts = False
+                if self.reload_scripts:  # Redis lost its scripts (restarted, flushed)
+                    self.reload_scripts = False
                     await self.effects.scripts.load()
+                if not backlog and self.joint is not None:
+                    # Nothing pending that this loop has not applied: read and apply with the
+                    # worker's other partitions until something sends us back here.
+                    if await self.joint.consume(self):
+                        await self._pause()
+                    backlog = True
+                    continue
                 if backlog:
-                    self._ahead = []  # pending: read again from there, in order
+                    self.ahead = []  # pending: read again from there, in order
                     entries = await self._pending()
                     backlog = bool(entries)
                     if not entries:
                         continue
-                elif self._ahead:
-                    entries, self._ahead = self._ahead, []
+                elif self.ahead:
+                    entries, self.ahead = self.ahead, []
                 else:
                     entries, missed = await self._new()
                     if missed:
@@ -283,10 +296,10 @@ class PartitionConsumer:
         dropped after Redis ran it, and the command retried).
         """
         async with self.redis.pipeline(transaction=False) as pipe:
-            acks = self._queue_acks(pipe)
+            acks = self.queue_acks(pipe)
             self._queue_read(pipe, block=True)
             results = await pipe.execute(raise_on_error=False)
-        self._acked(results[:acks])
+        self.acked(results[:acks])
         for result in results[acks:]:
             if isinstance(result, BaseException):
                 raise result
@@ -336,22 +349,22 @@ class PartitionConsumer:
         """
         read, pending = results[-2:]
         try:
-            self._acked(results[:-2])
+            self.acked(results[:-2])
         except (*REDIS_DOWN, ResponseError):
-            self._ahead, self._missed = [], True  # acks kept; the pending path sorts it out
+            self.ahead, self._missed = [], True  # acks kept; the pending path sorts it out
             return
         if isinstance(read, BaseException) or isinstance(pending, BaseException):
-            self._ahead, self._missed = [], True
+            self.ahead, self._missed = [], True
             return
         entries = parse_read(read)
         held = [_text(row["message_id"]) for row in pending]
         self._missed = held != applying + [entry.id for entry in entries]
-        self._ahead = [] if self._missed else entries
+        self.ahead = [] if self._missed else entries
 
-    def _queue_acks(self, pipe: Pipeline) -> int:
+    def queue_acks(self, pipe: Pipeline) -> int:
         """Queue what follows the last batch's effects: usage counts, retries, then the acks.
 
-        Returns how many commands were queued; their replies go to `_acked`.
+        Returns how many commands were queued; their replies go to `acked`.
         """
         scripts = self.effects.scripts
         for spent in self._spent:
@@ -369,15 +382,15 @@ class PartitionConsumer:
             pipe.xack(self.stream, keys.WORKER_GROUP, *self._acks)
         return len(self._spent) + bool(self._retries) + bool(self._acks)
 
-    def _acked(self, replies: list[Any]) -> None:
-        """Take the replies of what `_queue_acks` queued; raise the first failed ack (the acks
+    def acked(self, replies: list[Any]) -> None:
+        """Take the replies of what `queue_acks` queued; raise the first failed ack (the acks
         and retries are then kept for the next round trip). A usage count that failed is kept
         too (counting is once per task, so sending it again is harmless)."""
         counting, self._spent = self._spent, []
         for spent, reply in zip(counting, replies, strict=False):
             if isinstance(reply, BaseException):
                 self._spent.append(spent)
-                self._reload_scripts |= missing_script(reply)
+                self.reload_scripts |= missing_script(reply)
             elif reply:
                 metrics.observe_usage(self.tenant_labels, spent.ref.tenant_id, spent.usage)
         for reply in replies[len(counting) :]:
@@ -389,13 +402,13 @@ class PartitionConsumer:
     async def _flush_acks(self) -> None:
         if not self._acks and not self._retries and not self._spent:
             return
-        if self._reload_scripts:
-            self._reload_scripts = False
+        if self.reload_scripts:
+            self.reload_scripts = False
             await self.effects.scripts.load()
         async with self.redis.pipeline(transaction=False) as pipe:
-            self._queue_acks(pipe)
+            self.queue_acks(pipe)
             replies = await pipe.execute(raise_on_error=False)
-        self._acked(replies)
+        self.acked(replies)
 
     async def _handle(self, entries: list[Entry], read_ahead: bool = False) -> bool:
         """Apply a batch; True when every entry was applied (to be acknowledged with the next
@@ -459,7 +472,7 @@ class PartitionConsumer:
             if not self._lease_valid():  # expired while the batch was read and decoded
                 return False
             if read_ahead:
-                self._queue_acks(pipe)
+                self.queue_acks(pipe)
                 self._queue_read_ahead(pipe, len(decoded), block=batch.quiet())
             batch.applied_at = time.time()
             results = await pipe.execute(raise_on_error=False)
@@ -532,7 +545,7 @@ class PartitionConsumer:
             if isinstance(plan, Retry) and outcome.verdict in (Verdict.ok, Verdict.requeued):
                 retries[plan.member] = plan.due
             elif isinstance(plan, Spent) and _completed_now_or_before(outcome):
-                # Counted with the next round trip, before this entry's ack (`_queue_acks`).
+                # Counted with the next round trip, before this entry's ack (`queue_acks`).
                 self._spent.append(plan)
         if finished and self.settings.database_url:
             # For the durable record; a redelivery publishes again and the writer's keys

@@ -179,7 +179,7 @@ async def test_after_a_takeover_what_the_dead_owner_applied_is_not_applied_again
     for n in (1, 2, 3):
         await redis.xadd(STREAM, {ACTION_FIELD: send("s1", n)})
     dying = consumer_of(redis, "w1")
-    dying._queue_acks = lambda pipe: None  # type: ignore[method-assign]  # died before acking
+    dying.queue_acks = lambda pipe: 0  # type: ignore[method-assign]  # died before acking
     running = asyncio.create_task(dying.run())
     async with asyncio.timeout(10):
         while await logged(redis, "s1") != [1, 2, 3]:
@@ -326,7 +326,7 @@ async def test_a_read_ahead_after_a_read_whose_reply_was_lost_waits_for_its_entr
     assert await consumer._handle(batch, read_ahead=True)
 
     assert consumer._missed
-    assert consumer._ahead == []  # 3 is not applied before 2
+    assert consumer.ahead == []  # 3 is not applied before 2
     await drain(consumer, redis)
     assert await logged(redis, "s1") == [1, 2, 3]
 
