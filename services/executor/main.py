@@ -38,7 +38,7 @@ from services.core.actions import (
 )
 from services.core.logs import log_context
 from services.core.metric_buckets import LATENCY_BUCKETS
-from services.core.redis_client import REDIS_DOWN, create_redis
+from services.core.redis_client import REDIS_DOWN, create_redis, is_cluster
 from services.core.settings import Settings
 from services.core.streams import (
     Entry,
@@ -284,8 +284,10 @@ class Executor:
             )
             return
         # One slot (the callback partition), so one node and one connection even on a
-        # cluster: the entries are added in this order.
-        async with self.redis.pipeline(transaction=False) as pipe:
+        # cluster: the entries are added in this order. On one server they are added in one
+        # MULTI: a worker blocked on the stream is woken once with all of them, instead of with
+        # the first entry alone (Redis serves a blocked reader after each command).
+        async with self.redis.pipeline(transaction=not is_cluster(self.redis)) as pipe:
             for callback in callbacks:
                 pipe.xadd(
                     action.callback_queue,
