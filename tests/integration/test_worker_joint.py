@@ -54,9 +54,14 @@ async def settled(redis: Redis) -> bool:
 
 @asynccontextmanager
 async def joint_worker(
-    redis: Redis, settings: Settings, effects: CallbackEffects | None = None
+    redis: Redis,
+    settings: Settings,
+    effects: CallbackEffects | None = None,
+    leases: dict[int, bool] | None = None,
 ) -> AsyncIterator[tuple[JointConsumer, list[PartitionConsumer]]]:
-    """One consumer per partition, all joined to one joint loop (as `Worker` runs them)."""
+    """One consumer per partition, all joined to one joint loop (as `Worker` runs them).
+    `leases`: whether each partition's lease surely holds (all, when not given)."""
+    held = leases if leases is not None else dict.fromkeys(range(PARTITIONS), True)
     joint_redis = create_redis(settings, max_connections=2, retries=0)
     joint = JointConsumer(joint_redis, settings, "w1")
     scripts = Scripts(redis)
@@ -64,7 +69,17 @@ async def joint_worker(
     tasks = TaskStore(redis, scripts, settings)
     effects = effects or CallbackEffects(tasks, scripts, settings)
     consumers = [
-        PartitionConsumer(redis, effects, tasks, settings, "w1", p, TenantLabels(5), joint=joint)
+        PartitionConsumer(
+            redis,
+            effects,
+            tasks,
+            settings,
+            "w1",
+            p,
+            TenantLabels(5),
+            lease_valid=lambda p=p: held[p],  # type: ignore[misc]
+            joint=joint,
+        )
         for p in range(PARTITIONS)
     ]
     running = [asyncio.create_task(consumer.run()) for consumer in consumers]
@@ -149,3 +164,45 @@ async def test_a_lost_connection_sends_every_partition_back_and_loses_nothing(
 
 async def _joined(joint: JointConsumer, count: int) -> bool:
     return len(joint._members) == count and not joint._leaving
+
+
+async def test_a_partition_whose_lease_is_in_doubt_applies_nothing_until_it_holds_again(
+    redis: Redis, redis_url: str
+) -> None:
+    settings = settings_for(redis_url)
+    leases = dict.fromkeys(range(PARTITIONS), True)
+    async with joint_worker(redis, settings, leases=leases) as (joint, _):
+        await wait_until(lambda: _joined(joint, PARTITIONS))
+        leases[1] = False  # its renewal did not come back in time: another worker may own it
+        for partition in range(PARTITIONS):
+            await add_sends(redis, partition, f"s{partition}", [1, 2])
+
+        async def others_applied() -> bool:
+            return await logged(redis, "s0") == [1, 2] and await logged(redis, "s2") == [1, 2]
+
+        await wait_until(others_applied)
+        assert await logged(redis, "s1") == []
+        assert 1 not in joint._members
+
+        leases[1] = True
+        await wait_until(lambda: settled(redis))
+        await wait_until(lambda: _joined(joint, PARTITIONS))
+    assert await logged(redis, "s1") == [1, 2]
+
+
+async def test_a_stopped_partition_leaves_while_the_others_go_on(
+    redis: Redis, redis_url: str
+) -> None:
+    settings = settings_for(redis_url)
+    async with joint_worker(redis, settings) as (joint, consumers):
+        await wait_until(lambda: _joined(joint, PARTITIONS))
+        consumers[2].stop()  # its lease was lost, or the worker stops it
+        await wait_until(lambda: _joined(joint, PARTITIONS - 1), timeout=5)
+        assert 2 not in joint._members
+        await add_sends(redis, 0, "s0", [1, 2, 3])
+        await add_sends(redis, 1, "s1", [4])
+
+        async def applied() -> bool:
+            return await logged(redis, "s0") == [1, 2, 3] and await logged(redis, "s1") == [4]
+
+        await wait_until(applied)
