@@ -197,7 +197,7 @@ class JointConsumer:
                     await member.queue_effects(batch, pipe)
                     batches.append((member, batch))
                 staying = self._staying()
-                counts = [member.queue_acks(pipe) for member in staying]
+                counts = [member.queue_acks(pipe, lazy=True) for member in staying]
                 self._queue_read(pipe, staying, block=all(b.quiet() for _, b in batches))
                 applied_at = time.time()
                 for _, batch in batches:

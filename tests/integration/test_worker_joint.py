@@ -206,3 +206,27 @@ async def test_a_stopped_partition_leaves_while_the_others_go_on(
             return await logged(redis, "s0") == [1, 2, 3] and await logged(redis, "s1") == [4]
 
         await wait_until(applied)
+
+
+async def test_under_load_acks_go_in_batches_and_all_of_them_in_the_end(
+    redis: Redis, redis_url: str
+) -> None:
+    settings = settings_for(redis_url)
+    async with joint_worker(redis, settings) as (joint, _):
+        await wait_until(lambda: _joined(joint, PARTITIONS))
+        before = await _calls(redis, "xack")
+        for n in range(1, 91):  # one at a time: rounds of one or two entries
+            await add_sends(redis, n % 3, f"s{n % 3}", [n])
+        await wait_until(lambda: settled(redis))  # nothing left pending: all acknowledged
+        xacks = await _calls(redis, "xack") - before
+
+    for session in range(3):
+        assert await logged(redis, f"s{session}") == [n for n in range(1, 91) if n % 3 == session]
+    # One XACK per partition and round would be ~90; lazily, one per 32 entries of a
+    # partition or per 0.2 s, and those of a loop going idle.
+    assert xacks < 30
+
+
+async def _calls(redis: Redis, command: str) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
