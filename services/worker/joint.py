@@ -86,9 +86,14 @@ class JointConsumer:
                 self._give_back()
         except BaseException as exc:
             # A bug: the partitions' own loops raise it (the worker logs and restarts them).
+            # None of them stays a member: a loop started again must not find a dead one's
+            # partition still read here while its own loop reads the pending list.
             for _, future in [*self._members.values(), *self._joining.values()]:
                 if not future.done():
                     future.set_exception(exc)
+            self._members.clear()
+            self._joining.clear()
+            self._leaving.clear()
             raise
 
     def _leave(self, partition: int, *, pause: bool) -> None:

@@ -24,6 +24,7 @@ from services.worker.partition import PartitionConsumer
 from .test_worker_partition import FailOnce
 
 PARTITIONS = 3
+BUG = "a bug in the joint loop"
 
 
 def settings_for(redis_url: str) -> Settings:
@@ -88,7 +89,9 @@ async def joint_worker(
     finally:
         for consumer in consumers:
             consumer.stop()
-        await asyncio.gather(*running)
+        for outcome in await asyncio.gather(*running, return_exceptions=True):
+            if isinstance(outcome, BaseException) and str(outcome) != BUG:
+                raise outcome  # BUG: the joint loop's, raised in each partition on purpose
         await joint_redis.aclose()
 
 
@@ -230,3 +233,25 @@ async def test_under_load_acks_go_in_batches_and_all_of_them_in_the_end(
 async def _calls(redis: Redis, command: str) -> int:
     stats = await redis.info("commandstats")
     return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+async def test_a_bug_in_the_joint_loop_reaches_every_partitions_own_loop(
+    redis: Redis, redis_url: str
+) -> None:
+    settings = settings_for(redis_url)
+    async with joint_worker(redis, settings) as (joint, _):
+        await wait_until(lambda: _joined(joint, PARTITIONS))
+
+        async def broken_apply(*_: object) -> None:
+            raise RuntimeError(BUG)
+
+        joint._apply = broken_apply  # type: ignore[method-assign]
+        await add_sends(redis, 0, "s0", [1])
+        await wait_until(lambda: _no_members(joint))
+        assert joint._task is not None
+        assert joint._task.done()
+        assert isinstance(joint._task.exception(), RuntimeError)
+
+
+async def _no_members(joint: JointConsumer) -> bool:
+    return not joint._members and not joint._joining
