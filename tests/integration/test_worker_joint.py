@@ -4,13 +4,12 @@ applied in one pipeline; a partition that fails goes back to its own loop and re
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
 from redis.asyncio import Redis
 
-from services.core import events, keys
+from services.core import keys
 from services.core.actions import ACTION_FIELD, WebsocketSend, encode_action
 from services.core.redis_client import create_redis
 from services.core.scripts import Scripts
@@ -21,7 +20,7 @@ from services.worker.joint import JointConsumer
 from services.worker.metrics import TenantLabels
 from services.worker.partition import PartitionConsumer
 
-from .test_worker_partition import FailOnce
+from .test_worker_partition import FailOnce, logged, send
 
 PARTITIONS = 3
 BUG = "a bug in the joint loop"
@@ -35,14 +34,7 @@ def settings_for(redis_url: str) -> Settings:
 
 async def add_sends(redis: Redis, partition: int, session: str, numbers: Iterable[int]) -> None:
     for n in numbers:
-        action = WebsocketSend(tenant_id="acme", session_id=session, message={"n": n})
-        await redis.xadd(keys.callback_stream(partition), {ACTION_FIELD: encode_action(action)})
-
-
-async def logged(redis: Redis, session: str) -> list[int]:
-    entries = await redis.xrange(keys.session_log("acme", session))
-    frames = [json.loads(b"{" + fields[b"e"]) for _, fields in entries]
-    return [frame["data"]["n"] for frame in frames if frame["type"] == events.MESSAGE]
+        await redis.xadd(keys.callback_stream(partition), {ACTION_FIELD: send(session, n)})
 
 
 async def settled(redis: Redis) -> bool:
