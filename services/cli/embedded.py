@@ -62,8 +62,45 @@ def find_cli() -> Path:
     raise EngineNotFound("no valkey-cli or redis-cli found to form a cluster")
 
 
-def free_port() -> int:
+# Ports handed out by `free_port` in this process, so two servers started together never get
+# the same one before either has bound it.
+_HANDED_OUT: set[int] = set()
+_LOWEST_PORT = 10_000
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32_768, 60_999  # Linux's default
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port() -> int:
+    """A free port on 127.0.0.1 for a server that a child process binds a moment later.
+
+    Taken below the kernel's ephemeral range: a port the kernel picks for a probe comes from
+    that range, and in the gap before the child binds it the kernel may give it to an outgoing
+    connection as its source port (it happened in CI: a worker's metrics server failed with
+    "Address already in use" among a cluster's many client connections).
+    """
+    low, _ = _ephemeral_range()
+    if low - _LOWEST_PORT >= 1_000:
+        for _ in range(200):
+            port = _LOWEST_PORT + secrets.randbelow(low - _LOWEST_PORT)
+            if port not in _HANDED_OUT and _bindable(port):
+                _HANDED_OUT.add(port)
+                return port
+    with socket.socket() as probe:  # no room below the range: the kernel's pick
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
 
