@@ -34,6 +34,7 @@ from redis.asyncio import Redis
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import cpu_seconds
 from bench.wsclient import HttpClient
 from services.cli.embedded import RedisServer
 from services.cli.stack import LocalStack
@@ -131,7 +132,15 @@ def main() -> None:
         stack.wait_ready(api)
         assert api.port is not None
         asyncio.run(_chat(api.port, api.ws_url, 20, args.stream))  # warm up
+        pids = {child.role: child.process.pid for child in stack.children}
+        assert redis.process is not None
+        pids["redis"] = redis.process.pid
+        before = {role: cpu_seconds(pid) for role, pid in pids.items()}
         times = asyncio.run(_chat(api.port, api.ws_url, args.messages, args.stream))
+        cpu_us = {
+            role: (cpu_seconds(pid) - before[role]) * 1e6 / args.messages
+            for role, pid in pids.items()
+        }
         asyncio.run(_stream_ids(redis.url, times))
     finally:
         stack.stop()
@@ -144,6 +153,7 @@ def main() -> None:
             f"  {name:38s} mean {statistics.fmean(spans):6.2f}  "
             f"median {statistics.median(spans):6.2f}  ({len(spans)} messages)"
         )
+    print("CPU us per message: " + ", ".join(f"{r} {us:.0f}" for r, us in cpu_us.items()))
 
 
 if __name__ == "__main__":

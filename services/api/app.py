@@ -280,7 +280,7 @@ def create_app(settings: Settings, *, pod_id: str | None = None) -> Api:
             health.socket_stats,
         ],
         dependencies={
-            "principal": Provide(provide_principal),
+            "principal": Provide(provide_principal, sync_to_thread=False),
             "runtime": Provide(provide_runtime, sync_to_thread=False),
         },
         lifespan=[lifespan],

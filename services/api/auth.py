@@ -21,8 +21,10 @@ def bearer_token(authorization: str | None) -> str:
     return token.strip()
 
 
-async def provide_principal(request: Request[Any, Any, Any]) -> Principal:
-    runtime: Runtime = request.app.state.runtime
+def provide_principal(request: Request[Any, Any, Any], runtime: Runtime) -> Principal:
+    """Depends on `runtime` so that Litestar resolves the two one after the other: handlers
+    take both, and dependencies of the same level are resolved in an anyio task group per
+    request (two tasks and a cancel scope: about a tenth of the api's CPU per chat send)."""
     principal = runtime.verifier.verify(bearer_token(request.headers.get("authorization")))
     claimed = request.headers.get("x-tenant-id")
     if claimed is not None and claimed != principal.tenant_id:
