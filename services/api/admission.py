@@ -1,13 +1,14 @@
 """Tenancy at the door: quotas, tier rules, rate limits and budgets for sends and sockets.
 
 The tier always comes from the quota store (cached per pod, dropped on change), never from
-the client. A send costs one round trip here: the session's rate limit and the tenant's (with
-its token budget, which also counts the request: one script on the tenant's slot) in one
-pipeline.
+the client. A send's rate limits are the session's and the tenant's (with its token budget,
+which also counts the request: one script on the tenant's slot). On one server they run in the
+send's own script (`ChatService`); on a cluster they are one pipeline here (`admit_send`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -34,6 +35,17 @@ rate_limit_rejections = Counter(
 quota_rejections = Counter(
     "orchestrator_quota_rejections", "Sends and sockets refused by a tier rule", ["reason"]
 )
+
+
+@dataclass(frozen=True, slots=True)
+class SendRules:
+    quota: EffectiveQuota
+    session: RateCheck
+    tenant: RateCheck
+
+    @property
+    def checks(self) -> list[RateCheck]:
+        return [self.session, self.tenant]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +87,15 @@ class Admission:
         self, tenant_id: str, session_id: str, agent_id: str, request: SendRequest
     ) -> Admitted:
         """Every tier rule, then the rate limits, then the budget; the first refusal wins."""
+        rules = await self.send_rules(tenant_id, session_id, agent_id, request)
+        return self.judge(rules, await self.limiter.check_many(rules.checks))
+
+    async def send_rules(
+        self, tenant_id: str, session_id: str, agent_id: str, request: SendRequest
+    ) -> SendRules:
+        """The tier's rules for a send (refused here, with no Redis call, when it breaks one)
+        and the rate checks it must pass: the session's limit, then the tenant's with the
+        day's token budget. `judge` turns their decisions into admission or a refusal."""
         quota = await self.quota(tenant_id)
         limits = quota.limits
         if len(request.message) > limits.max_message_chars:
@@ -103,13 +124,15 @@ class Admission:
             self.settings.max_requests_per_session
         )
         budget = self.usage.budget(tenant_id, limits.tokens_per_day)
-        checks = [
-            RateCheck(keys.session_rate(tenant_id, session_id), per_session),
-            RateCheck(
-                keys.tenant_rate(tenant_id), limits.requests_per_minute_per_tenant, budget=budget
-            ),
-        ]
-        decisions = await self.limiter.check_many(checks)
+        session = RateCheck(keys.session_rate(tenant_id, session_id), per_session)
+        tenant = RateCheck(
+            keys.tenant_rate(tenant_id), limits.requests_per_minute_per_tenant, budget=budget
+        )
+        return SendRules(quota, session, tenant)
+
+    def judge(self, rules: SendRules, decisions: Sequence[RateDecision]) -> Admitted:
+        """Admitted, or the refusal to answer: the rate limit that lasts longest, then the
+        budget."""
         refused = [
             (decision, scope)
             for scope, decision in zip(("session", "tenant"), decisions, strict=True)
@@ -120,6 +143,7 @@ class Admission:
             rate_limit_rejections.labels(scope).inc()
             raise rate_limited(decision, scope)
         if not all(decision.within_budget for decision in decisions):
+            limits = rules.quota.limits
             quota_rejections.labels("token_budget").inc()
             retry_after = seconds_until_utc_midnight()
             raise RateLimited(
@@ -129,4 +153,4 @@ class Admission:
                 headers={"Retry-After": str(retry_after)},
                 code="token_budget_exhausted",
             )
-        return Admitted(quota, most_restrictive(decisions))
+        return Admitted(rules.quota, most_restrictive(decisions))

@@ -1,8 +1,10 @@
 """Sending, cancelling and looking up chat tasks: the same code for REST and the socket.
 
-A send is one pipelined round trip: create the task state and its `chat.status` event (one
-script on the session's slot), record where the task lives, and add `chat.process` to the AES
-stream of its priority. The state is written first, so an AES answer can never find no task.
+A send creates the task state and its `chat.status` event, records where the task lives and its
+deadline, and adds `chat.process` to the AES stream of its priority, state first, so an AES
+answer can never find no task. On one server that and the rate limits are one script
+(send.lua): one round trip. With an `Idempotency-Key`, or on a cluster (keys in different
+slots), the limits are one round trip and the enqueue another pipeline.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from services.api import metrics
-from services.api.admission import Admission, Admitted
+from services.api.admission import Admission, SendRules
 from services.api.models import Accepted, Cancelled, SendRequest, TaskView
 from services.core import events, keys, telemetry
 from services.core.actions import ACTION_FIELD, ChatCancel, ChatProcess, User, encode_action, utcnow
@@ -26,7 +28,13 @@ from services.core.auth import Principal
 from services.core.errors import Conflict, InvalidInput, NotFound
 from services.core.ids import new_id
 from services.core.keys import Priority
-from services.core.ratelimit import rate_limit_headers
+from services.core.ratelimit import (
+    RateDecision,
+    check_arguments,
+    check_keys,
+    rate_decision,
+    rate_limit_headers,
+)
 from services.core.redis_client import REDIS_DOWN, is_cluster
 from services.core.scripts import missing_script
 from services.core.settings import Settings
@@ -48,6 +56,17 @@ IDEMPOTENCY_TTL_SECONDS = 86_400
 ABANDON_RETRY_SECONDS = 30.0
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _NewTask:
+    """A task about to be created: its state's first event and fields, and its action."""
+
+    ref: TaskRef
+    action: ChatProcess
+    body: str
+    fields: dict[str, str]  # the state hash; "action" holds the encoded action
+    stream: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +118,17 @@ class ChatService:
             earlier = await self._replay(principal, idempotency)
             if earlier is not None:
                 return earlier
-        admitted = await self.admission.admit_send(tenant_id, session_id, agent_id, request)
+        rules = await self.admission.send_rules(tenant_id, session_id, agent_id, request)
+        # On one server the limits, the budget and the enqueue are one script (one round
+        # trip); with an Idempotency-Key the key is reserved between the two, and on a cluster
+        # the keys are in different slots: two round trips there.
+        in_one_step = idempotency is None and not is_cluster(self.redis)
+        admitted = None
+        decisions: list[RateDecision] = []
+        if not in_one_step:
+            admitted = self.admission.judge(
+                rules, await self.admission.limiter.check_many(rules.checks)
+            )
         ref = TaskRef(tenant_id, session_id, new_id())
         if idempotency is not None:
             reserved = await self.redis.set(
@@ -109,7 +138,7 @@ class ChatService:
                 earlier = await self._replay(principal, idempotency)
                 if earlier is not None:
                     return earlier
-        limits = admitted.quota.limits
+        limits = rules.quota.limits
         priority: Priority = limits.priority
         now = utcnow()
         partition = keys.partition_of(tenant_id, session_id, self.settings.callback_partitions)
@@ -136,14 +165,22 @@ class ChatService:
             stream, **{"orchestrator.task_id": ref.task_id, "orchestrator.attempt": 1}
         ) as span:
             action.trace_context = telemetry.inject(span)
-            try:
-                outcome = await self._enqueue(
-                    ref, action, body, principal, request, admitted, stream
-                )
-            except REDIS_DOWN:
-                if is_cluster(self.redis):
-                    await self._abandon(ref, idempotency)
-                raise
+            task = _NewTask(ref, action, body, self._fields(action, principal, rules), stream)
+            outcome: Outcome | None
+            if admitted is None:
+                decisions, outcome = await self._admit_and_enqueue(task, rules)
+                if outcome is None:
+                    span.set_attribute("orchestrator.refused", True)
+            else:
+                try:
+                    outcome = await self._enqueue(task)
+                except REDIS_DOWN:
+                    if is_cluster(self.redis):
+                        await self._abandon(ref, idempotency)
+                    raise
+        if admitted is None:  # a refusal is no error of the producer span: raised after it
+            admitted = self.admission.judge(rules, decisions)
+        assert outcome is not None  # None only with a refusal, which `judge` raised
         if outcome.verdict is not Verdict.ok:  # a 128-bit id collided: practically never
             raise Conflict("task id collision, retry")
         metrics.tasks_submitted.labels(priority).inc()
@@ -163,47 +200,96 @@ class ChatService:
         )
         return Sent(accepted, rate_limit_headers(admitted.decision), replayed=False)
 
-    async def _enqueue(
-        self,
-        ref: TaskRef,
-        action: ChatProcess,
-        body: str,
-        principal: Principal,
-        request: SendRequest,
-        admitted: Admitted,
-        stream: str,
-    ) -> Outcome:
-        """Task state and its first event, its location, its deadline, then the action: one
-        round trip, state first so no answer can find no task."""
-        priority = action.priority
-        encoded = encode_action(action)
-        tenant_id, session_id = ref.tenant_id, ref.session_id
-        partition = keys.partition_of(tenant_id, session_id, self.settings.callback_partitions)
-        fields = {
+    def _fields(
+        self, action: ChatProcess, principal: Principal, rules: SendRules
+    ) -> dict[str, str]:
+        """The task's state hash as created."""
+        return {
             "status": TaskStatus.processing,
             "agent_id": action.agent_id,
             "user_id": principal.user_id,
-            "stream": "1" if request.stream else "0",
-            "priority": priority,
-            "tier": admitted.quota.tier,
+            "stream": "1" if action.stream else "0",
+            "priority": action.priority,
+            "tier": rules.quota.tier,
             "created_ms": str(int(action.created_at.timestamp() * 1000)),
             "deadline": action.deadline.isoformat(),
-            "action": encoded.decode(),
+            "action": encode_action(action).decode(),
         }
+
+    def _placement(self, task: _NewTask) -> tuple[str, str, float]:
+        """Where the task lives (`task_location` key and value) and its deadline's score."""
+        ref = task.ref
+        return (
+            keys.task_location(ref.task_id),
+            self.tasks.location_value(ref),
+            task.action.deadline.timestamp(),
+        )
+
+    def _deadlines(self, task: _NewTask) -> tuple[str, str]:
+        ref = task.ref
+        partition = keys.partition_of(
+            ref.tenant_id, ref.session_id, self.settings.callback_partitions
+        )
+        member = keys.task_member(ref.tenant_id, ref.session_id, ref.task_id)
+        return keys.partition_deadlines(partition), member
+
+    async def _admit_and_enqueue(
+        self, task: _NewTask, rules: SendRules
+    ) -> tuple[list[RateDecision], Outcome | None]:
+        """The rate limits, the budget and the enqueue in one script (send.lua): the limits'
+        decisions, and the task's outcome, or None when a limit or the budget refused (then
+        nothing was created and what an allowing limit took was given back)."""
+        location, where, deadline = self._placement(task)
+        deadlines, member = self._deadlines(task)
+        task_keys, task_args = self.tasks.script_args(
+            task.ref, "create", attempt=0, seq=0, body=task.body, fields=task.fields
+        )
+        session_args = check_arguments(rules.session, None)
+        tenant_args = check_arguments(rules.tenant, None)
+        script_keys = [
+            *check_keys(rules.session),
+            *check_keys(rules.tenant),
+            *task_keys,
+            location,
+            deadlines,
+            task.stream,
+        ]
+        args: list[Any] = [
+            len(session_args),
+            len(tenant_args),
+            len(task_args),
+            *session_args,
+            *tenant_args,
+            *task_args,
+            where,
+            self.settings.task_ttl_seconds,
+            member,
+            deadline,
+            AES_STREAM_MAXLEN,
+            ACTION_FIELD,
+            task.fields["action"],
+        ]
+        session, tenant, created = await self.tasks.scripts.send(keys=script_keys, args=args)
+        decisions = [
+            rate_decision(rules.session.limit_per_minute, session),
+            rate_decision(rules.tenant.limit_per_minute, tenant),
+        ]
+        return decisions, None if created == 0 else parse_outcome(created)
+
+    async def _enqueue(self, task: _NewTask) -> Outcome:
+        """Task state and its first event, its location, its deadline, then the action: one
+        round trip, state first so no answer can find no task."""
+        ref, stream = task.ref, task.stream
+        encoded = task.fields["action"]
+        location, where, deadline = self._placement(task)
+        deadlines, member = self._deadlines(task)
         # A cluster pipeline runs its commands on several nodes at once, in no order: there the
         # action is added once the task state is written (one more round trip).
         cluster = is_cluster(self.redis)
         async with self.redis.pipeline(transaction=False) as pipe:
-            await self.tasks.apply(ref, "create", body=body, fields=fields, pipe=pipe)
-            pipe.set(
-                keys.task_location(ref.task_id),
-                self.tasks.location_value(ref),
-                ex=self.settings.task_ttl_seconds,
-            )
-            pipe.zadd(
-                keys.partition_deadlines(partition),
-                {keys.task_member(tenant_id, session_id, ref.task_id): action.deadline.timestamp()},
-            )
+            await self.tasks.apply(ref, "create", body=task.body, fields=task.fields, pipe=pipe)
+            pipe.set(location, where, ex=self.settings.task_ttl_seconds)
+            pipe.zadd(deadlines, {member: deadline})
             if not cluster:
                 pipe.xadd(
                     stream, {ACTION_FIELD: encoded}, maxlen=AES_STREAM_MAXLEN, approximate=True
@@ -213,7 +299,7 @@ class ChatService:
             # Redis lost its scripts (restarted): the rest of the pipeline ran, so create the
             # task state now (the script is idempotent) before any answer can look for it.
             await self.tasks.scripts.load()
-            outcome = await self.tasks.apply(ref, "create", body=body, fields=fields)
+            outcome = await self.tasks.apply(ref, "create", body=task.body, fields=task.fields)
             assert outcome is not None
         elif isinstance(created, Exception):
             raise created

@@ -63,7 +63,7 @@ def _interval(limit_per_minute: int) -> int:
     return -(-WINDOW_MICROSECONDS // limit_per_minute)
 
 
-def _validate(check: RateCheck) -> RateCheck:
+def validate_check(check: RateCheck) -> RateCheck:
     if check.limit_per_minute < 1:
         raise ValueError(f"limit_per_minute must be >= 1, got {check.limit_per_minute}")
     if not 0 <= check.cost <= check.limit_per_minute:
@@ -71,7 +71,8 @@ def _validate(check: RateCheck) -> RateCheck:
     return check
 
 
-def _arguments(check: RateCheck, now_us: int | None) -> list[int | str]:
+def check_arguments(check: RateCheck, now_us: int | None) -> list[int | str]:
+    """ratelimit.lua's ARGV for a check (also composed into send.lua)."""
     interval = _interval(check.limit_per_minute)
     moment = "" if now_us is None else now_us
     args: list[int | str] = [interval, interval * check.limit_per_minute, check.cost, moment]
@@ -80,11 +81,11 @@ def _arguments(check: RateCheck, now_us: int | None) -> list[int | str]:
     return args
 
 
-def _keys(check: RateCheck) -> tuple[str, ...]:
+def check_keys(check: RateCheck) -> tuple[str, ...]:
     return (check.key,) if check.budget is None else (check.key, check.budget.usage_key)
 
 
-def _decision(limit: int, reply: Sequence[int]) -> RateDecision:
+def rate_decision(limit: int, reply: Sequence[int]) -> RateDecision:
     allowed, remaining, reset_after, retry_after, *budget = (int(value) for value in reply)
     return RateDecision(
         allowed=allowed == 1,
@@ -112,17 +113,17 @@ class RateLimiter:
         self, key: str, limit_per_minute: int, cost: int = 1, *, now_us: int | None = None
     ) -> RateDecision:
         """Take `cost` from the limit if it has room; one EVALSHA. `cost=0` only looks."""
-        check = _validate(RateCheck(key, limit_per_minute, cost))
-        reply = await self._script(keys=[key], args=_arguments(check, now_us))
-        return _decision(limit_per_minute, reply)
+        check = validate_check(RateCheck(key, limit_per_minute, cost))
+        reply = await self._script(keys=[key], args=check_arguments(check, now_us))
+        return rate_decision(limit_per_minute, reply)
 
     async def refund(
         self, key: str, limit_per_minute: int, cost: int = 1, *, now_us: int | None = None
     ) -> None:
         """Give back what an allowed check took (exact: a TAT is a sum of costs)."""
-        _validate(RateCheck(key, limit_per_minute, cost))
+        validate_check(RateCheck(key, limit_per_minute, cost))
         check = RateCheck(key, limit_per_minute, -cost)
-        await self._script(keys=[key], args=_arguments(check, now_us))
+        await self._script(keys=[key], args=check_arguments(check, now_us))
 
     async def check_many(
         self, checks: Sequence[RateCheck], *, now_us: int | None = None
@@ -144,10 +145,10 @@ class RateLimiter:
         took, as when the budget was checked after them.
         """
         for check in checks:
-            _validate(check)
+            validate_check(check)
         replies = await self._pipelined(checks, now_us)
         decisions = [
-            _decision(check.limit_per_minute, reply)
+            rate_decision(check.limit_per_minute, reply)
             for check, reply in zip(checks, replies, strict=True)
         ]
         if not all(decision.allowed for decision in decisions):
@@ -187,9 +188,12 @@ class RateLimiter:
     async def _evalsha_each(self, checks: Sequence[RateCheck], now_us: int | None) -> list[Any]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for check in checks:
-                script_keys = _keys(check)
+                script_keys = check_keys(check)
                 pipe.evalsha(
-                    self._script.sha, len(script_keys), *script_keys, *_arguments(check, now_us)
+                    self._script.sha,
+                    len(script_keys),
+                    *script_keys,
+                    *check_arguments(check, now_us),
                 )
             replies: list[Any] = await pipe.execute(raise_on_error=False)
         return replies

@@ -23,6 +23,17 @@ def _source(name: str) -> str:
     return (files("services.core") / "lua" / f"{name}.lua").read_text()
 
 
+def composed(name: str, **functions: str) -> str:
+    """A script that calls others: each `function=script` becomes a local Lua function of
+    (KEYS, ARGV) holding that script's source, defined before `name`'s own source. Redis
+    scripts cannot call each other; composing them keeps each rule in its one file."""
+    defined = "".join(
+        f"local function {function}(KEYS, ARGV)\n{_source(script)}\nend\n"
+        for function, script in functions.items()
+    )
+    return defined + _source(name)
+
+
 def missing_script(result: Any) -> bool:
     """A pipeline reply that means the script was not in the server's cache."""
     return isinstance(result, NoScriptError)
@@ -38,9 +49,19 @@ class Scripts:
         self.broadcast: AsyncScript = redis.register_script(_source("broadcast"))
         self.lease: AsyncScript = redis.register_script(_source("lease"))
         self.usage_add: AsyncScript = redis.register_script(_source("usage_add"))
+        self.send: AsyncScript = redis.register_script(
+            composed("send", rate_limit="ratelimit", task_event="task_event")
+        )
 
     def all(self) -> list[AsyncScript]:
-        return [self.task_event, self.session_event, self.broadcast, self.lease, self.usage_add]
+        return [
+            self.task_event,
+            self.session_event,
+            self.broadcast,
+            self.lease,
+            self.usage_add,
+            self.send,
+        ]
 
     async def load(self) -> None:
         """Put every script in the server's cache (at start, and after a NOSCRIPT)."""

@@ -90,7 +90,7 @@ class TaskStore:
         self.scripts = scripts
         self.settings = settings
 
-    def _args(
+    def script_args(
         self,
         ref: TaskRef,
         op: str,
@@ -101,6 +101,7 @@ class TaskStore:
         fields: dict[str, str],
         traceparent: str = "",
     ) -> tuple[list[str], list[str | int]]:
+        """task_event.lua's KEYS and ARGV (also composed into send.lua)."""
         settings = self.settings
         script_keys = [
             keys.task_state(ref.tenant_id, ref.session_id, ref.task_id),
@@ -139,7 +140,7 @@ class TaskStore:
         `traceparent` rides on the published frame (not the log) so that the api pod that
         delivers it continues the trace.
         """
-        script_keys, args = self._args(
+        script_keys, args = self.script_args(
             ref,
             op,
             attempt=attempt,

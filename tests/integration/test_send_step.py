@@ -1,0 +1,159 @@
+"""A chat send on one server is one script (send.lua): the session's and the tenant's rate
+limits, the token budget and the enqueue. On a real Redis: it admits and refuses exactly as
+the two-step path (limits, then the task pipeline) that clusters and idempotent sends use."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from services.api.admission import Admission
+from services.api.chat_service import ChatService
+from services.api.models import SendRequest
+from services.core import keys
+from services.core.auth import Principal
+from services.core.errors import RateLimited
+from services.core.quotas import QuotaCache, QuotaStore
+from services.core.ratelimit import RateLimiter
+from services.core.scripts import Scripts
+from services.core.settings import load_settings
+from services.core.tasks import TaskStore
+from services.core.tenant_sockets import TenantSockets
+from services.core.tiers import DEFAULT_TIERS
+from services.core.usage import UsageCounter
+
+TENANT = "acme"
+PRINCIPAL = Principal(tenant_id=TENANT, user_id="u1", name="Ann")
+
+
+@dataclass
+class Service:
+    chat: ChatService
+    store: QuotaStore
+    quotas: QuotaCache
+    usage: UsageCounter
+    redis: Redis
+
+    async def tier(self, tier: str, limits: dict[str, Any] | None = None) -> None:
+        await self.store.set(TENANT, tier, limits)
+        self.quotas.forget(TENANT)
+
+    async def send(self, session_id: str, key: str | None = None) -> str:
+        sent = await self.chat.send(
+            PRINCIPAL,
+            SendRequest(message="hello"),
+            session_id=session_id,
+            agent_id="default",
+            idempotency_key=key,
+        )
+        return sent.accepted.task_id
+
+    async def refused(self, session_id: str) -> RateLimited:
+        with pytest.raises(RateLimited) as refusal:
+            await self.send(session_id)
+        return refusal.value
+
+    async def actions(self, priority: str) -> list[str]:
+        entries = await self.redis.xrange(keys.aes_stream(priority))  # type: ignore[arg-type]
+        return [fields[b"action"].decode() for _, fields in entries]
+
+
+@pytest.fixture
+async def service(redis: Redis) -> AsyncIterator[Service]:
+    settings = load_settings()
+    store = QuotaStore(redis, settings, tiers=DEFAULT_TIERS)
+    quotas = QuotaCache(store, ttl=300.0)
+    await quotas.start()
+    usage = UsageCounter(redis)
+    admission = Admission(quotas, RateLimiter(redis), usage, TenantSockets(redis, 60), settings)
+    scripts = Scripts(redis)
+    await scripts.load()
+    chat = ChatService(redis, TaskStore(redis, scripts, settings), admission, settings)
+    yield Service(chat, store, quotas, usage, redis)
+    await quotas.stop()
+
+
+async def evalsha_calls(redis: Redis) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_an_admitted_send_is_one_script_that_creates_and_enqueues(
+    service: Service,
+) -> None:
+    await service.tier("pro")
+    await service.send("warm")  # the tenant's quota is cached from here on
+    before = await evalsha_calls(service.redis)
+    task_id = await service.send("s1")
+    assert await evalsha_calls(service.redis) == before + 1
+    state = await service.redis.hgetall(keys.task_state(TENANT, "s1", task_id))
+    assert state[b"status"] == b"processing"
+    assert state[b"tier"] == b"pro"
+    assert await service.redis.get(keys.task_location(task_id)) == f"{TENANT}/s1".encode()
+    assert any(task_id in action for action in await service.actions("normal"))
+    log = await service.redis.xrange(keys.session_log(TENANT, "s1"))
+    assert b'"type":"chat.status"' in log[0][1][b"e"]
+
+
+async def test_a_session_refusal_gives_the_tenant_back_its_take_and_its_count(
+    service: Service,
+) -> None:
+    await service.tier("pro", {"requestsPerMinutePerSession": 1, "requestsPerMinutePerTenant": 3})
+    await service.send("a")
+    for _ in range(3):
+        refusal = await service.refused("a")
+        assert refusal.details["scope"] == "session"
+    # Had the refused sends kept the tenant's takes, "c" would be refused.
+    await service.send("b")
+    await service.send("c")
+    assert (await service.refused("d")).details["scope"] == "tenant"
+    assert (await service.usage.today(TENANT)).requests == 3
+    assert len(await service.actions("normal")) == 3
+
+
+async def test_a_tenant_refusal_gives_the_session_back_its_take(service: Service) -> None:
+    await service.tier("pro", {"requestsPerMinutePerSession": 5, "requestsPerMinutePerTenant": 1})
+    await service.send("a")
+    assert (await service.refused("b")).details["scope"] == "tenant"
+    # The refused send's session limit was given back: nothing holds it any more.
+    assert await service.redis.get(keys.session_rate(TENANT, "b")) is None
+    assert await service.redis.get(keys.session_rate(TENANT, "a")) is not None
+    assert len(await service.actions("normal")) == 1
+
+
+async def test_over_the_token_budget_nothing_is_created(service: Service) -> None:
+    await service.tier("free", {"tokensPerDay": 100})
+    await service.usage.add(TENANT, "earlier", input_tokens=80, output_tokens=20)
+    refusal = await service.refused("a")
+    assert refusal.code == "token_budget_exhausted"
+    assert await service.actions("low") == []
+    assert await service.redis.keys(keys.task_location("*")) == []
+
+
+async def test_one_step_and_two_step_sends_leave_the_same_state(service: Service) -> None:
+    await service.tier("pro")
+    one = await service.send("one")
+    two = await service.send("two", key="idempotency-key-1")  # reserves its key: two steps
+    states = [
+        await service.redis.hgetall(keys.task_state(TENANT, session, task_id))
+        for session, task_id in (("one", one), ("two", two))
+    ]
+    assert states[0].keys() == states[1].keys()
+    for session, task_id in (("one", one), ("two", two)):
+        assert await service.redis.ttl(keys.task_location(task_id)) > 0
+        member = keys.task_member(TENANT, session, task_id)
+        partition = keys.partition_of(TENANT, session, load_settings().callback_partitions)
+        assert await service.redis.zscore(keys.partition_deadlines(partition), member)
+    assert (await service.usage.today(TENANT)).requests == 2
+    assert len(await service.actions("normal")) == 2
+
+
+async def test_a_send_after_redis_lost_its_scripts_loads_them_again(service: Service) -> None:
+    await service.tier("pro")
+    await service.redis.script_flush()
+    task_id = await service.send("a")
+    assert any(task_id in action for action in await service.actions("normal"))
