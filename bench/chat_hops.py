@@ -52,7 +52,7 @@ HOPS = {
 }
 
 
-def _ms(entry_id: bytes | str) -> float:
+def id_ms(entry_id: bytes | str) -> float:
     text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     return float(text.split("-", 1)[0])
 
@@ -88,21 +88,22 @@ async def _chat(
                 times[task_id] = {
                     "sent": sent,
                     "received": time.time() * 1000,
-                    "logged": _ms(event["id"]),
+                    "logged": id_ms(event["id"]),
                 }
     finally:
         http.close()
     return times
 
 
-async def _stream_ids(redis_url: str, times: dict[str, dict[str, Any]]) -> None:
+async def stream_times(redis_url: str, times: dict[str, dict[str, Any]]) -> None:
+    """Add each task's "action" and "callback" times (ms) from the ids Redis gave them."""
     redis = Redis.from_url(redis_url)
     try:
         for priority in keys.PRIORITIES:
             for entry_id, fields in await redis.xrange(keys.aes_stream(priority)):
                 action = json.loads(fields[b"action"])
                 if action.get("task_id") in times:
-                    times[action["task_id"]]["action"] = _ms(entry_id)
+                    times[action["task_id"]]["action"] = id_ms(entry_id)
         for partition in range(load_settings().callback_partitions):
             for entry_id, fields in await redis.xrange(keys.callback_stream(partition)):
                 action = json.loads(fields[b"action"])
@@ -110,9 +111,23 @@ async def _stream_ids(redis_url: str, times: dict[str, dict[str, Any]]) -> None:
                     action.get("task_id") in times
                     and action["action_type"] == "execution.completed"
                 ):
-                    times[action["task_id"]]["callback"] = _ms(entry_id)
+                    times[action["task_id"]]["callback"] = id_ms(entry_id)
     finally:
         await redis.aclose()
+
+
+def split(times: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Median, 90th percentile and mean of each hop (ms) over the tasks that have both ends."""
+    result = {}
+    for name, (start, end) in HOPS.items():
+        spans = sorted(t[end] - t[start] for t in times.values() if start in t and end in t)
+        if spans:
+            result[name] = {
+                "p50": round(statistics.median(spans), 2),
+                "p90": round(spans[int(0.9 * (len(spans) - 1))], 2),
+                "mean": round(statistics.fmean(spans), 2),
+            }
+    return result
 
 
 def main() -> None:
@@ -141,18 +156,14 @@ def main() -> None:
             role: (cpu_seconds(pid) - before[role]) * 1e6 / args.messages
             for role, pid in pids.items()
         }
-        asyncio.run(_stream_ids(redis.url, times))
+        asyncio.run(stream_times(redis.url, times))
     finally:
         stack.stop()
         redis.cleanup()
     kind = "streamed" if args.stream else "plain"
     print(f"{args.messages} {kind} messages, one after another (ms):")
-    for name, (start, end) in HOPS.items():
-        spans = [t[end] - t[start] for t in times.values() if start in t and end in t]
-        print(
-            f"  {name:38s} mean {statistics.fmean(spans):6.2f}  "
-            f"median {statistics.median(spans):6.2f}  ({len(spans)} messages)"
-        )
+    for name, figures in split(times).items():
+        print(f"  {name:38s} mean {figures['mean']:6.2f}  median {figures['p50']:6.2f}")
     print("CPU us per message: " + ", ".join(f"{r} {us:.0f}" for r, us in cpu_us.items()))
 
 

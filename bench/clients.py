@@ -237,6 +237,7 @@ class ChatSession:
         self.ws: WsClient | None = None
         self.http: HttpClient | None = None
         self.seen: dict[str, list[float]] = {}  # task id -> [first chunk, final, failed]
+        self.final_ids: dict[str, str] = {}  # task id -> the session-log id of its answer
         self.waiters: dict[str, asyncio.Future[None]] = {}
         self.acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -272,6 +273,8 @@ class ChatSession:
                 seen[0] = now
         elif event.type == "chat.response":
             seen[1] = now
+            if event.id is not None:
+                self.final_ids[event.task_id] = event.id
         elif event.type in ("chat.error", "chat.cancelled"):
             seen[1] = seen[2] = now
         else:
@@ -281,8 +284,9 @@ class ChatSession:
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
 
-    async def send(self, stream: bool, due: float | None = None) -> tuple[float, float]:
-        """(latency ms, time to first chunk ms or 0) from `due` (default: now); raises on error."""
+    async def send(self, stream: bool, due: float | None = None) -> tuple[float, float, str]:
+        """(latency ms, time to first chunk ms or 0, task id) from `due` (default: now); raises
+        on error."""
         assert self.http is not None
         body = msgspec.json.encode(
             {"message": "how fast is this", "stream": stream, "session_id": self.session}
@@ -307,12 +311,13 @@ class ChatSession:
         if seen[2]:
             raise RuntimeError("the task failed")
         ttfc = (seen[0] - started) * 1000 if seen[0] else 0.0
-        return (seen[1] - started) * 1000, ttfc
+        return (seen[1] - started) * 1000, ttfc, task_id
 
 
 class Event(msgspec.Struct):
     type: str
     task_id: str | None = None
+    id: str | None = None
 
 
 _event_decoder = msgspec.json.Decoder(Event)
@@ -352,7 +357,8 @@ class ChatFleet:
         async def loop(session: ChatSession) -> None:
             while time.monotonic() < stop_at:
                 try:
-                    latency, _ = await session.send(stream)
+                    latency, _, task_id = await session.send(stream)
+                    session.final_ids.pop(task_id, None)
                 except Exception as exc:
                     errors.append(f"{type(exc).__name__}: {exc}")
                     await asyncio.sleep(0.05)
@@ -381,13 +387,20 @@ class ChatFleet:
         errors: list[str] = []
         waited = 0
         running: set[asyncio.Task[None]] = set()
+        # task id -> [due, answered] (wall-clock ms, to compare with Redis's stream ids) and the
+        # session-log id of the answer: bench.chat_hops splits each message's time per hop.
+        hops: dict[str, list[Any]] = {}
+        wall = time.time() - time.monotonic()
 
         async def one(session: ChatSession, due: float) -> None:
             try:
-                latency, ttfc = await session.send(stream, due)
+                latency, ttfc, task_id = await session.send(stream, due)
                 latencies.append(latency)
                 if ttfc:
                     ttfcs.append(ttfc)
+                logged = session.final_ids.pop(task_id, None)
+                if logged is not None:
+                    hops[task_id] = [(due + wall) * 1000, (due + wall) * 1000 + latency, logged]
             except Exception as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
             finally:
@@ -416,6 +429,7 @@ class ChatFleet:
             "first_error": errors[0] if errors else "",
             "samples": pack_floats(latencies),
             "ttfc": pack_floats(ttfcs),
+            "hops": hops,
             "elapsed": time.monotonic() - started,
         }
 

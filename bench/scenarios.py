@@ -7,6 +7,7 @@ executor are `LocalStack` children; Redis is the embedded engine).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -20,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from bench import chat_hops
 from bench.common import (
     REPO,
     SECRET,
@@ -831,6 +833,8 @@ def chat_ours(run: Run) -> dict[str, Any]:
                     spy.wait(30)
             rate = (end[1] - mark[1]) / (end[0] - mark[0])
             half = rate / 2
+            meter = CpuMeter({**pids, **{f"clients-{i}": h.pid for i, h in enumerate(fleet)}})
+            spies = run.profile(f"chat-{label}-half", pids, plan.chat_seconds + 0.3)
             paced = ask_all(
                 fleet,
                 {
@@ -843,6 +847,11 @@ def chat_ours(run: Run) -> dict[str, Any]:
                 plan.chat_seconds + 90,
             )
             figures = _chat_figures(rate, paced, sum(a["errors"] for a in saturated))
+            figures["cpu_cores_at_half_load"] = _fold_clients(meter.cores())
+            for spy in spies:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    spy.wait(30)
+            figures["hops_ms"] = _hops(run.redis.url, paced)
             figures["cpu_cores_at_saturation"] = cpu
             figures["cpu_us_per_message"] = _per_event(used, end[1] - mark[1], list(pids))
             figures["redis_commands_per_message"] = commands.per(end[1] - mark[1])
@@ -851,11 +860,28 @@ def chat_ours(run: Run) -> dict[str, Any]:
             )
             result[label] = figures
             run.say(f"  ours {label}: {_chat_brief(figures)}")
+            run.say(
+                "    mean per hop at 50% load (ms): "
+                + ", ".join(f"{hop} {v['mean']:.2f}" for hop, v in figures["hops_ms"].items())
+            )
+            run.say(f"    CPU cores at 50% load: {figures['cpu_cores_at_half_load']}")
         return result
     finally:
         run.close(fleet)
         stack.stop()
         run.flush_redis()
+
+
+def _hops(redis_url: str, paced: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each hop's share of the latency at 50% load, from the ids Redis gave the action, the
+    completion callback and the answer in the session log (see bench/chat_hops.py)."""
+    times = {
+        task_id: {"sent": due, "received": received, "logged": chat_hops.id_ms(log_id)}
+        for answer in paced
+        for task_id, (due, received, log_id) in answer["hops"].items()
+    }
+    asyncio.run(chat_hops.stream_times(redis_url, times))
+    return chat_hops.split(times)
 
 
 def chat_floor(run: Run, same_load: dict[str, float]) -> dict[str, Any]:

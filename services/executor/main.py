@@ -181,9 +181,8 @@ class Executor:
                     },
                 ) as span,
             ):
-                outcome = await self._answer(action)
+                outcome = await self._answer(action, entry)  # acknowledges the entry
                 span.set_attribute("orchestrator.outcome", outcome)
-            await self.redis.xack(entry.stream, keys.AES_GROUP, entry.id)
         except asyncio.CancelledError:
             outcome = "cancelled"
             if action.task_id in self.cancelled:  # cancelled by the client: done with it
@@ -196,7 +195,8 @@ class Executor:
             self.running.pop(action.task_id, None)
             self.slot_free.set()
 
-    async def _answer(self, action: ChatProcess) -> str:
+    async def _answer(self, action: ChatProcess, entry: Entry) -> str:
+        """Answer the action; its last callback acknowledges `entry`."""
         simulation = Simulation.from_context(action.context)
         if simulation.delay_ms:
             await asyncio.sleep(simulation.delay_ms / 1000)
@@ -215,7 +215,7 @@ class Executor:
                     error=f"simulated failure of attempt {action.attempt}",
                     retryable=simulation.retryable,
                 )
-                await self._callback(action, failure)
+                await self._callback(action, failure, done=entry)
             return "failed"
         reply = reply_for(action.agent_id, action.message, simulation.repeat)
         unsent: list[Callback] = []  # unpaced chunks: sent with the final callback
@@ -237,7 +237,7 @@ class Executor:
                     cost=cost,
                 ),
             )
-            await self._callback(action, *unsent, completed)
+            await self._callback(action, *unsent, completed, done=entry)
         return "completed"
 
     async def _stream(
@@ -273,29 +273,39 @@ class Executor:
             span.set_attribute("messaging.batch.message_count", len(chunks))
         return unsent
 
-    async def _callback(self, action: ChatProcess, *callbacks: Callback) -> None:
-        """Add callbacks to the action's callback stream, in order, in one round trip."""
-        if len(callbacks) == 1:
+    async def _callback(
+        self, action: ChatProcess, *callbacks: Callback, done: Entry | None = None
+    ) -> None:
+        """Add callbacks to the action's callback stream, in order, in one round trip; with
+        `done`, acknowledge that action entry after them (in the same round trip on one
+        server: a crash can never leave the answer added and the action unacknowledged)."""
+        cluster = is_cluster(self.redis)
+        if len(callbacks) == 1 and (done is None or cluster):
             await self.redis.xadd(
                 action.callback_queue,
                 {ACTION_FIELD: encode_action(callbacks[0])},
                 maxlen=CALLBACK_MAXLEN,
                 approximate=True,
             )
-            return
-        # One slot (the callback partition), so one node and one connection even on a
-        # cluster: the entries are added in this order. On one server they are added in one
-        # MULTI: a worker blocked on the stream is woken once with all of them, instead of with
-        # the first entry alone (Redis serves a blocked reader after each command).
-        async with self.redis.pipeline(transaction=not is_cluster(self.redis)) as pipe:
-            for callback in callbacks:
-                pipe.xadd(
-                    action.callback_queue,
-                    {ACTION_FIELD: encode_action(callback)},
-                    maxlen=CALLBACK_MAXLEN,
-                    approximate=True,
-                )
-            await pipe.execute()
+        else:
+            # One slot (the callback partition), so one node and one connection even on a
+            # cluster: the entries are added in this order. On one server they are added in
+            # one MULTI with the acknowledgement: a worker blocked on the stream is woken once
+            # with all of them, instead of with the first entry alone (Redis serves a blocked
+            # reader after each command).
+            async with self.redis.pipeline(transaction=not cluster) as pipe:
+                for callback in callbacks:
+                    pipe.xadd(
+                        action.callback_queue,
+                        {ACTION_FIELD: encode_action(callback)},
+                        maxlen=CALLBACK_MAXLEN,
+                        approximate=True,
+                    )
+                if done is not None and not cluster:
+                    pipe.xack(done.stream, keys.AES_GROUP, done.id)
+                await pipe.execute()
+        if done is not None and cluster:  # another slot, another node
+            await self.redis.xack(done.stream, keys.AES_GROUP, done.id)
 
     async def _listen_for_cancels(self) -> None:
         last_id = "$"

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from services.cli.embedded import RedisServer
+from services.core import keys
 from services.core.events import parse_event_id
 from tests.e2e.clients import (
     Event,
@@ -107,6 +108,42 @@ async def test_non_streaming_message_gets_only_status_and_response(
     events = await events_until(ws, final_of(task_id))
     assert [e["type"] for e in events] == ["chat.status", "chat.response"]
     await ws.close()
+
+
+async def test_an_answered_action_is_acknowledged_with_its_answer(
+    deployment: Deployment, e2e_redis: RedisServer
+) -> None:
+    """The reference executor adds the answer and acknowledges the action in one step: by the
+    time the client has the answer, the action is no longer pending for the AES group."""
+    tenant, session = unique("t"), unique("s")
+    ws, _ = await connect(deployment.api.ws_url, tenant, session)
+    client = redis_client(e2e_redis)
+    try:
+        async with httpx.AsyncClient() as http:
+            for stream in (False, True):
+                reply = await send(
+                    http,
+                    deployment.api.url,
+                    tenant,
+                    {"message": "ack me", "stream": stream, "session_id": session},
+                )
+                task_id = reply.json()["task_id"]
+                await events_until(ws, final_of(task_id))
+                found = [
+                    (aes, entry_id)
+                    for aes in map(keys.aes_stream, keys.PRIORITIES)
+                    for entry_id, fields in await client.xrange(aes)
+                    if task_id.encode() in fields[b"action"]
+                ]
+                assert len(found) == 1
+                aes, entry_id = found[0]
+                pending = await client.xpending_range(
+                    aes, keys.AES_GROUP, min=entry_id, max=entry_id, count=1
+                )
+                assert pending == []
+    finally:
+        await client.aclose()
+        await ws.close()
 
 
 async def test_cancel_mid_stream_stops_the_answer(deployment: Deployment) -> None:
