@@ -271,7 +271,9 @@ def _cluster(settings: Settings, pool_size: int) -> ClusterClient:
         require_full_coverage=False,
         **_timeouts(settings),
     )
-    return cast(ClusterClient, client)
+    cluster = cast(ClusterClient, client)
+    cluster.in_flight_limit = pool_size
+    return cluster
 
 
 def _sentinel_primary(settings: Settings, pool_size: int, retries: int = RETRIES) -> Redis:
@@ -343,7 +345,36 @@ class ClusterClient(RedisCluster):
 
     ERRORS_ALLOW_RETRY = (RedisConnectionError, ClusterDownError, SlotNotCoveredError)  # type: ignore[assignment]
 
+    # At most this many commands and pipelines in flight at once; more wait for a turn (in
+    # order, up to `POOL_WAIT_SECONDS`). redis-py's pool of each node raises
+    # MaxConnectionsError at once when its `max_connections` are busy (a burst of socket
+    # handshakes); a pipeline holds at most one connection per node, so no node's pool can
+    # run out below this limit.
+    in_flight_limit: int = 64
+    turn_timeout: float = POOL_WAIT_SECONDS
+    _turns: asyncio.Semaphore | None = None
+
+    async def _take_turn(self) -> asyncio.Semaphore | None:
+        """A turn for one command or pipeline (None inside one: it holds the turn)."""
+        if _in_command.get():
+            return None
+        turns = self._turns
+        if turns is None:
+            turns = self._turns = asyncio.Semaphore(self.in_flight_limit)
+        if not turns.locked():
+            await turns.acquire()
+            return turns
+        try:
+            async with asyncio.timeout(self.turn_timeout):
+                await turns.acquire()
+        except TimeoutError:
+            raise MaxConnectionsError(
+                f"no Redis connection free within {self.turn_timeout:g} s"
+            ) from None
+        return turns
+
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        turn = await self._take_turn()
         token = _in_command.set(True)
         try:
             return await super().execute_command(*args, **kwargs)
@@ -354,6 +385,8 @@ class ClusterClient(RedisCluster):
             raise lost from exc
         finally:
             _in_command.reset(token)
+            if turn is not None:
+                turn.release()
 
     async def aclose(self) -> None:
         if not _in_command.get():
@@ -416,6 +449,8 @@ class ScriptingClusterPipeline(ClusterPipeline):
     async def execute(
         self, raise_on_error: bool = True, allow_redirections: bool = True
     ) -> list[Any]:
+        client = cast(ClusterClient, self.cluster_client)
+        turn = await client._take_turn()
         token = _in_command.set(True)
         try:
             results: list[Any] = await super().execute(raise_on_error, allow_redirections)
@@ -426,6 +461,8 @@ class ScriptingClusterPipeline(ClusterPipeline):
             raise lost from exc
         finally:
             _in_command.reset(token)
+            if turn is not None:
+                turn.release()
         outage = next((result for result in results if isinstance(result, REDIS_DOWN)), None)
         if outage is not None:
             raise outage

@@ -10,8 +10,10 @@ import pytest
 from redis.asyncio import Connection
 from redis.exceptions import DataError, MaxConnectionsError
 
+from services.cli.embedded import LocalCluster
 from services.core.redis_client import (
     REDIS_DOWN,
+    ClusterClient,
     PackedByHiredis,
     WaitingConnectionPool,
     create_redis,
@@ -52,6 +54,53 @@ async def test_waiting_ends_after_the_timeout_with_an_outage_error(redis_url: st
         assert await holder is None
         assert await client.ping()  # the connection is free again
         assert not pool._waiters
+    finally:
+        await client.aclose()
+
+
+def cluster_client(cluster: LocalCluster, max_connections: int) -> ClusterClient:
+    settings = load_settings(redis_url=cluster.url, **cluster.client_settings())
+    client = create_redis(settings, max_connections=max_connections)
+    assert isinstance(client, ClusterClient)
+    return client
+
+
+async def test_on_a_cluster_a_burst_beyond_the_pool_waits_for_its_turn(
+    redis_cluster: LocalCluster,
+) -> None:
+    """redis-py's per-node pools raise MaxConnectionsError at once; the client queues."""
+    client = cluster_client(redis_cluster, max_connections=2)
+    try:
+        held = [client.blpop([f"pool:empty:{n}"], timeout=HOLD_SECONDS) for n in range(6)]
+        quick = [client.incr(f"pool:count:{n % 10}") for n in range(200)]
+        pipelines = []
+        for n in range(20):
+            pipe = client.pipeline(transaction=False)
+            pipe.incr(f"pool:piped:{n % 3}").incr(f"pool:piped:{n % 5 + 3}")
+            pipelines.append(pipe.execute())
+        results = await asyncio.gather(*held, *quick, *pipelines)
+        assert results[:6] == [None] * 6
+        assert sum(results[6:206]) == sum(n // 10 + 1 for n in range(200))
+        assert len(results[206:]) == 20
+        assert client._turns is not None
+        assert not client._turns.locked()
+    finally:
+        await client.aclose()
+
+
+async def test_on_a_cluster_waiting_ends_after_the_timeout_with_an_outage_error(
+    redis_cluster: LocalCluster,
+) -> None:
+    client = cluster_client(redis_cluster, max_connections=1)
+    client.turn_timeout = 0.05
+    try:
+        holder = asyncio.ensure_future(client.blpop(["pool:empty"], timeout=1))
+        await asyncio.sleep(0.02)
+        with pytest.raises(MaxConnectionsError) as error:
+            await client.ping()
+        assert isinstance(error.value, REDIS_DOWN)  # the api answers 503 `unavailable`
+        assert await holder is None
+        assert await client.ping()  # the turn is free again
     finally:
         await client.aclose()
 
