@@ -273,6 +273,12 @@ def _cluster(settings: Settings, pool_size: int) -> ClusterClient:
     )
     cluster = cast(ClusterClient, client)
     cluster.in_flight_limit = pool_size
+    # Every node's connections pack commands with hiredis too: the nodes met later are made
+    # from these kwargs, the startup nodes already exist.
+    kwargs = cluster.nodes_manager.connection_kwargs
+    kwargs["connection_class"] = _packed_by_hiredis(kwargs["connection_class"])
+    for node in cluster.startup_nodes:
+        node.connection_class = kwargs["connection_class"]
     return cluster
 
 

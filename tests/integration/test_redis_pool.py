@@ -88,6 +88,24 @@ async def test_on_a_cluster_a_burst_beyond_the_pool_waits_for_its_turn(
         await client.aclose()
 
 
+async def test_on_a_cluster_every_node_packs_commands_with_hiredis(
+    redis_cluster: LocalCluster,
+) -> None:
+    client = cluster_client(redis_cluster, max_connections=4)
+    try:
+        for n in range(30):  # keys on every node
+            await client.set(f"pool:packed:{n}", n)
+        nodes = client.get_nodes()
+        assert len(nodes) >= 3
+        for node in nodes:
+            assert issubclass(node.connection_class, PackedByHiredis)
+            assert all(isinstance(c, PackedByHiredis) for c in node._connections)
+        assert sum(len(node._connections) for node in nodes) >= 3
+        assert await client.get("pool:packed:7") == b"7"
+    finally:
+        await client.aclose()
+
+
 async def test_on_a_cluster_waiting_ends_after_the_timeout_with_an_outage_error(
     redis_cluster: LocalCluster,
 ) -> None:
