@@ -1,0 +1,111 @@
+"""`run_pipeline` on a real Redis: the same replies as redis-py's own pipeline, and a lost
+connection or a missed deadline as redis-py's outage errors, the connection usable after."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from services.core.lean_pipeline import run_pipeline
+from services.core.redis_client import create_redis
+from services.core.settings import load_settings
+
+
+def queue_a_mix(pipe: Any) -> None:
+    pipe.set("lean:k", "v")
+    pipe.get("lean:k")
+    pipe.hset("lean:h", mapping={"a": "1", "b": "2"})
+    pipe.hgetall("lean:h")
+    pipe.xadd("lean:s", {"f": "v"}, id="1-1")
+    pipe.xgroup_create("lean:s", "g", id="0")
+    pipe.xreadgroup("g", "c", {"lean:s": ">"}, count=10)
+    pipe.xpending_range("lean:s", "g", min="-", max="+", count=10)
+    pipe.evalsha("0" * 40, 0)  # not loaded: NOSCRIPT in place
+    pipe.lpush("lean:k", "x")  # wrong type: an error reply in place
+    pipe.exists("lean:k", "lean:h", "lean:none")
+    pipe.zadd("lean:z", {"m": 1.5})
+    pipe.zscore("lean:z", "m")
+
+
+async def test_replies_are_those_of_redis_py_own_pipeline(redis: Redis) -> None:
+    client = create_redis(load_settings(redis_url=_url(redis)), max_connections=2, retries=0)
+    try:
+        async with client.pipeline(transaction=False) as pipe:
+            queue_a_mix(pipe)
+            lean = await run_pipeline(pipe, within=2.0)
+        await client.flushall()
+        async with client.pipeline(transaction=False) as pipe:
+            queue_a_mix(pipe)
+            expected = await pipe.execute(raise_on_error=False)
+    finally:
+        await client.aclose()
+    assert len(lean) == len(expected) == 13
+    for mine, theirs in zip(lean, expected, strict=True):
+        if isinstance(theirs, Exception):
+            assert type(mine) is type(theirs)
+        else:
+            assert mine == theirs
+    assert isinstance(lean[8], NoScriptError)
+    assert isinstance(lean[9], ResponseError)
+    assert lean[1] == b"v"
+    assert lean[3] == {b"a": b"1", b"b": b"2"}
+    assert lean[6] == [[b"lean:s", [(b"1-1", {b"f": b"v"})]]]
+    assert lean[12] == 1.5
+
+
+async def test_a_lost_connection_raises_and_the_next_round_trip_reconnects(
+    redis: Redis,
+) -> None:
+    client = create_redis(load_settings(redis_url=_url(redis)), max_connections=1, retries=0)
+    try:
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.client_setname("lean-victim")
+            await run_pipeline(pipe, within=2.0)
+        await redis.client_kill_filter(_type="normal", skipme=True)
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.ping()
+            with pytest.raises(RedisConnectionError):
+                await run_pipeline(pipe, within=2.0)
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.ping()
+            assert await run_pipeline(pipe, within=2.0) == [True]
+    finally:
+        await client.aclose()
+
+
+async def test_a_missed_deadline_raises_and_drops_the_connection(redis: Redis) -> None:
+    client = create_redis(load_settings(redis_url=_url(redis)), max_connections=1, retries=0)
+    try:
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.blpop(["lean:empty"], timeout=1)
+            with pytest.raises(RedisTimeoutError):
+                await run_pipeline(pipe, within=0.05)
+        # The BLPOP's late reply went with the dropped connection, not to this command.
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.get("lean:nothing")
+            pipe.ping()
+            assert await run_pipeline(pipe, within=2.0) == [None, True]
+    finally:
+        await client.aclose()
+
+
+async def test_an_empty_pipeline_needs_no_round_trip(redis: Redis) -> None:
+    async with redis.pipeline(transaction=False) as pipe:
+        assert await run_pipeline(pipe, within=1.0) == []
+
+
+async def test_a_transaction_is_refused(redis: Redis) -> None:
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.ping()
+        with pytest.raises(ValueError, match="non-transactional"):
+            await run_pipeline(pipe, within=1.0)
+
+
+def _url(redis: Redis) -> str:
+    kwargs = redis.connection_pool.connection_kwargs
+    return f"redis://{kwargs['host']}:{kwargs['port']}/0"
