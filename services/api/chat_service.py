@@ -124,7 +124,7 @@ class ChatService:
         # the keys are in different slots: two round trips there.
         in_one_step = idempotency is None and not is_cluster(self.redis)
         admitted = None
-        decisions: list[RateDecision] = []
+        decisions: list[RateDecision] | None = []
         if not in_one_step:
             admitted = self.admission.judge(
                 rules, await self.admission.limiter.check_many(rules.checks)
@@ -178,13 +178,20 @@ class ChatService:
                     if is_cluster(self.redis):
                         await self._abandon(ref, idempotency)
                     raise
-        if admitted is None:  # a refusal is no error of the producer span: raised after it
-            admitted = self.admission.judge(rules, decisions)
+        headers: dict[str, str] = {}
+        if admitted is not None:
+            headers = rate_limit_headers(admitted.decision)
+        elif decisions is not None:  # a refusal is no error of the producer span: raised here
+            headers = rate_limit_headers(self.admission.judge(rules, decisions).decision)
         assert outcome is not None  # None only with a refusal, which `judge` raised
-        if outcome.verdict is not Verdict.ok:  # a 128-bit id collided: practically never
-            raise Conflict("task id collision, retry")
+        if outcome.verdict is Verdict.exists:
+            # A fresh 128-bit id exists only if an earlier attempt of this very call created
+            # it (redis-py resends a command after a lost connection): accepted once.
+            log.info("send retried after a lost connection; the task was already created")
+        elif outcome.verdict is not Verdict.ok:
+            raise Conflict(f"task {ref.task_id} could not be created ({outcome.verdict})")
         metrics.tasks_submitted.labels(priority).inc()
-        metrics.tasks.labels("accepted", admitted.quota.tier).inc()
+        metrics.tasks.labels("accepted", rules.quota.tier).inc()
         log.info(
             "message accepted",
             extra={
@@ -192,13 +199,13 @@ class ChatService:
                 "session_id": session_id,
                 "task_id": ref.task_id,
                 "agent_id": agent_id,
-                "tier": admitted.quota.tier,
+                "tier": rules.quota.tier,
             },
         )
         accepted = Accepted(
             task_id=ref.task_id, status=TaskStatus.processing, session_id=session_id
         )
-        return Sent(accepted, rate_limit_headers(admitted.decision), replayed=False)
+        return Sent(accepted, headers, replayed=False)
 
     def _fields(
         self, action: ChatProcess, principal: Principal, rules: SendRules
@@ -235,10 +242,12 @@ class ChatService:
 
     async def _admit_and_enqueue(
         self, task: _NewTask, rules: SendRules
-    ) -> tuple[list[RateDecision], Outcome | None]:
+    ) -> tuple[list[RateDecision] | None, Outcome | None]:
         """The rate limits, the budget and the enqueue in one script (send.lua): the limits'
         decisions, and the task's outcome, or None when a limit or the budget refused (then
-        nothing was created and what an allowing limit took was given back)."""
+        nothing was created and what an allowing limit took was given back). No decisions
+        when the task already existed: redis-py resent the script after a lost connection,
+        and its first run had created the task."""
         location, where, deadline = self._placement(task)
         deadlines, member = self._deadlines(task)
         task_keys, task_args = self.tasks.script_args(
@@ -270,6 +279,8 @@ class ChatService:
             task.fields["action"],
         ]
         session, tenant, created = await self.tasks.scripts.send(keys=script_keys, args=args)
+        if session == 0:  # the task existed: this call was retried after it ran (send.lua)
+            return None, parse_outcome(created)
         decisions = [
             rate_decision(rules.session.limit_per_minute, session),
             rate_decision(rules.tenant.limit_per_minute, tenant),

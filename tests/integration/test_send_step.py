@@ -157,3 +157,17 @@ async def test_a_send_after_redis_lost_its_scripts_loads_them_again(service: Ser
     await service.redis.script_flush()
     task_id = await service.send("a")
     assert any(task_id in action for action in await service.actions("normal"))
+
+
+async def test_a_send_run_twice_is_accepted_once_and_counted_once(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What redis-py does after a connection lost under the script: it sends the same script
+    (the same task id) again. The second run finds the task and takes nothing."""
+    await service.tier("pro", {"requestsPerMinutePerSession": 1})
+    monkeypatch.setattr("services.api.chat_service.new_id", lambda: "the-same-task-id")
+    first = await service.send("a")
+    again = await service.send("a")  # the session's limit of 1 would refuse a new send
+    assert first == again == "the-same-task-id"
+    assert len(await service.actions("normal")) == 1
+    assert (await service.usage.today(TENANT)).requests == 1

@@ -16,7 +16,14 @@
 -- then: location value, location ttl (s), deadline member, deadline score, stream max length,
 --   action field, action
 -- Returns {session limit reply, tenant limit reply, task reply}; the task reply is 0 when the
--- limits or the budget refused (nothing was created).
+-- limits or the budget refused (nothing was created); both limit replies are 0 when the task
+-- already existed (a retried call).
+-- A send whose connection was lost after this script ran is sent again by the client's retry
+-- with the same task id: it finds its task and takes nothing from the limits twice.
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  return {0, 0, {'exists', redis.call('HGET', KEYS[4], 'status') or ''}}
+end
+
 local counts = {tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])}
 local parts, next_arg = {}, 4
 for n, count in ipairs(counts) do
