@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import msgspec
+from opentelemetry.trace import Span
 from redis.asyncio import Redis
 
 from services.api import metrics
@@ -27,7 +29,6 @@ from services.core.actions import ACTION_FIELD, ChatCancel, ChatProcess, User, e
 from services.core.auth import Principal
 from services.core.errors import Conflict, InvalidInput, NotFound
 from services.core.ids import new_id
-from services.core.keys import Priority
 from services.core.ratelimit import (
     RateDecision,
     check_arguments,
@@ -119,78 +120,36 @@ class ChatService:
             if earlier is not None:
                 return earlier
         rules = await self.admission.send_rules(tenant_id, session_id, agent_id, request)
-        # On one server the limits, the budget and the enqueue are one script (one round
-        # trip); with an Idempotency-Key the key is reserved between the two, and on a cluster
-        # the keys are in different slots: two round trips there.
-        in_one_step = idempotency is None and not is_cluster(self.redis)
-        admitted = None
-        decisions: list[RateDecision] | None = []
-        if not in_one_step:
+        ref = TaskRef(tenant_id, session_id, new_id())
+        if idempotency is None and not is_cluster(self.redis):
+            outcome, headers = await self._send_in_one_step(
+                ref, agent_id, principal, request, rules
+            )
+        else:
+            # The key is reserved between the limits and the enqueue; on a cluster the keys
+            # of the two are in different slots.
             admitted = self.admission.judge(
                 rules, await self.admission.limiter.check_many(rules.checks)
             )
-        ref = TaskRef(tenant_id, session_id, new_id())
-        if idempotency is not None:
-            reserved = await self.redis.set(
-                idempotency, ref.task_id, nx=True, ex=IDEMPOTENCY_TTL_SECONDS
+            if idempotency is not None:
+                reserved = await self.redis.set(
+                    idempotency, ref.task_id, nx=True, ex=IDEMPOTENCY_TTL_SECONDS
+                )
+                if not reserved:  # a concurrent request with the same key won the race
+                    earlier = await self._replay(principal, idempotency)
+                    if earlier is not None:
+                        return earlier
+            outcome = await self._send_in_two_steps(
+                ref, agent_id, principal, request, rules, idempotency
             )
-            if not reserved:  # a concurrent request with the same key won the race
-                earlier = await self._replay(principal, idempotency)
-                if earlier is not None:
-                    return earlier
-        limits = rules.quota.limits
-        priority: Priority = limits.priority
-        now = utcnow()
-        partition = keys.partition_of(tenant_id, session_id, self.settings.callback_partitions)
-        action = ChatProcess(
-            tenant_id=tenant_id,
-            session_id=session_id,
-            task_id=ref.task_id,
-            created_at=now,
-            agent_id=agent_id,
-            message=request.message,
-            user=User(id=principal.user_id, name=principal.name),
-            callback_queue=keys.callback_stream(partition),
-            context=request.context,
-            stream=request.stream,
-            priority=priority,
-            deadline=now + timedelta(seconds=limits.task_timeout_seconds),
-        )
-        status_data: dict[str, Any] = {"status": TaskStatus.processing, "attempt": 1}
-        if request.request_id is not None:
-            status_data["request_id"] = request.request_id
-        body = events.event_body(events.CHAT_STATUS, status_data, ref.task_id)
-        stream = keys.aes_stream(priority)
-        with telemetry.producer(
-            stream, **{"orchestrator.task_id": ref.task_id, "orchestrator.attempt": 1}
-        ) as span:
-            action.trace_context = telemetry.inject(span)
-            task = _NewTask(ref, action, body, self._fields(action, principal, rules), stream)
-            outcome: Outcome | None
-            if admitted is None:
-                decisions, outcome = await self._admit_and_enqueue(task, rules)
-                if outcome is None:
-                    span.set_attribute("orchestrator.refused", True)
-            else:
-                try:
-                    outcome = await self._enqueue(task)
-                except REDIS_DOWN:
-                    if is_cluster(self.redis):
-                        await self._abandon(ref, idempotency)
-                    raise
-        headers: dict[str, str] = {}
-        if admitted is not None:
             headers = rate_limit_headers(admitted.decision)
-        elif decisions is not None:  # a refusal is no error of the producer span: raised here
-            headers = rate_limit_headers(self.admission.judge(rules, decisions).decision)
-        assert outcome is not None  # None only with a refusal, which `judge` raised
         if outcome.verdict is Verdict.exists:
             # A fresh 128-bit id exists only if an earlier attempt of this very call created
             # it (redis-py resends a command after a lost connection): accepted once.
             log.info("send retried after a lost connection; the task was already created")
         elif outcome.verdict is not Verdict.ok:
             raise Conflict(f"task {ref.task_id} could not be created ({outcome.verdict})")
-        metrics.tasks_submitted.labels(priority).inc()
+        metrics.tasks_submitted.labels(rules.quota.limits.priority).inc()
         metrics.tasks.labels("accepted", rules.quota.tier).inc()
         log.info(
             "message accepted",
@@ -206,6 +165,89 @@ class ChatService:
             task_id=ref.task_id, status=TaskStatus.processing, session_id=session_id
         )
         return Sent(accepted, headers, replayed=False)
+
+    async def _send_in_one_step(
+        self,
+        ref: TaskRef,
+        agent_id: str,
+        principal: Principal,
+        request: SendRequest,
+        rules: SendRules,
+    ) -> tuple[Outcome, dict[str, str]]:
+        """On one server: limits, budget and enqueue in one script; raises the refusal."""
+        with self._producer(ref, rules) as span:
+            task = self._new_task(ref, agent_id, principal, request, rules, span)
+            decisions, outcome = await self._admit_and_enqueue(task, rules)
+            if outcome is None:
+                span.set_attribute("orchestrator.refused", True)
+        if decisions is None:  # a retried call whose first run created the task
+            assert outcome is not None
+            return outcome, {}
+        admitted = self.admission.judge(rules, decisions)  # a refusal: raised after the span
+        assert outcome is not None  # None only with a refusal
+        return outcome, rate_limit_headers(admitted.decision)
+
+    async def _send_in_two_steps(
+        self,
+        ref: TaskRef,
+        agent_id: str,
+        principal: Principal,
+        request: SendRequest,
+        rules: SendRules,
+        idempotency: str | None,
+    ) -> Outcome:
+        """The enqueue of an admitted send (see `_enqueue`)."""
+        with self._producer(ref, rules) as span:
+            task = self._new_task(ref, agent_id, principal, request, rules, span)
+            try:
+                return await self._enqueue(task)
+            except REDIS_DOWN:
+                if is_cluster(self.redis):
+                    await self._abandon(ref, idempotency)
+                raise
+
+    def _producer(self, ref: TaskRef, rules: SendRules) -> AbstractContextManager[Span]:
+        return telemetry.producer(
+            keys.aes_stream(rules.quota.limits.priority),
+            **{"orchestrator.task_id": ref.task_id, "orchestrator.attempt": 1},
+        )
+
+    def _new_task(
+        self,
+        ref: TaskRef,
+        agent_id: str,
+        principal: Principal,
+        request: SendRequest,
+        rules: SendRules,
+        span: Span,
+    ) -> _NewTask:
+        """The task's action (carrying `span`'s trace context), first event and state."""
+        limits = rules.quota.limits
+        now = utcnow()
+        partition = keys.partition_of(
+            ref.tenant_id, ref.session_id, self.settings.callback_partitions
+        )
+        action = ChatProcess(
+            tenant_id=ref.tenant_id,
+            session_id=ref.session_id,
+            task_id=ref.task_id,
+            created_at=now,
+            agent_id=agent_id,
+            message=request.message,
+            user=User(id=principal.user_id, name=principal.name),
+            callback_queue=keys.callback_stream(partition),
+            context=request.context,
+            stream=request.stream,
+            priority=limits.priority,
+            deadline=now + timedelta(seconds=limits.task_timeout_seconds),
+            trace_context=telemetry.inject(span),
+        )
+        status_data: dict[str, Any] = {"status": TaskStatus.processing, "attempt": 1}
+        if request.request_id is not None:
+            status_data["request_id"] = request.request_id
+        body = events.event_body(events.CHAT_STATUS, status_data, ref.task_id)
+        fields = self._fields(action, principal, rules)
+        return _NewTask(ref, action, body, fields, keys.aes_stream(limits.priority))
 
     def _fields(
         self, action: ChatProcess, principal: Principal, rules: SendRules
