@@ -418,9 +418,11 @@ class ChatService:
         if ref is None or ref.tenant_id != principal.tenant_id:
             return None
         state = await self.tasks.read(ref)
-        if (state or {}).get("abandoned"):
-            return None  # never queued (see `_abandon`): the retry makes a new task
-        status = (state or {}).get("status") or TaskStatus.processing
+        if state is None or state.get("abandoned"):
+            # Never queued (see `_abandon`), or never created: on a cluster the task's location
+            # can be written while its state (another node) was not. The retry makes a new task.
+            return None
+        status = state.get("status") or TaskStatus.processing
         accepted = Accepted(task_id=ref.task_id, status=status, session_id=ref.session_id)
         return Sent(accepted, {}, replayed=True)
 

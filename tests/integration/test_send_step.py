@@ -171,3 +171,19 @@ async def test_a_send_run_twice_is_accepted_once_and_counted_once(
     assert first == again == "the-same-task-id"
     assert len(await service.actions("normal")) == 1
     assert (await service.usage.today(TENANT)).requests == 1
+
+
+async def test_a_retry_whose_first_task_was_never_created_makes_a_new_one(
+    service: Service,
+) -> None:
+    """On a cluster the first attempt can write the task's location (one node) and fail to
+    create its state (another node that went down): the retry with the same key must not be
+    answered with that task, which will never exist and never be answered."""
+    await service.tier("pro")
+    first = await service.send("a", key="retried-key")
+    await service.redis.delete(keys.task_state(TENANT, "a", first))  # its create never ran
+    second = await service.send("a", key="retried-key")
+    assert second != first
+    state = await service.redis.hgetall(keys.task_state(TENANT, "a", second))
+    assert state[b"status"] == b"processing"
+    assert any(second in action for action in await service.actions("normal"))
