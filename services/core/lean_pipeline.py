@@ -12,8 +12,9 @@ CPU.
 queues the commands (and their response callbacks), the pool still makes, authenticates,
 checks and hands out connections, and the replies go through the same callbacks, so callers
 see exactly what `pipe.execute(raise_on_error=False)` returns. What it drops: retries (none:
-for callers that must see every lost connection, as the joint loop) and the per-reply timers
-(one deadline for the whole round trip instead).
+for callers that must see every lost connection, as the joint loop, or that leave the work
+to be redone, as the executor) and the per-reply timers (one deadline for the whole round
+trip instead). A transactional pipeline is sent as MULTI, the commands, EXEC in one write.
 """
 
 from __future__ import annotations
@@ -48,12 +49,15 @@ async def run_pipeline(pipe: Pipeline, *, within: float) -> list[Any]:
     commands = pipe.command_stack
     if not commands:
         return []
-    if pipe.is_transaction:
-        raise ValueError("run_pipeline runs non-transactional pipelines only")
+    if pipe.watching or pipe.explicit_transaction:
+        raise ValueError("run_pipeline does not run WATCH or explicit MULTI pipelines")
     pool = pipe.connection_pool
     connection = cast(Connection, await pool.get_connection())  # type: ignore[no-untyped-call]
     try:
-        replies = await _round_trip(pipe, connection, commands, within)
+        if pipe.is_transaction:
+            replies = await _transaction(pipe, connection, commands, within)
+        else:
+            replies = await _round_trip(pipe, connection, commands, within)
     except BaseException as exc:
         await connection.disconnect()
         await pool.release(connection)
@@ -66,28 +70,66 @@ async def run_pipeline(pipe: Pipeline, *, within: float) -> list[Any]:
     return replies
 
 
+def _parts(connection: Connection) -> tuple[asyncio.StreamWriter, _AsyncParser]:
+    writer = connection._writer
+    if writer is None:
+        raise RedisConnectionError("connection is not connected")
+    return writer, cast(_AsyncParser, connection._parser)
+
+
 async def _round_trip(
     pipe: Pipeline, connection: Connection, commands: Any, within: float
 ) -> list[Any]:
-    writer = connection._writer
-    parser = cast(_AsyncParser, connection._parser)
-    if writer is None:
-        raise RedisConnectionError("connection is not connected")
-    callbacks = pipe.response_callbacks
+    writer, parser = _parts(connection)
     async with asyncio.timeout(within):
         writer.writelines(connection.pack_commands(args for args, _ in commands))
         await writer.drain()
         replies: list[Any] = []
         for args, options in commands:
             reply = await parser.read_response(disable_decoding=_NEVER_DECODE in options)
-            if isinstance(reply, ResponseError):
-                replies.append(options.get(_EMPTY_RESPONSE, reply))
-                continue
-            callback = callbacks.get(args[0])
-            if callback is not None:
-                kept = {k: v for k, v in options.items() if k not in _NOT_FOR_CALLBACKS}
-                reply = callback(reply, **kept)
-                if inspect.isawaitable(reply):
-                    reply = await reply
-            replies.append(reply)
+            replies.append(await _through_callback(pipe, args, options, reply))
     return replies
+
+
+async def _transaction(
+    pipe: Pipeline, connection: Connection, commands: Any, within: float
+) -> list[Any]:
+    """MULTI, the commands, EXEC in one write. As redis-py's transactional pipeline: a
+    command Redis refused to queue aborts the whole transaction (its error is raised), an
+    error of a command that ran is in place in the replies."""
+    writer, parser = _parts(connection)
+    async with asyncio.timeout(within):
+        packed = [("MULTI",), *(args for args, _ in commands), ("EXEC",)]
+        writer.writelines(connection.pack_commands(packed))
+        await writer.drain()
+        refused: list[ResponseError] = []
+        for _ in range(len(commands) + 1):  # +OK, then +QUEUED or the refusal of each
+            reply = await parser.read_response()
+            if isinstance(reply, ResponseError):
+                refused.append(reply)
+        results = await parser.read_response()
+    if refused:
+        raise refused[0]
+    if isinstance(results, ResponseError):
+        raise results
+    if not isinstance(results, list) or len(results) != len(commands):
+        raise ResponseError(f"unexpected EXEC reply: {results!r}")
+    return [
+        await _through_callback(pipe, args, options, reply)
+        for (args, options), reply in zip(commands, results, strict=True)
+    ]
+
+
+async def _through_callback(pipe: Pipeline, args: Any, options: Any, reply: Any) -> Any:
+    """What redis-py's pipeline makes of one reply: an error in place, otherwise the reply
+    through the command's response callback."""
+    if isinstance(reply, ResponseError):
+        return options.get(_EMPTY_RESPONSE, reply)
+    callback = pipe.response_callbacks.get(args[0])
+    if callback is None:
+        return reply
+    kept = {k: v for k, v in options.items() if k not in _NOT_FOR_CALLBACKS}
+    reply = callback(reply, **kept)
+    if inspect.isawaitable(reply):
+        reply = await reply
+    return reply

@@ -18,10 +18,12 @@ import signal
 import socket
 from collections import OrderedDict
 from datetime import UTC, datetime
+from typing import Any
 
 from prometheus_client import Counter, Histogram, start_http_server
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
+from redis.typing import KeyT, StreamIdT
 
 from services.core import keys, telemetry
 from services.core.actions import (
@@ -36,9 +38,15 @@ from services.core.actions import (
     decode_action,
     encode_action,
 )
+from services.core.lean_pipeline import run_pipeline
 from services.core.logs import log_context
 from services.core.metric_buckets import LATENCY_BUCKETS
-from services.core.redis_client import REDIS_DOWN, create_redis, is_cluster
+from services.core.redis_client import (
+    COMMAND_TIMEOUT_SECONDS,
+    REDIS_DOWN,
+    create_redis,
+    is_cluster,
+)
 from services.core.settings import Settings
 from services.core.streams import (
     Entry,
@@ -113,17 +121,15 @@ class Executor:
                         await asyncio.wait_for(self.slot_free.wait(), 1.0)
                     continue
                 if not self.waiting:
-                    reply = await self.redis.xreadgroup(
-                        keys.AES_GROUP,
-                        self.consumer,
-                        dict.fromkeys(self.streams, ">"),
-                        count=free,
-                        block=int(self.settings.worker_sleep_seconds * 1000),
-                    )
-                    self.waiting.extend(parse_read(reply))
+                    self.waiting.extend(parse_read(await self._read(free)))
                     self.waiting.sort(key=lambda e: (PRIORITY_RANK.get(e.stream, 9), e.id))
+                started = False
                 while self.waiting and len(self.running) < self.settings.executor_concurrency:
-                    await self._start(self.waiting.pop(0))
+                    started = await self._start(self.waiting.pop(0)) or started
+                if started:
+                    # Let the new tasks send their answers before the next read is sent: an
+                    # answer is the next hop of a message, the read only waits for new ones.
+                    await asyncio.sleep(0)
             except REDIS_DOWN as exc:
                 log.warning("executor: redis unavailable (%s)", exc)
                 with contextlib.suppress(TimeoutError):
@@ -135,6 +141,24 @@ class Executor:
                 for stream in self.streams:
                     await ensure_group(self.redis, stream, keys.AES_GROUP)
 
+    async def _read(self, count: int) -> Any:
+        """Up to `count` new actions, high priority first, waiting for one up to the
+        configured sleep. On one server without redis-py's machinery around the round trip
+        (`run_pipeline`): most of an idle executor's CPU per message was there. Entries a lost
+        reply delivered stay pending and are reclaimed like those of a dead executor."""
+        block_ms = int(self.settings.worker_sleep_seconds * 1000)
+        streams: dict[KeyT, StreamIdT] = dict.fromkeys(self.streams, ">")
+        if is_cluster(self.redis):
+            return await self.redis.xreadgroup(
+                keys.AES_GROUP, self.consumer, streams, count=count, block=block_ms
+            )
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xreadgroup(keys.AES_GROUP, self.consumer, streams, count=count, block=block_ms)
+            (reply,) = await run_pipeline(pipe, within=block_ms / 1000 + COMMAND_TIMEOUT_SECONDS)
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
     async def _reclaim_from_dead_executors(self) -> None:
         idle_ms = int(self.settings.executor_reclaim_idle_seconds * 1000)
         for stream in self.streams:
@@ -142,7 +166,9 @@ class Executor:
             fresh = [e for e in claimed if e.id not in {r[0].id for r in self.running.values()}]
             self.waiting.extend(fresh)
 
-    async def _start(self, entry: Entry) -> None:
+    async def _start(self, entry: Entry) -> bool:
+        """Start running `entry`'s action; False when it needed no task (malformed, or its
+        task was cancelled)."""
         raw = entry.raw_action
         try:
             if raw is None:
@@ -152,15 +178,16 @@ class Executor:
                 raise MalformedAction(f"expected chat.process, got {type(action).__name__}")
         except MalformedAction as exc:
             await dead_letter(self.redis, entry, keys.AES_GROUP, f"malformed action: {exc.reason}")
-            return
+            return False
         if action.task_id in self.cancelled:
             await self.redis.xack(entry.stream, keys.AES_GROUP, entry.id)
             executions.labels("cancelled").inc()
-            return
+            return False
         waited = (datetime.now(UTC) - action.created_at).total_seconds()
         queue_wait.labels(action.priority).observe(max(0.0, waited))
         task = asyncio.create_task(self._execute(entry, action))
         self.running[action.task_id] = (entry, task)
+        return True
 
     async def _execute(self, entry: Entry, action: ChatProcess) -> None:
         outcome = "completed"
@@ -301,9 +328,17 @@ class Executor:
                         maxlen=CALLBACK_MAXLEN,
                         approximate=True,
                     )
-                if done is not None and not cluster:
-                    pipe.xack(done.stream, keys.AES_GROUP, done.id)
-                await pipe.execute()
+                if cluster:
+                    await pipe.execute()
+                else:
+                    if done is not None:
+                        pipe.xack(done.stream, keys.AES_GROUP, done.id)
+                    # Not retried by redis-py: an answer whose reply was lost leaves its
+                    # action pending, to be reclaimed and answered again (the worker drops
+                    # the second answer of a finished task).
+                    for reply in await run_pipeline(pipe, within=COMMAND_TIMEOUT_SECONDS):
+                        if isinstance(reply, BaseException):
+                            raise reply
         if done is not None and cluster:  # another slot, another node
             await self.redis.xack(done.stream, keys.AES_GROUP, done.id)
 

@@ -1,5 +1,6 @@
-"""`run_pipeline` on a real Redis: the same replies as redis-py's own pipeline, and a lost
-connection or a missed deadline as redis-py's outage errors, the connection usable after."""
+"""`run_pipeline` on a real Redis: the same replies as redis-py's own pipeline (plain and
+transactional), and a lost connection or a missed deadline as redis-py's outage errors, the
+connection usable after."""
 
 from __future__ import annotations
 
@@ -99,10 +100,60 @@ async def test_an_empty_pipeline_needs_no_round_trip(redis: Redis) -> None:
         assert await run_pipeline(pipe, within=1.0) == []
 
 
-async def test_a_transaction_is_refused(redis: Redis) -> None:
+def queue_a_transaction(pipe: Any) -> None:
+    pipe.xadd("lean:t", {"f": "v"}, id="1-1")
+    pipe.xgroup_create("lean:t", "g", id="0")
+    pipe.xreadgroup("g", "c", {"lean:t": ">"}, count=10)
+    pipe.xack("lean:t", "g", "1-1")
+    pipe.set("lean:x", "v")
+    pipe.lpush("lean:x", "y")  # runs and fails (wrong type): its error in place
+    pipe.hset("lean:th", mapping={"a": "1"})
+    pipe.hgetall("lean:th")
+
+
+async def test_a_transaction_replies_as_redis_py_own(redis: Redis) -> None:
+    client = create_redis(load_settings(redis_url=_url(redis)), max_connections=2, retries=0)
+    try:
+        async with client.pipeline(transaction=True) as pipe:
+            queue_a_transaction(pipe)
+            lean = await run_pipeline(pipe, within=2.0)
+        await client.flushall()
+        async with client.pipeline(transaction=True) as pipe:
+            queue_a_transaction(pipe)
+            expected = await pipe.execute(raise_on_error=False)
+        # Nothing of the transaction is left unread on the connection.
+        assert await client.ping() is True
+    finally:
+        await client.aclose()
+    assert len(lean) == len(expected) == 8
+    for mine, theirs in zip(lean, expected, strict=True):
+        if isinstance(theirs, Exception):
+            assert type(mine) is type(theirs)
+        else:
+            assert mine == theirs
+    assert lean[2] == [[b"lean:t", [(b"1-1", {b"f": b"v"})]]]
+    assert lean[3] == 1
+    assert isinstance(lean[5], ResponseError)
+    assert lean[7] == {b"a": b"1"}
+
+
+async def test_a_command_refused_at_queueing_aborts_the_whole_transaction(redis: Redis) -> None:
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.ping()
-        with pytest.raises(ValueError, match="non-transactional"):
+        pipe.set("lean:abort", "1")
+        pipe.execute_command("XADD", "lean:abort-s")  # wrong number of arguments
+        pipe.set("lean:abort-2", "2")
+        with pytest.raises(ResponseError, match="wrong number of arguments"):
+            await run_pipeline(pipe, within=2.0)
+    assert await redis.exists("lean:abort", "lean:abort-2") == 0
+    assert await redis.ping() is True
+
+
+async def test_watch_is_refused(redis: Redis) -> None:
+    async with redis.pipeline(transaction=True) as pipe:
+        await pipe.watch("lean:watched")
+        pipe.multi()
+        pipe.set("lean:watched", "1")
+        with pytest.raises(ValueError, match="WATCH"):
             await run_pipeline(pipe, within=1.0)
 
 
