@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, Protocol, cast
 
 from redis.asyncio.client import Pipeline
@@ -51,23 +53,91 @@ async def run_pipeline(pipe: Pipeline, *, within: float) -> list[Any]:
         return []
     if pipe.watching or pipe.explicit_transaction:
         raise ValueError("run_pipeline does not run WATCH or explicit MULTI pipelines")
+    if not pipe.is_transaction:
+        async with round_trip(pipe, within=within) as trip:
+            return await trip.take(len(commands))
     pool = pipe.connection_pool
     connection = cast(Connection, await pool.get_connection())  # type: ignore[no-untyped-call]
     try:
-        if pipe.is_transaction:
-            replies = await _transaction(pipe, connection, commands, within)
-        else:
-            replies = await _round_trip(pipe, connection, commands, within)
+        replies = await _transaction(pipe, connection, commands, within)
     except BaseException as exc:
         await connection.disconnect()
         await pool.release(connection)
-        if isinstance(exc, TimeoutError):
-            raise RedisTimeoutError(f"no reply within {within:g} s") from None
-        if isinstance(exc, OSError):
-            raise RedisConnectionError(str(exc)) from exc
+        if isinstance(exc, TimeoutError | OSError):
+            raise _outage(exc) from exc
         raise
     await pool.release(connection)
     return replies
+
+
+class RoundTrip:
+    """A non-transactional pipeline sent in one write, its replies read as the caller needs
+    them: the first ones can be used while a blocking command at the end still waits."""
+
+    def __init__(self, pipe: Pipeline, connection: Connection, deadline: float) -> None:
+        self._pipe = pipe
+        self._commands = pipe.command_stack
+        self._connection = connection
+        self._writer, self._parser = _parts(connection)
+        self._deadline = deadline
+        self.unread = len(self._commands)
+
+    async def send(self) -> None:
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                self._writer.writelines(
+                    self._connection.pack_commands(args for args, _ in self._commands)
+                )
+                await self._writer.drain()
+        except (TimeoutError, OSError) as exc:
+            raise _outage(exc) from exc
+
+    async def take(self, count: int) -> list[Any]:
+        """The next `count` replies, in order, as `run_pipeline` gives them."""
+        if count > self.unread:
+            raise ValueError(f"{count} replies asked for, {self.unread} unread")
+        first = len(self._commands) - self.unread
+        replies: list[Any] = []
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                for args, options in self._commands[first : first + count]:
+                    reply = await self._parser.read_response(
+                        disable_decoding=_NEVER_DECODE in options
+                    )
+                    self.unread -= 1
+                    replies.append(await _through_callback(self._pipe, args, options, reply))
+        except (TimeoutError, OSError) as exc:
+            raise _outage(exc) from exc
+        return replies
+
+
+@asynccontextmanager
+async def round_trip(pipe: Pipeline, *, within: float) -> AsyncIterator[RoundTrip]:
+    """Send `pipe`'s commands in one write; `take` their replies inside the block, all
+    within `within` seconds of the send. The connection is dropped when the block ends with
+    replies unread or on any error: a reply no one read must not reach its next user."""
+    if pipe.is_transaction:
+        raise ValueError("round_trip runs non-transactional pipelines only")
+    pool = pipe.connection_pool
+    connection = cast(Connection, await pool.get_connection())  # type: ignore[no-untyped-call]
+    try:
+        trip = RoundTrip(pipe, connection, asyncio.get_running_loop().time() + within)
+        await trip.send()
+        yield trip
+    except BaseException:
+        await connection.disconnect()
+        await pool.release(connection)
+        raise
+    if trip.unread:
+        await connection.disconnect()
+    await pool.release(connection)
+
+
+def _outage(exc: TimeoutError | OSError) -> RedisTimeoutError | RedisConnectionError:
+    """A missed deadline or a socket error as redis-py's outage errors."""
+    if isinstance(exc, TimeoutError):
+        return RedisTimeoutError("no reply before the round trip's deadline")
+    return RedisConnectionError(str(exc))
 
 
 def _parts(connection: Connection) -> tuple[asyncio.StreamWriter, _AsyncParser]:
@@ -75,20 +145,6 @@ def _parts(connection: Connection) -> tuple[asyncio.StreamWriter, _AsyncParser]:
     if writer is None:
         raise RedisConnectionError("connection is not connected")
     return writer, cast(_AsyncParser, connection._parser)
-
-
-async def _round_trip(
-    pipe: Pipeline, connection: Connection, commands: Any, within: float
-) -> list[Any]:
-    writer, parser = _parts(connection)
-    async with asyncio.timeout(within):
-        writer.writelines(connection.pack_commands(args for args, _ in commands))
-        await writer.drain()
-        replies: list[Any] = []
-        for args, options in commands:
-            reply = await parser.read_response(disable_decoding=_NEVER_DECODE in options)
-            replies.append(await _through_callback(pipe, args, options, reply))
-    return replies
 
 
 async def _transaction(

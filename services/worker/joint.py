@@ -6,8 +6,9 @@ delivery benchmark's saturation rate (8 partitions, ~4 800 events/s, batches of 
 the worker spent 0.66-0.76 cores, more than at saturation, most of it in redis-py's fixed cost
 per round trip. On a single server (standalone, or the primary behind Sentinel) one
 XREADGROUP reads many streams, so this loop reads every steady partition at once and applies
-all their batches in one pipeline, with the acks of the round before and the read of the next
-round (blocking when no reply of the batch is needed soon, as `PartitionConsumer` does).
+all their batches in one pipeline, with the acks of the round before and the blocking read of
+the next round: the replies of the effects come back at once and each batch is settled while
+the read still waits (`round_trip`), so a batch costs one round trip, not two.
 
 A partition joins when its own loop is steady (nothing pending that it has not applied) and
 goes back to its own loop, which reads its pending list from the start in order as after any
@@ -34,7 +35,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
 from services.core import keys
-from services.core.lean_pipeline import run_pipeline
+from services.core.lean_pipeline import round_trip, run_pipeline
 from services.core.redis_client import COMMAND_TIMEOUT_SECONDS, REDIS_DOWN
 from services.core.settings import Settings
 from services.core.streams import Entry, parse_read
@@ -189,7 +190,10 @@ class JointConsumer:
         self, members: list[PartitionConsumer], entries: dict[int, list[Entry]]
     ) -> None:
         """Every member's batch in one pipeline, with the acks of the last round and the next
-        read; then each batch is settled by its partition."""
+        read, which blocks: each batch is settled by its partition as soon as the replies of
+        its effects are in, while the read waits for new entries. Under a light load that is
+        one round trip per batch; the usage counts, retries and acks of a batch go with the
+        next round (at most `JOIN_WAIT_SECONDS` later)."""
         by_partition = {member.partition: member for member in members}
         batches: list[tuple[PartitionConsumer, Batch]] = []
         try:
@@ -207,20 +211,23 @@ class JointConsumer:
                     batches.append((member, batch))
                 staying = self._staying()
                 counts = [member.queue_acks(pipe, lazy=True) for member in staying]
-                self._queue_read(pipe, staying, block=all(b.quiet() for _, b in batches))
+                self._queue_read(pipe, staying, block=True)
                 applied_at = time.time()
                 for _, batch in batches:
                     batch.applied_at = applied_at
-                replies = await run_pipeline(pipe, within=self._deadline)
-            effects = sum(len(batch.decoded) for _, batch in batches)
-            used = self._take_acks(staying, counts, replies[effects:])
-            offset = 0
-            for member, batch in batches:
-                mine = replies[offset : offset + len(batch.decoded)]
-                offset += len(batch.decoded)
-                if not await member.settle(batch, mine):
-                    self._leave(member.partition, pause=True)
-            ahead = self._split(replies[effects + used], staying)
+                effects = sum(len(batch.decoded) for _, batch in batches)
+                async with round_trip(pipe, within=self._deadline) as trip:
+                    replies = await trip.take(effects + sum(counts))
+                    self._take_acks(staying, counts, replies[effects:])
+                    offset = 0
+                    for member, batch in batches:
+                        mine = replies[offset : offset + len(batch.decoded)]
+                        offset += len(batch.decoded)
+                        if not await member.settle(batch, mine):
+                            self._leave(member.partition, pause=True)
+                        batch.end_spans()
+                    (read,) = await trip.take(1)
+            ahead = self._split(read, staying)
             for member in self._staying():
                 member.ahead = ahead.get(member.partition, [])
         finally:

@@ -144,9 +144,11 @@ class Batch:
         )
 
     def end_spans(self) -> None:
-        for span in self.spans:
+        """End the spans still open (once: a span ended twice is an SDK warning)."""
+        for i, span in enumerate(self.spans):
             if span is not None:
                 span.end()
+                self.spans[i] = None
 
 
 class PartitionConsumer:

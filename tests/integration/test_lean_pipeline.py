@@ -12,7 +12,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from services.core.lean_pipeline import run_pipeline
+from services.core.lean_pipeline import round_trip, run_pipeline
 from services.core.redis_client import create_redis
 from services.core.settings import load_settings
 
@@ -98,6 +98,44 @@ async def test_a_missed_deadline_raises_and_drops_the_connection(redis: Redis) -
 async def test_an_empty_pipeline_needs_no_round_trip(redis: Redis) -> None:
     async with redis.pipeline(transaction=False) as pipe:
         assert await run_pipeline(pipe, within=1.0) == []
+
+
+async def test_replies_before_a_blocking_read_are_taken_while_it_waits(redis: Redis) -> None:
+    client = create_redis(load_settings(redis_url=_url(redis)), max_connections=1, retries=0)
+    try:
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.set("lean:rt", "v")
+            pipe.get("lean:rt")
+            pipe.blpop(["lean:rt-list"], timeout=5)
+            async with round_trip(pipe, within=6.0) as trip:
+                # Taken while the BLPOP still waits: nothing has been pushed yet.
+                assert await trip.take(2) == [True, b"v"]
+                assert trip.unread == 1
+                await redis.rpush("lean:rt-list", "pushed")
+                assert await trip.take(1) == [(b"lean:rt-list", b"pushed")]
+            with pytest.raises(ValueError, match="asked for"):
+                await trip.take(1)
+        assert await client.get("lean:rt") == b"v"  # the connection went back to the pool
+    finally:
+        await client.aclose()
+
+
+async def test_leaving_a_round_trip_with_replies_unread_drops_its_connection(
+    redis: Redis,
+) -> None:
+    client = create_redis(load_settings(redis_url=_url(redis)), max_connections=1, retries=0)
+    try:
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.set("lean:left", "1")
+            pipe.blpop(["lean:left-list"], timeout=1)
+            async with round_trip(pipe, within=2.0) as trip:
+                assert await trip.take(1) == [True]
+        # The BLPOP's reply went with the dropped connection: this GET gets its own.
+        await redis.rpush("lean:left-list", "late")
+        assert await client.get("lean:left") == b"1"
+        assert await redis.lrange("lean:left-list", 0, -1) == [b"late"]
+    finally:
+        await client.aclose()
 
 
 def queue_a_transaction(pipe: Any) -> None:
