@@ -274,8 +274,8 @@ class ChatService:
             task.action.deadline.timestamp(),
         )
 
-    def _deadlines(self, task: _NewTask) -> tuple[str, str]:
-        ref = task.ref
+    def _deadlines(self, ref: TaskRef) -> tuple[str, str]:
+        """The task's deadlines set (its session's partition) and its member there."""
         partition = keys.partition_of(
             ref.tenant_id, ref.session_id, self.settings.callback_partitions
         )
@@ -291,7 +291,7 @@ class ChatService:
         when the task already existed: redis-py resent the script after a lost connection,
         and its first run had created the task."""
         location, where, deadline = self._placement(task)
-        deadlines, member = self._deadlines(task)
+        deadlines, member = self._deadlines(task.ref)
         task_keys, task_args = self.tasks.script_args(
             task.ref, "create", attempt=0, seq=0, body=task.body, fields=task.fields
         )
@@ -335,7 +335,7 @@ class ChatService:
         ref, stream = task.ref, task.stream
         encoded = task.fields["action"]
         location, where, deadline = self._placement(task)
-        deadlines, member = self._deadlines(task)
+        deadlines, member = self._deadlines(task.ref)
         # A cluster pipeline runs its commands on several nodes at once, in no order: there the
         # action is added once the task state is written (one more round trip).
         cluster = is_cluster(self.redis)
@@ -490,12 +490,17 @@ class ChatService:
                 task_id=task_id,
                 trace_context=telemetry.inject(span),
             )
-            await self.redis.xadd(
-                keys.CANCEL_STREAM,
-                {ACTION_FIELD: encode_action(notice)},
-                maxlen=CANCEL_STREAM_MAXLEN,
-                approximate=True,
-            )
+            # The deadline of a finished task has nothing left to time out.
+            deadlines, member = self._deadlines(ref)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(
+                    keys.CANCEL_STREAM,
+                    {ACTION_FIELD: encode_action(notice)},
+                    maxlen=CANCEL_STREAM_MAXLEN,
+                    approximate=True,
+                )
+                pipe.zrem(deadlines, member)
+                await pipe.execute()
         return Cancelled(task_id=task_id, status=TaskStatus.cancelled)
 
 

@@ -191,6 +191,10 @@ class PartitionConsumer:
         # Usage of completions applied, counted with the acks (before them, in the same round
         # trip: a crash in between redelivers the completion, which counts it again, once).
         self._spent: list[Spent] = []
+        # Deadlines of the tasks the last batch ended, removed with the acks: a finished task's
+        # deadline would otherwise stay in the partition's sorted set until it fired, only to
+        # be refused by the task script (one wasted script call per task, minutes later).
+        self._ended: dict[str, list[str]] = {}
         self.reload_scripts = False
         # The next batch, read with the last batch's effects; and whether that read found our
         # pending list holding something it should not (see `_read_ahead`).
@@ -383,6 +387,7 @@ class PartitionConsumer:
             lazy
             and not self._spent
             and not self._retries
+            and not self._ended
             and len(self._acks) < LAZY_ACKS
             and time.monotonic() - self._acks_since < LAZY_ACK_SECONDS
         )
@@ -398,11 +403,13 @@ class PartitionConsumer:
                 cost=spent.usage.cost,
             )
             scripts.queue(pipe, scripts.usage_add, script_keys, args)
+        for deadlines, members in self._ended.items():
+            pipe.zrem(deadlines, *members)
         if self._retries:  # scheduled before the failure callbacks are acknowledged
             pipe.zadd(keys.partition_retries(self.partition), self._retries)
         if self._acks:
             pipe.xack(self.stream, keys.WORKER_GROUP, *self._acks)
-        return len(self._spent) + bool(self._retries) + bool(self._acks)
+        return len(self._spent) + len(self._ended) + bool(self._retries) + bool(self._acks)
 
     def acked(self, replies: list[Any]) -> None:
         """Take the replies of what `queue_acks` queued; raise the first failed ack (the acks
@@ -422,9 +429,10 @@ class PartitionConsumer:
                 raise reply
         self._acks = []
         self._retries = {}
+        self._ended = {}
 
     async def _flush_acks(self) -> None:
-        if not self._acks and not self._retries and not self._spent:
+        if not self._acks and not self._retries and not self._spent and not self._ended:
             return
         if self.reload_scripts:
             self.reload_scripts = False
@@ -566,6 +574,7 @@ class PartitionConsumer:
             if _ends_task(action, plan) and outcome.verdict in (Verdict.ok, Verdict.final):
                 ref = TaskRef(action.tenant_id, action.session_id, str(action.task_id))
                 finished.append((ref, outcome.detail if outcome.verdict is Verdict.ok else None))
+                self._end_deadline(ref)
             if isinstance(plan, Retry) and outcome.verdict in (Verdict.ok, Verdict.requeued):
                 retries[plan.member] = plan.due
             elif isinstance(plan, Spent) and _completed_now_or_before(outcome):
@@ -593,6 +602,15 @@ class PartitionConsumer:
             else:
                 log.warning("callback %s failed, will retry: %s", entry.id, error)
         return False
+
+    def _end_deadline(self, ref: TaskRef) -> None:
+        """Remove the task's deadline with the next acks (where the api put it: the session's
+        partition, which is this one unless the partition count changed in between)."""
+        partition = keys.partition_of(
+            ref.tenant_id, ref.session_id, self.settings.callback_partitions
+        )
+        member = keys.task_member(ref.tenant_id, ref.session_id, ref.task_id)
+        self._ended.setdefault(keys.partition_deadlines(partition), []).append(member)
 
     async def _dead_letter(self, entry: Entry, reason: str) -> None:
         with telemetry.consumer(

@@ -11,6 +11,7 @@ import pytest
 from services.cli.embedded import RedisServer
 from services.core import keys
 from services.core.events import parse_event_id
+from services.core.settings import load_settings
 from tests.e2e.clients import (
     Event,
     auth,
@@ -141,6 +142,55 @@ async def test_an_answered_action_is_acknowledged_with_its_answer(
                     aes, keys.AES_GROUP, min=entry_id, max=entry_id, count=1
                 )
                 assert pending == []
+    finally:
+        await client.aclose()
+        await ws.close()
+
+
+async def test_a_finished_task_leaves_no_deadline_behind(
+    deployment: Deployment, e2e_redis: RedisServer
+) -> None:
+    """A task's deadline is for unfinished tasks: the worker removes it when the task ends
+    (answered or failed for good), instead of leaving it to fire minutes later for nothing."""
+    tenant, session = unique("t"), unique("s")
+    ws, _ = await connect(deployment.api.ws_url, tenant, session)
+    client = redis_client(e2e_redis)
+    partitions = load_settings().callback_partitions  # the stack runs with the default
+    deadlines = keys.partition_deadlines(keys.partition_of(tenant, session, partitions))
+    failing = {"simulate": {"fail_attempts": 1, "retryable": False}}
+    try:
+        async with httpx.AsyncClient() as http:
+            for body in ({"message": "answer me"}, {"message": "fail me", "context": failing}):
+                reply = await send(
+                    http, deployment.api.url, tenant, {**body, "session_id": session}
+                )
+                task_id = reply.json()["task_id"]
+                member = keys.task_member(tenant, session, task_id)
+                events = await events_until(ws, final_of(task_id))
+                assert events[-1]["type"] in ("chat.response", "chat.error")
+                # Removed with the acks of the worker's next round: within its read's block.
+                for _ in range(100):
+                    if await client.zscore(deadlines, member) is None:
+                        break
+                    await asyncio.sleep(0.02)
+                assert await client.zscore(deadlines, member) is None
+            # Cancelled by the client: the cancel request itself removes it.
+            stalled = {
+                "message": "wait",
+                "session_id": session,
+                "context": {"simulate": {"stall": True}},
+            }
+            reply = await send(http, deployment.api.url, tenant, stalled)
+            task_id = reply.json()["task_id"]
+            member = keys.task_member(tenant, session, task_id)
+            assert await client.zscore(deadlines, member) is not None
+            cancel = await http.post(
+                f"{deployment.api.url}/api/chat/cancel",
+                json={"task_id": task_id},
+                headers=auth(tenant),
+            )
+            assert cancel.status_code == 200
+            assert await client.zscore(deadlines, member) is None
     finally:
         await client.aclose()
         await ws.close()
