@@ -56,18 +56,11 @@ async def run_pipeline(pipe: Pipeline, *, within: float) -> list[Any]:
     if not pipe.is_transaction:
         async with round_trip(pipe, within=within) as trip:
             return await trip.take(len(commands))
-    pool = pipe.connection_pool
-    connection = cast(Connection, await pool.get_connection())  # type: ignore[no-untyped-call]
-    try:
-        replies = await _transaction(pipe, connection, commands, within)
-    except BaseException as exc:
-        await connection.disconnect()
-        await pool.release(connection)
-        if isinstance(exc, TimeoutError | OSError):
+    async with _borrowed(pipe) as connection:
+        try:
+            return await _transaction(pipe, connection, commands, within)
+        except (TimeoutError, OSError) as exc:
             raise _outage(exc) from exc
-        raise
-    await pool.release(connection)
-    return replies
 
 
 class RoundTrip:
@@ -118,19 +111,27 @@ async def round_trip(pipe: Pipeline, *, within: float) -> AsyncIterator[RoundTri
     replies unread or on any error: a reply no one read must not reach its next user."""
     if pipe.is_transaction:
         raise ValueError("round_trip runs non-transactional pipelines only")
-    pool = pipe.connection_pool
-    connection = cast(Connection, await pool.get_connection())  # type: ignore[no-untyped-call]
-    try:
+    async with _borrowed(pipe) as connection:
         trip = RoundTrip(pipe, connection, asyncio.get_running_loop().time() + within)
         await trip.send()
         yield trip
+        if trip.unread:
+            await connection.disconnect()
+
+
+@asynccontextmanager
+async def _borrowed(pipe: Pipeline) -> AsyncIterator[Connection]:
+    """A connection of `pipe`'s pool for one round trip, dropped on any error (it may hold
+    replies no one will read) and given back in every case."""
+    pool = pipe.connection_pool
+    connection = cast(Connection, await pool.get_connection())  # type: ignore[no-untyped-call]
+    try:
+        yield connection
     except BaseException:
         await connection.disconnect()
-        await pool.release(connection)
         raise
-    if trip.unread:
-        await connection.disconnect()
-    await pool.release(connection)
+    finally:
+        await pool.release(connection)
 
 
 def _outage(exc: TimeoutError | OSError) -> RedisTimeoutError | RedisConnectionError:

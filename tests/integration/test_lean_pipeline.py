@@ -17,6 +17,15 @@ from services.core.redis_client import create_redis
 from services.core.settings import load_settings
 
 
+def assert_same_replies(lean: list[Any], expected: list[Any]) -> None:
+    """Equal replies, and an error reply where redis-py has one, of the same type."""
+    for mine, theirs in zip(lean, expected, strict=True):
+        if isinstance(theirs, Exception):
+            assert type(mine) is type(theirs)
+        else:
+            assert mine == theirs
+
+
 def queue_a_mix(pipe: Any) -> None:
     pipe.set("lean:k", "v")
     pipe.get("lean:k")
@@ -46,11 +55,7 @@ async def test_replies_are_those_of_redis_py_own_pipeline(redis: Redis) -> None:
     finally:
         await client.aclose()
     assert len(lean) == len(expected) == 13
-    for mine, theirs in zip(lean, expected, strict=True):
-        if isinstance(theirs, Exception):
-            assert type(mine) is type(theirs)
-        else:
-            assert mine == theirs
+    assert_same_replies(lean, expected)
     assert isinstance(lean[8], NoScriptError)
     assert isinstance(lean[9], ResponseError)
     assert lean[1] == b"v"
@@ -164,11 +169,7 @@ async def test_a_transaction_replies_as_redis_py_own(redis: Redis) -> None:
     finally:
         await client.aclose()
     assert len(lean) == len(expected) == 8
-    for mine, theirs in zip(lean, expected, strict=True):
-        if isinstance(theirs, Exception):
-            assert type(mine) is type(theirs)
-        else:
-            assert mine == theirs
+    assert_same_replies(lean, expected)
     assert lean[2] == [[b"lean:t", [(b"1-1", {b"f": b"v"})]]]
     assert lean[3] == 1
     assert isinstance(lean[5], ResponseError)
