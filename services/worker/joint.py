@@ -33,7 +33,6 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
-from redis.typing import KeyT, StreamIdT
 
 from services.core import keys
 from services.core.lean_pipeline import round_trip, run_pipeline
@@ -139,19 +138,14 @@ class JointConsumer:
         if batches:
             await self._apply(members, batches)
 
-    def _queue_read(self, pipe: Pipeline, members: list[PartitionConsumer]) -> None:
-        """A blocking read, then the same read without blocking: two replies.
-
-        Redis serves a blocked reader right after the first command that adds to its streams,
-        so a producer's pipelined batch wakes it with only its first entry, and the rest would
-        wait a whole round. A command queued behind a blocked one runs once the producer's
-        whole pipeline has been processed, so the second read takes the rest of the batch in
-        the same round trip."""
-        streams: dict[KeyT, StreamIdT] = {member.stream: ">" for member in members}
-        count = self.settings.worker_batch_size
-        group, consumer = keys.WORKER_GROUP, self.consumer
-        pipe.xreadgroup(group, consumer, streams, count=count, block=self._block_ms)
-        pipe.xreadgroup(group, consumer, streams, count=count)
+    def _queue_read(self, pipe: Pipeline, members: list[PartitionConsumer], block: bool) -> None:
+        pipe.xreadgroup(
+            keys.WORKER_GROUP,
+            self.consumer,
+            {member.stream: ">" for member in members},
+            count=self.settings.worker_batch_size,
+            block=self._block_ms if block else None,
+        )
 
     def _take_acks(
         self, members: list[PartitionConsumer], counts: list[int], replies: list[Any]
@@ -168,32 +162,29 @@ class JointConsumer:
             offset += count
         return offset
 
-    def _split(self, reads: list[Any], members: list[PartitionConsumer]) -> dict[int, list[Entry]]:
-        """The two multi-stream reads of `_queue_read` by partition, in order, without the
-        partitions leaving (their own loop reads them from their pending list). Every member
-        goes back to its own loop if a read failed (a stream without its group fails the whole
-        command)."""
+    def _split(self, read: Any, members: list[PartitionConsumer]) -> dict[int, list[Entry]]:
+        """A multi-stream read of `members` by partition, without the partitions leaving
+        (their own loop reads them from their pending list). Every member goes back to its own
+        loop if the read failed (a stream without its group fails the whole command)."""
+        if isinstance(read, BaseException):
+            log.warning("partitions %s: read failed (%s)", [m.partition for m in members], read)
+            for member in members:
+                self._leave(member.partition, pause=True)
+            return {}
         partition_of = {member.stream: member.partition for member in members}
         batches: dict[int, list[Entry]] = {}
-        for read in reads:
-            if isinstance(read, BaseException):
-                failed = [m.partition for m in members]
-                log.warning("partitions %s: read failed (%s)", failed, read)
-                for member in members:
-                    self._leave(member.partition, pause=True)
-                return {}
-            for entry in parse_read(read):
-                batches.setdefault(partition_of[entry.stream], []).append(entry)
+        for entry in parse_read(read):
+            batches.setdefault(partition_of[entry.stream], []).append(entry)
         return {p: read for p, read in batches.items() if p not in self._leaving}
 
     async def _read(self, members: list[PartitionConsumer]) -> dict[int, list[Entry]]:
         """The acks of the last round, then a blocking read of every member's stream."""
         async with self.redis.pipeline(transaction=False) as pipe:
             counts = [member.queue_acks(pipe) for member in members]
-            self._queue_read(pipe, members)
+            self._queue_read(pipe, members, block=True)
             replies = await run_pipeline(pipe, within=self._deadline)
         used = self._take_acks(members, counts, replies)
-        return self._split(replies[used:], members)
+        return self._split(replies[used], members)
 
     async def _apply(
         self, members: list[PartitionConsumer], entries: dict[int, list[Entry]]
@@ -220,7 +211,7 @@ class JointConsumer:
                     batches.append((member, batch))
                 staying = self._staying()
                 counts = [member.queue_acks(pipe, lazy=True) for member in staying]
-                self._queue_read(pipe, staying)
+                self._queue_read(pipe, staying, block=True)
                 applied_at = time.time()
                 for _, batch in batches:
                     batch.applied_at = applied_at
@@ -235,8 +226,8 @@ class JointConsumer:
                         if not await member.settle(batch, mine):
                             self._leave(member.partition, pause=True)
                         batch.end_spans()
-                    reads = await trip.take(2)
-            ahead = self._split(reads, staying)
+                    (read,) = await trip.take(1)
+            ahead = self._split(read, staying)
             for member in self._staying():
                 member.ahead = ahead.get(member.partition, [])
         finally:

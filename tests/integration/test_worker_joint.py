@@ -99,11 +99,11 @@ async def test_partitions_are_read_together_and_each_session_keeps_its_order(
     settings = settings_for(redis_url)
     async with joint_worker(redis, settings) as (joint, _):
         await wait_until(lambda: _joined(joint, PARTITIONS))
-        applied_together: list[dict[int, int]] = []
+        applied_together: list[set[int]] = []
         real_apply = joint._apply
 
         async def recording_apply(members: list[PartitionConsumer], entries: dict) -> None:  # type: ignore[type-arg]
-            applied_together.append({p: len(read) for p, read in entries.items()})
+            applied_together.append(set(entries))
             await real_apply(members, entries)
 
         joint._apply = recording_apply  # type: ignore[method-assign]
@@ -116,9 +116,9 @@ async def test_partitions_are_read_together_and_each_session_keeps_its_order(
 
     for session in range(3):
         assert await logged(redis, f"s{session}") == [n for n in range(1, 31) if n % 3 == session]
-    # Redis serves the blocked read right after the burst's first entry; the read queued
-    # behind it runs after the whole burst, so the first round applies all of it at once.
-    assert applied_together[0] == {0: 10, 1: 10, 2: 10}
+    # The blocked read returns with the burst's first entry; the read that came with its
+    # effects found the three partitions' entries, applied in one pipeline.
+    assert {0, 1, 2} in applied_together
 
 
 async def test_a_partition_whose_batch_failed_retries_alone_then_joins_again(
