@@ -38,6 +38,7 @@ if __package__ in (None, ""):  # `python bench/run.py`: make the repository impo
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import scenarios
+from bench.calibrate import calibrate, summary
 from bench.common import machine, raise_open_files
 
 SCENARIOS = ("delivery", "idle", "chat", "storm")
@@ -300,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.ExitStack() as exits:
             run = scenarios.Run(plan, log_dir, exits, say)
             results["processes"] = run.pids
+            results["machine"]["calibration_at_start"] = calibrate(run.redis.url)
+            say(f"machine: {summary(results['machine']['calibration_at_start'])}")
             if args.profile is not None:
                 args.profile.mkdir(parents=True, exist_ok=True)
                 run.profile_dir = args.profile
@@ -318,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
                     "ours": {**ours["plain"], "stream": ours["stream"]},
                     "floor": {**floor["plain"], "stream": floor["stream"]},
                 }
+            results["machine"]["calibration_at_end"] = calibrate(run.redis.url)
+            say(f"machine: {summary(results['machine']['calibration_at_end'])}")
     except BaseException as exc:
         failed = True
         results["failed"] = f"{type(exc).__name__}: {exc}"

@@ -78,6 +78,11 @@ def test_smoke_run_writes_every_figure_and_leaves_nothing_running(tmp_path: Path
     assert machine["memory_bytes"] > 0
     assert machine["python"]
     assert "python-socketio" in machine["packages"]
+    for moment in ("calibration_at_start", "calibration_at_end"):
+        _positive(machine, f"{moment}.python_loop_ms")
+        for idle in ("back_to_back", "after_2ms_idle"):
+            _positive(machine, f"{moment}.xadd_cpu_us.{idle}")
+            _positive(machine, f"{moment}.xadd_wall_us.{idle}")
     assert "delivery_events_ratio" in results["bar"]
     assert "| ratio" in done.stdout  # the table was printed
 
