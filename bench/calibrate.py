@@ -1,9 +1,9 @@
-"""How fast this machine is right now, so that runs on different days can be compared.
+"""How fast this machine is right now, so that runs at different times can be compared.
 
 Every ratio of a run compares two sides measured minutes apart on the same machine, but the
 absolute figures (and the ratios that depend on how many processes an event crosses) move
 with the machine's state: on the development VM the same code measured a plain chat message
-at 1.7-1.8 ms sequentially one day and 4.2 ms the next, with the Redis-hops floor's CPU per
+at 1.7-1.8 ms sequentially and, an hour later, at 4.2 ms, with the Redis-hops floor's CPU per
 message 175 vs 320 us. Two figures explain most of that, and `bench/run.py` records both at
 the start and at the end of a run (`machine.calibration` in the JSON):
 
