@@ -4,6 +4,7 @@ connection usable after."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -42,16 +43,25 @@ def queue_a_mix(pipe: Any) -> None:
     pipe.zscore("lean:z", "m")
 
 
+async def lean_then_redis_py(
+    client: Redis, queue: Callable[[Any], None], *, transaction: bool
+) -> tuple[list[Any], list[Any]]:
+    """The replies of the commands `queue` adds, through `run_pipeline`, then (on an empty
+    database again) through redis-py's own pipeline."""
+    async with client.pipeline(transaction=transaction) as pipe:
+        queue(pipe)
+        lean = await run_pipeline(pipe, within=2.0)
+    await client.flushall()
+    async with client.pipeline(transaction=transaction) as pipe:
+        queue(pipe)
+        expected = await pipe.execute(raise_on_error=False)
+    return lean, expected
+
+
 async def test_replies_are_those_of_redis_py_own_pipeline(redis: Redis) -> None:
     client = create_redis(load_settings(redis_url=_url(redis)), max_connections=2, retries=0)
     try:
-        async with client.pipeline(transaction=False) as pipe:
-            queue_a_mix(pipe)
-            lean = await run_pipeline(pipe, within=2.0)
-        await client.flushall()
-        async with client.pipeline(transaction=False) as pipe:
-            queue_a_mix(pipe)
-            expected = await pipe.execute(raise_on_error=False)
+        lean, expected = await lean_then_redis_py(client, queue_a_mix, transaction=False)
     finally:
         await client.aclose()
     assert len(lean) == len(expected) == 13
@@ -157,13 +167,7 @@ def queue_a_transaction(pipe: Any) -> None:
 async def test_a_transaction_replies_as_redis_py_own(redis: Redis) -> None:
     client = create_redis(load_settings(redis_url=_url(redis)), max_connections=2, retries=0)
     try:
-        async with client.pipeline(transaction=True) as pipe:
-            queue_a_transaction(pipe)
-            lean = await run_pipeline(pipe, within=2.0)
-        await client.flushall()
-        async with client.pipeline(transaction=True) as pipe:
-            queue_a_transaction(pipe)
-            expected = await pipe.execute(raise_on_error=False)
+        lean, expected = await lean_then_redis_py(client, queue_a_transaction, transaction=True)
         # Nothing of the transaction is left unread on the connection.
         assert await client.ping() is True
     finally:
