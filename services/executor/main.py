@@ -38,6 +38,7 @@ from services.core.actions import (
     decode_action,
     encode_action,
 )
+from services.core.heap import freeze_startup_heap
 from services.core.lean_pipeline import run_pipeline
 from services.core.logs import log_context
 from services.core.metric_buckets import LATENCY_BUCKETS
@@ -403,4 +404,5 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(signum, executor.stopping.set)
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
+    freeze_startup_heap()
     await executor.run()

@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from services.core import keys
+from services.core.heap import freeze_startup_heap
 from services.core.redis_client import REDIS_DOWN, create_redis
 from services.core.scripts import Scripts
 from services.core.settings import RedisMode, Settings
@@ -203,4 +204,5 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(signum, worker.stopping.set)
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
+    freeze_startup_heap()
     await worker.run()

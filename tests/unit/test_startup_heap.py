@@ -1,11 +1,11 @@
-"""The api freezes its start-up heap, and never freezes start-up garbage with it."""
+"""A process freezes its start-up heap, and never freezes start-up garbage with it."""
 
 from __future__ import annotations
 
 import gc
 import weakref
 
-from services.cli.serve_api import freeze_startup_heap
+from services.core.heap import freeze_startup_heap
 
 
 class Node:
