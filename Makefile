@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install dev test lint typecheck schemas latency clean
+.PHONY: install dev test lint typecheck schemas latency clean browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,18 @@ typecheck: $(STAMP)
 schemas: $(STAMP)
 	$(BIN)/orchestrator schemas
 
-test: lint typecheck $(STAMP)
+# The browser tests (tests/e2e/test_browser.py) drive Debian's Chromium through Playwright.
+browser:
+	@command -v chromium >/dev/null 2>&1 || [ -n "$$CHROMIUM" ] || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else \
+	    echo "make test: the browser tests need Chromium: install Debian's 'chromium'" \
+	      "or set CHROMIUM=/path/to/chrome" >&2; \
+	    exit 1; \
+	  fi; }
+
+test: lint typecheck browser $(STAMP)
 	$(BIN)/orchestrator schemas --check
 	$(BIN)/pytest
 

@@ -129,11 +129,24 @@ def provide_runtime(request: AnyRequest) -> Runtime:
     return runtime
 
 
+# Response headers a page must be able to read: a browser hides every header of a cross-origin
+# response but a safelisted few unless the response names it (a page could not see its
+# remaining rate, when to retry after a 429, or that a send was a replay).
+EXPOSED_HEADERS = [
+    "RateLimit-Limit",
+    "RateLimit-Remaining",
+    "RateLimit-Reset",
+    "Retry-After",
+    "Idempotent-Replayed",
+]
+
+
 def _cors(settings: Settings) -> CORSConfig | None:
     """CORS for the pages of `ORCHESTRATOR_ALLOWED_ORIGINS`; none when the list is empty."""
     if not settings.allowed_origins:
         return None
     return CORSConfig(
+        expose_headers=EXPOSED_HEADERS,
         allow_origins=list(settings.allowed_origins),
         allow_headers=[
             "Authorization",

@@ -1,0 +1,265 @@
+"""A real browser (Debian's Chromium, driven by Playwright) on a page of an allowed origin.
+
+What only a browser checks: the CORS preflight of a send with `Authorization`, which response
+headers a page may read (`RateLimit-*`, `Retry-After`, `Idempotent-Replayed`), error bodies a
+page can read on a refusal, the socket's subprotocol handshake, and that a page of another
+origin gets neither the REST API nor a socket. The page is served from 127.0.0.1 (Chromium
+keeps `about:blank` pages off loopback); `localhost` on the same port is the foreign origin.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from playwright.async_api import Browser, Page, async_playwright
+
+from services.cli.embedded import RedisServer, free_port
+from tests.e2e.clients import token, unique
+from tests.e2e.conftest import FAST_EXECUTOR, Deployment, new_stack
+
+pytestmark = pytest.mark.e2e
+
+# Without the networking flags Chromium tries Google's hosts at start and is refused by this
+# machine's closed network; as root it needs --no-sandbox.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+FREE_PER_SESSION = 10  # the free tier's requests per minute per session
+
+
+def chromium_path() -> str:
+    path = os.environ.get("CHROMIUM") or shutil.which("chromium")
+    if path is None:
+        pytest.fail(
+            "no Chromium for the browser tests: install Debian's 'chromium' (`make test` and "
+            ".ci/run do) or set CHROMIUM to a Chrome or Chromium binary"
+        )
+    return path
+
+
+class _Page(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"<!doctype html><title>chat</title>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def page_port() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def allowed(
+    e2e_redis: RedisServer, page_port: int, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Deployment]:
+    """A deployment that admits pages of http://127.0.0.1:<page_port> only; free tier."""
+    stack = new_stack(
+        e2e_redis,
+        tmp_path_factory.mktemp("logs"),
+        allowed_origins=f"http://127.0.0.1:{page_port}",
+        default_tier="free",
+        **FAST_EXECUTOR,
+    )
+    try:
+        api = stack.start_api()
+        stack.start("worker")
+        stack.start("executor")
+        stack.wait_ready(api)
+        yield Deployment(stack, api)
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=chromium_path(), args=CHROMIUM_ARGS
+        )
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+async def open_page(browser: Browser, origin: str) -> Page:
+    page = await browser.new_page()
+    await page.goto(origin + "/")
+    return page
+
+
+# Runs in the page: a socket, then a send by REST; what the page could see of both.
+CHAT = """
+async ({api, ws, tenant, session, token}) => {
+  const sock = new WebSocket(
+    `${ws}/ws/${tenant}/${session}`, ["orchestrator.v1", "bearer." + token]
+  );
+  const types = [];
+  let answer = null;
+  const answered = new Promise((resolve, reject) => {
+    sock.onmessage = (m) => {
+      const event = JSON.parse(m.data);
+      types.push(event.type);
+      if (event.type === "chat.response") { answer = event; resolve(); }
+    };
+    sock.onerror = () => reject(new Error("socket error"));
+  });
+  await new Promise((resolve, reject) => {
+    sock.onopen = resolve;
+    sock.onerror = () => reject(new Error("socket refused"));
+  });
+  const send = () => fetch(`${api}/api/chat/send`, {
+    method: "POST",
+    headers: {
+      "Authorization": "Bearer " + token,
+      "Content-Type": "application/json",
+      "Idempotency-Key": session,
+    },
+    body: JSON.stringify({message: "hello from a browser", session_id: session}),
+  });
+  const first = await send();
+  const sent = await first.json();
+  await answered;
+  const again = await send();
+  const result = {
+    protocol: sock.protocol,
+    status: first.status,
+    task_id: sent.task_id,
+    limit: first.headers.get("RateLimit-Limit"),
+    remaining: first.headers.get("RateLimit-Remaining"),
+    reset: first.headers.get("RateLimit-Reset"),
+    replayed: again.headers.get("Idempotent-Replayed"),
+    replayed_task: (await again.json()).task_id,
+    types: types,
+    answer_task: answer.task_id,
+  };
+  sock.close();
+  return result;
+}
+"""
+
+# Runs in the page: sends until refused; the refusal as the page sees it.
+REFUSALS = """
+async ({api, session, token, count}) => {
+  const send = (auth) => fetch(`${api}/api/chat/send`, {
+    method: "POST",
+    headers: {"Authorization": auth, "Content-Type": "application/json"},
+    body: JSON.stringify({message: "again", session_id: session}),
+  });
+  const statuses = [];
+  let refused = null;
+  for (let i = 0; i < count; i++) {
+    const reply = await send("Bearer " + token);
+    statuses.push(reply.status);
+    if (reply.status === 429) {
+      const code = (await reply.json()).error.code;
+      refused = {retry_after: reply.headers.get("Retry-After"), code};
+      break;
+    }
+    await reply.json();
+  }
+  const forged = await send("Bearer not.a.jwt");
+  const code = (await forged.json()).error.code;
+  return {statuses, refused, forged: {status: forged.status, code}};
+}
+"""
+
+# Runs in a page of a foreign origin: what it gets of the API and of a socket.
+FOREIGN = """
+async ({api, ws, tenant, session, token}) => {
+  let rest;
+  try {
+    await fetch(`${api}/api/chat/send`, {
+      method: "POST",
+      headers: {"Authorization": "Bearer " + token, "Content-Type": "application/json"},
+      body: JSON.stringify({message: "from elsewhere", session_id: session}),
+    });
+    rest = "readable";
+  } catch (error) {
+    rest = "blocked";
+  }
+  const socket = await new Promise((resolve) => {
+    const sock = new WebSocket(
+      `${ws}/ws/${tenant}/${session}`, ["orchestrator.v1", "bearer." + token]
+    );
+    sock.onopen = () => { sock.close(); resolve("open"); };
+    sock.onclose = (event) => resolve(`closed ${event.code}`);
+  });
+  return {rest, socket};
+}
+"""
+
+
+def endpoints(deployment: Deployment, tenant: str) -> dict[str, str]:
+    return {
+        "api": deployment.api.url,
+        "ws": deployment.api.ws_url,
+        "tenant": tenant,
+        "token": token(tenant),
+    }
+
+
+async def test_a_page_of_an_allowed_origin_chats_and_reads_the_rate_limit_headers(
+    allowed: Deployment, browser: Browser, page_port: int
+) -> None:
+    tenant = unique("t")
+    page = await open_page(browser, f"http://127.0.0.1:{page_port}")
+    seen = await page.evaluate(CHAT, {**endpoints(allowed, tenant), "session": unique("s")})
+    assert seen["protocol"] == "orchestrator.v1"
+    assert seen["status"] == 202
+    assert seen["types"][0] == "connection.ack"
+    assert seen["types"][-1] == "chat.response"
+    assert seen["answer_task"] == seen["task_id"]
+    assert seen["limit"] == str(FREE_PER_SESSION)
+    assert seen["remaining"] == str(FREE_PER_SESSION - 1)
+    assert seen["reset"] is not None
+    assert int(seen["reset"]) > 0
+    assert seen["replayed"] == "true"
+    assert seen["replayed_task"] == seen["task_id"]
+
+
+async def test_a_page_reads_the_refusals_retry_after_and_error_bodies(
+    allowed: Deployment, browser: Browser, page_port: int
+) -> None:
+    tenant = unique("t")
+    page = await open_page(browser, f"http://127.0.0.1:{page_port}")
+    seen = await page.evaluate(
+        REFUSALS,
+        {**endpoints(allowed, tenant), "session": unique("s"), "count": FREE_PER_SESSION + 1},
+    )
+    assert seen["statuses"] == [202] * FREE_PER_SESSION + [429]
+    assert seen["refused"]["code"] == "rate_limited"
+    assert int(seen["refused"]["retry_after"]) >= 1
+    assert seen["forged"] == {"status": 401, "code": "unauthorized"}
+
+
+async def test_a_page_of_another_origin_gets_neither_the_api_nor_a_socket(
+    allowed: Deployment, browser: Browser, page_port: int
+) -> None:
+    tenant = unique("t")
+    page = await open_page(browser, f"http://localhost:{page_port}")
+    seen = await page.evaluate(FOREIGN, {**endpoints(allowed, tenant), "session": unique("s")})
+    assert seen["rest"] == "blocked"
+    assert seen["socket"] == "closed 1006"  # refused with 403 before the handshake
