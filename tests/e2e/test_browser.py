@@ -212,6 +212,15 @@ async ({api, ws, tenant, session, token}) => {
 """
 
 
+# Runs in the page: a socket opened with `protocols`; how it ended, as the page sees it.
+CLOSED = """
+async ({ws, tenant, session, protocols}) => new Promise((resolve) => {
+  const sock = new WebSocket(`${ws}/ws/${tenant}/${session}`, protocols);
+  sock.onclose = (event) => resolve({code: event.code, reason: event.reason});
+})
+"""
+
+
 def endpoints(deployment: Deployment, tenant: str) -> dict[str, str]:
     return {
         "api": deployment.api.url,
@@ -263,3 +272,24 @@ async def test_a_page_of_another_origin_gets_neither_the_api_nor_a_socket(
     seen = await page.evaluate(FOREIGN, {**endpoints(allowed, tenant), "session": unique("s")})
     assert seen["rest"] == "blocked"
     assert seen["socket"] == "closed 1006"  # refused with 403 before the handshake
+
+
+async def test_a_page_sees_why_its_socket_was_refused(
+    allowed: Deployment, browser: Browser, page_port: int
+) -> None:
+    """Refusals after the Origin check complete the handshake and close with a code and a
+    reason, so a page can tell "sign in again" from a network error (1006, no reason)."""
+    tenant = unique("t")
+    page = await open_page(browser, f"http://127.0.0.1:{page_port}")
+    ends = {
+        "forged token": (["orchestrator.v1", "bearer.not.a.jwt"], "unauthorized"),
+        "no token": (["orchestrator.v1"], "unauthorized: no token"),
+        "other tenant": (["orchestrator.v1", "bearer." + token(unique("t"))], "forbidden"),
+    }
+    for name, (protocols, reason) in ends.items():
+        seen = await page.evaluate(
+            CLOSED, {"ws": allowed.api.ws_url, "tenant": tenant, "session": unique("s"),
+                     "protocols": protocols},
+        )  # fmt: skip
+        assert seen["code"] == 1008, name
+        assert seen["reason"].startswith(reason), (name, seen["reason"])
