@@ -37,7 +37,12 @@ ADAPTER = ROOT / "k8s" / "prometheus-adapter.yaml"
 # The modules whose import registers a process's metrics (the process's entry module included,
 # so that a metric defined anywhere it imports is seen).
 PROCESS_MODULES = {
-    "api": ("services.api.app", "services.api.metrics", "services.api.admission"),
+    "api": (
+        "services.cli.serve_api",
+        "services.api.app",
+        "services.api.metrics",
+        "services.api.admission",
+    ),
     "worker": ("services.worker.main", "services.worker.metrics", "services.persistence.writer"),
     "executor": ("services.executor.main",),
 }

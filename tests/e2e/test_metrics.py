@@ -121,3 +121,16 @@ async def test_stream_lag_is_reported_once_per_stream(
         if name == "orchestrator_stream_pending"
     }
     assert pending == lag, "lag and pending are reported together"
+
+
+async def test_each_process_reports_its_garbage_collection_pauses(
+    metered: tuple[LocalStack, Child, Child, Child],
+) -> None:
+    """The full collection made when a process freezes its start-up heap is the first one
+    observed: each process shows at least that one, with a duration."""
+    _, api, worker, executor = metered
+    for child in (api, worker, executor):
+        samples = scrape(child.metrics_port)
+        full = total(samples, "orchestrator_gc_pause_seconds_count", generation="2")
+        assert full >= 1, child.role
+        assert total(samples, "orchestrator_gc_pause_seconds_sum", generation="2") > 0, child.role
