@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from litestar import Request, Response, get, post
+from litestar.di import NamedDependency
 from litestar.openapi import ResponseSpec
-from litestar.params import Parameter
+from litestar.openapi.spec import OpenAPIHeader, OpenAPIResponse, OpenAPIType, Operation, Schema
+from litestar.openapi.spec import Parameter as HeaderParameter
+from litestar.params import JSONBody, Parameter
 
 from services.api.auth import header_id, pick
 from services.api.models import (
@@ -27,6 +31,73 @@ AnyRequest = Request[Any, Any, Any]
 
 MAX_IDEMPOTENCY_KEY = 255
 
+_ID = Schema(type=OpenAPIType.STRING, pattern=ID_PATTERN)
+_SECONDS = Schema(type=OpenAPIType.INTEGER, minimum=0)
+# The send's optional request headers: read and checked by our own code (`header_id`,
+# `idempotency_key`), so that a bad value gets our error body, and documented here.
+SEND_HEADERS = [
+    HeaderParameter(
+        name="Idempotency-Key",
+        param_in="header",
+        schema=Schema(type=OpenAPIType.STRING, min_length=1, max_length=MAX_IDEMPOTENCY_KEY),
+        description="a repeated key of the same tenant within 24 hours answers with the "
+        "first task (`Idempotent-Replayed: true`) and enqueues nothing",
+    ),
+    HeaderParameter(
+        name="X-Session-ID",
+        param_in="header",
+        schema=_ID,
+        description="the session, when the body has no `session_id` (they must agree)",
+    ),
+    HeaderParameter(
+        name="X-Agent-ID",
+        param_in="header",
+        schema=_ID,
+        description="the agent, when the body has no `agent_id` (they must agree)",
+    ),
+    HeaderParameter(
+        name="X-Tenant-ID",
+        param_in="header",
+        schema=_ID,
+        description="if given, must be the token's tenant (403 otherwise)",
+    ),
+]
+RATE_HEADERS = {
+    "RateLimit-Limit": OpenAPIHeader(
+        schema=_SECONDS, description="requests per minute of the limit nearest exhaustion"
+    ),
+    "RateLimit-Remaining": OpenAPIHeader(
+        schema=_SECONDS, description="requests left in its window"
+    ),
+    "RateLimit-Reset": OpenAPIHeader(schema=_SECONDS, description="seconds until it resets"),
+}
+
+
+@dataclass
+class SendOperation(Operation):
+    """The send's operation with the headers Litestar does not see: ours are read from the
+    request by our own code, and its answers carry the rate-limit headers."""
+
+    def __post_init__(self) -> None:
+        self.parameters = [*(self.parameters or []), *SEND_HEADERS]
+        responses = self.responses or {}
+        accepted, refused = responses.get("202"), responses.get("429")
+        if isinstance(accepted, OpenAPIResponse):
+            accepted.headers = {
+                **RATE_HEADERS,
+                "Idempotent-Replayed": OpenAPIHeader(
+                    schema=Schema(type=OpenAPIType.STRING, const="true"),
+                    description="present when an Idempotency-Key repeated an earlier send",
+                ),
+            }
+        if isinstance(refused, OpenAPIResponse):
+            refused.headers = {
+                **RATE_HEADERS,
+                "Retry-After": OpenAPIHeader(
+                    schema=_SECONDS, description="seconds to wait before sending again"
+                ),
+            }
+
 
 def idempotency_key(request: AnyRequest) -> str | None:
     value = request.headers.get("idempotency-key")
@@ -41,10 +112,23 @@ def idempotency_key(request: AnyRequest) -> str | None:
     "/api/chat/send",
     status_code=202,
     summary="Send a chat message",
-    responses={429: ResponseSpec(ErrorBody, description="rate limited or over budget")},
+    responses={
+        401: ResponseSpec(ErrorBody, description="no token, or an expired or forged one"),
+        403: ResponseSpec(
+            ErrorBody, description="X-Tenant-ID is not the token's tenant, or an unknown tenant"
+        ),
+        413: ResponseSpec(ErrorBody, description="body over ORCHESTRATOR_MAX_BODY_BYTES"),
+        422: ResponseSpec(ErrorBody, description="a field is missing, unknown or invalid"),
+        429: ResponseSpec(ErrorBody, description="rate limited or over budget"),
+        503: ResponseSpec(ErrorBody, description="Redis unreachable: retry"),
+    },
+    operation_class=SendOperation,
 )
 async def send_message(
-    data: SendRequest, principal: Principal, runtime: Runtime, request: AnyRequest
+    data: JSONBody[SendRequest],
+    principal: NamedDependency[Principal],
+    runtime: NamedDependency[Runtime],
+    request: AnyRequest,
 ) -> Response[Accepted]:
     """Accept a message for the agent; events arrive on the session's socket.
 
@@ -67,20 +151,28 @@ async def send_message(
 
 
 @post("/api/chat/status", status_code=200, summary="Status of a task")
-async def task_status(data: TaskRequest, principal: Principal, runtime: Runtime) -> TaskView:
+async def task_status(
+    data: JSONBody[TaskRequest],
+    principal: NamedDependency[Principal],
+    runtime: NamedDependency[Runtime],
+) -> TaskView:
     return await runtime.chat.status(principal, data.task_id)
 
 
 @get("/api/chat/tasks/{task_id:str}", summary="Status of a task")
 async def get_task(
     task_id: Annotated[str, Parameter(pattern=ID_PATTERN, description="task id")],
-    principal: Principal,
-    runtime: Runtime,
+    principal: NamedDependency[Principal],
+    runtime: NamedDependency[Runtime],
 ) -> TaskView:
     return await runtime.chat.status(principal, task_id)
 
 
 @post("/api/chat/cancel", status_code=200, summary="Cancel a task")
-async def cancel_task(data: TaskRequest, principal: Principal, runtime: Runtime) -> Cancelled:
+async def cancel_task(
+    data: JSONBody[TaskRequest],
+    principal: NamedDependency[Principal],
+    runtime: NamedDependency[Runtime],
+) -> Cancelled:
     """Cancel a task that is not final yet; 409 when it already is."""
     return await runtime.chat.cancel(principal, data.task_id)

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from litestar import Request, get
+from litestar.di import NamedDependency
 from litestar.response import Response
 from redis.exceptions import ResponseError
 
@@ -99,7 +100,9 @@ async def detailed(request: AnyRequest) -> Response[dict[str, Any]]:
 
 
 @get("/ws/stats", summary="Sockets on this pod: totals and the caller's tenant")
-async def socket_stats(request: AnyRequest, principal: Principal) -> dict[str, Any]:
+async def socket_stats(
+    request: AnyRequest, principal: NamedDependency[Principal]
+) -> dict[str, Any]:
     """Other tenants' counts are not shown to a tenant; SREs read them from the metrics."""
     runtime = _runtime(request)
     per_tenant = runtime.hub.per_tenant()

@@ -11,7 +11,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from litestar import delete, get
-from litestar.params import Parameter
+from litestar.di import NamedDependency
+from litestar.params import Parameter, QueryParameter
 
 from services.api.runtime import Runtime
 from services.core import keys
@@ -36,8 +37,8 @@ def _history(runtime: Runtime) -> HistoryStore:
 @get("/api/sessions/{session_id:str}/messages", summary="A session's history, newest last")
 async def session_messages(
     session_id: SessionId,
-    principal: Principal,
-    runtime: Runtime,
+    principal: NamedDependency[Principal],
+    runtime: NamedDependency[Runtime],
     limit: Annotated[int, Parameter(ge=1, description="page size")] = 50,
     cursor: Annotated[str | None, Parameter(description="next_cursor of a page")] = None,
     after_event_id: Annotated[
@@ -55,7 +56,9 @@ async def session_messages(
 
 @delete("/api/sessions/{session_id:str}", status_code=200, summary="Erase a session's history")
 async def erase_session(
-    session_id: SessionId, principal: Principal, runtime: Runtime
+    session_id: SessionId,
+    principal: NamedDependency[Principal],
+    runtime: NamedDependency[Runtime],
 ) -> dict[str, Any]:
     """Deletes the persisted messages and the live event log, so a resume cannot replay
     what was erased; the tenant's usage stays counted."""
@@ -69,10 +72,10 @@ async def erase_session(
 
 @get("/api/usage", summary="The tenant's usage and cost per UTC day")
 async def tenant_usage(
-    principal: Principal,
-    runtime: Runtime,
-    day_from: Annotated[str | None, Parameter(query="from", description="YYYY-MM-DD")] = None,
-    day_to: Annotated[str | None, Parameter(query="to", description="YYYY-MM-DD")] = None,
+    principal: NamedDependency[Principal],
+    runtime: NamedDependency[Runtime],
+    day_from: Annotated[str | None, QueryParameter(name="from", description="YYYY-MM-DD")] = None,
+    day_to: Annotated[str | None, QueryParameter(name="to", description="YYYY-MM-DD")] = None,
 ) -> dict[str, Any]:
     history = _history(runtime)
     today = datetime.now(UTC).date()
