@@ -10,18 +10,22 @@ keeps `about:blank` pages off loopback); `localhost` on the same port is the for
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
 from services.cli.embedded import RedisServer, free_port
+from services.core.quotas import QuotaStore
+from services.core.settings import load_settings
 from tests.e2e.clients import token, unique
-from tests.e2e.conftest import FAST_EXECUTOR, Deployment, new_stack
+from tests.e2e.conftest import FAST_EXECUTOR, Deployment, new_stack, redis_client
 
 pytestmark = pytest.mark.e2e
 
@@ -37,6 +41,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 FREE_PER_SESSION = 10  # the free tier's requests per minute per session
+PRO_PER_SESSION = 60  # the pro tier's (`make dev`'s demo tenant, whose tier streams)
 
 
 def chromium_path() -> str:
@@ -293,3 +298,88 @@ async def test_a_page_sees_why_its_socket_was_refused(
         )  # fmt: skip
         assert seen["code"] == 1008, name
         assert seen["reason"].startswith(reason), (name, seen["reason"])
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_page_code(api_url: str, ws_url: str, tenant: str, session: str) -> str:
+    """The README's code for a page (its first ```js block), pointed at this deployment."""
+    block = re.search(r"```js\n(.*?)```", README.read_text(), re.S)
+    assert block, "README.md has no ```js block for pages"
+    code = block.group(1)
+    for old, new in (
+        ("http://127.0.0.1:8000", api_url),
+        ("ws://127.0.0.1:8000", ws_url),
+        ('tenant = "demo"', f'tenant = "{tenant}"'),
+        ('session = "my-session"', f'session = "{session}"'),
+    ):
+        assert old in code, f"the README's page code no longer has {old!r}"
+        code = code.replace(old, new)
+    # What the README leaves to the page: showing events and signing in again.
+    return (
+        code
+        + "\nconst events = []; function show(e) { events.push(e); }\n"
+        + ("let signedOut = null; function signIn(reason) { signedOut = reason; }\n")
+    )
+
+
+# Loaded before the README's code: keeps every socket the page opens, so the test can drop one.
+KEEP_SOCKETS = """
+const sockets = [];
+window.WebSocket = class extends WebSocket {
+  constructor(...args) { super(...args); sockets.push(this); }
+};
+"""
+
+
+async def test_the_readme_code_for_pages_chats_and_resumes(
+    allowed: Deployment, browser: Browser, page_port: int, e2e_redis: RedisServer
+) -> None:
+    """The README's snippet, run as it is written: a send, its answer on the socket, the rate
+    headers; a dropped socket reconnecting from `lastId` with what was sent meanwhile, nothing
+    twice; and a socket refused for a bad token handed to `signIn`."""
+    tenant, session = unique("t"), unique("s")
+    redis = redis_client(e2e_redis)
+    try:  # the README's page streams: the tier of `make dev`'s demo tenant, not the free one
+        await QuotaStore(redis, load_settings()).set(tenant, "pro")
+    finally:
+        await redis.aclose()
+    page = await open_page(browser, f"http://127.0.0.1:{page_port}")
+    await page.add_script_tag(content=KEEP_SOCKETS)
+    await page.add_script_tag(
+        content=readme_page_code(allowed.api.url, allowed.api.ws_url, tenant, session)
+    )
+    seen = await page.evaluate(
+        """async (token) => {
+          const until = async (test) => {
+            for (let i = 0; i < 500 && !test(); i++) await new Promise((r) => setTimeout(r, 20));
+            return test();
+          };
+          const acks = () => events.filter((e) => e.type === "connection.ack");
+          const answer = (sent) => events.some(
+            (e) => e.type === "chat.response" && e.task_id === sent.task_id);
+          connect(token);
+          await until(() => acks().length === 1);
+          const sent = await send(token, "hello from the README");
+          const answered = await until(() => answer(sent));
+          sockets[0].close(4000, "dropped");  // not 1008: the snippet reconnects in a second
+          await until(() => sockets[0].readyState === WebSocket.CLOSED);
+          const away = await send(token, "while away");
+          const resumedAnswer = await until(() => acks().length === 2 && answer(away));
+          connect("not.a.jwt");
+          await until(() => signedOut !== null);
+          return {
+            remaining: sent.remaining, answered, resumedAnswer, signedOut,
+            resumed: acks()[1].data.resumed,
+            ids: events.filter((e) => e.type !== "connection.ack").map((e) => e.id),
+          };
+        }""",
+        token(tenant),
+    )
+    assert seen["answered"]
+    assert seen["remaining"] == PRO_PER_SESSION - 1
+    assert seen["resumedAnswer"]
+    assert seen["resumed"] is True
+    assert len(seen["ids"]) == len(set(seen["ids"]))  # nothing twice across the reconnect
+    assert seen["signedOut"].startswith("unauthorized")
