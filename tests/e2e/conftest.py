@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -53,11 +54,11 @@ class Deployment:
         self.api = api
 
 
-@pytest.fixture(scope="module")
-def deployment(
-    e2e_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Deployment]:
-    stack = new_stack(e2e_redis, tmp_path_factory.mktemp("logs"), **FAST_EXECUTOR)
+@contextmanager
+def deploy(redis: LocalRedis, log_dir: Path, **settings: str) -> Iterator[Deployment]:
+    """One api, one worker and one executor on `redis` with `settings`, ready; all stopped
+    at the end."""
+    stack = new_stack(redis, log_dir, **settings)
     try:
         api = stack.start_api()
         stack.start("worker")
@@ -66,3 +67,11 @@ def deployment(
         yield Deployment(stack, api)
     finally:
         stack.stop()
+
+
+@pytest.fixture(scope="module")
+def deployment(
+    e2e_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Deployment]:
+    with deploy(e2e_redis, tmp_path_factory.mktemp("logs"), **FAST_EXECUTOR) as deployed:
+        yield deployed

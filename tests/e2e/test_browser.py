@@ -25,7 +25,7 @@ from services.cli.embedded import RedisServer, free_port
 from services.core.quotas import QuotaStore
 from services.core.settings import load_settings
 from tests.e2e.clients import token, unique
-from tests.e2e.conftest import FAST_EXECUTOR, Deployment, new_stack, redis_client
+from tests.e2e.conftest import FAST_EXECUTOR, Deployment, deploy, redis_client
 
 pytestmark = pytest.mark.e2e
 
@@ -80,21 +80,14 @@ def allowed(
     e2e_redis: RedisServer, page_port: int, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Deployment]:
     """A deployment that admits pages of http://127.0.0.1:<page_port> only; free tier."""
-    stack = new_stack(
+    with deploy(
         e2e_redis,
         tmp_path_factory.mktemp("logs"),
         allowed_origins=f"http://127.0.0.1:{page_port}",
         default_tier="free",
         **FAST_EXECUTOR,
-    )
-    try:
-        api = stack.start_api()
-        stack.start("worker")
-        stack.start("executor")
-        stack.wait_ready(api)
-        yield Deployment(stack, api)
-    finally:
-        stack.stop()
+    ) as deployed:
+        yield deployed
 
 
 @pytest.fixture

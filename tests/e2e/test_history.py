@@ -15,7 +15,7 @@ from services.cli.embedded_postgres import PostgresServer
 from services.cli.stack import Child, LocalStack
 from services.persistence.migrate import migrate
 from tests.e2e.clients import Event, auth, connect, events_until, final_of, send, unique
-from tests.e2e.conftest import FAST_EXECUTOR, new_stack
+from tests.e2e.conftest import FAST_EXECUTOR, deploy, new_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -32,21 +32,14 @@ def postgres() -> Iterator[PostgresServer]:
 def persisted(
     e2e_redis: RedisServer, postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[LocalStack, Child]]:
-    stack = new_stack(
+    with deploy(
         e2e_redis,
         tmp_path_factory.mktemp("logs"),
         database_url=postgres.url(),
         session_log_maxlen="10",
         **FAST_EXECUTOR,
-    )
-    try:
-        api = stack.start_api()
-        stack.start("worker")
-        stack.start("executor")
-        stack.wait_ready(api)
-        yield stack, api
-    finally:
-        stack.stop()
+    ) as deployed:
+        yield deployed.stack, deployed.api
 
 
 async def history(
