@@ -172,6 +172,15 @@ def table(results: dict[str, Any]) -> str:
                 "socketio " + _fmt(round(p.get("events_per_s", 0))),
                 _ratio(d["events_per_s"], p.get("events_per_s")),
             )
+            # Where the p99 line goes: the same path without the worker hop, at half of its
+            # own rate, against the peer's p99 at half of the peer's.
+            add(
+                "delivery",
+                "p50 / p99 ms at half of own rate, no worker",
+                _pair(d, "p50_ms", "p99_ms"),
+                "socketio " + _pair(p, "p50_ms", "p99_ms"),
+                _ratio(d["p99_ms"], p.get("p99_ms")),
+            )
     idle = results.get("idle")
     if idle:
         o = idle.get("ours", {}).get("bytes_per_socket")
