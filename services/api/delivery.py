@@ -35,10 +35,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from services.api.connections import CLOSE_INTERNAL, ClientConnection, traced_frame
 from services.api.session_log import read_since
 from services.core import keys, telemetry
+from services.core.delivery_lag import LagClock
 from services.core.events import ERROR, frame, frame_id, frame_with_id
 from services.core.redis_client import REDIS_DOWN, ClusterClient, as_lost_connection
 
 log = logging.getLogger(__name__)
+_LAG = LagClock("api")  # live events only: a replay from the log is not a delivery's lag
 
 WATCH_INTERVAL_SECONDS = 0.5  # how often a lane's watchdog looks at it
 PING_IDLE_SECONDS = 2.0  # ping the subscription after this long without any message
@@ -457,6 +459,7 @@ class SessionHub:
         """Continue the message's trace on the delivery hop: a CONSUMER span for the channel
         and, per socket, a `websocket send` span that ends when the frame is written."""
         event_id = frame_id(text)
+        _LAG.since(event_id)
         with telemetry.consumer(
             channel, {"traceparent": parent}, message_id=event_id, sockets=len(members)
         ):
@@ -481,6 +484,7 @@ class SessionHub:
                     self._deliver_traced(channel, members, *text.split("\n", 1))
                     return
                 event_id = frame_id(text)
+                _LAG.since(event_id)
                 for conn in members:
                     conn.deliver(event_id, text)
                 return

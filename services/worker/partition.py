@@ -46,6 +46,7 @@ from services.core.actions import (
     action_type_of,
     decode_callback,
 )
+from services.core.delivery_lag import LagClock
 from services.core.redis_client import REDIS_DOWN
 from services.core.scripts import missing_script
 from services.core.settings import Settings
@@ -69,6 +70,10 @@ from services.worker.callbacks import CallbackEffects, FollowUp, Position, Retry
 from services.worker.schedule import PartitionSchedule
 
 log = logging.getLogger(__name__)
+
+_LAG = LagClock("worker")
+# The verdicts whose effect sent the client an event (the answer, a chunk, a retry's status).
+_DELIVERED = frozenset({Verdict.ok, Verdict.requeued})
 
 
 RETRY_PAUSE_SECONDS = 0.5
@@ -561,6 +566,8 @@ class PartitionConsumer:
             done.append(entry.id)
             outcome = parse_outcome(result)
             verdicts[outcome.verdict] += 1
+            if outcome.verdict in _DELIVERED:  # a redelivery that changed nothing is not timed
+                _LAG.since(entry.id, applied_at)
             if not isinstance(action, WebsocketSend | WebsocketBroadcast):  # no task metrics
                 metrics.observe(
                     action,

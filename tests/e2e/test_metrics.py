@@ -91,6 +91,22 @@ async def test_each_process_counts_the_chats_it_handled(
         > 0
     )
     assert total(worker_metrics, "orchestrator_callbacks_total", verdict="ok") >= 3
+    # Every callback that changed something was timed from its XADD, and nothing else was.
+    applied = total(worker_metrics, "orchestrator_callbacks_total", verdict="ok")
+    assert total(worker_metrics, "orchestrator_delivery_lag_seconds_count", hop="worker") == applied
+    # Live events reached the api's socket: at least the three answers, at most what it sent.
+    delivered = total(api_metrics, "orchestrator_delivery_lag_seconds_count", hop="api")
+    assert (
+        3
+        <= delivered
+        <= total(api_metrics, "orchestrator_websocket_messages_total", direction="out")
+    )
+    for samples, hop, count in (
+        (worker_metrics, "worker", applied),
+        (api_metrics, "api", delivered),
+    ):
+        mean = total(samples, "orchestrator_delivery_lag_seconds_sum", hop=hop) / count
+        assert 0 <= mean < 2, f"{hop}: mean lag {mean} s on loopback"
 
     executor_metrics = scrape(executor.metrics_port)
     assert total(executor_metrics, "orchestrator_executor_tasks_total", outcome="completed") == 3
