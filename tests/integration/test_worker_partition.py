@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -24,6 +25,7 @@ from services.core.actions import (
     WebsocketSend,
     encode_action,
 )
+from services.core.delivery_lag import DELIVERY_LAG_METRIC
 from services.core.scripts import Scripts
 from services.core.settings import Settings, load_settings
 from services.core.streams import Entry
@@ -142,6 +144,12 @@ async def drain(consumer: PartitionConsumer, redis: Redis) -> None:
     await running
 
 
+def worker_lags() -> float:
+    """How many deliveries the worker hop has timed so far in this process."""
+    labels = {"hop": "worker"}
+    return REGISTRY.get_sample_value(f"{DELIVERY_LAG_METRIC}_count", labels) or 0.0
+
+
 async def test_a_redelivered_send_or_broadcast_applies_once_with_one_mark_per_session(
     redis: Redis,
 ) -> None:
@@ -151,13 +159,16 @@ async def test_a_redelivered_send_or_broadcast_applies_once_with_one_mark_per_se
     await redis.xadd(STREAM, {ACTION_FIELD: encode_action(everyone)})
     pubsub = redis.pubsub()
     await pubsub.ssubscribe(keys.tenant_channel("acme"))
+    timed = worker_lags()
     await drain(consumer_of(redis, "w1"), redis)
     assert await logged(redis, "s1") == [1, 2, 3]
+    assert worker_lags() == timed + 4  # each applied entry's delivery lag, once
 
     # Every entry delivered again (acknowledgements lost, say): nothing is applied twice.
     await redis.xgroup_setid(STREAM, keys.WORKER_GROUP, "0")
     await drain(consumer_of(redis, "w2"), redis)
     assert await logged(redis, "s1") == [1, 2, 3]
+    assert worker_lags() == timed + 4  # a redelivery that changed nothing is not timed
     broadcasts = []
     while (message := await pubsub.get_message(timeout=0.2)) is not None:
         if message["type"] == "smessage":
