@@ -459,10 +459,10 @@ class SessionHub:
         """Continue the message's trace on the delivery hop: a CONSUMER span for the channel
         and, per socket, a `websocket send` span that ends when the frame is written."""
         event_id = frame_id(text)
-        _LAG.since(event_id)
         with telemetry.consumer(
             channel, {"traceparent": parent}, message_id=event_id, sockets=len(members)
         ):
+            _LAG.since(event_id, exemplar=telemetry.exemplar())
             for conn in members:
                 span = telemetry.tracer().start_span(
                     "websocket send",

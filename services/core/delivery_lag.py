@@ -42,12 +42,18 @@ class LagClock:
     def __init__(self, hop: str) -> None:
         self._observe = delivery_lag.labels(hop).observe
 
-    def since(self, stream_id: str, now: float | None = None) -> None:
+    def since(
+        self,
+        stream_id: str,
+        now: float | None = None,
+        exemplar: dict[str, str] | None = None,
+    ) -> None:
         """Record the time from `stream_id`'s millisecond part to `now` (epoch seconds; the
-        current time when not given). An id that is not `<ms>-<seq>` is ignored: a metric must
-        never fail a delivery."""
+        current time when not given), with the `exemplar` of a traced event (its trace id: a
+        slow delivery on the dashboard opens its trace). An id that is not `<ms>-<seq>` is
+        ignored: a metric must never fail a delivery."""
         millis, _, _ = stream_id.partition("-")
         if not millis.isdigit():
             return
         lag = (time.time() if now is None else now) - int(millis) / 1000
-        self._observe(lag if lag > 0 else 0.0)
+        self._observe(lag if lag > 0 else 0.0, exemplar)

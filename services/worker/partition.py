@@ -566,14 +566,15 @@ class PartitionConsumer:
             done.append(entry.id)
             outcome = parse_outcome(result)
             verdicts[outcome.verdict] += 1
+            exemplar = telemetry.exemplar(span) if span is not None else None
             if outcome.verdict in _DELIVERED:  # a redelivery that changed nothing is not timed
-                _LAG.since(entry.id, applied_at)
+                _LAG.since(entry.id, applied_at, exemplar)
             if not isinstance(action, WebsocketSend | WebsocketBroadcast):  # no task metrics
                 metrics.observe(
                     action,
                     outcome,
                     retried=isinstance(plan, Retry),
-                    exemplar=telemetry.exemplar(span) if span is not None else None,
+                    exemplar=exemplar,
                     applied_at=applied_at,
                 )
             if span is not None:

@@ -9,6 +9,9 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 
 from services.cli.embedded import RedisServer
 from services.cli.otlp_sink import ReceivedSpan, Receiver
@@ -233,3 +236,41 @@ async def test_log_lines_are_json_with_the_trace_id_and_never_hold_a_secret(
     assert bearer not in everything
     assert SECRET not in everything
     assert "log me" not in everything, "message bodies are not logged"
+
+
+def lag_exemplars(port: int | None, hop: str) -> set[str]:
+    """The trace ids on `hop`'s delivery-lag buckets, as Prometheus scrapes them (OpenMetrics,
+    the format that carries exemplars)."""
+    reply = httpx.get(
+        f"http://127.0.0.1:{port}/metrics",
+        headers={"Accept": "application/openmetrics-text; version=1.0.0"},
+        timeout=5,
+    )
+    found: set[str] = set()
+    for family in openmetrics_families(reply.text):
+        if family.name != "orchestrator_delivery_lag_seconds":
+            continue
+        for sample in family.samples:
+            if sample.labels.get("hop") == hop and sample.exemplar is not None:
+                found.add(sample.exemplar.labels["trace_id"])
+    return found
+
+
+async def test_a_traced_answer_leaves_its_trace_on_the_delivery_lag_of_both_hops(
+    traced: tuple[LocalStack, Child, Receiver],
+) -> None:
+    """A slow delivery on the dashboard opens its trace: the worker's and the api's lag
+    buckets carry the trace id of the answer they timed."""
+    stack, api, receiver = traced
+    worker = next(child for child in stack.children if child.role == "worker")
+    tenant, session = unique("t"), unique("s")
+    ws, _ = await connect(api.ws_url, tenant, session)
+    async with httpx.AsyncClient() as http:
+        reply = await send(http, api.url, tenant, {"message": "lag", "session_id": session})
+    task_id = reply.json()["task_id"]
+    await events_until(ws, final_of(task_id))
+    await ws.close()
+    spans = await trace_of(receiver, task_id, {"agent-orchestrator-api"})
+    trace_id = spans[0].trace_id
+    assert trace_id in lag_exemplars(worker.metrics_port, "worker")
+    assert trace_id in lag_exemplars(api.metrics_port, "api")

@@ -48,3 +48,21 @@ def test_without_a_time_it_is_now() -> None:
     count, total = observed("unit-now")
     assert count == 1
     assert total > 1_600_000_000
+
+
+def test_a_traced_event_leaves_its_trace_id_on_its_bucket() -> None:
+    """A slow delivery on the dashboard opens its trace: the exemplar is on the bucket the
+    lag fell in."""
+    clock = LagClock("unit-traced")
+    trace = {"trace_id": "ab" * 16}
+    clock.since("1700000000000-0", now=1_700_000_000.3, exemplar=trace)  # 300 ms: le=0.5
+    exemplars = {
+        sample.labels["le"]: sample.exemplar
+        for family in REGISTRY.collect()
+        if family.name == DELIVERY_LAG_METRIC
+        for sample in family.samples
+        if sample.labels.get("hop") == "unit-traced" and sample.name.endswith("_bucket")
+    }
+    assert exemplars["0.5"] is not None
+    assert exemplars["0.5"].labels == trace
+    assert exemplars["0.25"] is None
