@@ -57,6 +57,25 @@ async def trace_of(receiver: Receiver, task_id: str, until: set[str]) -> list[Re
     raise AssertionError(f"no complete trace for {task_id}")
 
 
+async def answered(
+    api: Child,
+    receiver: Receiver,
+    tenant: str,
+    session: str,
+    message: str,
+    bearer: str | None = None,
+) -> tuple[str, list[ReceivedSpan]]:
+    """A plain message sent and answered on the session's socket: its task id and the spans of
+    its trace the api has exported so far."""
+    ws, _ = await connect(api.ws_url, tenant, session, bearer=bearer)
+    async with httpx.AsyncClient() as http:
+        reply = await send(http, api.url, tenant, {"message": message, "session_id": session})
+    task_id = reply.json()["task_id"]
+    await events_until(ws, final_of(task_id))
+    await ws.close()
+    return task_id, await trace_of(receiver, task_id, {"agent-orchestrator-api"})
+
+
 def complete(spans: list[ReceivedSpan]) -> bool:
     """Every parent received, and the worker's span, the stream span and the socket send."""
     ids = {s.span_id for s in spans}
@@ -205,13 +224,7 @@ async def test_log_lines_are_json_with_the_trace_id_and_never_hold_a_secret(
     stack, api, receiver = traced
     tenant, session = unique("t"), unique("s")
     bearer = token(tenant)
-    ws, _ = await connect(api.ws_url, tenant, session, bearer=bearer)
-    async with httpx.AsyncClient() as http:
-        reply = await send(http, api.url, tenant, {"message": "log me", "session_id": session})
-    task_id = reply.json()["task_id"]
-    await events_until(ws, final_of(task_id))
-    await ws.close()
-    spans = await trace_of(receiver, task_id, {"agent-orchestrator-api"})
+    task_id, spans = await answered(api, receiver, tenant, session, "log me", bearer=bearer)
 
     deadline = time.monotonic() + 10
     while True:
@@ -263,14 +276,7 @@ async def test_a_traced_answer_leaves_its_trace_on_the_delivery_lag_of_both_hops
     buckets carry the trace id of the answer they timed."""
     stack, api, receiver = traced
     worker = next(child for child in stack.children if child.role == "worker")
-    tenant, session = unique("t"), unique("s")
-    ws, _ = await connect(api.ws_url, tenant, session)
-    async with httpx.AsyncClient() as http:
-        reply = await send(http, api.url, tenant, {"message": "lag", "session_id": session})
-    task_id = reply.json()["task_id"]
-    await events_until(ws, final_of(task_id))
-    await ws.close()
-    spans = await trace_of(receiver, task_id, {"agent-orchestrator-api"})
+    _, spans = await answered(api, receiver, unique("t"), unique("s"), "lag")
     trace_id = spans[0].trace_id
     assert trace_id in lag_exemplars(worker.metrics_port, "worker")
     assert trace_id in lag_exemplars(api.metrics_port, "api")
