@@ -55,6 +55,7 @@ CANCEL_STREAM_MAXLEN = 10_000
 AES_STREAM_MAXLEN = 1_000_000
 IDEMPOTENCY_TTL_SECONDS = 86_400
 ABANDON_RETRY_SECONDS = 30.0
+ABANDON_RETRY_INTERVAL = 0.2
 
 log = logging.getLogger(__name__)
 
@@ -371,26 +372,50 @@ class ChatService:
         """On a cluster the task state and the action live on different nodes, so a send can
         fail after its task was created: fail that task with a clear error (its socket gets
         `chat.error`), and free the `Idempotency-Key` so the client's retry (it got 503) makes
-        a new task instead of being told about one that was never queued. When the task's own
-        node is unreachable too, this is retried in the background for a while."""
-        if await self._fail_unqueued(ref, idempotency):
+        a new task instead of being told about one that was never queued.
+
+        The two are tried on their own: the key usually lives on another node than the task,
+        and when only the task's node is down the key must be freed at once. Were it kept
+        until the task could be marked, a retry arriving after the node came back and before
+        the mark would be answered 202 with this task, then get its `chat.error`. What could
+        not be done is retried in the background for a while."""
+        freed = idempotency is None or await self._free_key(ref, idempotency)
+        failed = await self._fail_unqueued(ref)
+        if freed and failed:
             return
-        retry = asyncio.get_running_loop().create_task(self._abandon_later(ref, idempotency))
+        retry = asyncio.get_running_loop().create_task(
+            self._abandon_later(ref, None if freed else idempotency, failed=failed)
+        )
         self._background.add(retry)
         retry.add_done_callback(self._background.discard)
 
-    async def _abandon_later(self, ref: TaskRef, idempotency: str | None) -> None:
+    async def _abandon_later(self, ref: TaskRef, idempotency: str | None, *, failed: bool) -> None:
+        """Retry what `_abandon` could not do, every `ABANDON_RETRY_INTERVAL` seconds: a
+        short interval, since until both are done a retry that finds the key (when the key
+        and the task share the node that was down) is answered with the abandoned task."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + ABANDON_RETRY_SECONDS
-        delay = 0.2
         while loop.time() < deadline:
-            await asyncio.sleep(delay)
-            if await self._fail_unqueued(ref, idempotency):
+            await asyncio.sleep(ABANDON_RETRY_INTERVAL)
+            if idempotency is not None and await self._free_key(ref, idempotency):
+                idempotency = None
+            failed = failed or await self._fail_unqueued(ref)
+            if idempotency is None and failed:
                 return
-            delay = min(2.0, delay * 2)
         log.warning("a task that was never queued could not be failed", extra={"task": ref})
 
-    async def _fail_unqueued(self, ref: TaskRef, idempotency: str | None) -> bool:
+    async def _free_key(self, ref: TaskRef, idempotency: str) -> bool:
+        """Delete the `Idempotency-Key` if it still names this task; False if Redis could not
+        be reached."""
+        try:
+            if _text(await self.redis.get(idempotency)) == ref.task_id:
+                await self.redis.delete(idempotency)
+        except REDIS_DOWN:
+            return False
+        return True
+
+    async def _fail_unqueued(self, ref: TaskRef) -> bool:
+        """End the task with `chat.error` `unavailable`; False if Redis could not be reached."""
         error = {"code": "unavailable", "message": "the message was not queued; send it again"}
         try:
             await self.tasks.apply(
@@ -403,8 +428,6 @@ class ChatService:
                     "abandoned": "1",
                 },
             )
-            if idempotency is not None and _text(await self.redis.get(idempotency)) == ref.task_id:
-                await self.redis.delete(idempotency)
         except REDIS_DOWN:
             return False
         return True
