@@ -96,6 +96,8 @@ class ChatService:
         self.settings = settings
         self.history: HistoryStore | None = None  # set when PostgreSQL is configured
         self._background: set[asyncio.Task[None]] = set()
+        # Tasks this process abandoned and could not mark yet (`_abandon_later`).
+        self._abandoning: set[str] = set()
 
     async def send(
         self,
@@ -140,6 +142,8 @@ class ChatService:
                     earlier = await self._replay(principal, idempotency)
                     if earlier is not None:
                         return earlier
+                    # ... or the key names a task never queued (`_abandon`): this one takes it.
+                    await self.redis.set(idempotency, ref.task_id, ex=IDEMPOTENCY_TTL_SECONDS)
             outcome = await self._send_in_two_steps(
                 ref, agent_id, principal, request, rules, idempotency
             )
@@ -378,16 +382,20 @@ class ChatService:
         and when only the task's node is down the key must be freed at once. Were it kept
         until the task could be marked, a retry arriving after the node came back and before
         the mark would be answered 202 with this task, then get its `chat.error`. What could
-        not be done is retried in the background for a while."""
+        not be done is retried in the background for a while; until the task is marked, a
+        retry that reaches this process is not answered with it either (`_abandoning`)."""
         freed = idempotency is None or await self._free_key(ref, idempotency)
         failed = await self._fail_unqueued(ref)
         if freed and failed:
             return
+        if not failed:
+            self._abandoning.add(ref.task_id)
         retry = asyncio.get_running_loop().create_task(
             self._abandon_later(ref, None if freed else idempotency, failed=failed)
         )
         self._background.add(retry)
         retry.add_done_callback(self._background.discard)
+        retry.add_done_callback(lambda _: self._abandoning.discard(ref.task_id))
 
     async def _abandon_later(self, ref: TaskRef, idempotency: str | None, *, failed: bool) -> None:
         """Retry what `_abandon` could not do, every `ABANDON_RETRY_INTERVAL` seconds: a
@@ -441,9 +449,10 @@ class ChatService:
         if ref is None or ref.tenant_id != principal.tenant_id:
             return None
         state = await self.tasks.read(ref)
-        if state is None or state.get("abandoned"):
-            # Never queued (see `_abandon`), or never created: on a cluster the task's location
-            # can be written while its state (another node) was not. The retry makes a new task.
+        if state is None or state.get("abandoned") or ref.task_id in self._abandoning:
+            # Never queued (see `_abandon`; this process may not have marked it yet), or never
+            # created: on a cluster the task's location can be written while its state
+            # (another node) was not. The retry makes a new task.
             return None
         status = state.get("status") or TaskStatus.processing
         accepted = Accepted(task_id=ref.task_id, status=status, session_id=ref.session_id)

@@ -103,3 +103,35 @@ async def test_the_key_is_freed_while_the_tasks_node_is_down(
     second = await service.send(session)
     assert second != first
     assert await service.redis.get(idempotency) == second.encode()
+
+
+async def test_until_the_task_is_marked_this_process_does_not_answer_a_retry_with_it(
+    service: Service, redis_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key and the task on the node that went down: neither can be done until it is
+    back. A retry that reaches this process before its background retry ran makes a new
+    task (the background retry is held back here, so nothing else can make that true)."""
+    monkeypatch.setattr("services.api.chat_service.ABANDON_RETRY_INTERVAL", 3600.0)
+    idempotency = keys.tenant_idempotency(TENANT, _digest(KEY))
+    await service.redis.delete(idempotency)
+    session = next(
+        f"s{n}"
+        for n in range(100)
+        if node_port(redis_cluster, keys.task_state(TENANT, f"s{n}", "t"))
+        == node_port(redis_cluster, idempotency)
+    )
+    first = await service.send(session)
+    node = redis_cluster.node_of_slot(key_slot(idempotency.encode()))
+    redis_cluster.kill(node)
+    try:
+        await service.chat._abandon(TaskRef(TENANT, session, first), idempotency)
+    finally:
+        redis_cluster.restart(node)
+    state = keys.task_state(TENANT, session, first)
+    assert await service.redis.hget(state, "status") == b"processing"  # not marked yet
+    second = await service.send(session)
+    assert second != first
+    assert await service.redis.get(idempotency) == second.encode()  # a third send replays it
+    assert await service.send(session) == second
+    for retry in service.chat._background:
+        retry.cancel()
