@@ -36,7 +36,7 @@ from services.core.ratelimit import (
     rate_decision,
     rate_limit_headers,
 )
-from services.core.redis_client import REDIS_DOWN, is_cluster
+from services.core.redis_client import COMMAND_TIMEOUT_SECONDS, REDIS_DOWN, is_cluster
 from services.core.scripts import missing_script
 from services.core.settings import Settings
 from services.core.tasks import (
@@ -56,6 +56,11 @@ AES_STREAM_MAXLEN = 1_000_000
 IDEMPOTENCY_TTL_SECONDS = 86_400
 ABANDON_RETRY_SECONDS = 30.0
 ABANDON_RETRY_INTERVAL = 0.2
+# How long a send waits for the task of a concurrent send with its Idempotency-Key to be
+# written (that send's enqueue takes a round trip or two; a Redis call's own bound is 2 s),
+# polling every REPLAY_POLL_SECONDS.
+IN_FLIGHT_SECONDS = 2.0 * COMMAND_TIMEOUT_SECONDS
+REPLAY_POLL_SECONDS = 0.01
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +144,7 @@ class ChatService:
                     idempotency, ref.task_id, nx=True, ex=IDEMPOTENCY_TTL_SECONDS
                 )
                 if not reserved:  # a concurrent request with the same key won the race
-                    earlier = await self._replay(principal, idempotency)
+                    earlier = await self._replay(principal, idempotency, wait=IN_FLIGHT_SECONDS)
                     if earlier is not None:
                         return earlier
                     # ... or the key names a task never queued (`_abandon`): this one takes it.
@@ -440,23 +445,40 @@ class ChatService:
             return False
         return True
 
-    async def _replay(self, principal: Principal, idempotency: str) -> Sent | None:
-        """The task an earlier request with this key created, if any (within 24 hours)."""
-        task_id = await self.redis.get(idempotency)
-        if task_id is None:
-            return None
-        ref = await self.tasks.locate(task_id.decode() if isinstance(task_id, bytes) else task_id)
-        if ref is None or ref.tenant_id != principal.tenant_id:
-            return None
-        state = await self.tasks.read(ref)
-        if state is None or state.get("abandoned") or ref.task_id in self._abandoning:
+    async def _replay(
+        self, principal: Principal, idempotency: str, *, wait: float = 0.0
+    ) -> Sent | None:
+        """The task an earlier request with this key created, if any (within 24 hours).
+
+        With `wait`, a task the key names but that is not written yet is waited for, that
+        many seconds at most: the request holding the key may be between its reservation and
+        its enqueue (a double submit reaching two pods at once), and answering None then
+        would make a second task for one key."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            task_id = _text(await self.redis.get(idempotency))
+            if task_id is None:
+                return None
+            ref = await self.tasks.locate(task_id)
+            if ref is not None and ref.tenant_id != principal.tenant_id:
+                return None
+            state = None if ref is None else await self.tasks.read(ref)
+            if state is not None or loop.time() >= deadline:
+                break
+            await asyncio.sleep(REPLAY_POLL_SECONDS)
+        if ref is None or state is None or self._abandoned(ref, state):
             # Never queued (see `_abandon`; this process may not have marked it yet), or never
             # created: on a cluster the task's location can be written while its state
-            # (another node) was not. The retry makes a new task.
+            # (another node) was not; or its request died after reserving the key. The retry
+            # makes a new task.
             return None
         status = state.get("status") or TaskStatus.processing
         accepted = Accepted(task_id=ref.task_id, status=status, session_id=ref.session_id)
         return Sent(accepted, {}, replayed=True)
+
+    def _abandoned(self, ref: TaskRef, state: dict[str, Any]) -> bool:
+        return bool(state.get("abandoned")) or ref.task_id in self._abandoning
 
     async def _owned(self, principal: Principal, task_id: str) -> TaskRef:
         """The task if the caller's tenant owns it; another tenant's task does not exist."""

@@ -4,6 +4,7 @@ the two-step path (limits, then the task pipeline) that clusters and idempotent 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -187,3 +188,34 @@ async def test_a_retry_whose_first_task_was_never_created_makes_a_new_one(
     state = await service.redis.hgetall(keys.task_state(TENANT, "a", second))
     assert state[b"status"] == b"processing"
     assert any(second in action for action in await service.actions("normal"))
+
+
+async def test_two_sends_with_one_key_at_once_make_one_task(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A double submit: the second request finds the key reserved by the first, which has
+    not written its task yet. It is answered with the first's task once that is written,
+    and makes none of its own (the key's whole point). The first is held between its
+    reservation and its enqueue until the second has asked for the key's task."""
+    await service.tier("pro")
+    await service.send("warm")
+    chat = service.chat
+    asked = asyncio.Event()
+    enqueue, replay = chat._send_in_two_steps, chat._replay
+
+    async def held_enqueue(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.wait_for(asyncio.shield(asked.wait()), 10)
+        return await enqueue(*args, **kwargs)
+
+    async def noted_replay(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("wait"):  # the second send, after failing to reserve the key
+            asked.set()
+        return await replay(*args, **kwargs)
+
+    monkeypatch.setattr(chat, "_send_in_two_steps", held_enqueue)
+    monkeypatch.setattr(chat, "_replay", noted_replay)
+    first, second = await asyncio.gather(
+        service.send("a", key="double-submit"), service.send("a", key="double-submit")
+    )
+    assert first == second
+    assert len(await service.actions("normal")) == 2  # "warm" and this one
