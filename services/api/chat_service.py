@@ -61,6 +61,9 @@ ABANDON_RETRY_INTERVAL = 0.2
 # polling every REPLAY_POLL_SECONDS.
 IN_FLIGHT_SECONDS = 2.0 * COMMAND_TIMEOUT_SECONDS
 REPLAY_POLL_SECONDS = 0.01
+# A takeover lost to another request is followed by a wait for that one's task; losing
+# again and again means requests keep abandoning the key's tasks.
+RESERVE_ATTEMPTS = 3
 
 log = logging.getLogger(__name__)
 
@@ -140,15 +143,9 @@ class ChatService:
                 rules, await self.admission.limiter.check_many(rules.checks)
             )
             if idempotency is not None:
-                reserved = await self.redis.set(
-                    idempotency, ref.task_id, nx=True, ex=IDEMPOTENCY_TTL_SECONDS
-                )
-                if not reserved:  # a concurrent request with the same key won the race
-                    earlier = await self._replay(principal, idempotency, wait=IN_FLIGHT_SECONDS)
-                    if earlier is not None:
-                        return earlier
-                    # ... or the key names a task never queued (`_abandon`): this one takes it.
-                    await self.redis.set(idempotency, ref.task_id, ex=IDEMPOTENCY_TTL_SECONDS)
+                earlier = await self._reserve(principal, idempotency, ref.task_id)
+                if earlier is not None:
+                    return earlier
             outcome = await self._send_in_two_steps(
                 ref, agent_id, principal, request, rules, idempotency
             )
@@ -418,14 +415,41 @@ class ChatService:
         log.warning("a task that was never queued could not be failed", extra={"task": ref})
 
     async def _free_key(self, ref: TaskRef, idempotency: str) -> bool:
-        """Delete the `Idempotency-Key` if it still names this task; False if Redis could not
-        be reached."""
+        """Delete the `Idempotency-Key` if it still names this task (a retry may have taken
+        it over already); False if Redis could not be reached."""
         try:
-            if _text(await self.redis.get(idempotency)) == ref.task_id:
-                await self.redis.delete(idempotency)
+            await self._swap(idempotency, ref.task_id, "")
         except REDIS_DOWN:
             return False
         return True
+
+    async def _swap(self, idempotency: str, seen: str, task_id: str) -> bool:
+        """Make the key name `task_id` ('': delete it) if it still names `seen`."""
+        swapped = await self.tasks.scripts.compare_and_set(
+            keys=[idempotency], args=[seen, task_id, IDEMPOTENCY_TTL_SECONDS]
+        )
+        return bool(swapped)
+
+    async def _reserve(self, principal: Principal, idempotency: str, task_id: str) -> Sent | None:
+        """Make the `Idempotency-Key` name `task_id`, or answer with the task it names.
+
+        The key may name a task still being created by a concurrent request (a double submit
+        reaching two pods at once: waited for), or one that will never be queued (abandoned,
+        or its request died between reserving the key and creating the task): that one is
+        taken over, by one request only, since the takeover is a compare-and-set; the others
+        then find the winner's task."""
+        for _ in range(RESERVE_ATTEMPTS):
+            if await self.redis.set(idempotency, task_id, nx=True, ex=IDEMPOTENCY_TTL_SECONDS):
+                return None
+            seen, earlier = await self._lookup(principal, idempotency, wait=IN_FLIGHT_SECONDS)
+            if earlier is not None:
+                return earlier
+            if seen is not None and await self._swap(idempotency, seen, task_id):
+                return None
+        raise Conflict(
+            "another request with this Idempotency-Key is being processed; send it again",
+            code="idempotency_conflict",
+        )
 
     async def _fail_unqueued(self, ref: TaskRef) -> bool:
         """End the task with `chat.error` `unavailable`; False if Redis could not be reached."""
@@ -445,10 +469,15 @@ class ChatService:
             return False
         return True
 
-    async def _replay(
+    async def _replay(self, principal: Principal, idempotency: str) -> Sent | None:
+        """The task an earlier request with this key created, if any (within 24 hours)."""
+        _, earlier = await self._lookup(principal, idempotency)
+        return earlier
+
+    async def _lookup(
         self, principal: Principal, idempotency: str, *, wait: float = 0.0
-    ) -> Sent | None:
-        """The task an earlier request with this key created, if any (within 24 hours).
+    ) -> tuple[str | None, Sent | None]:
+        """The task id the key names, and that task if a retry is to be answered with it.
 
         With `wait`, a task the key names but that is not written yet is waited for, that
         many seconds at most: the request holding the key may be between its reservation and
@@ -459,10 +488,10 @@ class ChatService:
         while True:
             task_id = _text(await self.redis.get(idempotency))
             if task_id is None:
-                return None
+                return None, None
             ref = await self.tasks.locate(task_id)
             if ref is not None and ref.tenant_id != principal.tenant_id:
-                return None
+                return task_id, None
             state = None if ref is None else await self.tasks.read(ref)
             if state is not None or loop.time() >= deadline:
                 break
@@ -472,10 +501,10 @@ class ChatService:
             # created: on a cluster the task's location can be written while its state
             # (another node) was not; or its request died after reserving the key. The retry
             # makes a new task.
-            return None
+            return task_id, None
         status = state.get("status") or TaskStatus.processing
         accepted = Accepted(task_id=ref.task_id, status=status, session_id=ref.session_id)
-        return Sent(accepted, {}, replayed=True)
+        return task_id, Sent(accepted, {}, replayed=True)
 
     def _abandoned(self, ref: TaskRef, state: dict[str, Any]) -> bool:
         return bool(state.get("abandoned")) or ref.task_id in self._abandoning

@@ -49,6 +49,7 @@ class Scripts:
         self.broadcast: AsyncScript = redis.register_script(_source("broadcast"))
         self.lease: AsyncScript = redis.register_script(_source("lease"))
         self.usage_add: AsyncScript = redis.register_script(_source("usage_add"))
+        self.compare_and_set: AsyncScript = redis.register_script(_source("compare_and_set"))
         self.send: AsyncScript = redis.register_script(
             composed("send", rate_limit="ratelimit", task_event="task_event")
         )
@@ -60,6 +61,7 @@ class Scripts:
             self.broadcast,
             self.lease,
             self.usage_add,
+            self.compare_and_set,
             self.send,
         ]
 

@@ -13,7 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from services.api.admission import Admission
-from services.api.chat_service import ChatService
+from services.api.chat_service import ChatService, _digest
 from services.api.models import SendRequest
 from services.core import keys
 from services.core.auth import Principal
@@ -201,21 +201,56 @@ async def test_two_sends_with_one_key_at_once_make_one_task(
     await service.send("warm")
     chat = service.chat
     asked = asyncio.Event()
-    enqueue, replay = chat._send_in_two_steps, chat._replay
+    enqueue, lookup = chat._send_in_two_steps, chat._lookup
 
     async def held_enqueue(*args: Any, **kwargs: Any) -> Any:
         await asyncio.wait_for(asyncio.shield(asked.wait()), 10)
         return await enqueue(*args, **kwargs)
 
-    async def noted_replay(*args: Any, **kwargs: Any) -> Any:
+    async def noted_lookup(*args: Any, **kwargs: Any) -> Any:
         if kwargs.get("wait"):  # the second send, after failing to reserve the key
             asked.set()
-        return await replay(*args, **kwargs)
+        return await lookup(*args, **kwargs)
 
     monkeypatch.setattr(chat, "_send_in_two_steps", held_enqueue)
-    monkeypatch.setattr(chat, "_replay", noted_replay)
+    monkeypatch.setattr(chat, "_lookup", noted_lookup)
     first, second = await asyncio.gather(
         service.send("a", key="double-submit"), service.send("a", key="double-submit")
     )
     assert first == second
     assert len(await service.actions("normal")) == 2  # "warm" and this one
+
+
+async def test_retries_at_once_after_an_abandoned_send_make_one_task(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key names a task that was never queued (abandoned): the next request with the key
+    takes it over. Two arriving at once both find the abandoned task; only one may take the
+    key (compare-and-set), the other is answered with the winner's task. Both are held at
+    the takeover until both have reached it."""
+    await service.tier("pro")
+    first = await service.send("a", key="retried-together")
+    await service.redis.hset(keys.task_state(TENANT, "a", first), "abandoned", "1")
+    chat = service.chat
+    both_there = asyncio.Barrier(2)
+    swap = chat._swap
+    held = 0
+
+    async def held_swap(*args: Any, **kwargs: Any) -> Any:
+        nonlocal held
+        held += 1
+        if held <= 2:
+            await asyncio.wait_for(both_there.wait(), 10)
+        return await swap(*args, **kwargs)
+
+    monkeypatch.setattr(chat, "_swap", held_swap)
+    queued = len(await service.actions("normal"))
+    second, third = await asyncio.gather(
+        service.send("a", key="retried-together"), service.send("a", key="retried-together")
+    )
+    assert second == third != first
+    assert held == 2
+    assert await service.redis.get(
+        keys.tenant_idempotency(TENANT, _digest("retried-together"))
+    ) == (second.encode())
+    assert len(await service.actions("normal")) == queued + 1
