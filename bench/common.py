@@ -60,6 +60,16 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def running(pid: int) -> bool:
+    """Whether a process is still there and not a zombie (a reaped child's pid may be a
+    zombie of a parent that has not waited for it yet: not running)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process used so far (from /proc/<pid>/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import running
+
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.e2e
@@ -31,14 +33,6 @@ def _positive(results: dict, path: str) -> float:
     assert isinstance(value, int | float), f"{path} is {value!r}"
     assert value > 0, f"{path} is {value}"
     return float(value)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 @pytest.mark.timeout(240)
@@ -87,5 +81,5 @@ def test_smoke_run_writes_every_figure_and_leaves_nothing_running(tmp_path: Path
     assert "| ratio" in done.stdout  # the table was printed
 
     assert results["processes"], "the run recorded no process"
-    left = [pid for pid in results["processes"] if _alive(pid)]
+    left = [pid for pid in results["processes"] if running(pid)]
     assert not left, f"still running after the benchmark: {left}"

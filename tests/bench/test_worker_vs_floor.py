@@ -12,17 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import running
+
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.e2e
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 @pytest.mark.timeout(180)
@@ -46,4 +40,4 @@ def test_both_sides_log_every_event_and_nothing_is_left_running(tmp_path: Path) 
     assert "worker / floor CPU" in done.stdout
     assert {"worker", "floor"} <= {line.split()[1] for line in done.stdout.splitlines()[2:4]}
     assert len(results["processes"]) == 3  # Redis, the worker, the floor
-    assert not [pid for pid in results["processes"] if _alive(pid)]
+    assert not [pid for pid in results["processes"] if running(pid)]

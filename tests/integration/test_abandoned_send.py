@@ -73,17 +73,26 @@ def node_port(cluster: LocalCluster, key: str) -> int:
     return cluster.node_of_slot(key_slot(key.encode())).port
 
 
+def session_whose_tasks_are(
+    cluster: LocalCluster, *, beside: str | None = None, away_from: str | None = None
+) -> str:
+    """A session whose task states live on the node of `beside`, or not on `away_from`'s."""
+    key = beside or away_from
+    assert key is not None
+    return next(
+        f"s{n}"
+        for n in range(100)
+        if (node_port(cluster, keys.task_state(TENANT, f"s{n}", "t")) == node_port(cluster, key))
+        == (beside is not None)
+    )
+
+
 async def test_the_key_is_freed_while_the_tasks_node_is_down(
     service: Service, redis_cluster: LocalCluster
 ) -> None:
     idempotency = keys.tenant_idempotency(TENANT, _digest(KEY))
     await service.redis.delete(idempotency)
-    session = next(
-        f"s{n}"
-        for n in range(100)
-        if node_port(redis_cluster, keys.task_state(TENANT, f"s{n}", "t"))
-        != node_port(redis_cluster, idempotency)
-    )
+    session = session_whose_tasks_are(redis_cluster, away_from=idempotency)
     first = await service.send(session)  # created and queued, its key reserved
     ref = TaskRef(TENANT, session, first)
     state = keys.task_state(TENANT, session, first)
@@ -114,12 +123,7 @@ async def test_until_the_task_is_marked_this_process_does_not_answer_a_retry_wit
     monkeypatch.setattr("services.api.chat_service.ABANDON_RETRY_INTERVAL", 3600.0)
     idempotency = keys.tenant_idempotency(TENANT, _digest(KEY))
     await service.redis.delete(idempotency)
-    session = next(
-        f"s{n}"
-        for n in range(100)
-        if node_port(redis_cluster, keys.task_state(TENANT, f"s{n}", "t"))
-        == node_port(redis_cluster, idempotency)
-    )
+    session = session_whose_tasks_are(redis_cluster, beside=idempotency)
     first = await service.send(session)
     node = redis_cluster.node_of_slot(key_slot(idempotency.encode()))
     redis_cluster.kill(node)
