@@ -225,27 +225,32 @@ def test_context_leaves_out_tests_and_secrets(build_context: Path) -> None:
 
 
 def test_build_stage_install_makes_a_complete_wheel(build_context: Path, tmp_path: Path) -> None:
-    """The Dockerfile's `pip wheel --no-deps --no-build-isolation .` on the build context:
-    the wheel holds every module, the Lua scripts and the `orchestrator` command."""
-    subprocess.run(
+    """The Dockerfile's build stage on the build context: the hash-pinned build backend
+    (requirements/build.txt) in a fresh environment, then `pip wheel --no-deps
+    --no-build-isolation .`. The test environment's own setuptools is not the images' (its
+    packaging is held back by a test tool), so it is not the one used. The wheel holds every
+    module, the Lua scripts and the `orchestrator` command."""
+    builder = tmp_path / "build-venv"
+    wheels = tmp_path / "wheels"
+    python = str(builder / "bin" / "python")
+    for command in (
+        [sys.executable, "-m", "venv", str(builder)],
+        [python, "-m", "pip", "install", "--require-hashes", "--no-deps", "-r", str(BUILD_LOCK)],
         [
-            sys.executable,
+            python,
             "-m",
             "pip",
             "wheel",
             "--no-deps",
             "--no-build-isolation",
-            "--quiet",
-            "--wheel-dir",
-            str(tmp_path),
+            "-w",
+            str(wheels),
             str(build_context),
         ],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    (wheel,) = tmp_path.glob("agent_orchestrator-*.whl")
+    ):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stderr
+    (wheel,) = wheels.glob("agent_orchestrator-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
