@@ -100,6 +100,14 @@ def _on_http_error(_: AnyRequest, exc: HTTPException) -> Response[Any]:
     return response
 
 
+def _on_too_deep(_: AnyRequest, exc: RecursionError) -> Response[Any]:
+    """A body nested deeper than the JSON decoder's stack (a few KB of brackets) is bad input,
+    not a server fault. Logged with its traceback all the same: nothing else of ours recurses,
+    so one from elsewhere would be a bug to see."""
+    log.warning("request body nested too deeply", exc_info=exc)
+    return _error(400, "malformed_json", "request body is nested too deeply")
+
+
 def _on_redis_down(_: AnyRequest, exc: Exception) -> Response[Any]:
     log.warning("redis unavailable: %s", type(exc).__name__)
     return _error(503, "unavailable", "redis unavailable, retry later")
@@ -275,6 +283,7 @@ def create_app(settings: Settings, *, pod_id: str | None = None) -> Api:
         OrchestratorError: _on_orchestrator_error,
         ValidationException: _on_validation_error,
         HTTPException: _on_http_error,
+        RecursionError: _on_too_deep,
         **dict.fromkeys(REDIS_DOWN, _on_redis_down),
         Exception: _on_unexpected,
     }

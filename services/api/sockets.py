@@ -234,7 +234,7 @@ async def session_socket(
                 except msgspec.ValidationError as exc:  # a DecodeError subclass: test it first
                     _error(conn, "invalid_frame", str(exc))
                     continue
-                except msgspec.DecodeError:
+                except (msgspec.DecodeError, RecursionError):  # nested deeper than the stack
                     _error(conn, "malformed_json", "frame is not valid JSON")
                     continue
                 await _handle_frame(runtime, principal, conn, frame)
@@ -258,16 +258,20 @@ async def _set_up(runtime: Runtime, conn: ClientConnection, last_event_id: str |
     """Subscribe, then send the ack and the events since `last_event_id`, then go live."""
     await runtime.hub.attach(conn)
     replay = await read_since(runtime.redis, conn.tenant_id, conn.session_id, last_event_id)
+    # The ack goes out before the replayed events, so its id is where the client stands
+    # before them: a client keeping `lastId = frame.id` whose socket drops between the ack
+    # and the replay resumes from there, not past events it never received.
+    before = last_event_id if replay.events and last_event_id is not None else replay.cursor
     conn.push(
         events.frame(
-            replay.cursor,
+            before,
             events.CONNECTION_ACK,
             {
                 "connection_id": conn.connection_id,
                 "tenant_id": conn.tenant_id,
                 "session_id": conn.session_id,
                 "resumed": replay.resumed,
-                "last_event_id": replay.cursor,
+                "last_event_id": before,
             },
         )
     )

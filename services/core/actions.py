@@ -201,7 +201,7 @@ def decode_action(raw: bytes | str) -> AnyAction:
     try:
         action: AnyAction = _any_decoder.decode(raw)
         return action
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:  # DecodeError covers ValidationError
         raise MalformedAction(str(exc)) from None
 
 
@@ -210,7 +210,7 @@ def decode_callback(raw: bytes | str) -> Callback:
     try:
         callback: Callback = _callback_decoder.decode(raw)
         return callback
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:  # DecodeError covers ValidationError
         raise MalformedAction(str(exc)) from None
 
 

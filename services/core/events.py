@@ -9,6 +9,7 @@ as text without decoding them.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Final
 
 import msgspec
@@ -26,6 +27,8 @@ ERROR: Final = "error"
 _encoder = msgspec.json.Encoder()
 
 NO_EVENT_ID = "0-0"
+_EVENT_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")  # ASCII digits; str.isdigit takes "²"
+_UINT64_MAX = 2**64 - 1
 
 
 class Event(msgspec.Struct, omit_defaults=True):
@@ -54,8 +57,13 @@ def frame_id(text: str) -> str:
 
 
 def parse_event_id(event_id: str) -> tuple[int, int]:
-    """Stream ids order events; `ValueError` for anything that is not `<ms>-<seq>`."""
-    millis, _, seq = event_id.partition("-")
-    if not millis.isdigit() or not seq.isdigit():
+    """Stream ids order events; `ValueError` for anything that is not `<ms>-<seq>` with two
+    unsigned 64-bit numbers (what Redis accepts: an id it refuses would surface as an
+    internal error of the command it was passed to)."""
+    match = _EVENT_ID.fullmatch(event_id)
+    if match is None:
         raise ValueError(f"not an event id: {event_id!r}")
-    return int(millis), int(seq)
+    millis, seq = int(match[1]), int(match[2])
+    if millis > _UINT64_MAX or seq > _UINT64_MAX:
+        raise ValueError(f"not an event id: {event_id!r}")
+    return millis, seq

@@ -19,7 +19,8 @@ from services.core.errors import BadRequest
 PREFIX = "v1."
 MAX_CURSOR_CHARS = 512
 
-NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+BIGINT_MAX = 2**63 - 1  # the history columns' type: a larger value fails the query
+NonNegative = Annotated[int, msgspec.Meta(ge=0, le=BIGINT_MAX)]
 Direction = Literal["before", "after"]
 
 

@@ -23,7 +23,13 @@ from services.core.errors import BadRequest, InvalidInput
 from services.core.events import parse_event_id
 from services.core.ids import is_valid_id
 from services.core.tasks import isoformat
-from services.persistence.cursor import Cursor, Direction, decode_cursor, encode_cursor
+from services.persistence.cursor import (
+    BIGINT_MAX,
+    Cursor,
+    Direction,
+    decode_cursor,
+    encode_cursor,
+)
 from services.persistence.schema import messages, sessions, tasks, usage_daily
 
 DEFAULT_PAGE = 50
@@ -200,6 +206,8 @@ class HistoryStore:
             return None
         try:
             event_ms, event_seq = parse_event_id(after_event_id)
+            if max(event_ms, event_seq) > BIGINT_MAX:  # a Redis id, but no log's
+                raise ValueError(after_event_id)
         except ValueError:
             raise BadRequest(
                 "after_event_id must be an event id (<milliseconds>-<sequence>)",

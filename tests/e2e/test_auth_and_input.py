@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -93,6 +94,25 @@ async def test_socket_refuses_bad_tokens_and_wrong_tenant_with_1008(
     assert await close_code_of(invalid_ids, ["orchestrator.v1", f"bearer.{token(tenant)}"]) == 1008
 
 
+@pytest.mark.parametrize(
+    "last_event_id",
+    ["yesterday", "1", "\u00b2-0", f"1-{2**64}", f"{2**64}-0"],
+    ids=["word", "no sequence", "non-ascii digit", "sequence beyond 64 bits", "ms beyond 64 bits"],
+)
+async def test_socket_refuses_a_bad_last_event_id_with_1008(
+    deployment: Deployment, queued: Redis, last_event_id: str
+) -> None:
+    """1008, not 1011: a client treats 1011 as "reconnect and resume", and would send the same
+    id for ever. The log holds events around the id, so a bad id that got past the check
+    would reach Redis's XRANGE (which refuses it)."""
+    tenant, session = unique("t"), unique("s")
+    log = keys.session_log(tenant, session)
+    for entry_id in ("1-1", "2-1", str(2**64 - 1) + "-0"):
+        await queued.xadd(log, {"e": '"type":"message","data":{}}'}, id=entry_id)
+    url = f"{deployment.api.ws_url}/ws/{tenant}/{session}?last_event_id={quote(last_event_id)}"
+    assert await close_code_of(url, ["orchestrator.v1", f"bearer.{token(tenant)}"]) == 1008
+
+
 async def test_socket_accepts_token_in_query_and_selects_no_protocol(
     deployment: Deployment,
 ) -> None:
@@ -126,6 +146,11 @@ async def test_cross_site_origin_is_refused_before_the_handshake(deployment: Dep
     ("body", "status", "code"),
     [
         (b"{not json", 400, "malformed_json"),
+        (
+            b'{"message": "hi", "context": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}",
+            400,
+            "malformed_json",
+        ),
         (b'{"message": ""}', 422, "validation_error"),
         (b'{"message": "hi", "stram": true}', 422, "validation_error"),
         (b'{"message": "hi", "session_id": "has spaces"}', 422, "validation_error"),
@@ -192,6 +217,9 @@ async def test_bad_frames_get_error_events_and_the_socket_stays_open(
         assert event["type"] == kind, (frame, event)
         if code is not None:
             assert event["data"]["code"] == code
+    depth = 5_000  # 10 KB, well under the frame limit, nested beyond the decoder's stack
+    await ws.send('{"type": "ping", "data": {"a": ' + "[" * depth + "]" * depth + "}}")
+    assert (await next_event(ws))["data"]["code"] == "malformed_json"
     await ws.send(b"\x00binary")
     assert (await next_event(ws))["data"]["code"] == "unsupported_frame"
     await ws.send('{"type": "ping"}')

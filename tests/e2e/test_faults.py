@@ -404,9 +404,14 @@ async def test_resume_beyond_retention_says_resumed_false_and_within_it_replays_
             assert ack["data"]["resumed"] is True
             assert await nothing_replayed(current)
 
-            # Within retention: exactly the missed events, in order.
+            # Within retention: exactly the missed events, in order. The ack, sent before
+            # them, stands where the client stood: a client keeping `lastId = frame.id` whose
+            # socket drops between the ack and the replay resumes from there again.
             behind, ack = await connect(api.ws_url, tenant, session, last_event_id=events[-4]["id"])
             assert ack["data"]["resumed"] is True
+            assert ack["id"] == ack["data"]["last_event_id"] == events[-4]["id"]
+            await behind.close()
+            behind, ack = await connect(api.ws_url, tenant, session, last_event_id=ack["id"])
             replayed = [await next_event(behind) for _ in range(3)]
             assert [e["id"] for e in replayed] == [e["id"] for e in events[-3:]]
             assert await nothing_replayed(behind)

@@ -35,6 +35,7 @@ def forged(body: bytes) -> str:
         forged(b'["sideways","s1",1,0,0]'),
         forged(b'["before","s1",-1,0,0]'),
         forged(b'["before","s1",1,0,7]'),
+        forged(b'["before","s1",9223372036854775808,0,0]'),  # beyond PostgreSQL's bigint
         forged(b'{"direction":"before"}'),
         "v1." + "A" * 600,
     ],
@@ -52,7 +53,20 @@ async def test_a_cursor_of_another_session_is_a_400(history: HistoryStore) -> No
         await history.messages("acme", "s2", cursor=page.next_cursor)
 
 
-@pytest.mark.parametrize("event_id", ["", "abc", "1-", "-1", "1.5-2", "1-2-3"])
+@pytest.mark.parametrize(
+    "event_id",
+    [
+        "",
+        "abc",
+        "1-",
+        "-1",
+        "1.5-2",
+        "1-2-3",
+        "\u00b2-1",  # a digit to str.isdigit, not to Redis
+        f"{2**63}-0",  # a Redis id, beyond PostgreSQL's bigint
+        f"1-{2**64}",  # beyond Redis's 64 bits
+    ],
+)
 async def test_a_malformed_after_event_id_is_a_400(history: HistoryStore, event_id: str) -> None:
     with pytest.raises(BadRequest, match="after_event_id"):
         await history.messages("acme", "s1", after_event_id=event_id)

@@ -78,6 +78,14 @@ def test_not_json_is_malformed() -> None:
         decode_action(b"\xff not json")
 
 
+def test_json_nested_beyond_the_decoders_stack_is_malformed() -> None:
+    """10 KB of brackets: a poison entry to dead-letter, not an error of the consumer."""
+    nested = b'{"action_type": "websocket.send", "message": {"a": ' + b"[" * 5000 + b"]" * 5000
+    for decode in (decode_action, decode_callback):
+        with pytest.raises(MalformedAction):
+            decode(nested + b"}}")
+
+
 def test_callback_queue_accepts_only_callbacks() -> None:
     with pytest.raises(MalformedAction):
         decode_callback(encode_action(a_chat_process()))
