@@ -24,7 +24,7 @@ from typing import Any
 from opentelemetry.trace import Span
 
 from services.api import metrics
-from services.core.events import NO_EVENT_ID, parse_event_id
+from services.core.events import NO_EVENT_ID, frame_with_id, parse_event_id
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,8 @@ class ClientConnection:
         self._drain: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
         # While the connection is being set up (resume), live events wait here.
-        self._held: list[tuple[str, str]] | None = []
+        # (None: a tenant broadcast, which has no log id of its own.)
+        self._held: list[tuple[str | None, str]] | None = []
 
     def deliver(self, event_id: str, frame: str) -> None:
         """A session event (with its log id); held during set-up, queued afterwards."""
@@ -153,6 +154,15 @@ class ClientConnection:
             return
         self.last_event_id = event_id
         self.push(frame)
+
+    def broadcast(self, body: str) -> None:
+        """A tenant broadcast: not in the session log, so it carries the socket's cursor.
+        Held during set-up like session events: nothing may precede `connection.ack`, and a
+        cursor taken before the replay would point a resume at events already sent."""
+        if self._held is not None:
+            self._held.append((None, body))
+            return
+        self.push(frame_with_id(self.last_event_id, body))
 
     def push(self, frame: str) -> None:
         """Send a frame to the client without waiting (queued if the socket is busy)."""
@@ -201,7 +211,9 @@ class ClientConnection:
         self.last_event_id = sent_up_to
         floor = parse_event_id(sent_up_to)
         for event_id, frame in held:
-            if parse_event_id(event_id) > floor:
+            if event_id is None:
+                self.push(frame_with_id(self.last_event_id, frame))
+            elif parse_event_id(event_id) > floor:
                 self.last_event_id = event_id
                 self.push(frame)
 

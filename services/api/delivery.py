@@ -489,9 +489,9 @@ class SessionHub:
                     conn.deliver(event_id, text)
                 return
             members = self._tenants.get(channel)
-            if members:  # a tenant broadcast: not logged, so it carries each socket's cursor
+            if members:  # a tenant broadcast
                 for conn in members:
-                    conn.push(frame_with_id(conn.last_event_id, text))
+                    conn.broadcast(text)
         elif kind == "ssubscribe":
             confirmed = self._confirmations.pop(channel, None)
             if confirmed is not None and not confirmed.done():

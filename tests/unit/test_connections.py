@@ -135,3 +135,26 @@ async def test_a_send_to_a_gone_client_marks_the_connection_closed() -> None:
     conn.go_live(NO_EVENT_ID)
     conn.push("a")
     assert conn.closed
+
+
+async def test_a_broadcast_during_set_up_waits_for_the_ack_and_carries_the_cursor() -> None:
+    """A tenant broadcast has no log id: it carries the socket's cursor. One arriving while the
+    socket is set up (ack, then the replay of a resume) goes out after them, with the cursor
+    of the last replayed event, not before the ack with the cursor of nothing sent yet."""
+    transport = Transport()
+    conn = ClientConnection(
+        connection_id="c", tenant_id="t", session_id="s", user_id="u", send=transport.send, limit=5
+    )
+    conn.broadcast('"type":"notice","data":{}}')
+    conn.deliver("5-0", '{"id":"5-0","live":1}')  # live, arrived during the replay
+    conn.push('{"id":"3-0","ack":1}')
+    conn.push('{"id":"4-0","replayed":1}')
+    conn.go_live("4-0")
+    assert transport.written == [
+        '{"id":"3-0","ack":1}',
+        '{"id":"4-0","replayed":1}',
+        '{"id":"4-0","type":"notice","data":{}}',  # in the order they arrived
+        '{"id":"5-0","live":1}',
+    ]
+    conn.broadcast('"type":"notice","data":{}}')  # live now: at once, with the cursor
+    assert transport.written[-1] == '{"id":"5-0","type":"notice","data":{}}'
