@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from services.core.actions import ACTION_TYPES, AnyAction
+from services.core.ids import ID_PATTERN, PORTABLE_ID_PATTERN
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
@@ -19,14 +21,29 @@ def _tag(cls: type[msgspec.Struct]) -> str:
     return str(cls.__struct_config__.tag)
 
 
+def _portable(schema: Any) -> Any:
+    """The schema with the id pattern every regex dialect reads (see `PORTABLE_ID_PATTERN`)."""
+    if isinstance(schema, dict):
+        return {
+            key: PORTABLE_ID_PATTERN
+            if key == "pattern" and value == ID_PATTERN
+            else _portable(value)
+            for key, value in schema.items()
+        }
+    if isinstance(schema, list):
+        return [_portable(item) for item in schema]
+    return schema
+
+
 def render_schemas() -> dict[str, str]:
     """File name -> JSON text: one schema per action type plus the union of all of them."""
     files: dict[str, str] = {}
     for cls in ACTION_TYPES:
-        schema = msgspec.json.schema(cls)
+        schema = _portable(msgspec.json.schema(cls))
         schema = {"$schema": SCHEMA_DIALECT, "title": _tag(cls), **schema}
         files[f"{_tag(cls)}.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
-    union = {"$schema": SCHEMA_DIALECT, "title": "action", **msgspec.json.schema(AnyAction)}
+    union = _portable(msgspec.json.schema(AnyAction))
+    union = {"$schema": SCHEMA_DIALECT, "title": "action", **union}
     files["actions.json"] = json.dumps(union, indent=2, sort_keys=True) + "\n"
     return files
 

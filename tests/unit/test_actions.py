@@ -19,6 +19,7 @@ from services.core.actions import (
     decode_callback,
     encode_action,
 )
+from services.core.ids import is_valid_id
 from services.core.schemas import render_schemas, stale_schemas
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,3 +122,14 @@ def test_every_action_type_has_a_schema_naming_its_tag() -> None:
         schema = json.loads(files[f"{name}.json"])
         assert schema["title"] == name
         assert name in json.dumps(schema)
+
+
+@pytest.mark.parametrize("bad", ["s1\n", "s1\n\n", "\ns1", "s 1", "", "s" * 65])
+def test_an_id_with_a_newline_or_any_other_stray_character_is_malformed(bad: str) -> None:
+    """Python's `$` matches before a final newline: "s1\\n" passed and reached Redis keys."""
+    assert not is_valid_id(bad)
+    send = {"action_type": "websocket.send", "tenant_id": "acme", "message": {}}
+    with pytest.raises(MalformedAction):
+        decode_callback(json.dumps({**send, "session_id": bad}))
+    assert is_valid_id("s1")
+    assert decode_callback(json.dumps({**send, "session_id": "s1"})).session_id == "s1"
