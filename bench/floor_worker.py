@@ -114,7 +114,7 @@ async def floor_loop(config: dict[str, Any]) -> None:
                         "EVALSHA", sha, 2,
                         keys.session_applied(tenant, sid), keys.session_log(tenant, sid),
                         body, LOG_MAXLEN, LOG_TTL_MS, keys.session_channel(tenant, sid),
-                        MARK_TTL_SECONDS, entry_id, previous.get((tenant, sid), ""),
+                        MARK_TTL_SECONDS, entry_id, previous.get((tenant, sid), ""), stream,
                     )
                 )  # fmt: skip
                 previous[(tenant, sid)] = entry_id

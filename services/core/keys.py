@@ -45,9 +45,11 @@ def session_channel(tenant_id: str, session_id: str) -> str:
 
 
 def session_applied(tenant_id: str, session_id: str) -> str:
-    """The id of the session's last `websocket.send` entry applied (its partition stream's id):
-    a redelivered entry at or below it is a duplicate. One key per session."""
-    return f"{session_tag(tenant_id, session_id)}:applied:mark"
+    """Hash: partition stream -> id of the session's last `websocket.send` applied from it (a
+    redelivered entry at or below it is a duplicate). One key per session. (Not the name of
+    the string that held one id for all streams before: workers of both kinds meet during a
+    rolling upgrade, and neither must find the other's key with the wrong type.)"""
+    return f"{session_tag(tenant_id, session_id)}:applied:marks"
 
 
 def tenant_applied(tenant_id: str) -> str:

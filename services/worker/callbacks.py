@@ -251,6 +251,7 @@ class CallbackEffects:
                 DEDUPE_TTL_SECONDS,
                 position.entry_id,
                 position.previous,
+                position.stream,
             ],
         )
 

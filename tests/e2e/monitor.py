@@ -45,7 +45,7 @@ WRITES = {
 
 # Every key the product writes has one of these shapes (README, "Redis keys").
 FAMILIES = {
-    "session": re.compile(r"^\{s:[\w-]+:[\w-]+\}:(log|events|rl|task:[\w-]+|applied:mark)$"),
+    "session": re.compile(r"^\{s:[\w-]+:[\w-]+\}:(log|events|rl|task:[\w-]+|applied:marks)$"),
     "task location": re.compile(r"^\{t:[\w-]+\}:where$"),
     "tenant": re.compile(
         r"^\{tn:[\w-]+\}:(broadcast|sockets|quota|quota-owner|quota-contenders|rl"

@@ -41,21 +41,47 @@ SETTINGS = load_settings(worker_sleep_seconds=0.05, callback_partitions=1)
 STREAM = keys.callback_stream(0)
 
 
-async def run_until_drained(redis: Redis) -> None:
+async def run_until_drained(
+    redis: Redis, partition: int = 0, settings: Settings = SETTINGS
+) -> None:
     """Run one partition consumer until the group has nothing pending or unread."""
     scripts = Scripts(redis)
-    tasks = TaskStore(redis, scripts, SETTINGS)
-    effects = CallbackEffects(tasks, scripts, SETTINGS)
-    consumer = PartitionConsumer(redis, effects, tasks, SETTINGS, "w1", 0, TenantLabels(5))
+    tasks = TaskStore(redis, scripts, settings)
+    effects = CallbackEffects(tasks, scripts, settings)
+    consumer = PartitionConsumer(redis, effects, tasks, settings, "w1", partition, TenantLabels(5))
     running = asyncio.create_task(consumer.run())
+    stream = keys.callback_stream(partition)
     async with asyncio.timeout(10):
         while True:
-            await asyncio.sleep(0.02)
-            groups = await redis.xinfo_groups(STREAM)
+            await asyncio.sleep(0.02)  # the group's counts in Redis: nothing to wait on
+            groups = await redis.xinfo_groups(stream)
             if groups and groups[0]["pending"] == 0 and groups[0]["lag"] == 0:
                 break
     consumer.stop()
     await running
+
+
+async def test_a_sessions_sends_from_two_callback_streams_are_each_applied_once(
+    redis: Redis,
+) -> None:
+    """An AES working on a task of session A (its callback_queue: A's partition) sends a
+    message to session B, whose own sends are on B's partition. Each entry is applied once,
+    whichever partition is consumed first: the session keeps a mark per stream (one mark for
+    both dropped the older entry of the partition consumed second)."""
+    settings = load_settings(worker_sleep_seconds=0.05, callback_partitions=2)
+
+    def send(n: int) -> bytes:
+        return encode_action(WebsocketSend(tenant_id="acme", session_id="b", message={"n": n}))
+
+    await redis.xadd(keys.callback_stream(0), {ACTION_FIELD: send(1)})
+    await redis.xadd(keys.callback_stream(1), {ACTION_FIELD: send(2)})
+    await run_until_drained(redis, 1, settings)  # partition 0's worker lags behind
+    await run_until_drained(redis, 0, settings)
+    await redis.xgroup_setid(keys.callback_stream(0), keys.WORKER_GROUP, "0")  # redelivered
+    await run_until_drained(redis, 0, settings)
+
+    entries = await redis.xrange(keys.session_log("acme", "b"))
+    assert sorted(json.loads(b"{" + fields[b"e"])["data"]["n"] for _, fields in entries) == [1, 2]
 
 
 async def test_malformed_entries_go_to_dead_letters_and_the_rest_is_applied(

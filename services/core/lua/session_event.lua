@@ -1,15 +1,19 @@
 -- Append an event that belongs to no task (the AES's websocket.send) to the session log and
--- publish it, once: a session's callbacks are all in one partition stream and applied in its
--- order, so one mark per session (the id of the last callback entry applied) tells a
--- redelivered entry (at or below the mark: nothing happens) from a new one.
+-- publish it, once. A session's own callbacks are in one partition stream, but a send to it
+-- may come from any stream (an AES answering a task of another session on that session's
+-- `callback_queue`), each applied in its own order: so the session keeps one mark per stream
+-- (the id of the last entry applied from it) in one hash, and a redelivered entry (at or
+-- below its stream's mark) does nothing.
 --
--- KEYS[1] the session's applied mark   KEYS[2] session log stream
+-- KEYS[1] the session's applied marks (hash: stream -> entry id)   KEYS[2] session log stream
 -- ARGV[1] frame body without id   ARGV[2] log max length   ARGV[3] log ttl (ms)
--- ARGV[4] delivery channel        ARGV[5] mark ttl (s)
+-- ARGV[4] delivery channel        ARGV[5] marks ttl (s)
 -- ARGV[6] the callback's entry id in its partition stream
--- ARGV[7] the entry id of the session's previous websocket.send in the same worker batch, or
---         '' (it must have applied first: if it did not, this one is refused with DEFERRED and
---         retried after it, so a session's events never overtake or skip each other)
+-- ARGV[7] the entry id of the session's previous websocket.send from that stream in the same
+--         worker batch, or '' (it must have applied first: if it did not, this one is refused
+--         with DEFERRED and retried after it, so a session's events never overtake or skip
+--         each other)
+-- ARGV[8] the callback's partition stream
 -- Returns {'ok', log id} or {'duplicate', ''}.
 --
 -- Without ARGV[6] (a caller that has no stream entry, such as `bench --direct`), KEYS[1] is a
@@ -27,14 +31,15 @@ else
     if ams ~= bms then return ams > bms end
     return tonumber(aseq) > tonumber(bseq)
   end
-  local mark = redis.call('GET', KEYS[1])
+  local mark = redis.call('HGET', KEYS[1], ARGV[8])
   if ARGV[7] ~= '' and (not mark or after(ARGV[7], mark)) then
     return redis.error_reply('DEFERRED the previous event of the session did not apply')
   end
   if mark and not after(ARGV[6], mark) then
     return {'duplicate', ''}
   end
-  redis.call('SET', KEYS[1], ARGV[6], 'EX', ARGV[5])
+  redis.call('HSET', KEYS[1], ARGV[8], ARGV[6])
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
 end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
