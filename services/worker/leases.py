@@ -9,6 +9,7 @@ expire after `partition_lease_seconds`).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import zlib
@@ -17,6 +18,8 @@ from redis.asyncio import Redis
 
 from services.core import keys
 from services.core.scripts import Scripts, missing_script
+
+log = logging.getLogger(__name__)
 
 LEASE_TRUST = 0.8  # of the lease's ttl, from when the renewal was sent
 
@@ -69,13 +72,19 @@ class PartitionLeases:
         if any(missing_script(result) for result in results):
             await self.scripts.load()  # Redis lost its scripts: renew again next round
             return set()
-        lost = {p for p, held in zip(owned, results, strict=True) if not held}
-        self.owned -= lost
-        for partition in owned:
-            if partition in lost:
+        lost = set()
+        for partition, held in zip(owned, results, strict=True):
+            if isinstance(held, BaseException):
+                # No answer for this lease (its node away, an error reply): it may still be
+                # ours, but it was not renewed, so its trust is not extended; it runs out
+                # unless a later renewal gets through, and the consumer stops applying.
+                log.warning("lease of partition %s not renewed: %s", partition, held)
+            elif not held:
+                lost.add(partition)
                 self.valid_until.pop(partition, None)
             else:
                 self._trust(partition, started)
+        self.owned -= lost
         return lost
 
     def valid(self, partition: int) -> bool:

@@ -32,6 +32,7 @@ from services.core.streams import Entry
 from services.core.tasks import TaskRef, TaskStore
 from services.core.usage import UsageCounter
 from services.worker.callbacks import DEDUPE_TTL_SECONDS, CallbackEffects, FollowUp, Position
+from services.worker.leases import PartitionLeases
 from services.worker.main import Worker
 from services.worker.metrics import TenantLabels
 from services.worker.partition import PartitionConsumer
@@ -438,3 +439,26 @@ async def test_the_session_script_without_a_stream_entry_applies_once_per_key(
     assert first[0] == b"ok"
     assert again == [b"duplicate", b""]
     assert await logged(redis, "s1") == [1]
+
+
+async def test_a_lease_renewal_answered_with_an_error_is_not_trusted_as_renewed(
+    redis: Redis,
+) -> None:
+    """An error reply for one lease (here a key of the wrong type; on a cluster, the lease's
+    node away while the others answer) is not a renewal: counting it as one (an error reply
+    is truthy) kept extending the trust in a lease that could expire and be taken by another
+    worker, two consumers then applying one partition. Neither lost nor renewed: its trust
+    runs out, the other lease is renewed."""
+    scripts = Scripts(redis)
+    await scripts.load()
+    leases = PartitionLeases(redis, scripts, "w1", partitions=2, ttl=30.0)
+    await leases.acquire(live=1)
+    assert leases.owned == {0, 1}
+    trusted = dict(leases.valid_until)
+    await redis.delete(keys.partition_lease(1))
+    await redis.hset(keys.partition_lease(1), "not", "a lease")  # every command on it fails
+
+    assert await leases.renew() == set()
+    assert leases.owned == {0, 1}
+    assert leases.valid_until[0] > trusted[0]
+    assert leases.valid_until[1] == trusted[1]
