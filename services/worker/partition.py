@@ -52,12 +52,12 @@ from services.core.scripts import missing_script
 from services.core.settings import Settings
 from services.core.streams import (
     Entry,
+    adopt,
     dead_letter,
     delivery_counts,
     ensure_group,
     is_missing_group,
     parse_read,
-    reclaim,
 )
 from services.core.tasks import Outcome, TaskRef, TaskStore, Verdict, parse_outcome
 from services.core.usage import UsageCounter
@@ -295,7 +295,7 @@ class PartitionConsumer:
     async def _pending(self) -> list[Entry]:
         """Our own pending entries, after taking over those of any previous owner."""
         await self._flush_acks()
-        await reclaim(self.redis, self.stream, keys.WORKER_GROUP, self.consumer, min_idle_ms=0)
+        await adopt(self.redis, self.stream, keys.WORKER_GROUP, self.consumer)
         reply = await self.redis.xreadgroup(
             keys.WORKER_GROUP,
             self.consumer,

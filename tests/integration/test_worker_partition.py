@@ -28,7 +28,7 @@ from services.core.actions import (
 from services.core.delivery_lag import DELIVERY_LAG_METRIC
 from services.core.scripts import Scripts
 from services.core.settings import Settings, load_settings
-from services.core.streams import Entry
+from services.core.streams import Entry, adopt
 from services.core.tasks import TaskRef, TaskStore
 from services.core.usage import UsageCounter
 from services.worker.callbacks import DEDUPE_TTL_SECONDS, CallbackEffects, FollowUp, Position
@@ -252,6 +252,45 @@ class FailOnce(CallbackEffects):
         return await super().queue(action, pipe, traceparent, position)
 
 
+class AlwaysFails(CallbackEffects):
+    """Effects whose `websocket.send` of `n == 1` always fails (an error in Redis)."""
+
+    runs = 0
+
+    async def queue(
+        self,
+        action: Callback,
+        pipe: Pipeline,
+        traceparent: str = "",
+        position: Position | None = None,
+    ) -> FollowUp | None:
+        if isinstance(action, WebsocketSend) and action.message["n"] == 1:
+            self.runs += 1
+            pipe.execute_command("EVAL", "return redis.error_reply('ERR boom')", 0)
+            return None
+        return await super().queue(action, pipe, traceparent, position)
+
+
+async def test_a_failing_entry_is_dead_lettered_after_exactly_max_delivery_attempts_runs(
+    redis: Redis,
+) -> None:
+    """Each retry takes the partition's pending entries over and reads them again: only the
+    read may count a delivery (a claim that counted as well dead-lettered after 3 of 5)."""
+    settings = load_settings(
+        worker_sleep_seconds=0.05, callback_partitions=1, max_delivery_attempts=5
+    )
+    await redis.xadd(STREAM, {ACTION_FIELD: send("s1", 1)})
+    await redis.xadd(STREAM, {ACTION_FIELD: send("s2", 2)})
+    scripts = Scripts(redis)
+    effects = AlwaysFails(TaskStore(redis, scripts, settings), scripts, settings)
+
+    await drain(consumer_of(redis, "w1", effects, settings), redis)
+
+    assert effects.runs == 5
+    assert await redis.xlen(keys.DEAD_LETTERS) == 1
+    assert await logged(redis, "s2") == [2]
+
+
 @pytest.mark.parametrize("settings", [SETTINGS, SMALL_BATCHES], ids=["one-batch", "batches-of-3"])
 async def test_a_send_after_a_failed_one_of_its_session_waits_for_it(
     redis: Redis, settings: Settings
@@ -462,3 +501,18 @@ async def test_a_lease_renewal_answered_with_an_error_is_not_trusted_as_renewed(
     assert leases.owned == {0, 1}
     assert leases.valid_until[0] > trusted[0]
     assert leases.valid_until[1] == trusted[1]
+
+
+async def test_adopting_a_dead_owners_pending_entries_takes_all_and_counts_no_delivery(
+    redis: Redis,
+) -> None:
+    for n in range(5):
+        await redis.xadd(STREAM, {ACTION_FIELD: send("s1", n)})
+    await redis.xgroup_create(STREAM, keys.WORKER_GROUP, id="0")
+    await redis.xreadgroup(keys.WORKER_GROUP, "dead", {STREAM: ">"})
+
+    await adopt(redis, STREAM, keys.WORKER_GROUP, "w1", count=2)  # three pages
+
+    pending = await redis.xpending_range(STREAM, keys.WORKER_GROUP, "-", "+", 10)
+    assert [row["consumer"] for row in pending] == [b"w1"] * 5
+    assert [row["times_delivered"] for row in pending] == [1] * 5
