@@ -77,11 +77,19 @@ class ChatCancel(Envelope, kw_only=True, tag="chat.cancel"):
     reason: str = "cancelled by client"
 
 
+# Usage is added up in Redis (HINCRBY, HINCRBYFLOAT through Lua, whose numbers are doubles):
+# bounded far above any real call, so that a count cannot fail there after the task was
+# marked counted (infinity, a 1e400 cost, or 2^53 tokens would).
+MAX_TOKENS = 10**12
+MAX_COST = 10.0**9
+Tokens = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKENS)]
+
+
 class Usage(msgspec.Struct, kw_only=True):
-    input_tokens: NonNegative = 0
-    output_tokens: NonNegative = 0
+    input_tokens: Tokens = 0
+    output_tokens: Tokens = 0
     model: str | None = None
-    cost: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    cost: Annotated[float, msgspec.Meta(ge=0, le=MAX_COST)] = 0.0
 
 
 class ExecutionChunk(Envelope, kw_only=True, tag="execution.chunk"):
@@ -128,8 +136,8 @@ class LegacyResult(msgspec.Struct, kw_only=True):
 
 
 class LegacyTokens(msgspec.Struct, kw_only=True):
-    input: NonNegative = 0
-    output: NonNegative = 0
+    input: Tokens = 0
+    output: Tokens = 0
     total: NonNegative = 0
 
 

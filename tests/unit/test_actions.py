@@ -133,3 +133,24 @@ def test_an_id_with_a_newline_or_any_other_stray_character_is_malformed(bad: str
         decode_callback(json.dumps({**send, "session_id": bad}))
     assert is_valid_id("s1")
     assert decode_callback(json.dumps({**send, "session_id": "s1"})).session_id == "s1"
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [{"input_tokens": 2**53}, {"output_tokens": -1}, {"cost": 1e400}, {"cost": -0.5}],
+    ids=["tokens beyond a double", "negative tokens", "infinite cost", "negative cost"],
+)
+def test_usage_that_redis_could_not_add_up_is_malformed(usage: dict[str, float]) -> None:
+    """Counted in Lua after the task is marked counted: a number that fails there would lose
+    the task's usage, so it is refused at the door (dead-lettered with the reason)."""
+    done = {
+        "action_type": "execution.completed",
+        "tenant_id": "acme",
+        "session_id": "s1",
+        "task_id": "t1",
+        "content": "hi",
+    }
+    with pytest.raises(MalformedAction) as refused:
+        decode_callback(json.dumps({**done, "usage": usage}).replace("Infinity", "1e400"))
+    assert "usage" in refused.value.reason
+    assert decode_callback(json.dumps({**done, "usage": {"input_tokens": 10**12, "cost": 3.5}}))
