@@ -226,7 +226,8 @@ async def session_socket(
                     _error(conn, "unsupported_frame", "send JSON text frames")
                     continue
                 max_bytes = runtime.settings.max_frame_bytes
-                if len(text) > max_bytes:
+                # A character is up to 4 bytes: count bytes unless the frame is ASCII.
+                if len(text) > max_bytes or (not text.isascii() and len(text.encode()) > max_bytes):
                     _error(conn, "frame_too_large", f"frames are limited to {max_bytes} bytes")
                     continue
                 try:

@@ -217,6 +217,8 @@ async def test_bad_frames_get_error_events_and_the_socket_stays_open(
         assert event["type"] == kind, (frame, event)
         if code is not None:
             assert event["data"]["code"] == code
+    await ws.send(json.dumps({"type": "ping", "data": {"x": "é" * 40_000}}, ensure_ascii=False))
+    assert (await next_event(ws))["data"]["code"] == "frame_too_large"  # 40k chars, 80 KB
     depth = 5_000  # 10 KB, well under the frame limit, nested beyond the decoder's stack
     await ws.send('{"type": "ping", "data": {"a": ' + "[" * depth + "]" * depth + "}}")
     assert (await next_event(ws))["data"]["code"] == "malformed_json"
@@ -225,6 +227,18 @@ async def test_bad_frames_get_error_events_and_the_socket_stays_open(
     await ws.send('{"type": "ping"}')
     assert (await next_event(ws))["type"] == "pong"
     await ws.close()
+
+
+async def test_a_frame_over_twice_the_limit_is_not_read_and_closes_with_1009(
+    deployment: Deployment,
+) -> None:
+    tenant, session = unique("t"), unique("s")
+    ws, _ = await connect(deployment.api.ws_url, tenant, session)
+    await ws.send(json.dumps({"type": "ping", "data": {"x": "x" * 140_000}}))
+    with pytest.raises(ConnectionClosed) as closed:
+        await next_event(ws)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1009
 
 
 async def test_health_schema_and_metrics_endpoints(deployment: Deployment) -> None:
