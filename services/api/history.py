@@ -7,7 +7,7 @@ fetches exactly what it missed.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any
 
 from litestar import delete, get
@@ -80,7 +80,9 @@ async def tenant_usage(
     history = _history(runtime)
     today = datetime.now(UTC).date()
     last = parse_day(day_to, "to") if day_to else today
-    first = parse_day(day_from, "from") if day_from else last - timedelta(DEFAULT_USAGE_DAYS - 1)
+    span = timedelta(DEFAULT_USAGE_DAYS - 1)
+    # (`last - span` would overflow for a `to` in the calendar's first month: a 500)
+    first = parse_day(day_from, "from") if day_from else max(date.min + span, last) - span
     days = await history.usage(principal.tenant_id, first, last)
     return {
         "tenant_id": principal.tenant_id,

@@ -64,11 +64,12 @@ DATA_ERROR_CLASSES = ("22", "23")  # data exception, integrity constraint violat
 
 
 def is_data_error(exc: BaseException) -> bool:
-    """The statement was refused for its data (SQLSTATE classes 22 and 23): never retry it.
-
-    asyncpg reports most of these as a plain driver error, so the SQLSTATE decides.
-    """
-    if isinstance(exc, sa_exc.DataError | sa_exc.IntegrityError):
+    """The record cannot be written for its data: never retry it. Either PostgreSQL refused
+    the statement (SQLSTATE classes 22 and 23; asyncpg reports most of these as a plain
+    driver error, so the SQLSTATE decides), or the record could not even be turned into
+    rows (a number or an id out of range: ValueError, decimal's InvalidOperation), which
+    retried as an outage would hold the writer on that batch for ever."""
+    if isinstance(exc, sa_exc.DataError | sa_exc.IntegrityError | ValueError | ArithmeticError):
         return True
     if isinstance(exc, sa_exc.DBAPIError):
         state = getattr(exc.orig, "sqlstate", None)

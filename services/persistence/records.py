@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
 from services.core import keys
-from services.core.actions import ACTION_FIELD
+from services.core.actions import ACTION_FIELD, MAX_COST
 from services.core.ids import Id
 from services.core.tasks import FINAL_STATUSES, TaskRef
 
@@ -33,7 +33,7 @@ RECORD_VERSION = 1
 FinalStatus = Literal["completed", "failed", "cancelled", "timed_out"]
 Tokens = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # bigint columns
 Attempt = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]  # integer column
-EventId = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,20}-[0-9]{1,20}$")]
+EventId = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,20}-[0-9]{1,20}$(?!\n)")]
 Moment = Annotated[datetime, msgspec.Meta(tz=True)]
 
 
@@ -48,7 +48,7 @@ class MalformedRecord(ValueError):
 class RecordUsage(msgspec.Struct, kw_only=True):
     input_tokens: Tokens = 0
     output_tokens: Tokens = 0
-    cost: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    cost: Annotated[float, msgspec.Meta(ge=0, le=MAX_COST)] = 0.0
     model: str | None = None
 
 

@@ -155,16 +155,19 @@ async def test_another_tenant_cannot_read_or_erase_history_or_usage(
         ("/api/sessions/s1/messages", {"limit": "100000"}, 422),
         ("/api/usage", {"from": "2026-02-01", "to": "2026-01-01"}, 422),
         ("/api/usage", {"from": "last week"}, 422),
+        ("/api/usage", {"from": "0001-01-01", "to": "0001-01-05"}, 200),
+        ("/api/usage", {"to": "0001-01-05"}, 200),  # the default 30 days end at the calendar
     ],
 )
-async def test_bad_history_queries_get_the_documented_error(
+async def test_bad_history_queries_get_the_documented_error_and_edge_dates_an_answer(
     persisted: tuple[LocalStack, Child], path: str, params: dict[str, str], status: int
 ) -> None:
     _, api = persisted
     async with httpx.AsyncClient(base_url=api.url) as http:
         reply = await http.get(path, params=params, headers=auth(unique("t")))
     assert reply.status_code == status, reply.text
-    assert reply.json()["error"]["code"] in ("bad_request", "validation_error")
+    if status != 200:
+        assert reply.json()["error"]["code"] in ("bad_request", "validation_error")
 
 
 async def test_chats_go_on_while_postgres_is_down_and_history_catches_up_once(
@@ -196,6 +199,10 @@ async def test_chats_go_on_while_postgres_is_down_and_history_catches_up_once(
                 assert events[-1]["type"] == "chat.response"
             detailed = (await http.get(f"{api.url}/health/detailed")).json()["components"]
             assert detailed["database"]["status"] == "down"
+            for path in (f"/api/sessions/{session}/messages", "/api/usage"):
+                down = await http.get(f"{api.url}{path}", headers=auth(tenant))
+                assert down.status_code == 503, (path, down.text)
+                assert down.json()["error"]["code"] == "unavailable"
             assert detailed["persistence_backlog"] >= 1
         await ws.close()
         database.start()

@@ -151,12 +151,22 @@ async def test_malformed_records_are_dead_lettered_and_the_rest_are_written(
     assert {letter.stream for letter in letters} == {keys.PERSIST_RECORDS}
 
 
-async def test_a_record_the_database_refuses_is_dead_lettered_alone(
-    redis: Redis, settings: Settings, engine: AsyncEngine
+@pytest.mark.parametrize(
+    "poison",
+    [
+        # a stream id, beyond PostgreSQL's bigint: SQLSTATE 22003
+        make_record("bigint", event_id=f"{2**63}-0"),
+        # decodes, but is no stream id (beyond 64 bits): refused before any SQL
+        make_record("id", event_id="99999999999999999999-0"),
+    ],
+    ids=["refused by PostgreSQL", "not convertible to a row"],
+)
+async def test_a_record_that_cannot_be_written_is_dead_lettered_alone(
+    redis: Redis, settings: Settings, engine: AsyncEngine, poison: PersistRecord
 ) -> None:
-    refused = make_record("huge", cost=1e12)  # numeric(20, 9) overflows: SQLSTATE 22003
+    """Not retried as an outage: that held the writer on the batch for ever."""
     batch = [make_record(f"ok{i}") for i in range(4)]
-    for record in [*batch[:2], refused, *batch[2:]]:
+    for record in [*batch[:2], poison, *batch[2:]]:
         await publish_record(redis, record)
     async with running(redis, settings, engine):
         await eventually(lambda: drained(redis), what="backlog drained")
