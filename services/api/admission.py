@@ -150,7 +150,13 @@ class Admission:
                 f"the tenant's {limits.tokens_per_day} tokens per day are used up until "
                 "midnight UTC",
                 details={"limit": limits.tokens_per_day, "retryAfter": retry_after},
-                headers={"Retry-After": str(retry_after)},
+                # Every 429 carries the RateLimit-* headers; here they describe the budget.
+                headers={
+                    "RateLimit-Limit": str(limits.tokens_per_day),
+                    "RateLimit-Remaining": "0",
+                    "RateLimit-Reset": str(retry_after),
+                    "Retry-After": str(retry_after),
+                },
                 code="token_budget_exhausted",
             )
         return Admitted(rules.quota, most_restrictive(decisions))

@@ -133,6 +133,15 @@ async def test_over_the_token_budget_nothing_is_created(service: Service) -> Non
     assert refusal.code == "token_budget_exhausted"
     assert await service.actions("low") == []
     assert await service.redis.keys(keys.task_location("*")) == []
+    # Like every 429, with the RateLimit-* headers (here: the day's token budget), on the
+    # two-step path (an Idempotency-Key) as well.
+    with pytest.raises(RateLimited) as keyed:
+        await service.send("a", key="over-budget")
+    for headers in (refusal.headers, keyed.value.headers):
+        assert headers["RateLimit-Limit"] == "100"
+        assert headers["RateLimit-Remaining"] == "0"
+        assert headers["RateLimit-Reset"] == headers["Retry-After"]
+        assert 0 < int(headers["Retry-After"]) <= 86_400
 
 
 async def test_one_step_and_two_step_sends_leave_the_same_state(service: Service) -> None:
