@@ -146,8 +146,12 @@ class QuotaStore:
             pipe.set(keys.tenant_quota(tenant_id), _encoder.encode(record))
             pipe.sadd(keys.QUOTA_TENANTS, tenant_id)
             await pipe.execute()
-        await self.redis.publish(keys.QUOTA_CHANGES, tenant_id)
+        await self.announce(tenant_id)
         return record
+
+    async def announce(self, tenant_id: str) -> None:
+        """Tell the api pods' caches to drop the tenant's entry (see `QuotaCache`)."""
+        await self.redis.publish(keys.QUOTA_CHANGES, tenant_id)
 
     async def get(self, tenant_id: str) -> QuotaRecord | None:
         _require_tenant(tenant_id)
@@ -160,7 +164,7 @@ class QuotaStore:
             pipe.delete(keys.tenant_quota(tenant_id))
             pipe.srem(keys.QUOTA_TENANTS, tenant_id)
             deleted, _ = await pipe.execute()
-        await self.redis.publish(keys.QUOTA_CHANGES, tenant_id)
+        await self.announce(tenant_id)
         return bool(deleted)
 
     async def list(self) -> list[QuotaRecord]:

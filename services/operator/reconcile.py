@@ -147,6 +147,8 @@ class QuotaReconciler:
         # remembered so that a timer tick racing with the deletion cannot claim the tenant again.
         self._locks: dict[str, asyncio.Lock] = {}
         self._released: set[str] = set()
+        # Tenants whose record was written but maybe not announced (`_write_if_changed`).
+        self._unannounced: set[str] = set()
 
     async def reconcile(
         self,
@@ -265,15 +267,24 @@ class QuotaReconciler:
         }
 
     async def _write_if_changed(self, ref: ResourceRef, wanted: TierQuotaSpec) -> None:
+        tenant_id = wanted.tenant_id
         try:
-            current = await self.store.get(wanted.tenant_id)
+            current = await self.store.get(tenant_id)
         except InvalidQuota:
             current = None  # unreadable: overwrite it with the spec
         if _same(current, wanted):
+            if tenant_id in self._unannounced:  # written by an earlier pass that then failed
+                await self.store.announce(tenant_id)
+                self._unannounced.discard(tenant_id)
             return
+        # The write and its announcement are two round trips: should the second fail, the
+        # retry finds the record unchanged, and without this the api pods would serve the
+        # old limits until their cache expires (ORCHESTRATOR_VALIDATION_CACHE_TTL).
+        self._unannounced.add(tenant_id)
         await self.store.set(
-            wanted.tenant_id, wanted.tier, wanted.limits, allowed_agents=wanted.allowed_agents
+            tenant_id, wanted.tier, wanted.limits, allowed_agents=wanted.allowed_agents
         )
+        self._unannounced.discard(tenant_id)
         log.info(
             "tier quota applied",
             extra={"resource": str(ref), "tenant_id": wanted.tenant_id, "tier": wanted.tier},

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import msgspec
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from services.core.quotas import QuotaCache
 from services.core.settings import load_settings
@@ -342,3 +343,38 @@ async def test_redis_down_is_a_temporary_error_then_the_retry_succeeds(
         assert record.tier == "enterprise"
     finally:
         await client.aclose()
+
+
+async def test_a_write_whose_announcement_failed_is_announced_by_the_retry(
+    reconciler: QuotaReconciler, ref: ResourceRef, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record is written, then the connection drops before the PUBLISH: the outcome is
+    "Redis unavailable" and kopf retries. The retry finds the record as the spec wants it;
+    it must announce it all the same, or the api pods keep the old limits for 300 s."""
+    await reconciler.reconcile(ref, tier_quota(tier="free"))
+    pubsub = redis.pubsub()
+    await pubsub.subscribe("{quota}:changes")
+    await pubsub.get_message(timeout=1.0)  # the subscribe confirmation
+    announce = reconciler.store.announce
+
+    async def lost(tenant_id: str) -> None:
+        raise RedisConnectionError("connection lost before the PUBLISH")
+
+    monkeypatch.setattr(reconciler.store, "announce", lost)
+    failed = await reconciler.reconcile(ref, tier_quota(tier="enterprise"))
+    assert failed.reason is Reason.REDIS_UNAVAILABLE
+    record = await reconciler.store.get("acme")
+    assert record is not None
+    assert record.tier == "enterprise"  # written, not announced
+    assert await pubsub.get_message(timeout=0.2) is None
+
+    monkeypatch.setattr(reconciler.store, "announce", announce)
+    retried = await reconciler.reconcile(ref, tier_quota(tier="enterprise"))
+    assert retried.ready
+    message = await pubsub.get_message(timeout=2.0)
+    assert message is not None
+    assert message["data"] == b"acme"
+    again = await reconciler.reconcile(ref, tier_quota(tier="enterprise"))  # announced once
+    assert again.ready
+    assert await pubsub.get_message(timeout=0.2) is None
+    await pubsub.aclose()
