@@ -17,7 +17,10 @@ if op == 'acquire' then
   if live >= tonumber(ARGV[3]) then return {0, live} end
   redis.call('ZADD', key, now_ms + ttl, ARGV[4])
 else
-  for i = 4, #ARGV do redis.call('ZADD', key, 'XX', now_ms + ttl, ARGV[i]) end
+  -- Not XX: a socket still open whose member expired (Redis away for longer than the ttl)
+  -- or vanished (Redis restarted without its data) counts again. (A refresh that crosses
+  -- its socket's release can leave the member counted until it expires: one ttl at most.)
+  for i = 4, #ARGV do redis.call('ZADD', key, now_ms + ttl, ARGV[i]) end
 end
 redis.call('PEXPIRE', key, ttl * 2)
 return {1, redis.call('ZCARD', key)}
