@@ -47,6 +47,7 @@ class Verdict(StrEnum):
     stale = "stale"
     duplicate = "duplicate"
     requeued = "requeued"
+    pending = "pending"
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 
 from services.core import events, keys, telemetry
 from services.core.actions import ACTION_FIELD, ChatProcess, MalformedAction, decode_action
-from services.core.ids import new_id
+from services.core.ids import is_valid_id, new_id
 from services.core.scripts import missing_script
 from services.core.tasks import TaskRef, TaskStatus, TaskStore, Verdict, encode_json, parse_outcome
 from services.persistence.records import publish_finished
@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 BATCH = 100
 AES_STREAM_MAXLEN = 1_000_000
 TICK_SECONDS = 0.2  # how often the worker looks for due deadlines and retries
+# After how long a retry's dispatch that was not confirmed (its XADD failed, or its worker
+# died) is handed out again: well past a command's own bound (2 s), so not one in flight.
+REDISPATCH_MS = 5_000
 
 
 def _ref(member: bytes | str) -> TaskRef:
@@ -118,9 +121,16 @@ class PartitionSchedule:
     async def _dispatch_retries(self, members: list[bytes]) -> None:
         for member in members:
             ref = _ref(member)
-            outcome = await self.tasks.apply(ref, "dispatch")
+            outcome = await self.tasks.apply(ref, "dispatch", seq=REDISPATCH_MS)
+            if outcome is not None and outcome.verdict is Verdict.pending:
+                continue  # handed out a moment ago, maybe still on its way: looked at again
             if outcome is not None and outcome.verdict is Verdict.ok and outcome.detail:
+                # Should this fail, the retry stays due and the task script hands the attempt
+                # out again after REDISPATCH_MS (see `dispatch` in task_event.lua).
                 await self._enqueue_attempt(ref, outcome.detail)
+                await self.redis.hdel(
+                    keys.task_state(ref.tenant_id, ref.session_id, ref.task_id), "dispatched_ms"
+                )
             await self.redis.zrem(self.retries, member)
 
     async def _enqueue_attempt(self, ref: TaskRef, stored: str) -> None:
@@ -145,8 +155,13 @@ class PartitionSchedule:
                 "orchestrator.retry": True,
             },
         ) as span:
+            # One action id per attempt: an attempt handed out again (its first XADD's reply
+            # was lost, but it may have been added) is the same action to the AES.
             again = msgspec.structs.replace(
-                action, action_id=new_id(), attempt=attempt, trace_context=telemetry.inject(span)
+                action,
+                action_id=_attempt_action_id(ref.task_id, attempt),
+                attempt=attempt,
+                trace_context=telemetry.inject(span),
             )
             await self.redis.xadd(
                 stream,
@@ -155,6 +170,11 @@ class PartitionSchedule:
                 approximate=True,
             )
         metrics.retries.inc()
+
+
+def _attempt_action_id(task_id: str, attempt: int) -> str:
+    action_id = f"{task_id}-a{attempt}"
+    return action_id if is_valid_id(action_id) else new_id()
 
 
 async def fire_due_all(

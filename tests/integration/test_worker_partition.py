@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -18,12 +19,16 @@ from services.core import events, keys
 from services.core.actions import (
     ACTION_FIELD,
     Callback,
+    ChatProcess,
     ExecutionChunk,
     ExecutionCompleted,
     Usage,
+    User,
     WebsocketBroadcast,
     WebsocketSend,
+    decode_action,
     encode_action,
+    utcnow,
 )
 from services.core.delivery_lag import DELIVERY_LAG_METRIC
 from services.core.scripts import Scripts
@@ -516,3 +521,51 @@ async def test_adopting_a_dead_owners_pending_entries_takes_all_and_counts_no_de
     pending = await redis.xpending_range(STREAM, keys.WORKER_GROUP, "-", "+", 10)
     assert [row["consumer"] for row in pending] == [b"w1"] * 5
     assert [row["times_delivered"] for row in pending] == [1] * 5
+
+
+async def test_a_retry_handed_out_by_a_worker_that_died_before_its_xadd_is_sent_again(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dispatch moved the task to `processing` and the worker died before the attempt's
+    action reached the AES (or the XADD failed). Not yet: a dispatch a moment old may still
+    be on its way. Once old enough, the attempt is handed out again, exactly once, with the
+    attempt's own action id (the AES sees the same action if the first one did get there)."""
+    settings = load_settings(callback_partitions=1)
+    tasks = TaskStore(redis, Scripts(redis), settings)
+    ref = TaskRef("acme", "s1", "t1")
+    action = ChatProcess(
+        tenant_id="acme",
+        session_id="s1",
+        task_id="t1",
+        agent_id="default",
+        message="hi",
+        user=User(id="alice"),
+        callback_queue=keys.callback_stream(0),
+        deadline=utcnow() + timedelta(minutes=5),
+    )
+    created = {"status": "processing", "action": encode_action(action).decode()}
+    await tasks.apply(ref, "create", fields=created)
+    await tasks.apply(ref, "requeue", attempt=1)  # attempt 1 failed, retryably
+    member = keys.task_member("acme", "s1", "t1")
+    await redis.zadd(keys.partition_retries(0), {member: time.time() - 1})
+    schedule = PartitionSchedule(redis, tasks, 0)
+    died = await tasks.apply(ref, "dispatch", seq=60_000)  # the worker that died
+    assert died is not None
+    assert died.verdict.value == "ok"
+
+    await fire_due_all(redis, [schedule])  # too soon to tell from one still on its way
+    assert await redis.xlen(keys.aes_stream("normal")) == 0
+    assert await redis.zcard(keys.partition_retries(0)) == 1
+
+    monkeypatch.setattr("services.worker.schedule.REDISPATCH_MS", 0)
+    await fire_due_all(redis, [schedule])
+    await fire_due_all(redis, [schedule])  # confirmed: nothing is handed out twice
+    [(_, fields)] = await redis.xrange(keys.aes_stream("normal"))
+    sent = decode_action(fields[ACTION_FIELD.encode()])
+    assert isinstance(sent, ChatProcess)
+    assert (sent.attempt, sent.action_id) == (2, "t1-a2")
+    assert await redis.zcard(keys.partition_retries(0)) == 0
+    state = await tasks.read(ref)
+    assert state is not None
+    assert (state["status"], state["attempt"]) == ("processing", "2")
+    assert "dispatched_ms" not in state

@@ -6,7 +6,8 @@
 -- KEYS[1] task state hash    KEYS[2] session log stream
 -- ARGV[1] op: create | chunk | completed | failed | cancel | requeue | dispatch | timeout
 -- ARGV[2] attempt the event answers (0: whatever the current attempt is)
--- ARGV[3] chunk seq (chunk only)
+-- ARGV[3] chunk seq (chunk); for dispatch: ms after which a dispatch not confirmed yet (its
+--         `dispatched_ms` field still set) is handed out again
 -- ARGV[4] frame body without id ("" publishes nothing)
 -- ARGV[5] log max length   ARGV[6] log ttl (ms)   ARGV[7] task ttl (s)
 -- ARGV[8] delivery channel ARGV[9] now (ISO-8601)
@@ -15,7 +16,8 @@
 -- ARGV[11..] field, value pairs to set on the task
 -- Returns {verdict, detail, tier, created_ms, first_chunk}: verdict ok (detail: event id or
 -- "", or the action for dispatch), exists, unknown, final (detail: the status), stale (detail:
--- the current attempt), duplicate, requeued (a replayed requeue: already done). tier and
+-- the current attempt), duplicate, requeued (a replayed requeue: already done), pending (a
+-- dispatch handed out a moment ago and not confirmed yet). tier and
 -- created_ms (when the task was accepted) feed the metrics; first_chunk is 1 for the first
 -- chunk of an attempt.
 local task, log = KEYS[1], KEYS[2]
@@ -60,8 +62,20 @@ else
   elseif op == 'requeue' then
     set_fields({'attempt', tostring(current + 1), 'last_seq', '0', 'status', 'queued'})
   elseif op == 'dispatch' then
-    if status ~= 'queued' then return {'stale', state[2]} end
-    set_fields({'status', 'processing'})
+    -- Handed out with a mark the dispatcher removes once the attempt's action is on the AES
+    -- stream: a dispatcher that failed in between (a lost connection, a crash) leaves the
+    -- mark, and the attempt is handed out again once the mark is old enough not to be one
+    -- still on its way. Without it the retry was lost: the task no longer `queued`.
+    local now = redis.call('TIME')
+    local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+    if status == 'queued' then
+      set_fields({'status', 'processing', 'dispatched_ms', tostring(now_ms)})
+      return {'ok', redis.call('HGET', task, 'action') or ''}
+    end
+    local mark = tonumber(redis.call('HGET', task, 'dispatched_ms') or '')
+    if status ~= 'processing' or not mark then return {'stale', state[2]} end
+    if now_ms - mark < seq then return {'pending', state[2]} end
+    redis.call('HSET', task, 'dispatched_ms', tostring(now_ms))
     return {'ok', redis.call('HGET', task, 'action') or ''}
   else
     set_fields({})
