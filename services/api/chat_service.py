@@ -139,12 +139,14 @@ class ChatService:
         else:
             # The key is reserved between the limits and the enqueue; on a cluster the keys
             # of the two are in different slots.
-            admitted = self.admission.judge(
-                rules, await self.admission.limiter.check_many(rules.checks)
-            )
+            decisions = await self.admission.limiter.check_many(rules.checks)
+            admitted = self.admission.judge(rules, decisions)
             if idempotency is not None:
                 earlier = await self._reserve(principal, idempotency, ref.task_id)
                 if earlier is not None:
+                    # A double submit answered with the first one's task: it sent nothing,
+                    # so what it took from the limits (and the day's requests) goes back.
+                    await self.admission.limiter.give_back(rules.checks, decisions)
                     return earlier
             outcome = await self._send_in_two_steps(
                 ref, agent_id, principal, request, rules, idempotency

@@ -152,19 +152,30 @@ class RateLimiter:
             for check, reply in zip(checks, replies, strict=True)
         ]
         if not all(decision.allowed for decision in decisions):
-            refunds = [
-                RateCheck(
-                    check.key,
-                    check.limit_per_minute,
-                    -check.cost,
-                    check.budget if decision.within_budget else None,
-                )
-                for check, decision in zip(checks, decisions, strict=True)
-                if decision.allowed and check.cost
-            ]
-            if refunds:
-                await self._pipelined(refunds, now_us)
+            await self.give_back(checks, decisions, now_us=now_us)
         return decisions
+
+    async def give_back(
+        self,
+        checks: Sequence[RateCheck],
+        decisions: Sequence[RateDecision],
+        *,
+        now_us: int | None = None,
+    ) -> None:
+        """Refund what the allowed ones of `checks` took (their decisions from `check_many`),
+        the day's request count included: for a request that in the end sent nothing."""
+        refunds = [
+            RateCheck(
+                check.key,
+                check.limit_per_minute,
+                -check.cost,
+                check.budget if decision.within_budget else None,
+            )
+            for check, decision in zip(checks, decisions, strict=True)
+            if decision.allowed and check.cost
+        ]
+        if refunds:
+            await self._pipelined(refunds, now_us)
 
     async def _pipelined(self, checks: Sequence[RateCheck], now_us: int | None) -> list[Any]:
         """EVALSHA each check in one pipeline; on NOSCRIPT load the script and redo those.

@@ -228,6 +228,10 @@ async def test_two_sends_with_one_key_at_once_make_one_task(
     )
     assert first == second
     assert len(await service.actions("normal")) == 2  # "warm" and this one
+    # The second sent nothing: what it took from the limits and the day's count went back.
+    assert (await service.usage.today(TENANT)).requests == 2
+    await service.tier("pro", {"requestsPerMinutePerSession": 2})
+    await service.send("a", key="another")  # the session's second, not its third
 
 
 async def test_retries_at_once_after_an_abandoned_send_make_one_task(
