@@ -270,7 +270,9 @@ class HistoryStore:
         """Erase the tenant's session history; returns the messages deleted (0: none existed).
 
         The session keeps a tombstone (`erased_at`): a record of a task created before the
-        erasure that is still on its way to the writer writes no history. Usage stays counted.
+        erasure that is still on its way to the writer writes no history. The erasure counts
+        as the session's last activity, so retention keeps the tombstone as long as any other
+        recent session row. Usage stays counted.
         """
         _require_id("tenant_id", tenant_id)
         _require_id("session_id", session_id)
@@ -284,7 +286,10 @@ class HistoryStore:
         )
         tombstone = tombstone.on_conflict_do_update(
             index_elements=[sessions.c.tenant_id, sessions.c.session_id],
-            set_={"erased_at": now},
+            set_={
+                "erased_at": now,
+                "last_activity_at": func.greatest(sessions.c.last_activity_at, now),
+            },
         )
         async with self.engine.begin() as conn:
             await conn.execute(tombstone)

@@ -31,6 +31,13 @@ class PruneResult:
 
 
 async def _delete_chunked(engine: AsyncEngine, table: Table, old: ColumnElement[bool]) -> int:
+    """Delete the rows matching `old`, `CHUNK_ROWS` at a time.
+
+    Rows are picked by `ctid` inside the deleting statement: a row the writer updates while
+    prune waits for its lock becomes a new version with another ctid, which PostgreSQL's
+    re-check then finds not picked, so fresh activity is never deleted (picking by key
+    would delete it).
+    """
     ctid: Any = literal_column("ctid")
     chunk = select(ctid).select_from(table).where(old).limit(CHUNK_ROWS).scalar_subquery()
     total = 0

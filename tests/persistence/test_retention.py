@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
+from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.core.settings import load_settings
@@ -12,7 +14,8 @@ from services.persistence.batch import write_batch
 from services.persistence.cli import prune_command
 from services.persistence.history import HistoryStore
 from services.persistence.retention import prune
-from tests.persistence.conftest import make_record
+from services.persistence.schema import sessions
+from tests.persistence.conftest import eventually, make_record
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 
@@ -52,3 +55,65 @@ def test_prune_command_prints_what_it_deleted(
     out = capsys.readouterr().out
     assert out.startswith("pruned history before ")
     assert "messages 0, tasks 0, usage_events 0, sessions 0" in out
+
+
+async def test_an_erased_session_stays_erased_after_a_prune(engine: AsyncEngine) -> None:
+    """Erasing a session idle beyond the retention keeps its tombstone through the next prune.
+
+    A task created before the erasure whose record reaches the writer after that prune must
+    still write nothing: the tombstone counts as the session's last activity.
+    """
+    now = datetime.now(UTC)
+    async with engine.begin() as conn:
+        await write_batch(conn, [make_record("old", created_at=now - timedelta(days=40))])
+    history = HistoryStore(engine)
+    assert await history.delete_session("acme", "s1") == 2
+
+    assert (await prune(engine, 30)).deleted["sessions"] == 0
+
+    late = make_record("late", created_at=now - timedelta(minutes=1), event_id="2-0")
+    async with engine.begin() as conn:
+        await write_batch(conn, [late])
+    assert (await history.messages("acme", "s1")).messages == []
+    assert await history.task("acme", "late") is None
+
+
+async def test_a_session_active_while_prune_runs_is_kept(engine: AsyncEngine) -> None:
+    """Prune picks rows by `ctid` and deletes them in one statement; a session the writer
+    touches meanwhile is a new row version (another ctid) and survives.
+
+    The writer's transaction holds the row while prune waits for it, then commits new
+    activity: PostgreSQL re-checks the row prune waited for, and it no longer matches.
+    """
+    old = datetime.now(UTC) - timedelta(days=40)
+    async with engine.begin() as conn:
+        await write_batch(conn, [make_record("old", created_at=old)])
+    writer = await engine.connect()
+    try:
+        transaction = await writer.begin()
+        await writer.execute(
+            update(sessions)
+            .values(last_activity_at=func.now())
+            .where(sessions.c.session_id == "s1")
+        )
+        pruning = asyncio.create_task(prune(engine, 30))
+
+        async def prune_waits_for_the_row() -> bool:
+            async with engine.connect() as conn:
+                waiting = await conn.scalar(
+                    text(
+                        "select count(*) from pg_stat_activity"
+                        " where wait_event_type = 'Lock' and query ilike 'delete from sessions%'"
+                    )
+                )
+            return bool(waiting)
+
+        await eventually(prune_waits_for_the_row)
+        await transaction.commit()
+        result = await pruning
+    finally:
+        await writer.close()
+    assert result.deleted["sessions"] == 0
+    assert result.deleted["messages"] == 2
+    async with engine.connect() as conn:
+        assert await conn.scalar(select(func.count()).select_from(sessions)) == 1
