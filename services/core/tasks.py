@@ -101,6 +101,7 @@ class TaskStore:
         body: str,
         fields: dict[str, str],
         traceparent: str = "",
+        after_seq: int = 0,
     ) -> tuple[list[str], list[str | int]]:
         """task_event.lua's KEYS and ARGV (also composed into send.lua)."""
         settings = self.settings
@@ -119,6 +120,7 @@ class TaskStore:
             keys.session_channel(ref.tenant_id, ref.session_id),
             isoformat(),
             f"{traceparent}\n" if traceparent else "",
+            after_seq,
         ]
         for name, value in fields.items():
             args.extend((name, value))
@@ -135,11 +137,13 @@ class TaskStore:
         fields: dict[str, str] | None = None,
         pipe: Pipeline | None = None,
         traceparent: str = "",
+        after_seq: int = 0,
     ) -> Outcome | None:
         """Run the task script; with `pipe`, queue it and return None (read the pipe's result).
 
         `traceparent` rides on the published frame (not the log) so that the api pod that
-        delivers it continues the trace.
+        delivers it continues the trace. `after_seq`: the task's chunk queued before this
+        event in the same pipeline, which must have applied first (else DEFERRED).
         """
         script_keys, args = self.script_args(
             ref,
@@ -149,6 +153,7 @@ class TaskStore:
             body=body,
             fields=fields or {},
             traceparent=traceparent,
+            after_seq=after_seq,
         )
         if pipe is not None:
             self.scripts.queue(pipe, self.scripts.task_event, script_keys, args)

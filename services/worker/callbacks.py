@@ -84,20 +84,23 @@ class CallbackEffects:
         pipe: Pipeline,
         traceparent: str = "",
         position: Position | None = None,
+        after_seq: int = 0,
     ) -> FollowUp | None:
         """Queue the effect of one callback on `pipe`; its reply says what happened.
 
         What must follow once the effect is applied is returned: a `Retry` to schedule (a
         retryable failure with attempts left became a requeue), or the `Spent` usage of a
         completed task to count. `websocket.send` and `websocket.broadcast` need their
-        `position` (they are applied once per stream entry).
+        `position` (they are applied once per stream entry). A chunk or a completion after
+        a chunk of the same attempt in the same pipeline names that chunk's seq
+        (`after_seq`): the effect waits for it (DEFERRED) if it failed.
         """
         if isinstance(action, ExecutionChunk):
-            await self._chunk(action, pipe)
+            await self._chunk(action, pipe, after_seq)
         elif isinstance(action, ExecutionCompleted):
             ref = TaskRef(action.tenant_id, action.session_id, action.task_id)
             await self._completed(
-                ref, action.attempt, action.content, action.usage, pipe, traceparent
+                ref, action.attempt, action.content, action.usage, pipe, traceparent, after_seq
             )
             return Spent(ref, action.usage)
         elif isinstance(action, ExecutionFailed):
@@ -123,13 +126,19 @@ class CallbackEffects:
             self._broadcast(action, pipe, position)
         return None
 
-    async def _chunk(self, action: ExecutionChunk, pipe: Pipeline) -> None:
+    async def _chunk(self, action: ExecutionChunk, pipe: Pipeline, after_seq: int) -> None:
         ref = TaskRef(action.tenant_id, action.session_id, action.task_id)
         body = events.event_body(
             events.CHAT_CHUNK, {"delta": action.delta, "seq": action.seq}, action.task_id
         )
         await self.tasks.apply(
-            ref, "chunk", attempt=action.attempt, seq=action.seq, body=body, pipe=pipe
+            ref,
+            "chunk",
+            attempt=action.attempt,
+            seq=action.seq,
+            body=body,
+            pipe=pipe,
+            after_seq=after_seq,
         )
 
     async def _completed(
@@ -140,6 +149,7 @@ class CallbackEffects:
         usage: Usage,
         pipe: Pipeline,
         traceparent: str = "",
+        after_seq: int = 0,
     ) -> None:
         usage_data = {
             "input_tokens": usage.input_tokens,
@@ -161,6 +171,7 @@ class CallbackEffects:
             },
             pipe=pipe,
             traceparent=traceparent,
+            after_seq=after_seq,
         )
 
     async def _requeue(

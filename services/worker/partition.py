@@ -521,14 +521,23 @@ class PartitionConsumer:
     async def queue_effects(self, batch: Batch, pipe: Pipeline) -> None:
         """Queue the effect of each callback of `batch` on `pipe`, in stream order."""
         previous: dict[tuple[str, ...], str] = {}
+        chunked: dict[tuple[str, str, str, int], int] = {}  # task attempt -> last chunk seq
         for (entry, action), span in zip(batch.decoded, batch.spans, strict=True):
             position = None
             order = _order_key(action)
             if order is not None:
                 position = Position(self.stream, entry.id, previous.get(order, ""))
                 previous[order] = entry.id
+            after_seq = 0
+            if isinstance(action, ExecutionChunk | ExecutionCompleted) and action.attempt:
+                attempt = (action.tenant_id, action.session_id, action.task_id, action.attempt)
+                after_seq = chunked.get(attempt, 0)
+                if isinstance(action, ExecutionChunk):
+                    chunked[attempt] = max(after_seq, action.seq)
             traceparent = telemetry.traceparent(span) if span else ""
-            batch.plans.append(await self.effects.queue(action, pipe, traceparent, position))
+            batch.plans.append(
+                await self.effects.queue(action, pipe, traceparent, position, after_seq)
+            )
 
     async def settle(self, batch: Batch, results: list[Any]) -> bool:
         """Take the replies of the batch's effects: what applied is acknowledged with the next

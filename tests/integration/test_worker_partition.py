@@ -249,12 +249,33 @@ class FailOnce(CallbackEffects):
         pipe: Pipeline,
         traceparent: str = "",
         position: Position | None = None,
+        after_seq: int = 0,
     ) -> FollowUp | None:
         if isinstance(action, WebsocketSend) and action.message["n"] == 2 and not self.failed:
             self.failed = True
             pipe.execute_command("EVAL", "return redis.error_reply('ERR boom')", 0)
             return None
-        return await super().queue(action, pipe, traceparent, position)
+        return await super().queue(action, pipe, traceparent, position, after_seq)
+
+
+class ChunkFailsOnce(CallbackEffects):
+    """Effects whose chunk of seq 2 fails the first time (an error in Redis), alone."""
+
+    failed = False
+
+    async def queue(
+        self,
+        action: Callback,
+        pipe: Pipeline,
+        traceparent: str = "",
+        position: Position | None = None,
+        after_seq: int = 0,
+    ) -> FollowUp | None:
+        if isinstance(action, ExecutionChunk) and action.seq == 2 and not self.failed:
+            self.failed = True
+            pipe.execute_command("EVAL", "return redis.error_reply('ERR boom')", 0)
+            return None
+        return await super().queue(action, pipe, traceparent, position, after_seq)
 
 
 class AlwaysFails(CallbackEffects):
@@ -268,12 +289,13 @@ class AlwaysFails(CallbackEffects):
         pipe: Pipeline,
         traceparent: str = "",
         position: Position | None = None,
+        after_seq: int = 0,
     ) -> FollowUp | None:
         if isinstance(action, WebsocketSend) and action.message["n"] == 1:
             self.runs += 1
             pipe.execute_command("EVAL", "return redis.error_reply('ERR boom')", 0)
             return None
-        return await super().queue(action, pipe, traceparent, position)
+        return await super().queue(action, pipe, traceparent, position, after_seq)
 
 
 async def test_a_failing_entry_is_dead_lettered_after_exactly_max_delivery_attempts_runs(
@@ -312,6 +334,37 @@ async def test_a_send_after_a_failed_one_of_its_session_waits_for_it(
     assert effects.failed
     assert await logged(redis, "s1") == [1, 2, 3, 4]  # 3 and 4 did not overtake 2
     assert await logged(redis, "s2") == [1, 2, 3, 4]
+    assert await redis.xlen(keys.DEAD_LETTERS) == 0
+
+
+async def test_a_chunk_failing_alone_is_not_skipped_by_the_next_ones(redis: Redis) -> None:
+    """Chunks 1-3 and the completion in one batch; chunk 2's script fails alone. Chunk 3 and
+    the completion wait for it (a chunk 3 applied first made chunk 2 a 'duplicate': lost)."""
+    tasks = TaskStore(redis, Scripts(redis), SETTINGS)
+    await tasks.apply(TaskRef("acme", "s1", "t1"), "create", fields={"status": "processing"})
+    for seq in (1, 2, 3):
+        chunk = ExecutionChunk(
+            tenant_id="acme", session_id="s1", task_id="t1", attempt=1, seq=seq, delta=f"d{seq}"
+        )
+        await redis.xadd(STREAM, {ACTION_FIELD: encode_action(chunk)})
+    done = ExecutionCompleted(
+        tenant_id="acme", session_id="s1", task_id="t1", attempt=1, content="d1d2d3", usage=Usage()
+    )
+    await redis.xadd(STREAM, {ACTION_FIELD: encode_action(done)})
+    scripts = Scripts(redis)
+    effects = ChunkFailsOnce(TaskStore(redis, scripts, SETTINGS), scripts, SETTINGS)
+
+    await drain(consumer_of(redis, "w1", effects), redis)
+
+    assert effects.failed
+    entries = await redis.xrange(keys.session_log("acme", "s1"))
+    frames = [json.loads(b"{" + fields[b"e"]) for _, fields in entries]
+    assert [(f["type"], f["data"].get("seq")) for f in frames] == [
+        (events.CHAT_CHUNK, 1),
+        (events.CHAT_CHUNK, 2),
+        (events.CHAT_CHUNK, 3),
+        (events.CHAT_RESPONSE, None),
+    ]
     assert await redis.xlen(keys.DEAD_LETTERS) == 0
 
 

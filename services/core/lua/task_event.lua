@@ -13,7 +13,11 @@
 -- ARGV[8] delivery channel ARGV[9] now (ISO-8601)
 -- ARGV[10] prefix of the published message: "" or a W3C traceparent and a newline, so the
 --          api can continue the trace on the delivery hop (the log never stores it)
--- ARGV[11..] field, value pairs to set on the task
+-- ARGV[11] the seq of the task's chunk queued before this event in the same worker batch (0:
+--          none): it must have applied first. If it did not (its script failed alone in the
+--          pipeline), this event is refused with DEFERRED and retried after it, so a chunk is
+--          never skipped by a later one (the seq check would then take it for a duplicate)
+-- ARGV[12..] field, value pairs to set on the task
 -- Returns {verdict, detail, tier, created_ms, first_chunk}: verdict ok (detail: event id or
 -- "", or the action for dispatch), exists, unknown, final (detail: the status), stale (detail:
 -- the current attempt), duplicate, requeued (a replayed requeue: already done), pending (a
@@ -28,7 +32,7 @@ local tier, created_ms, first_chunk = '', '0', 0
 
 local function set_fields(extra)
   local fields = {'updated_at', ARGV[9]}
-  for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
+  for i = 12, #ARGV do fields[#fields + 1] = ARGV[i] end
   for _, v in ipairs(extra) do fields[#fields + 1] = v end
   redis.call('HSET', task, unpack(fields))
   redis.call('EXPIRE', task, ARGV[7])
@@ -50,6 +54,9 @@ else
     return {'requeued', state[2]}
   end
   if attempt ~= 0 and attempt ~= current then return {'stale', state[2]} end
+  if tonumber(state[3]) < tonumber(ARGV[11]) then
+    return redis.error_reply('DEFERRED the previous chunk of the task did not apply')
+  end
   if op == 'chunk' then
     if seq <= tonumber(state[3]) then return {'duplicate', state[3]} end
     local extra = {'last_seq', ARGV[3], 'status', 'streaming'}
