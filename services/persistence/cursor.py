@@ -1,9 +1,14 @@
 """History cursors: opaque to clients, validated on the way back in.
 
 A cursor is a position in one session's history (the sort key of a message: its task's final
-event id as numbers, then its part) and a direction: `before` pages towards older messages,
-`after` towards newer ones. It is `v1.` + base64url(JSON); anything else, or a cursor of
-another session, is a 400.
+event id as numbers, its task id, then its part) and a direction: `before` pages towards older
+messages, `after` towards newer ones. It is `v2.` + base64url(JSON); anything else, or a
+cursor of another session, is a 400.
+
+The task id breaks ties between tasks that share an event id: records written without their
+final event id sort at their completion millisecond, and a page edge between two such tasks
+must not skip the other's rows. `v1.` cursors (no task id, issued before it was added) are
+still read, with their old meaning, so a client paging across an upgrade goes on.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ from typing import Annotated, Literal
 import msgspec
 
 from services.core.errors import BadRequest
+from services.core.ids import ID_PATTERN
 
-PREFIX = "v1."
+PREFIX = "v2."
+LEGACY_PREFIX = "v1."
 MAX_CURSOR_CHARS = 512
 
 BIGINT_MAX = 2**63 - 1  # the history columns' type: a larger value fails the query
@@ -24,20 +31,32 @@ NonNegative = Annotated[int, msgspec.Meta(ge=0, le=BIGINT_MAX)]
 Direction = Literal["before", "after"]
 
 
+TaskId = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
+
+
 class Cursor(msgspec.Struct, array_like=True, forbid_unknown_fields=True, frozen=True):
+    """`task_id` None: a position between event ids (`after_event_id`, a `v1.` cursor),
+    compared on (event_ms, event_seq, part) only."""
+
+    direction: Direction
+    session_id: str
+    event_ms: NonNegative
+    event_seq: NonNegative
+    task_id: TaskId | None
+    part: Literal[0, 1]
+
+
+class _LegacyCursor(msgspec.Struct, array_like=True, forbid_unknown_fields=True, frozen=True):
     direction: Direction
     session_id: str
     event_ms: NonNegative
     event_seq: NonNegative
     part: Literal[0, 1]
 
-    @property
-    def key(self) -> tuple[int, int, int]:
-        return self.event_ms, self.event_seq, self.part
-
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Cursor)
+_legacy_decoder = msgspec.json.Decoder(_LegacyCursor)
 
 
 def encode_cursor(cursor: Cursor) -> str:
@@ -46,12 +65,21 @@ def encode_cursor(cursor: Cursor) -> str:
 
 def decode_cursor(text: str, session_id: str) -> Cursor:
     """The cursor in `text`, which must belong to `session_id`; `BadRequest` otherwise."""
-    if len(text) > MAX_CURSOR_CHARS or not text.startswith(PREFIX):
+    if len(text) > MAX_CURSOR_CHARS:
         raise _malformed()
-    body = text.removeprefix(PREFIX)
+    legacy = text.startswith(LEGACY_PREFIX)
+    if not legacy and not text.startswith(PREFIX):
+        raise _malformed()
+    body = text[len(PREFIX) :]
     try:
         raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
-        cursor = _decoder.decode(raw)
+        if legacy:
+            old = _legacy_decoder.decode(raw)
+            cursor = Cursor(
+                old.direction, old.session_id, old.event_ms, old.event_seq, None, old.part
+            )
+        else:
+            cursor = _decoder.decode(raw)
     except (binascii.Error, ValueError, msgspec.MsgspecError):
         raise _malformed() from None
     if cursor.session_id != session_id:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import Row, delete, exists, func, select, tuple_
+from sqlalchemy import ColumnElement, Row, delete, exists, func, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -188,6 +188,19 @@ def _message(row: Row[Any]) -> HistoryMessage:
     )
 
 
+def _beyond(position: Cursor, forward: bool) -> ColumnElement[bool]:
+    """The rows past `position` in the paging direction. The task id is part of the sort key
+    only for cursors that carry one (see `services.persistence.cursor`)."""
+    c = messages.c
+    if position.task_id is None:
+        key = tuple_(c.event_ms, c.event_seq, c.part)
+        bound = tuple_(position.event_ms, position.event_seq, position.part)
+    else:
+        key = tuple_(c.event_ms, c.event_seq, c.task_id, c.part)
+        bound = tuple_(position.event_ms, position.event_seq, position.task_id, position.part)
+    return key > bound if forward else key < bound
+
+
 class HistoryStore:
     """Tenant-scoped reads (and erasure) of the persisted history."""
 
@@ -213,7 +226,7 @@ class HistoryStore:
                 "after_event_id must be an event id (<milliseconds>-<sequence>)",
                 details={"parameter": "after_event_id"},
             ) from None
-        return Cursor("after", session_id, event_ms, event_seq, 1)
+        return Cursor("after", session_id, event_ms, event_seq, None, 1)
 
     async def messages(
         self,
@@ -233,24 +246,25 @@ class HistoryStore:
                 details={"parameter": "limit", "max": self.page_max},
             )
         position = self._position(session_id, cursor, after_event_id)
-        key = tuple_(messages.c.event_ms, messages.c.event_seq, messages.c.part)
         query = select(messages).where(
             messages.c.tenant_id == tenant_id, messages.c.session_id == session_id
         )
         forward = position is not None and position.direction == "after"
         if position is not None:
-            bound = tuple_(*position.key)
-            query = query.where(key > bound if forward else key < bound)
-        order = (messages.c.event_ms, messages.c.event_seq, messages.c.part)
+            query = query.where(_beyond(position, forward))
+        order = (messages.c.event_ms, messages.c.event_seq, messages.c.task_id, messages.c.part)
         query = query.order_by(*(order if forward else (c.desc() for c in order)))
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query.limit(limit + 1))).all()
         found = [_message(row) for row in rows[:limit]]
         next_cursor = None
         if len(rows) > limit:
-            event_ms, event_seq, part = found[-1].key
+            last = found[-1]
+            event_ms, event_seq, part = last.key
             direction: Direction = "after" if forward else "before"
-            edge = Cursor(direction, session_id, event_ms, event_seq, 1 if part else 0)
+            edge = Cursor(
+                direction, session_id, event_ms, event_seq, last.task_id, 1 if part else 0
+            )
             next_cursor = encode_cursor(edge)
         if not forward:
             found.reverse()

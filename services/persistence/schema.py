@@ -11,7 +11,9 @@ and served by an index. Keys make every write of the writer idempotent:
 - `sessions`: (tenant, session): first and last activity, and when its history was erased.
 
 History is ordered by the session log id of each task's final event (`event_ms`,
-`event_seq`, compared as numbers), then `part` (0: the user's message, 1: the answer).
+`event_seq`, compared as numbers), then the task id (tasks sharing an id: records written
+without it sort at their completion millisecond), then `part` (0: the user's message, 1: the
+answer).
 """
 
 from __future__ import annotations
@@ -77,7 +79,9 @@ messages = Table(
         "(role = 'user' AND part = 0) OR (role = 'assistant' AND part = 1)", name="messages_part"
     ),
     CheckConstraint(f"status IN {FINAL_STATUSES}", name="messages_status"),
-    Index("messages_history", "tenant_id", "session_id", "event_ms", "event_seq", "part"),
+    Index(
+        "messages_history", "tenant_id", "session_id", "event_ms", "event_seq", "task_id", "part"
+    ),
     Index("messages_completed_at", "completed_at"),
 )
 

@@ -21,8 +21,8 @@ async def history(engine: AsyncEngine) -> HistoryStore:
     return HistoryStore(engine, page_max=100)
 
 
-def forged(body: bytes) -> str:
-    return "v1." + base64.urlsafe_b64encode(body).rstrip(b"=").decode()
+def forged(body: bytes, version: str = "v1.") -> str:
+    return version + base64.urlsafe_b64encode(body).rstrip(b"=").decode()
 
 
 @pytest.mark.parametrize(
@@ -38,12 +38,31 @@ def forged(body: bytes) -> str:
         forged(b'["before","s1",9223372036854775808,0,0]'),  # beyond PostgreSQL's bigint
         forged(b'{"direction":"before"}'),
         "v1." + "A" * 600,
+        "v2.",
+        forged(b'["before","s1",1,0,0]', "v2."),  # a v1 body under v2
+        forged(b'["before","s1",1,0,"t\\n",0]', "v2."),  # a task id no task has
+        forged(b'["before","s1",1,0,"' + b"t" * 65 + b'",0]', "v2."),
+        forged(b'["before","s1",1,0,"t1",0]', "v3."),
     ],
 )
 async def test_a_malformed_cursor_is_a_400(history: HistoryStore, cursor: str) -> None:
     with pytest.raises(BadRequest, match="malformed cursor") as caught:
         await history.messages("acme", "s1", cursor=cursor)
     assert caught.value.status == 400
+
+
+async def test_a_cursor_issued_before_the_task_id_tiebreaker_still_pages(
+    history: HistoryStore,
+) -> None:
+    """A `v1.` cursor (a client paging across the upgrade) keeps its meaning."""
+    page = await history.messages("acme", "s1", cursor=forged(b'["before","s1",1,2,0]'))
+    assert [(m.task_id, m.role) for m in page.messages] == [
+        ("t0", "user"),
+        ("t0", "assistant"),
+        ("t1", "user"),
+        ("t1", "assistant"),
+    ]
+    assert page.next_cursor is None
 
 
 async def test_a_cursor_of_another_session_is_a_400(history: HistoryStore) -> None:

@@ -57,6 +57,35 @@ async def test_cursor_pages_walk_back_to_the_first_message_without_gaps_or_repea
     assert [len(page) for page in pages] == [4, 4, 4, 2]
 
 
+@pytest.mark.parametrize("limit", [1, 3])
+async def test_tasks_sharing_a_sort_key_are_each_paged_once_in_both_directions(
+    engine: AsyncEngine, limit: int
+) -> None:
+    """Records without a final event id sort at their completion millisecond: three tasks
+    finishing in the same one share (ms, 0). The task id breaks the tie, so a page edge
+    between them skips nothing (a cursor of (ms, seq, part) skipped the other tasks' rows)."""
+    same = BASE_TIME
+    await write(engine, [make_record(f"tie{i}", completed_at=same) for i in range(3)])
+    history = HistoryStore(engine)
+    expected = [(f"tie{i}", role) for i in range(3) for role in ("user", "assistant")]
+
+    backward: list[list[tuple[str, str]]] = []
+    page = await history.messages("acme", "s1", limit=limit)
+    backward.append(turns(page.messages))
+    while page.next_cursor is not None:
+        page = await history.messages("acme", "s1", limit=limit, cursor=page.next_cursor)
+        backward.append(turns(page.messages))
+    assert [turn for found in reversed(backward) for turn in found] == expected
+
+    forward: list[tuple[str, str]] = []
+    page = await history.messages("acme", "s1", limit=limit, after_event_id="0-0")
+    forward += turns(page.messages)
+    while page.next_cursor is not None:
+        page = await history.messages("acme", "s1", limit=limit, cursor=page.next_cursor)
+        forward += turns(page.messages)
+    assert forward == expected
+
+
 async def test_after_event_id_returns_exactly_the_tasks_finished_after_it(
     history: HistoryStore,
 ) -> None:
