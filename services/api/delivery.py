@@ -8,7 +8,9 @@ it. Any pod may hold any session: stickiness only improves locality.
 
 Joining is gap-free: the channel subscription is confirmed before the log is read, live events
 arriving meanwhile are held by the connection, and held events at or below the last event
-sent from the log are dropped (`ClientConnection.go_live`).
+sent from the log are dropped (`ClientConnection.go_live`). A socket whose subscription is
+lost while it is being set up is not told before its `connection.ack` and is not released by
+its set-up: it stays held and is caught up from where its replay ended (`SessionHub.go_live`).
 
 Subscriptions travel on lanes: one pub/sub connection to a single server (or to the primary
 behind Sentinel), and on Redis Cluster one per node, since a sharded channel is served only by
@@ -48,6 +50,7 @@ PONG_TIMEOUT_SECONDS = 3.0  # no answer by then: Redis is unreachable
 SUBSCRIBE_TIMEOUT_SECONDS = 5.0
 RECONNECT_MIN_SECONDS = 0.1
 RECONNECT_MAX_SECONDS = 2.0
+_INTERRUPTED = {"code": "unavailable", "message": "delivery interrupted, resuming"}
 
 
 class _Lane:
@@ -89,6 +92,7 @@ class SessionHub:
         self._resync: asyncio.Task[None] | None = None
         self._outage = False
         self._stalled: set[ClientConnection] = set()  # held since an outage, to catch up
+        self._setting_up: set[ClientConnection] = set()  # attached, not yet given their replay
         self.connections: set[ClientConnection] = set()
 
     async def start(self) -> None:
@@ -126,6 +130,7 @@ class SessionHub:
         session = keys.session_channel(conn.tenant_id, conn.session_id)
         tenant = keys.tenant_channel(conn.tenant_id)
         self.connections.add(conn)
+        self._setting_up.add(conn)
         async with self._lock:
             for channel, table in ((session, self._sessions), (tenant, self._tenants)):
                 table[channel].add(conn)
@@ -133,8 +138,29 @@ class SessionHub:
                     await self._subscribe(channel)
         await self._until_live(session)
 
+    def go_live(self, conn: ClientConnection, sent_up_to: str) -> None:
+        """End a socket's set-up (its ack and replay are queued, up to `sent_up_to`).
+
+        A socket whose subscription was lost meanwhile stays held: events published while it
+        was down may be missing from both its replay and the channel, and a live event after
+        the reconnect would move its cursor past them. It is told now (after its ack) and
+        caught up from `sent_up_to` like every other held socket.
+        """
+        self._setting_up.discard(conn)
+        if conn not in self._stalled:
+            conn.go_live(sent_up_to)
+            return
+        conn.last_event_id = sent_up_to
+        conn.push(frame(sent_up_to, ERROR, _INTERRUPTED))
+        catching_up = self._resync is not None and not self._resync.done()
+        if not catching_up and not self._outage and self._due(conn):
+            # The outage ended while this socket was being set up, and its catch-up passed
+            # it over (see `_due`): nothing else will release it.
+            self._resync = asyncio.get_running_loop().create_task(self._catch_up())
+
     async def detach(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
+        self._setting_up.discard(conn)
         session = keys.session_channel(conn.tenant_id, conn.session_id)
         tenant = keys.tenant_channel(conn.tenant_id)
         async with self._lock:
@@ -310,11 +336,16 @@ class SessionHub:
         if self._resync is not None:  # a catch-up in progress starts over after this outage
             self._resync.cancel()
             self._resync = None
-        notice = {"code": "unavailable", "message": "delivery interrupted, resuming"}
         for conn in list(self.connections):
+            self._stall(conn)
+
+    def _stall(self, conn: ClientConnection) -> None:
+        """Hold and tell a socket, to be caught up; one being set up is told by `go_live`
+        (nothing may precede its `connection.ack`)."""
+        self._stalled.add(conn)
+        if conn not in self._setting_up:
             conn.hold()
-            conn.push(frame(conn.last_event_id, ERROR, notice))
-            self._stalled.add(conn)
+            conn.push(frame(conn.last_event_id, ERROR, _INTERRUPTED))
 
     def _lose(self, lane: _Lane) -> None:
         """A cluster node's lane failed: hold and tell the sockets of its sessions, drop the
@@ -335,11 +366,8 @@ class SessionHub:
         if lane is not None:
             lane.channels.discard(channel)
         self._homeless.add(channel)
-        notice = {"code": "unavailable", "message": "delivery interrupted, resuming"}
         for conn in self._sessions.get(channel, ()):
-            conn.hold()
-            conn.push(frame(conn.last_event_id, ERROR, notice))
-            self._stalled.add(conn)
+            self._stall(conn)
 
     def _restart_rehome(self) -> None:
         if self._resync is not None:  # a catch-up in progress starts over after this loss
@@ -347,7 +375,10 @@ class SessionHub:
         self._resync = asyncio.get_running_loop().create_task(self._rehome())
 
     def _due(self, conn: ClientConnection) -> bool:
-        """A held socket that can be caught up now (or dropped: it is gone)."""
+        """A held socket that can be caught up now (or dropped: it is gone). Not one being
+        set up: its replay is still being read, and `go_live` hands it over when it is done."""
+        if conn in self._setting_up:
+            return False
         if self._cluster is None or conn.closed or conn not in self.connections:
             return True
         return keys.session_channel(conn.tenant_id, conn.session_id) in self._lane_of

@@ -280,7 +280,7 @@ async def _set_up(runtime: Runtime, conn: ClientConnection, last_event_id: str |
     for event_id, body in replay.events:
         conn.push(events.frame_with_id(event_id, body))
         sent_up_to = event_id
-    conn.go_live(sent_up_to)
+    runtime.hub.go_live(conn, sent_up_to)
 
 
 async def _handle_frame(

@@ -200,7 +200,7 @@ async def test_the_hub_has_a_lane_per_node_and_catches_up_after_a_node_restart(
     try:
         for sink in sinks.values():
             await hub.attach(sink.conn)
-            sink.conn.go_live("0-0")
+            hub.go_live(sink.conn, "0-0")
         assert len(hub._lanes) == 3, "one subscription connection per node"
 
         async def chunk(port: int, seq: int) -> None:
