@@ -120,6 +120,12 @@ class Admission:
                 details={"tier": quota.tier},
                 code="streaming_not_allowed",
             )
+        return SendRules(quota, *self._rate_checks(tenant_id, session_id, quota))
+
+    def _rate_checks(
+        self, tenant_id: str, session_id: str, quota: EffectiveQuota
+    ) -> tuple[RateCheck, RateCheck]:
+        limits = quota.limits
         per_session = limits.requests_per_minute_per_session or (
             self.settings.max_requests_per_session
         )
@@ -128,7 +134,16 @@ class Admission:
         tenant = RateCheck(
             keys.tenant_rate(tenant_id), limits.requests_per_minute_per_tenant, budget=budget
         )
-        return SendRules(quota, session, tenant)
+        return session, tenant
+
+    async def standing(self, tenant_id: str, session_id: str) -> RateDecision:
+        """Where a send's limits stand now, taking nothing from them (cost 0 only looks): the
+        `RateLimit-*` headers of a replayed send, which sent nothing."""
+        quota = await self.quota(tenant_id)
+        looks = [
+            check._replace(cost=0) for check in self._rate_checks(tenant_id, session_id, quota)
+        ]
+        return most_restrictive(await self.limiter.check_many(looks))
 
     def judge(self, rules: SendRules, decisions: Sequence[RateDecision]) -> Admitted:
         """Admitted, or the refusal to answer: the rate limit that lasts longest, then the

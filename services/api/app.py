@@ -21,7 +21,7 @@ from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.enums import ScopeType
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, SerializationException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
@@ -42,7 +42,7 @@ from services.core.errors import OrchestratorError
 from services.core.ids import new_id
 from services.core.quotas import QuotaCache, QuotaStore
 from services.core.ratelimit import RateLimiter
-from services.core.redis_client import REDIS_DOWN, create_redis
+from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING, create_redis
 from services.core.scripts import Scripts
 from services.core.settings import ConfigError, Settings
 from services.core.tasks import TaskStore
@@ -92,7 +92,10 @@ def _on_validation_error(_: AnyRequest, exc: ValidationException) -> Response[An
 
 def _on_http_error(_: AnyRequest, exc: HTTPException) -> Response[Any]:
     code = _STATUS_CODES.get(exc.status_code, "http_error")
-    if exc.status_code == 400 and "malformed" in str(exc.detail).lower():
+    # Litestar answers a body its decoder refused (truncated, blank, a number out of range)
+    # with a 400 whose cause is the decoder's error, worded by msgspec.
+    undecodable = isinstance(exc.__cause__, SerializationException)
+    if exc.status_code == 400 and (undecodable or "malformed" in str(exc.detail).lower()):
         code = "malformed_json"
     response = _error(exc.status_code, code, str(exc.detail))
     if exc.headers:
@@ -108,9 +111,22 @@ def _on_too_deep(_: AnyRequest, exc: RecursionError) -> Response[Any]:
     return _error(400, "malformed_json", "request body is nested too deeply")
 
 
+def _on_not_utf8(_: AnyRequest, exc: UnicodeDecodeError) -> Response[Any]:
+    """msgspec raises this, not a decode error, for a JSON string that is not UTF-8 (a client
+    sending latin-1, say): bad input like any other malformed body."""
+    return _error(400, "malformed_json", "request body is not valid UTF-8 JSON")
+
+
 def _on_redis_down(_: AnyRequest, exc: Exception) -> Response[Any]:
     log.warning("redis unavailable: %s", type(exc).__name__)
     return _error(503, "unavailable", "redis unavailable, retry later")
+
+
+def _on_redis_refusing(_: AnyRequest, exc: Exception) -> Response[Any]:
+    log.warning("redis refuses writes: %s", exc)
+    return _error(
+        503, "unavailable", "redis refuses writes (out of memory or read-only), retry later"
+    )
 
 
 def _on_unexpected(_: AnyRequest, exc: Exception) -> Response[Any]:
@@ -284,7 +300,9 @@ def create_app(settings: Settings, *, pod_id: str | None = None) -> Api:
         ValidationException: _on_validation_error,
         HTTPException: _on_http_error,
         RecursionError: _on_too_deep,
+        UnicodeDecodeError: _on_not_utf8,
         **dict.fromkeys(REDIS_DOWN, _on_redis_down),
+        **dict.fromkeys(REDIS_REFUSING, _on_redis_refusing),
         Exception: _on_unexpected,
     }
     litestar = Litestar(

@@ -129,7 +129,7 @@ class ChatService:
             idempotency = keys.tenant_idempotency(tenant_id, _digest(idempotency_key))
             earlier = await self._replay(principal, idempotency)
             if earlier is not None:
-                return earlier
+                return await self._with_limits(principal, earlier)
         rules = await self.admission.send_rules(tenant_id, session_id, agent_id, request)
         ref = TaskRef(tenant_id, session_id, new_id())
         if idempotency is None and not is_cluster(self.redis):
@@ -147,7 +147,7 @@ class ChatService:
                     # A double submit answered with the first one's task: it sent nothing,
                     # so what it took from the limits (and the day's requests) goes back.
                     await self.admission.limiter.give_back(rules.checks, decisions)
-                    return earlier
+                    return await self._with_limits(principal, earlier)
             outcome = await self._send_in_two_steps(
                 ref, agent_id, principal, request, rules, idempotency
             )
@@ -470,6 +470,13 @@ class ChatService:
         except REDIS_DOWN:
             return False
         return True
+
+    async def _with_limits(self, principal: Principal, replay: Sent) -> Sent:
+        """A replay with the `RateLimit-*` headers every accepted send carries: where the
+        limits of its session stand now (the replay itself took nothing)."""
+        session_id = replay.accepted.session_id
+        standing = await self.admission.standing(principal.tenant_id, session_id)
+        return Sent(replay.accepted, rate_limit_headers(standing), replayed=True)
 
     async def _replay(self, principal: Principal, idempotency: str) -> Sent | None:
         """The task an earlier request with this key created, if any (within 24 hours)."""

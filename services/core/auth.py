@@ -47,14 +47,22 @@ class TokenVerifier:
 
     def __init__(self, settings: Settings) -> None:
         key = settings.jwt_public_key if settings.uses_public_key else settings.jwt_secret
+        variable = (
+            "ORCHESTRATOR_JWT_PUBLIC_KEY" if settings.uses_public_key else "ORCHESTRATOR_JWT_SECRET"
+        )
         if not key:
-            needed = (
-                "ORCHESTRATOR_JWT_PUBLIC_KEY"
-                if settings.uses_public_key
-                else "ORCHESTRATOR_JWT_SECRET"
-            )
-            raise ConfigError(f"{needed}: must be set for {settings.jwt_algorithm} tokens")
-        self._key = key
+            raise ConfigError(f"{variable}: must be set for {settings.jwt_algorithm} tokens")
+        # Parsed now, not on the first request: a key PyJWT cannot read (a truncated PEM, a
+        # PEM given as an HS secret) stops the process at start instead of failing every
+        # request with a 500.
+        try:
+            self._key: Any = jwt.get_algorithm_by_name(settings.jwt_algorithm).prepare_key(key)
+        except (jwt.PyJWTError, ValueError, TypeError) as exc:
+            # PyJWT's own words name the problem, never the key; others' might quote it.
+            why = f" ({exc})" if isinstance(exc, jwt.PyJWTError) else ""
+            raise ConfigError(
+                f"{variable}: not a usable {settings.jwt_algorithm} key{why}"
+            ) from None
         self._algorithms = [settings.jwt_algorithm]
         self._audience = settings.jwt_audience
         self._issuer = settings.jwt_issuer
@@ -103,7 +111,11 @@ class TokenVerifier:
         sub = claims["sub"]
         name = claims.get("name")
         principal = Principal(tenant_id, str(sub), name if isinstance(name, str) else None)
-        return principal, float(claims["exp"])
+        try:
+            expires = float(claims["exp"])
+        except OverflowError:  # an integer beyond a float: signed by the key, still not valid
+            raise Unauthorized("invalid token: exp out of range") from None
+        return principal, expires
 
 
 def issue_token(

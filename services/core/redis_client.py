@@ -53,6 +53,8 @@ from redis.exceptions import (
     ClusterDownError,
     DataError,
     MaxConnectionsError,
+    OutOfMemoryError,
+    ReadOnlyError,
     RedisClusterException,
     ResponseError,
     SlotNotCoveredError,
@@ -76,6 +78,10 @@ REDIS_DOWN = (
     ClusterDownError,
     SlotNotCoveredError,
 )
+
+# Redis answering but refusing writes: out of memory under `noeviction`, a read-only replica
+# (a failover in progress). The api answers 503 like an outage: the client retries later.
+REDIS_REFUSING = (OutOfMemoryError, ReadOnlyError)
 
 COMMAND_TIMEOUT_SECONDS = 2.0  # beyond the longest blocking read (XREADGROUP BLOCK)
 CONNECT_TIMEOUT_SECONDS = 2.0

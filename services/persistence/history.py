@@ -11,15 +11,20 @@ there (the api answers 404, as for Redis state). History comes newest last, in p
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, Row, delete, exists, func, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.core.errors import BadRequest, InvalidInput
+from services.core.errors import BadRequest, InvalidInput, Unavailable
 from services.core.events import parse_event_id
 from services.core.ids import is_valid_id
 from services.core.tasks import isoformat
@@ -31,6 +36,8 @@ from services.persistence.cursor import (
     encode_cursor,
 )
 from services.persistence.schema import messages, sessions, tasks, usage_daily
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PAGE = 50
 MAX_USAGE_DAYS = 366
@@ -201,6 +208,22 @@ def _beyond(position: Cursor, forward: bool) -> ColumnElement[bool]:
     return key > bound if forward else key < bound
 
 
+@contextlib.asynccontextmanager
+async def _reachable() -> AsyncIterator[None]:
+    """PostgreSQL not answering (refused, timed out, the connection lost) is a 503 that names
+    it: asyncpg's refusals are `OSError`s, which the api would otherwise take for Redis's."""
+    try:
+        yield
+    except (OSError, OperationalError, InterfaceError, PoolTimeout) as exc:
+        log.warning("history store (PostgreSQL) unavailable: %s", type(exc).__name__)
+        raise Unavailable("history store (PostgreSQL) unavailable, retry later") from exc
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        log.warning("history store (PostgreSQL) connection lost: %s", type(exc).__name__)
+        raise Unavailable("history store (PostgreSQL) unavailable, retry later") from exc
+
+
 class HistoryStore:
     """Tenant-scoped reads (and erasure) of the persisted history."""
 
@@ -254,7 +277,7 @@ class HistoryStore:
             query = query.where(_beyond(position, forward))
         order = (messages.c.event_ms, messages.c.event_seq, messages.c.task_id, messages.c.part)
         query = query.order_by(*(order if forward else (c.desc() for c in order)))
-        async with self.engine.connect() as conn:
+        async with _reachable(), self.engine.connect() as conn:
             rows = (await conn.execute(query.limit(limit + 1))).all()
         found = [_message(row) for row in rows[:limit]]
         next_cursor = None
@@ -277,7 +300,7 @@ class HistoryStore:
         query = select(
             exists().where(messages.c.tenant_id == tenant_id, messages.c.session_id == session_id)
         )
-        async with self.engine.connect() as conn:
+        async with _reachable(), self.engine.connect() as conn:
             return bool(await conn.scalar(query))
 
     async def delete_session(self, tenant_id: str, session_id: str) -> int:
@@ -305,7 +328,7 @@ class HistoryStore:
                 "last_activity_at": func.greatest(sessions.c.last_activity_at, now),
             },
         )
-        async with self.engine.begin() as conn:
+        async with _reachable(), self.engine.begin() as conn:
             await conn.execute(tombstone)
             deleted = await conn.execute(
                 delete(messages).where(
@@ -341,7 +364,7 @@ class HistoryStore:
             )
             .order_by(usage_daily.c.day)
         )
-        async with self.engine.connect() as conn:
+        async with _reachable(), self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
         return [
             DayUsage(row.day, row.requests, row.input_tokens, row.output_tokens, float(row.cost))
@@ -353,7 +376,7 @@ class HistoryStore:
         _require_id("tenant_id", tenant_id)
         _require_id("task_id", task_id)
         query = select(tasks).where(tasks.c.tenant_id == tenant_id, tasks.c.task_id == task_id)
-        async with self.engine.connect() as conn:
+        async with _reachable(), self.engine.connect() as conn:
             row = (await conn.execute(query)).first()
         if row is None:
             return None

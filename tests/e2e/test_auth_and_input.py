@@ -146,6 +146,10 @@ async def test_cross_site_origin_is_refused_before_the_handshake(deployment: Dep
     ("body", "status", "code"),
     [
         (b"{not json", 400, "malformed_json"),
+        (b'{"message": "hi"', 400, "malformed_json"),  # truncated
+        (b"   ", 400, "malformed_json"),  # blank
+        (b'{"message": "caf\xe9"}', 400, "malformed_json"),  # latin-1, not UTF-8
+        (b'{"message": "\xff"}', 400, "malformed_json"),
         (
             b'{"message": "hi", "context": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}",
             400,
@@ -173,6 +177,30 @@ async def test_rest_bad_input_gets_the_documented_error(
     assert reply.status_code == status, reply.text
     assert reply.json()["error"]["code"] == code
     assert await aes_length(queued) == before
+
+
+async def test_redis_refusing_writes_is_a_503_to_retry_not_a_500(
+    deployment: Deployment, queued: Redis
+) -> None:
+    """Redis out of memory under `noeviction` (or a read-only replica mid-failover) answers
+    but refuses writes: the client is told to retry, as when Redis is unreachable."""
+    tenant = unique("t")
+    async with httpx.AsyncClient(base_url=deployment.api.url, headers=auth(tenant)) as http:
+        first = await http.post("/api/chat/send", json={"message": "hi", "stream": True})
+        assert first.status_code == 202
+        policy = (await queued.config_get("maxmemory-policy"))["maxmemory-policy"]
+        await queued.config_set("maxmemory-policy", "noeviction")
+        await queued.config_set("maxmemory", "1")
+        try:
+            send = await http.post("/api/chat/send", json={"message": "hi"})
+            cancel = await http.post("/api/chat/cancel", json={"task_id": first.json()["task_id"]})
+        finally:
+            await queued.config_set("maxmemory", "0")
+            await queued.config_set("maxmemory-policy", policy)
+    for reply in (send, cancel):
+        assert reply.status_code == 503, reply.text
+        assert reply.json()["error"]["code"] == "unavailable"
+        assert "refuses writes" in reply.json()["error"]["message"]
 
 
 async def test_rest_refuses_bad_ids_and_oversize_bodies(deployment: Deployment) -> None:

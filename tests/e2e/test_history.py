@@ -203,6 +203,10 @@ async def test_chats_go_on_while_postgres_is_down_and_history_catches_up_once(
                 down = await http.get(f"{api.url}{path}", headers=auth(tenant))
                 assert down.status_code == 503, (path, down.text)
                 assert down.json()["error"]["code"] == "unavailable"
+                assert "PostgreSQL" in down.json()["error"]["message"]  # not "redis"
+            unknown = await http.get(f"{api.url}/api/chat/tasks/unknownTask1", headers=auth(tenant))
+            assert unknown.status_code == 503, unknown.text
+            assert "redis unavailable" not in api.output(100_000)
             assert detailed["persistence_backlog"] >= 1
         await ws.close()
         database.start()

@@ -235,6 +235,10 @@ async def test_an_idempotent_send_returns_the_first_task_and_enqueues_once(
     assert first.status_code == second.status_code == 202
     assert first.json()["task_id"] == second.json()["task_id"]
     assert second.headers["Idempotent-Replayed"] == "true"
+    # Where the limits stand, as on every accepted send; the replay took nothing from them.
+    remaining = int(first.headers["RateLimit-Remaining"])
+    assert second.headers["RateLimit-Limit"] == first.headers["RateLimit-Limit"]
+    assert remaining <= int(second.headers["RateLimit-Remaining"]) <= remaining + 1
     assert await tenancy.queued() == before + 1
     other_tenant = await post(
         tenancy.apis[0], unique("t"), {"message": "once"}, **{"Idempotency-Key": "k-1"}

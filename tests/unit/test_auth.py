@@ -68,6 +68,7 @@ def test_audience_and_issuer_are_checked_when_configured() -> None:
         {"sub": "u", "tenant_id": "bad tenant", "exp": 2**40},
         {"tenant_id": "acme", "exp": 2**40},  # no subject
         {"sub": "u", "tenant_id": "acme"},  # no expiry
+        {"sub": "u", "tenant_id": "acme", "exp": 10**400},  # beyond a float: was a 500
     ],
 )
 def test_tokens_without_the_required_claims_are_refused(claims: dict[str, object]) -> None:
@@ -86,6 +87,16 @@ def test_the_none_algorithm_is_never_accepted() -> None:
 def test_a_public_key_algorithm_without_a_key_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="ORCHESTRATOR_JWT_PUBLIC_KEY"):
         TokenVerifier(load_settings(jwt_algorithm="RS256"))
+
+
+def test_a_key_that_cannot_be_read_is_a_config_error_at_start() -> None:
+    """Found on the first request, it made every authenticated request a 500."""
+    with pytest.raises(ConfigError, match="ORCHESTRATOR_JWT_PUBLIC_KEY: not a usable RS256"):
+        TokenVerifier(load_settings(jwt_algorithm="RS256", jwt_public_key="not-a-pem-key"))
+    _, public = pem_pair("RS256")
+    with pytest.raises(ConfigError, match="ORCHESTRATOR_JWT_SECRET: not a usable HS256") as bad:
+        TokenVerifier(load_settings(jwt_secret=public))  # a PEM given as the HMAC secret
+    assert "BEGIN" not in str(bad.value)  # the message never quotes the key
 
 
 def test_a_verified_token_is_remembered_until_it_expires(monkeypatch: pytest.MonkeyPatch) -> None:
