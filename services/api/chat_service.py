@@ -571,6 +571,7 @@ class ChatService:
             raise Conflict(
                 f"task {task_id} is already {outcome.detail}", details={"status": outcome.detail}
             )
+        metrics.tasks.labels("cancelled", outcome.tier or "unknown").inc()
         if self.settings.database_url:
             await publish_finished(
                 self.redis, [(ref, outcome.detail)], maxlen=self.settings.persist_stream_maxlen

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client import Counter
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 from redis.typing import EncodableT, FieldT
@@ -21,6 +22,10 @@ from services.core.actions import ACTION_FIELD
 from services.core.tasks import isoformat
 
 log = logging.getLogger(__name__)
+
+# Counted where every consumer (worker, executor, persistence writer) dead-letters, so the
+# `OrchestratorDeadLetters` alert sees them all.
+dead_letters = Counter("orchestrator_dead_letters", "Entries moved to the dead-letter stream")
 
 DEAD_LETTER_MAXLEN = 100_000
 
@@ -133,6 +138,7 @@ async def dead_letter(redis: Redis, entry: Entry, group: str, reason: str) -> No
     record[ACTION_FIELD] = raw if raw is not None else b""
     await redis.xadd(keys.DEAD_LETTERS, record, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
     await redis.xack(entry.stream, group, entry.id)
+    dead_letters.inc()
     log.warning(
         "dead-lettered entry",
         extra={"stream": entry.stream, "entry_id": entry.id, "reason": reason[:200]},

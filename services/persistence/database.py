@@ -43,6 +43,7 @@ def create_engine(settings: Settings) -> AsyncEngine:
         raise ConfigError("ORCHESTRATOR_DATABASE_URL: required for persistence")
     return create_async_engine(
         engine_url(settings.database_url),
+        hide_parameters=True,  # an error's text would carry the rows: message bodies
         pool_size=settings.database_pool_size,
         max_overflow=0,
         pool_timeout=settings.database_connect_timeout_seconds,
@@ -57,7 +58,7 @@ def create_engine(settings: Settings) -> AsyncEngine:
 
 def create_oneshot_engine(database_url: str) -> AsyncEngine:
     """An engine without a pool, for commands that open one connection and exit."""
-    return create_async_engine(engine_url(database_url), poolclass=NullPool)
+    return create_async_engine(engine_url(database_url), poolclass=NullPool, hide_parameters=True)
 
 
 DATA_ERROR_CLASSES = ("22", "23")  # data exception, integrity constraint violation

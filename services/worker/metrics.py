@@ -26,7 +26,6 @@ from services.core.tasks import Outcome, Verdict
 callbacks_handled = Counter(
     "orchestrator_callbacks", "Callbacks handled by the worker, by verdict", ["verdict"]
 )
-dead_letters = Counter("orchestrator_dead_letters", "Entries moved to the dead-letter stream")
 tasks = task_metrics.tasks
 late_callbacks = Counter(
     "orchestrator_late_callbacks",

@@ -635,4 +635,3 @@ class PartitionConsumer:
         ) as span:
             telemetry.fail(span, "dead-lettered", reason=reason[:200])
             await dead_letter(self.redis, entry, keys.WORKER_GROUP, reason)
-        metrics.dead_letters.inc()

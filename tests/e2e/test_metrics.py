@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.cli.embedded import RedisServer
 from services.cli.stack import Child, LocalStack
-from tests.e2e.clients import connect, events_until, final_of, send, unique
+from tests.e2e.clients import auth, connect, events_until, final_of, send, unique
 from tests.e2e.conftest import new_stack
 
 pytestmark = pytest.mark.e2e
@@ -112,6 +112,30 @@ async def test_each_process_counts_the_chats_it_handled(
     assert total(executor_metrics, "orchestrator_executor_tasks_total", outcome="completed") == 3
     assert total(executor_metrics, "orchestrator_queue_wait_seconds_count", priority="high") == 3
     await ws.close()
+
+
+async def test_a_cancelled_task_is_counted_by_the_api(
+    metered: tuple[LocalStack, Child, Child, Child],
+) -> None:
+    """The api cancels, so it counts `status="cancelled"` (it counted nothing before)."""
+    _, api, _, _ = metered
+    tenant, session = unique("t"), unique("s")
+    before = total(scrape(api.metrics_port), "orchestrator_tasks_total", status="cancelled")
+    ws, _ = await connect(api.ws_url, tenant, session)
+    async with httpx.AsyncClient() as http:
+        stalled = {"simulate": {"stall": True}}  # the executor never answers: still running
+        body = {"message": "wait", "session_id": session, "context": stalled}
+        task_id = (await send(http, api.url, tenant, body)).json()["task_id"]
+        cancel = await http.post(
+            f"{api.url}/api/chat/cancel", json={"task_id": task_id}, headers=auth(tenant)
+        )
+        assert cancel.status_code == 200, cancel.text
+    assert (await events_until(ws, final_of(task_id)))[-1]["type"] == "chat.cancelled"
+    await ws.close()
+    after = scrape(api.metrics_port)
+    assert total(after, "orchestrator_tasks_total", status="cancelled", tier="enterprise") == (
+        before + 1
+    )
 
 
 async def test_stream_lag_is_reported_once_per_stream(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from decimal import Decimal
 
+import asyncpg
 import pytest
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
@@ -17,7 +19,7 @@ from services.persistence.migrate import migrate
 from services.persistence.records import publish_record
 from services.persistence.schema import messages, tasks, usage_events
 from services.persistence.writer import PersistenceWriter, backlog
-from tests.persistence.conftest import eventually, fast_settings, make_record
+from tests.persistence.conftest import eventually, fast_settings, fresh_database, make_record
 from tests.persistence.test_writer import count, daily
 
 
@@ -79,3 +81,54 @@ async def _is(value: object, expected: int) -> bool:
 
 async def _true(condition: bool) -> bool:
     return condition
+
+
+async def test_a_failed_write_logs_no_message_body(
+    redis: Redis,
+    redis_url: str,
+    postgres_server: PostgresServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A statement error's text carried its parameters (the rows: questions and answers)
+    into the writer's warning; the engine hides them (README: bodies are never logged)."""
+    url = await fresh_database(postgres_server)
+    await migrate(url)
+    name = url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(postgres_server.url())
+    await admin.execute(f"ALTER DATABASE \"{name}\" SET lock_timeout = '300ms'")
+    await admin.close()
+    holder = await asyncpg.connect(url)  # a migration, say, holding the table
+    lock = holder.transaction()
+    await lock.start()
+    await holder.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+    record = make_record("private")
+    record.message = "a private question"
+    await publish_record(redis, record)
+    writer = PersistenceWriter(redis, fast_settings(redis_url, url), consumer="w1")
+    failed = write_failures_counted()
+
+    async def failed_once() -> bool:
+        return write_failures_counted() > failed
+
+    running = asyncio.create_task(writer.run())
+    try:
+        with caplog.at_level(logging.WARNING, logger="services.persistence.writer"):
+            await eventually(failed_once, what="a write failing on the lock")
+            await lock.rollback()
+            await eventually(lambda: backlog_drained(redis), what="written after the lock")
+    finally:
+        await holder.close()
+        writer.stop()
+        await asyncio.wait_for(running, 10)
+        await writer.engine.dispose()
+    assert "database unavailable" in caplog.text
+    assert "private question" not in caplog.text
+    assert "answer private" not in caplog.text
+
+
+def write_failures_counted() -> float:
+    return REGISTRY.get_sample_value("orchestrator_persistence_write_failures_total") or 0.0
+
+
+async def backlog_drained(redis: Redis) -> bool:
+    return await backlog(redis) == 0

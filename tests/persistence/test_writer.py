@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import pytest
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -133,6 +134,10 @@ async def test_writers_sharing_the_stream_count_each_task_once(
     assert await daily(engine) == (60, 600, 300, Decimal("18.0"))
 
 
+def dead_letters_counted() -> float:
+    return REGISTRY.get_sample_value("orchestrator_dead_letters_total") or 0.0
+
+
 async def test_malformed_records_are_dead_lettered_and_the_rest_are_written(
     redis: Redis, settings: Settings, engine: AsyncEngine
 ) -> None:
@@ -142,9 +147,11 @@ async def test_malformed_records_are_dead_lettered_and_the_rest_are_written(
     await redis.xadd(keys.PERSIST_RECORDS, {"action": bad_type})
     await redis.xadd(keys.PERSIST_RECORDS, {"other": b"x"})
     await publish_record(redis, good)
+    counted = dead_letters_counted()
     async with running(redis, settings, engine):
         await eventually(lambda: drained(redis), what="backlog drained")
     assert await count(engine, tasks) == 1
+    assert dead_letters_counted() == counted + 3  # the alert's metric, as for the worker's
     letters = await list_dead_letters(redis)
     reasons = sorted(letter.reason.split(":")[0] for letter in letters)
     assert reasons == ["malformed record", "malformed record", "stream entry has no 'action' field"]
