@@ -1,7 +1,7 @@
 """The worker's Prometheus metrics (DESIGN §7) and the one place that records them.
 
 Tenant labels are bounded: the first `ORCHESTRATOR_METRICS_TENANT_LABELS` tenants a process
-sees get a label of their own, every later one is counted as `other`, so a large installation
+sees get a label of their own, every later one is counted as `~other`, so a large installation
 cannot blow up the series count.
 """
 
@@ -58,8 +58,11 @@ timeouts = Counter("orchestrator_task_timeouts", "Tasks that reached their deadl
 retries = Counter("orchestrator_task_retries", "Attempts dispatched again after a failure")
 
 
+OTHER_TENANTS = "~other"  # not a valid tenant id: a tenant named `other` keeps its own series
+
+
 class TenantLabels:
-    """Bounded tenant label values: the first `limit` tenants seen, then `other`."""
+    """Bounded tenant label values: the first `limit` tenants seen, then `~other`."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -71,7 +74,7 @@ class TenantLabels:
         if len(self.known) < self.limit:
             self.known.add(tenant_id)
             return tenant_id
-        return "other"
+        return OTHER_TENANTS
 
 
 def observe(
