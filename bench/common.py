@@ -107,6 +107,9 @@ def machine() -> dict[str, Any]:
         with contextlib.suppress(metadata.PackageNotFoundError):
             packages[name] = metadata.version(name)
     load = os.getloadavg()
+    autogroup = None  # Linux shares a busy CPU between sessions first (see LocalStack)
+    with contextlib.suppress(OSError, ValueError):
+        autogroup = Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
     return {
         "cpu_model": model or platform.processor(),
         "cores": os.cpu_count(),
@@ -114,6 +117,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "load_average_at_start": [round(x, 2) for x in load],
+        "sched_autogroup": autogroup,
         "packages": packages,
     }
 

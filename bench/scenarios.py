@@ -201,6 +201,7 @@ class Run:
             executor_concurrency="512",
             log_level="WARNING",
         )
+        stack.own_sessions = True  # as every peer, floor and client process (see LocalStack)
         self.exits.callback(stack.stop)
         children = [stack.start_api() for _ in range(apis)]
         if worker:

@@ -49,11 +49,20 @@ class Child:
 
 @dataclass
 class LocalStack:
-    """Child processes sharing one environment; `stop()` ends every one of them."""
+    """Child processes sharing one environment; `stop()` ends every one of them.
+
+    `own_sessions`: each child in a session of its own. On Linux with autogroup scheduling
+    (`/proc/sys/kernel/sched_autogroup_enabled`), a session is a scheduling group that gets
+    an equal share of a busy machine whatever the number of processes in it, the way each pod
+    gets its own cgroup; the benchmark starts every server of either side that way, so that
+    our api, worker and executor do not share one group's share against its peers' groups.
+    Otherwise the children stay in our session and a terminal's Ctrl-C reaches them.
+    """
 
     env: dict[str, str]
     log_dir: Path | None = None  # None: children inherit our stdout/stderr
     children: list[Child] = field(default_factory=list)
+    own_sessions: bool = False
 
     @classmethod
     def for_redis(
@@ -78,9 +87,14 @@ class LocalStack:
                     env=env,
                     stdout=sink,
                     stderr=subprocess.STDOUT,
+                    start_new_session=self.own_sessions,
                 )
         else:
-            process = subprocess.Popen([sys.executable, "-m", "services.cli.main", *args], env=env)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "services.cli.main", *args],
+                env=env,
+                start_new_session=self.own_sessions,
+            )
         child = Child(role, process, log_path)
         self.children.append(child)
         return child
