@@ -51,7 +51,6 @@ from services.core.tasks import (
 from services.persistence.history import HistoryStore
 from services.persistence.records import publish_finished
 
-CANCEL_STREAM_MAXLEN = 10_000
 AES_STREAM_MAXLEN = 1_000_000
 IDEMPOTENCY_TTL_SECONDS = 86_400
 ABANDON_RETRY_SECONDS = 30.0
@@ -589,7 +588,7 @@ class ChatService:
                 pipe.xadd(
                     keys.CANCEL_STREAM,
                     {ACTION_FIELD: encode_action(notice)},
-                    maxlen=CANCEL_STREAM_MAXLEN,
+                    maxlen=keys.CANCEL_STREAM_MAXLEN,
                     approximate=True,
                 )
                 pipe.zrem(deadlines, member)

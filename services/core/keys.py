@@ -30,6 +30,7 @@ WORKER_GROUP = "workers"
 DEAD_LETTERS = "{dlq}:actions"
 WORKER_HEARTBEATS = "{workers}:heartbeats"
 CANCEL_STREAM = "{aes}:cancel"
+CANCEL_STREAM_MAXLEN = 10_000  # every executor reads all of it; a notice is needed briefly
 
 
 def session_tag(tenant_id: str, session_id: str) -> str:

@@ -5,7 +5,9 @@ first), runs the simulated agent, answers on the action's `callback_queue`, and 
 the entry only after the final callback is written. While a task runs its claim is refreshed,
 so a long healthy run is never reclaimed; entries of a dead executor are reclaimed after
 `ORCHESTRATOR_EXECUTOR_RECLAIM_IDLE_SECONDS`. Cancels arrive on the cancel stream, which every
-executor reads in full (no group), so whichever executor runs the task stops it.
+executor reads in full (no group), so whichever executor runs the task stops it; the worker
+sends one too when a task times out. An action past its `deadline` is not started, and a run
+still going at the deadline is stopped: its task is over, nobody would take the answer.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import signal
 import socket
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -94,16 +97,18 @@ class Executor:
         for stream in self.streams:
             await ensure_group(self.redis, stream, keys.AES_GROUP)
         helpers = [
-            asyncio.create_task(self._listen_for_cancels()),
-            asyncio.create_task(self._keep_claims_alive()),
+            asyncio.create_task(_supervised("cancel listener", self._listen_for_cancels)),
+            asyncio.create_task(_supervised("claim refresher", self._keep_claims_alive)),
         ]
         log.info("executor %s started", self.consumer)
         try:
             await self._consume()
         finally:
+            # Drain first: while running tasks finish, their claims must stay fresh (or
+            # another executor takes them over and runs them twice) and cancels must reach them.
+            await self._finish_running()
             for helper in helpers:
                 helper.cancel()
-            await self._finish_running()
             await self.redis.aclose()
 
     async def _consume(self) -> None:
@@ -160,12 +165,17 @@ class Executor:
             raise reply
         return reply
 
+    def _in_hand(self) -> set[tuple[str, str]]:
+        """(stream, id) of every entry this executor holds: running or waiting for a slot."""
+        held = {(entry.stream, entry.id) for entry, _ in self.running.values()}
+        return held | {(entry.stream, entry.id) for entry in self.waiting}
+
     async def _reclaim_from_dead_executors(self) -> None:
         idle_ms = int(self.settings.executor_reclaim_idle_seconds * 1000)
         for stream in self.streams:
             claimed = await reclaim(self.redis, stream, keys.AES_GROUP, self.consumer, idle_ms)
-            fresh = [e for e in claimed if e.id not in {r[0].id for r in self.running.values()}]
-            self.waiting.extend(fresh)
+            held = self._in_hand()  # ours already (ids repeat across the three streams)
+            self.waiting.extend(e for e in claimed if (e.stream, e.id) not in held)
 
     async def _start(self, entry: Entry) -> bool:
         """Start running `entry`'s action; False when it needed no task (malformed, or its
@@ -184,6 +194,13 @@ class Executor:
             await self.redis.xack(entry.stream, keys.AES_GROUP, entry.id)
             executions.labels("cancelled").inc()
             return False
+        if _deadline(action) <= datetime.now(UTC):  # timed out while it waited: nobody waits
+            await self.redis.xack(entry.stream, keys.AES_GROUP, entry.id)
+            executions.labels("expired").inc()
+            return False
+        running = self.running.get(action.task_id)
+        if running is not None and (running[0].stream, running[0].id) == (entry.stream, entry.id):
+            return False  # already running here (read again after a reclaim)
         waited = (datetime.now(UTC) - action.created_at).total_seconds()
         queue_wait.labels(action.priority).observe(max(0.0, waited))
         task = asyncio.create_task(self._execute(entry, action))
@@ -209,7 +226,13 @@ class Executor:
                     },
                 ) as span,
             ):
-                outcome = await self._answer(action, entry)  # acknowledges the entry
+                left = (_deadline(action) - datetime.now(UTC)).total_seconds()
+                try:
+                    async with asyncio.timeout(max(0.0, left)):
+                        outcome = await self._answer(action, entry)  # acknowledges the entry
+                except TimeoutError:
+                    outcome = "expired"  # the worker timed the task out: stop, answer nothing
+                    await self.redis.xack(entry.stream, keys.AES_GROUP, entry.id)
                 span.set_attribute("orchestrator.outcome", outcome)
         except asyncio.CancelledError:
             outcome = "cancelled"
@@ -369,18 +392,26 @@ class Executor:
             running[1].cancel()
 
     async def _keep_claims_alive(self) -> None:
-        """Refresh the claim of every running task so no other executor reclaims it."""
+        """Refresh the claim of every entry in hand, running or waiting for a slot (one read
+        can return more than the free slots: up to that many per priority stream), so no
+        executor, this one included, reclaims it and runs it twice."""
         interval = self.settings.executor_reclaim_idle_seconds / 3
         while True:
             await asyncio.sleep(interval)
             by_stream: dict[str, list[int | bytes | str | memoryview[int]]] = {}
-            for entry, _ in list(self.running.values()):
-                by_stream.setdefault(entry.stream, []).append(entry.id)
+            for stream, entry_id in self._in_hand():
+                by_stream.setdefault(stream, []).append(entry_id)
             for stream, ids in by_stream.items():
-                with contextlib.suppress(*REDIS_DOWN):
+                try:
                     await self.redis.xclaim(
                         stream, keys.AES_GROUP, self.consumer, 0, ids, justid=True
                     )
+                except REDIS_DOWN:
+                    continue
+                except ResponseError as exc:  # the group lost with Redis's data: the
+                    if not is_missing_group(exc):  # consume loop makes it again
+                        raise
+                    log.info("executor: consumer group of %s missing; claims not refreshed", stream)
 
     async def _finish_running(self) -> None:
         """At shutdown, let running tasks finish within the drain window, then stop the rest.
@@ -395,6 +426,25 @@ class Executor:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+def _deadline(action: ChatProcess) -> datetime:
+    """The action's deadline; one written without a zone (by hand) is taken as UTC."""
+    deadline = action.deadline
+    return deadline if deadline.tzinfo is not None else deadline.replace(tzinfo=UTC)
+
+
+async def _supervised(name: str, work: Callable[[], Awaitable[None]]) -> None:
+    """Run a helper loop for the executor's lifetime: one that fails is logged and started
+    again, never left dead in silence (a dead claim refresher runs long tasks twice)."""
+    while True:
+        try:
+            await work()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("executor: %s failed; restarting it", name)
+            await asyncio.sleep(1.0)
 
 
 async def serve(settings: Settings) -> None:

@@ -21,7 +21,14 @@ from opentelemetry.trace import SpanKind
 from redis.asyncio import Redis
 
 from services.core import events, keys, telemetry
-from services.core.actions import ACTION_FIELD, ChatProcess, MalformedAction, decode_action
+from services.core.actions import (
+    ACTION_FIELD,
+    ChatCancel,
+    ChatProcess,
+    MalformedAction,
+    decode_action,
+    encode_action,
+)
 from services.core.ids import is_valid_id, new_id
 from services.core.scripts import missing_script
 from services.core.tasks import TaskRef, TaskStatus, TaskStore, Verdict, encode_json, parse_outcome
@@ -102,7 +109,28 @@ class PartitionSchedule:
                 finished.append((_ref(member), outcome.detail))
         if finished and self.settings.database_url:
             await publish_finished(self.redis, finished, maxlen=self.settings.persist_stream_maxlen)
+        if finished:
+            await self._cancel_at_aes([ref for ref, _ in finished])
         await self.redis.zrem(self.deadlines, *members)
+
+    async def _cancel_at_aes(self, refs: list[TaskRef]) -> None:
+        """Tell the AES to stop the timed-out tasks: nobody takes their answers any more, and
+        a run that goes on holds a slot later messages wait for."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for ref in refs:
+                notice = ChatCancel(
+                    tenant_id=ref.tenant_id,
+                    session_id=ref.session_id,
+                    task_id=ref.task_id,
+                    reason="timed out",
+                )
+                pipe.xadd(
+                    keys.CANCEL_STREAM,
+                    {ACTION_FIELD: encode_action(notice)},
+                    maxlen=keys.CANCEL_STREAM_MAXLEN,
+                    approximate=True,
+                )
+            await pipe.execute()
 
     async def _trace_timeout(self, ref: TaskRef) -> None:
         """Put the timeout on the message's trace (its context is in the stored action)."""
