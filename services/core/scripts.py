@@ -50,6 +50,7 @@ class Scripts:
         self.lease: AsyncScript = redis.register_script(_source("lease"))
         self.usage_add: AsyncScript = redis.register_script(_source("usage_add"))
         self.compare_and_set: AsyncScript = redis.register_script(_source("compare_and_set"))
+        self.zrem_if_due: AsyncScript = redis.register_script(_source("zrem_if_due"))
         self.send: AsyncScript = redis.register_script(
             composed("send", rate_limit="ratelimit", task_event="task_event")
         )
@@ -62,6 +63,7 @@ class Scripts:
             self.lease,
             self.usage_add,
             self.compare_and_set,
+            self.zrem_if_due,
             self.send,
         ]
 

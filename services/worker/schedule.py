@@ -75,12 +75,12 @@ class PartitionSchedule:
     async def fire_due(self, now: float | None = None) -> None:
         await fire_due_all(self.redis, [self], now)
 
-    async def fire(self, deadlines: list[bytes], retries: list[bytes]) -> None:
-        """Fire the due members of the partition's deadlines and retries."""
+    async def fire(self, deadlines: list[bytes], retries: list[bytes], moment: float) -> None:
+        """Fire the members of the partition's deadlines and retries due at `moment`."""
         if deadlines:
             await self._time_out(deadlines)
         if retries:
-            await self._dispatch_retries(retries)
+            await self._dispatch_retries(retries, moment)
 
     async def _time_out(self, members: list[bytes]) -> None:
         error = {"code": "timed_out", "message": "the task did not finish before its deadline"}
@@ -146,7 +146,7 @@ class PartitionSchedule:
         ) as span:
             telemetry.fail(span, "the task did not finish before its deadline")
 
-    async def _dispatch_retries(self, members: list[bytes]) -> None:
+    async def _dispatch_retries(self, members: list[bytes], moment: float) -> None:
         for member in members:
             ref = _ref(member)
             outcome = await self.tasks.apply(ref, "dispatch", seq=REDISPATCH_MS)
@@ -159,7 +159,9 @@ class PartitionSchedule:
                 await self.redis.hdel(
                     keys.task_state(ref.tenant_id, ref.session_id, ref.task_id), "dispatched_ms"
                 )
-            await self.redis.zrem(self.retries, member)
+            # Not a plain ZREM: the attempt just handed out may already have failed and its
+            # requeue set this member again, for later (see zrem_if_due.lua).
+            await self.tasks.scripts.zrem_if_due(keys=[self.retries], args=[member, repr(moment)])
 
     async def _enqueue_attempt(self, ref: TaskRef, stored: str) -> None:
         try:
@@ -220,4 +222,4 @@ async def fire_due_all(
     for i, schedule in enumerate(schedules):
         deadlines, retries = due[2 * i], due[2 * i + 1]
         if deadlines or retries:
-            await schedule.fire(deadlines, retries)
+            await schedule.fire(deadlines, retries, moment)

@@ -622,3 +622,43 @@ async def test_a_retry_handed_out_by_a_worker_that_died_before_its_xadd_is_sent_
     assert state is not None
     assert (state["status"], state["attempt"]) == ("processing", "2")
     assert "dispatched_ms" not in state
+
+
+async def test_a_retry_set_again_while_its_attempt_was_handed_out_is_kept(redis: Redis) -> None:
+    """Attempt 2 is handed out and fails at once: its requeue sets the task's retry member
+    again (attempt 3, later) before the firing worker removes the member it fired. That new
+    retry stays; a plain ZREM removed it and the task waited for its deadline."""
+    settings = load_settings(callback_partitions=1)
+    tasks = TaskStore(redis, Scripts(redis), settings)
+    ref = TaskRef("acme", "s1", "t1")
+    action = ChatProcess(
+        tenant_id="acme",
+        session_id="s1",
+        task_id="t1",
+        agent_id="default",
+        message="hi",
+        user=User(id="alice"),
+        callback_queue=keys.callback_stream(0),
+        deadline=utcnow() + timedelta(minutes=5),
+    )
+    created = {"status": "processing", "action": encode_action(action).decode()}
+    await tasks.apply(ref, "create", fields=created)
+    await tasks.apply(ref, "requeue", attempt=1)  # attempt 1 failed, retryably
+    retries = keys.partition_retries(0)
+    member = keys.task_member("acme", "s1", "t1")
+    await redis.zadd(retries, {member: time.time() - 1})
+
+    class FailsAtOnce(PartitionSchedule):
+        async def _enqueue_attempt(self, ref: TaskRef, stored: str) -> None:
+            await super()._enqueue_attempt(ref, stored)
+            # The AES failed attempt 2 at once; the callback loop requeued it and scheduled
+            # attempt 3 (`queue_acks`), all before this firing finished.
+            await tasks.apply(ref, "requeue", attempt=2)
+            await redis.zadd(retries, {member: time.time() + 60})
+
+    await fire_due_all(redis, [FailsAtOnce(redis, tasks, 0)])
+
+    assert await redis.xlen(keys.aes_stream("normal")) == 1  # attempt 2 went out
+    due = await redis.zscore(retries, member)
+    assert due is not None, "attempt 3's retry was removed with the fired one"
+    assert due > time.time()
