@@ -567,6 +567,10 @@ class ChatService:
         if outcome.verdict is Verdict.unknown:
             raise NotFound(f"task {task_id} not found")
         if outcome.verdict is Verdict.final:
+            if outcome.detail == TaskStatus.cancelled:
+                # A retry of a cancel whose notice may not have reached the AES (the task was
+                # marked, then the connection failed): sent again, the AES ignores a repeat.
+                await self._notify_aes(ref)
             raise Conflict(
                 f"task {task_id} is already {outcome.detail}", details={"status": outcome.detail}
             )
@@ -575,6 +579,12 @@ class ChatService:
             await publish_finished(
                 self.redis, [(ref, outcome.detail)], maxlen=self.settings.persist_stream_maxlen
             )
+        await self._notify_aes(ref)
+        return Cancelled(task_id=task_id, status=TaskStatus.cancelled)
+
+    async def _notify_aes(self, ref: TaskRef) -> None:
+        """`chat.cancel` on the cancel stream, and the task's deadline removed."""
+        task_id = ref.task_id
         with telemetry.producer(keys.CANCEL_STREAM, **{"orchestrator.task_id": task_id}) as span:
             notice = ChatCancel(
                 tenant_id=ref.tenant_id,
@@ -593,7 +603,6 @@ class ChatService:
                 )
                 pipe.zrem(deadlines, member)
                 await pipe.execute()
-        return Cancelled(task_id=task_id, status=TaskStatus.cancelled)
 
 
 def _json_field(state: dict[str, Any], name: str) -> dict[str, Any] | None:

@@ -91,11 +91,16 @@ class Executor:
         self.cancelled: OrderedDict[str, None] = OrderedDict()
         self.waiting: list[Entry] = []
         self.slot_free = asyncio.Event()
+        self._cancels_read = "$"  # the cancel stream's last id read
         self.stopping = asyncio.Event()
 
     async def run(self) -> None:
         for stream in self.streams:
             await ensure_group(self.redis, stream, keys.AES_GROUP)
+        # The cancels already there are known before the first action is read: an executor
+        # started now may reclaim the entry of a task cancelled before it started (the
+        # executor running it died). The stream keeps the last CANCEL_STREAM_MAXLEN notices.
+        self._cancels_read = await self._take_cancels("0-0", block=None)
         helpers = [
             asyncio.create_task(_supervised("cancel listener", self._listen_for_cancels)),
             asyncio.create_task(_supervised("claim refresher", self._keep_claims_alive)),
@@ -367,21 +372,24 @@ class Executor:
             await self.redis.xack(done.stream, keys.AES_GROUP, done.id)
 
     async def _listen_for_cancels(self) -> None:
-        last_id = "$"
         while True:
             try:
-                reply = await self.redis.xread({keys.CANCEL_STREAM: last_id}, block=1000)
+                self._cancels_read = await self._take_cancels(self._cancels_read, block=1000)
             except REDIS_DOWN:
                 await asyncio.sleep(0.5)
+
+    async def _take_cancels(self, after: str, block: int | None) -> str:
+        """Apply the cancel notices after `after`; the id of the last one read."""
+        reply = await self.redis.xread({keys.CANCEL_STREAM: after}, block=block)
+        for entry in parse_read(reply):
+            after = entry.id
+            try:
+                notice = decode_action(entry.raw_action or b"")
+            except MalformedAction:
                 continue
-            for entry in parse_read(reply):
-                last_id = entry.id
-                try:
-                    notice = decode_action(entry.raw_action or b"")
-                except MalformedAction:
-                    continue
-                if isinstance(notice, ChatCancel):
-                    self._cancel(notice.task_id)
+            if isinstance(notice, ChatCancel):
+                self._cancel(notice.task_id)
+        return after
 
     def _cancel(self, task_id: str) -> None:
         self.cancelled[task_id] = None

@@ -30,6 +30,7 @@ from services.cli.stack import LocalStack
 from services.core import keys
 from services.core.actions import (
     ACTION_FIELD,
+    ChatCancel,
     ChatProcess,
     ExecutionCompleted,
     User,
@@ -249,3 +250,24 @@ async def test_a_timed_out_task_stops_holding_the_executor(
     finally:
         stack.stop()
     assert events[-1]["type"] == "chat.response"
+
+
+async def test_an_executor_started_after_a_cancel_does_not_run_the_task(
+    server: RedisServer, redis: Redis, tmp_path: Path
+) -> None:
+    """The task was cancelled while no executor was reading (the one running it died): the
+    entry is reclaimed by an executor started afterwards, which reads the cancel stream from
+    its start (it read from `$` and ran the task)."""
+    chat = action(0)
+    notice = ChatCancel(tenant_id="acme", session_id="s1", task_id=chat.task_id)
+    await redis.xadd(keys.CANCEL_STREAM, {ACTION_FIELD: encode_action(notice)})
+    with executors(server, tmp_path, executor_reclaim_idle_seconds="1"):
+        await add(redis, chat)
+        await until(lambda: redis.exists(keys.aes_stream("normal")), "the action added")
+
+        async def acknowledged() -> bool:
+            groups = await redis.xinfo_groups(keys.aes_stream("normal"))
+            return bool(groups) and groups[0]["pending"] == 0 and groups[0]["lag"] == 0
+
+        await until(acknowledged, "the action read and acknowledged")
+    assert await runs(redis) == Counter()

@@ -10,6 +10,7 @@ import pytest
 
 from services.cli.embedded import RedisServer
 from services.core import keys
+from services.core.actions import ACTION_FIELD, ChatCancel, decode_action
 from services.core.events import parse_event_id
 from services.core.settings import load_settings
 from tests.e2e.clients import (
@@ -196,7 +197,9 @@ async def test_a_finished_task_leaves_no_deadline_behind(
         await ws.close()
 
 
-async def test_cancel_mid_stream_stops_the_answer(deployment: Deployment) -> None:
+async def test_cancel_mid_stream_stops_the_answer(
+    deployment: Deployment, e2e_redis: RedisServer
+) -> None:
     tenant, session = unique("t"), unique("s")
     ws, _ = await connect(deployment.api.ws_url, tenant, session)
     slow = {"simulate": {"chunk_delay_ms": 40, "repeat": 20}}
@@ -240,6 +243,16 @@ async def test_cancel_mid_stream_stops_the_answer(deployment: Deployment) -> Non
         assert again.status_code == 409
         assert again.json()["error"]["code"] == "conflict"
     await ws.close()
+    # The repeated cancel told the AES again (its first notice may have been lost).
+    client = redis_client(e2e_redis)
+    try:
+        notices = [
+            decode_action(fields[ACTION_FIELD.encode()])
+            for _, fields in await client.xrange(keys.CANCEL_STREAM)
+        ]
+    finally:
+        await client.aclose()
+    assert [n.task_id for n in notices if isinstance(n, ChatCancel)].count(task_id) == 2
 
 
 async def test_another_tenants_task_does_not_exist(deployment: Deployment) -> None:
