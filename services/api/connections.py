@@ -64,6 +64,14 @@ def _sent(frame: str) -> None:
         frame.span.end()  # the traced final event is on the wire
 
 
+def _dropped(frame: str) -> None:
+    """A frame that will not be written (already sent, or its socket is closing): its span
+    ends anyway, or the trace would miss it and the SDK hold it open."""
+    if type(frame) is TracedFrame:
+        frame.span.set_attribute("orchestrator.dropped", True)
+        frame.span.end()
+
+
 class _Suspended:
     """Awaits a send coroutine that already ran up to its first suspension (the transport was
     paused): re-yields what it waits for to the task, then lets it run to its end."""
@@ -151,6 +159,7 @@ class ClientConnection:
         if parse_event_id(event_id) <= parse_event_id(self.last_event_id):
             # Already sent: a catch-up read it from the log while it was still on its way
             # through the (separate) subscription connection.
+            _dropped(frame)
             return
         self.last_event_id = event_id
         self.push(frame)
@@ -167,6 +176,7 @@ class ClientConnection:
     def push(self, frame: str) -> None:
         """Send a frame to the client without waiting (queued if the socket is busy)."""
         if self.closed:
+            _dropped(frame)
             return
         outbox = self._outbox
         if self._drain is None:
@@ -179,6 +189,7 @@ class ClientConnection:
         elif len(outbox) >= self._limit + self._replay_left:
             _SLOW_CLIENT.inc()
             self.close_soon(CLOSE_POLICY, "send queue full: client not reading")
+            _dropped(frame)
             return
         outbox.append(frame)
 
@@ -216,23 +227,32 @@ class ClientConnection:
             elif parse_event_id(event_id) > floor:
                 self.last_event_id = event_id
                 self.push(frame)
+            else:
+                _dropped(frame)  # in the replay already
 
     async def _drain_outbox(self, pending: Awaitable[None], first: str) -> None:
         """Finish the write that could not complete at once, then the frames queued behind."""
         send = self._send
+        writing: str | None = first
         try:
             await pending
             _sent(first)
+            writing = None
             outbox = self._outbox
             while outbox and not self.closed:
-                frame = outbox.popleft()
-                await send({"type": "websocket.send", "text": frame})
+                writing = outbox.popleft()
+                await send({"type": "websocket.send", "text": writing})
                 if self._replay_left:
                     self._replay_left -= 1
-                _sent(frame)
+                _sent(writing)
+                writing = None
         except Exception:  # the peer went away mid-send; the receive loop sees it too
             self.closed = True
         finally:
+            if writing is not None:  # its write failed or was stopped by a close
+                _dropped(writing)
+            for frame in self._outbox or ():  # the peer went away: never to be written
+                _dropped(frame)
             self._drain = None
             self._outbox = None
             self._replay_left = 0
@@ -241,6 +261,8 @@ class ClientConnection:
         if self.closed:
             return
         self.closed = True
+        for frame in self._outbox or ():
+            _dropped(frame)
         self._outbox = None
         self._replay_left = 0
         # A send may be waiting for a client that does not read. Stop it first: the frames

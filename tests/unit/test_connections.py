@@ -7,8 +7,11 @@ import asyncio
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from services.api.connections import CLOSE_POLICY, ClientConnection
+from services.api.connections import CLOSE_POLICY, ClientConnection, traced_frame
 from services.core.events import NO_EVENT_ID
 
 
@@ -158,3 +161,27 @@ async def test_a_broadcast_during_set_up_waits_for_the_ack_and_carries_the_curso
     ]
     conn.broadcast('"type":"notice","data":{}}')  # live now: at once, with the cursor
     assert transport.written[-1] == '{"id":"5-0","type":"notice","data":{}}'
+
+
+async def test_a_traced_frame_that_is_not_written_still_ends_its_span() -> None:
+    """A duplicate (already sent by a catch-up), one for a closed socket, and one dropped from
+    a slow client's queue: each `websocket send` span ends, marked dropped."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    transport = Transport()
+    conn = connection(transport, limit=1)
+    conn.deliver("2-0", traced_frame('{"id":"2-0"}', tracer.start_span("sent")))
+    conn.deliver("1-0", traced_frame('{"id":"1-0"}', tracer.start_span("duplicate")))
+    transport.writable.clear()  # a client that stops reading
+    conn.deliver("3-0", traced_frame('{"id":"3-0"}', tracer.start_span("in the drain")))
+    conn.deliver("4-0", traced_frame('{"id":"4-0"}', tracer.start_span("queued")))
+    conn.deliver("5-0", traced_frame('{"id":"5-0"}', tracer.start_span("over the limit")))
+    conn.deliver("6-0", traced_frame('{"id":"6-0"}', tracer.start_span("socket closed")))
+    transport.writable.set()
+    await conn.closing()
+    ended = {span.name: dict(span.attributes or {}) for span in exporter.get_finished_spans()}
+    assert ended["sent"] == {}
+    for name in ("duplicate", "queued", "over the limit", "socket closed"):
+        assert ended[name] == {"orchestrator.dropped": True}, name
