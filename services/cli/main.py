@@ -66,7 +66,11 @@ def _run_schemas(args: argparse.Namespace, _: Settings) -> int:
             return 1
         print(f"schemas in {args.dir} are up to date")
         return 0
-    for path in write_schemas(args.dir):
+    try:
+        written = write_schemas(args.dir)
+    except OSError as exc:
+        raise ConfigError(f"--dir {args.dir}: {exc.strerror or exc}") from None
+    for path in written:
         print(path)
     return 0
 
@@ -138,6 +142,7 @@ def _run_prune(_: argparse.Namespace, settings: Settings) -> int:
 
 
 REDIS_COMMANDS = ("api", "worker", "executor", "operator", "tenants", "deadletters")
+LONG_RUNNING = ("api", "worker", "executor", "operator", "dev")
 
 
 def _verify_redis(settings: Settings) -> None:
@@ -296,6 +301,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if args.command in LONG_RUNNING:
+            raise  # a service's crash: its traceback is what its operator needs
+        # A one-shot command: one line, not a traceback (DESIGN: errors name the problem).
+        print(f"orchestrator {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

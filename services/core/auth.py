@@ -145,4 +145,12 @@ def issue_token(
             raise ConfigError(
                 "ORCHESTRATOR_JWT_SECRET: not set (and no secret from `orchestrator dev` found)"
             )
-    return jwt.encode(claims, key, algorithm=settings.jwt_algorithm)
+    try:
+        return jwt.encode(claims, key, algorithm=settings.jwt_algorithm)
+    except (jwt.PyJWTError, ValueError, TypeError):
+        variable = (
+            "ORCHESTRATOR_JWT_PRIVATE_KEY"
+            if settings.uses_public_key
+            else "ORCHESTRATOR_JWT_SECRET"
+        )
+        raise ConfigError(f"{variable}: not a usable {settings.jwt_algorithm} key") from None

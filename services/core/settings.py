@@ -149,6 +149,15 @@ class Settings(BaseSettings):
             raise ValueError(f"must be one of {', '.join(sorted(allowed))}")
         return value
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        # Checked at start, not at the first connection (a traceback); never echoed: a URL
+        # may carry a password.
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
     @field_validator("redis_sentinels")
     @classmethod
     def _sentinel_addresses(cls, value: list[str]) -> list[str]:

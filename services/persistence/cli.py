@@ -7,11 +7,26 @@ Each returns the process exit code and prints one line saying what happened; a m
 from __future__ import annotations
 
 import asyncio
+import sys
+
+from alembic.util.exc import CommandError
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from services.core.settings import ConfigError, Settings
 from services.persistence.database import create_engine
 from services.persistence.migrate import HEAD, current_revision, downgrade, migrate
 from services.persistence.retention import PruneResult, prune
+
+# PostgreSQL not answering (refused, timed out, gone mid-way): one line, exit 1, as for Redis.
+UNREACHABLE = (OSError, DBAPIError, PoolTimeout)
+
+
+def _unreachable(exc: BaseException) -> int:
+    # The type and the driver's words; never the URL (it may carry the password).
+    reason = str(getattr(exc, "orig", None) or exc).splitlines()[0] if str(exc) else ""
+    print(f"orchestrator: PostgreSQL unreachable: {type(exc).__name__}: {reason}", file=sys.stderr)
+    return 1
 
 
 def _database_url(settings: Settings) -> str:
@@ -40,14 +55,22 @@ async def prune_history(settings: Settings) -> PruneResult:
 
 def migrate_command(settings: Settings, down: str | None = None) -> int:
     """`orchestrator migrate [--down REVISION]`: safe to run from several places at once."""
-    revision = asyncio.run(apply_migrations(settings, down=down))
+    try:
+        revision = asyncio.run(apply_migrations(settings, down=down))
+    except CommandError as exc:  # an unknown --down revision
+        raise ConfigError(f"--down: {exc}") from None
+    except UNREACHABLE as exc:
+        return _unreachable(exc)
     print(f"database schema at revision {revision or 'base'}")
     return 0
 
 
 def prune_command(settings: Settings) -> int:
     """`orchestrator prune`: delete history older than the retention; prints the counts."""
-    result = asyncio.run(prune_history(settings))
+    try:
+        result = asyncio.run(prune_history(settings))
+    except UNREACHABLE as exc:
+        return _unreachable(exc)
     counts = ", ".join(f"{table} {count}" for table, count in result.deleted.items())
     print(f"pruned history before {result.cutoff.isoformat()}: {counts}")
     return 0
