@@ -293,6 +293,9 @@ Everything else comes from the settings ConfigMap through envFrom. Call with
 {{- define "ao.checksums" -}}
 checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha256sum }}
 checksum/secret: {{ include (print .Template.BasePath "/secrets.yaml") . | sha256sum }}
+{{- /* The in-chart datastores' Secrets hold the URLs with the passwords set here (a
+generated one is kept across upgrades, so it never changes). */}}
+checksum/datastores: {{ print .Values.redis.password "/" .Values.postgresql.password | sha256sum }}
 {{- end -}}
 
 {{/* Topology spread over zones and nodes. Call with (dict "root" $ "component" "api"). */}}
@@ -411,6 +414,19 @@ livenessProbe:
 {{- range $name, $value := $v.config.extraEnv -}}
 {{- if or (has $name $reserved) (hasKey (include "ao.settingsEnv" $ | fromYaml) $name) -}}
 {{- fail (printf "config.extraEnv.%s is already set by the chart: use its value instead" $name) -}}
+{{- end -}}
+{{- end -}}
+{{- /* A component's extraEnv must not repeat a name the chart sets on that container: Helm 4
+applies server-side, which refuses duplicate env names (KUBERNETES.md). */ -}}
+{{- range $component := list "api" "worker" "executor" "operator" -}}
+{{- $set := list -}}
+{{- range (include "ao.env" (dict "root" $ "component" $component) | fromYamlArray) -}}
+{{- $set = append $set .name -}}
+{{- end -}}
+{{- range (index $v $component).extraEnv -}}
+{{- if has .name $set -}}
+{{- fail (printf "%s.extraEnv: %s is already set by the chart" $component .name) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
