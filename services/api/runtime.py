@@ -28,5 +28,8 @@ class Runtime:
     history: HistoryStore | None = None
     database: AsyncEngine | None = None
     draining: bool = False
+    # Sockets admitted by the pod-full check and not attached to the hub yet: the handshake
+    # awaits Redis in between, so a storm would otherwise pass the check all at once.
+    admitting: int = 0
     drained: asyncio.Event | None = None
     background: set[asyncio.Task[None]] = field(default_factory=set)

@@ -143,9 +143,30 @@ async def _admit(
     if runtime.draining:
         await _refuse(send, speaks_v1, CLOSE_RESTART, "draining: reconnect")
         return None
-    if runtime.hub.count() >= runtime.settings.max_websocket_connections:
+    if runtime.hub.count() + runtime.admitting >= runtime.settings.max_websocket_connections:
         await _refuse(send, speaks_v1, CLOSE_TRY_AGAIN, "pod_full: try again later")
         return None
+    runtime.admitting += 1  # given back by the caller once attached (or by a refusal below)
+    try:
+        admitted = await _admit_tenant(runtime, scope, send, speaks_v1, tenant_id, principal)
+    except BaseException:
+        runtime.admitting -= 1
+        raise
+    if admitted is None:
+        runtime.admitting -= 1
+    return admitted
+
+
+async def _admit_tenant(
+    runtime: Runtime,
+    scope: Scope,
+    send: Send,
+    speaks_v1: bool,
+    tenant_id: str,
+    principal: Principal,
+) -> tuple[Principal, str, bool, str | None] | None:
+    """The rest of the handshake, holding a slot of the pod: the resume id, the tenant's
+    socket limit."""
     last_event_id = _query(scope, "last_event_id")
     if last_event_id is not None:
         try:
@@ -196,6 +217,7 @@ async def session_socket(
         return
     principal, connection_id, speaks_v1, last_event_id = admitted
     del admitted
+    reserved = True  # a slot of the pod (`Runtime.admitting`) until the hub counts the socket
     try:
         await send({"type": "websocket.accept", "subprotocol": SUBPROTOCOL if speaks_v1 else None})
         conn = ClientConnection(
@@ -208,6 +230,8 @@ async def session_socket(
         )
         metrics.websocket_connections.inc()
         try:
+            runtime.admitting -= 1  # `_set_up` attaches before it awaits anything
+            reserved = False
             await _set_up(runtime, conn, last_event_id)
             budget: FrameBudget | None = None  # made at the first frame: idle sockets send none
             while True:
@@ -251,6 +275,8 @@ async def session_socket(
             await runtime.hub.detach(conn)
             await conn.closing()  # a close we started goes out before the handler returns
     finally:
+        if reserved:  # the accept failed: the socket never reached the hub
+            runtime.admitting -= 1
         with contextlib.suppress(*REDIS_DOWN):
             await runtime.admission.sockets.release(tenant_id, connection_id)
 

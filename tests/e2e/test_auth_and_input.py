@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from urllib.parse import quote
@@ -10,12 +11,13 @@ import httpx
 import pytest
 import websockets
 from redis.asyncio import Redis
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from services.cli.embedded import RedisServer
 from services.core import keys
 from tests.e2e.clients import auth, connect, next_event, token, unique
-from tests.e2e.conftest import Deployment
+from tests.e2e.conftest import Deployment, new_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -286,3 +288,31 @@ async def test_health_schema_and_metrics_endpoints(deployment: Deployment) -> No
         metrics = await http.get(f"http://127.0.0.1:{deployment.api.metrics_port}/metrics")
     assert "orchestrator_websocket_connections " in metrics.text
     await ws.close()
+
+
+async def test_a_storm_of_handshakes_never_fills_a_pod_beyond_its_limit(
+    e2e_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """20 sockets at once on a pod of 5: the pod-full check used to pass for every handshake
+    still waiting on Redis (quota, tenant limit), so all of them got in."""
+    stack = new_stack(e2e_redis, tmp_path_factory.mktemp("logs"), max_websocket_connections="5")
+    try:
+        api = stack.start_api()
+        stack.wait_ready(api)
+        tenant = unique("t")
+
+        async def one(n: int) -> tuple[ClientConnection | None, int | None]:
+            try:
+                ws, _ = await connect(api.ws_url, tenant, f"s{n}")
+            except ConnectionClosed as closed:
+                return None, closed.rcvd.code if closed.rcvd else None
+            return ws, None
+
+        outcomes = await asyncio.gather(*(one(n) for n in range(20)))
+        opened = [ws for ws, _ in outcomes if ws is not None]
+        assert len(opened) == 5
+        assert sorted(code for _, code in outcomes if code is not None) == [1013] * 15
+        for ws in opened:
+            await ws.close()
+    finally:
+        stack.stop()
