@@ -44,14 +44,20 @@ def _run_dev(args: argparse.Namespace, _: Settings) -> int:
     return run_dev(host=args.host, port=args.port, redis_mode=args.redis_mode)
 
 
+MAX_USER_CHARS = 255
+MAX_TOKEN_TTL_SECONDS = 366 * 86_400
+
+
 def _run_token(args: argparse.Namespace, settings: Settings) -> int:
     from services.core.auth import issue_token
     from services.core.ids import is_valid_id
 
     if not is_valid_id(args.tenant):
         raise ConfigError("--tenant: must match [A-Za-z0-9_-]{1,64}")
-    if args.ttl < 1:
-        raise ConfigError("--ttl: must be at least 1 second")
+    if not args.user.strip() or len(args.user) > MAX_USER_CHARS:
+        raise ConfigError(f"--user: must be 1 to {MAX_USER_CHARS} characters, not blank")
+    if not 1 <= args.ttl <= MAX_TOKEN_TTL_SECONDS:
+        raise ConfigError(f"--ttl: must be 1 to {MAX_TOKEN_TTL_SECONDS} seconds (a year)")
     print(issue_token(settings, tenant_id=args.tenant, user_id=args.user, ttl_seconds=args.ttl))
     return 0
 

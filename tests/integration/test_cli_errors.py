@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 ORCHESTRATOR = [sys.executable, "-m", "services.cli.main"]
 
@@ -103,3 +105,19 @@ def test_schemas_into_an_unwritable_dir_is_one_line(tmp_path: Path) -> None:
     blocker.write_text("not a directory")
     result = run(["schemas", "--dir", str(blocker / "schemas")], tmp_path)
     assert_clean_failure(result)
+
+
+@pytest.mark.parametrize(
+    ("flags", "names"),
+    [
+        (["--user", ""], "--user"),
+        (["--user", "   "], "--user"),
+        (["--user", "u", "--ttl", "99999999999999999999"], "--ttl"),
+        (["--user", "u", "--ttl", "0"], "--ttl"),
+    ],
+)
+def test_token_refuses_a_blank_user_and_a_ttl_beyond_a_year(
+    tmp_path: Path, flags: list[str], names: str
+) -> None:
+    result = run(["token", "--tenant", "acme", *flags], tmp_path, ORCHESTRATOR_JWT_SECRET="k" * 32)
+    assert_clean_failure(result, code=2, names=names)
