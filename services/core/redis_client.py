@@ -325,7 +325,12 @@ def as_lost_connection(exc: BaseException) -> RedisConnectionError | None:
     """redis-py (8.1) disconnects a node's idle connections after a connection error while
     other tasks may be taking one of them: that task's command then fails inside the
     transport (`handler is closed`, `'NoneType' object has no attribute 'writelines'`). For
-    the caller that is a lost connection, an outage to ride through; anything else is a bug."""
+    the caller that is a lost connection, an outage to ride through; anything else is a bug.
+
+    So is `UNBLOCKED`: a primary demoted by a manual failover (`CLUSTER FAILOVER`, an upgrade)
+    answers every client blocked on it with it, a plain error reply to redis-py."""
+    if isinstance(exc, ResponseError) and str(exc).startswith("UNBLOCKED"):
+        return RedisConnectionError(f"blocking read ended by a failover: {exc}")
     if not isinstance(exc, (RuntimeError, AttributeError)):
         return None
     text = str(exc)
@@ -390,10 +395,11 @@ class ClusterClient(RedisCluster):
         token = _in_command.set(True)
         try:
             return await super().execute_command(*args, **kwargs)
-        except (RuntimeError, AttributeError) as exc:
+        except (RuntimeError, AttributeError, ResponseError) as exc:
             lost = as_lost_connection(exc)
             if lost is None:
                 raise
+            self._initialize = True  # the slot map changed (a failover): learn it again
             raise lost from exc
         finally:
             _in_command.reset(token)
@@ -466,18 +472,22 @@ class ScriptingClusterPipeline(ClusterPipeline):
         token = _in_command.set(True)
         try:
             results: list[Any] = await super().execute(raise_on_error, allow_redirections)
-        except (RuntimeError, AttributeError) as exc:
+        except (RuntimeError, AttributeError, ResponseError) as exc:
             lost = as_lost_connection(exc)
             if lost is None:
                 raise
+            client._initialize = True
             raise lost from exc
         finally:
             _in_command.reset(token)
             if turn is not None:
                 turn.release()
-        outage = next((result for result in results if isinstance(result, REDIS_DOWN)), None)
-        if outage is not None:
-            raise outage
+        for result in results:
+            if isinstance(result, REDIS_DOWN):
+                raise result
+            if isinstance(result, ResponseError) and (lost := as_lost_connection(result)):
+                client._initialize = True
+                raise lost from result
         return results
 
     async def _same(self) -> ScriptingClusterPipeline:
