@@ -115,12 +115,26 @@ def idempotency_key(request: AnyRequest) -> str | None:
     responses={
         401: ResponseSpec(ErrorBody, description="no token, or an expired or forged one"),
         403: ResponseSpec(
-            ErrorBody, description="X-Tenant-ID is not the token's tenant, or an unknown tenant"
+            ErrorBody,
+            description=(
+                "X-Tenant-ID is not the token's tenant, an unknown tenant (`forbidden`), an "
+                "agent the tier does not allow (`agent_not_allowed`), or streaming asked on a "
+                "tier without it (`streaming_not_allowed`)"
+            ),
+        ),
+        409: ResponseSpec(
+            ErrorBody,
+            description="the Idempotency-Key is being taken over by another request "
+            "(`idempotency_conflict`): retry",
         ),
         413: ResponseSpec(ErrorBody, description="body over ORCHESTRATOR_MAX_BODY_BYTES"),
-        422: ResponseSpec(ErrorBody, description="a field is missing, unknown or invalid"),
+        422: ResponseSpec(
+            ErrorBody,
+            description="a field is missing, unknown or invalid, or the message is too long "
+            "(`message_too_long`)",
+        ),
         429: ResponseSpec(ErrorBody, description="rate limited or over budget"),
-        503: ResponseSpec(ErrorBody, description="Redis unreachable: retry"),
+        503: ResponseSpec(ErrorBody, description="Redis unreachable or refusing writes: retry"),
     },
     operation_class=SendOperation,
 )

@@ -454,7 +454,11 @@ class ChatService:
 
     async def _fail_unqueued(self, ref: TaskRef) -> bool:
         """End the task with `chat.error` `unavailable`; False if Redis could not be reached."""
-        error = {"code": "unavailable", "message": "the message was not queued; send it again"}
+        error = {
+            "code": "unavailable",
+            "message": "the message was not queued; send it again",
+            "details": {},
+        }
         try:
             await self.tasks.apply(
                 ref,

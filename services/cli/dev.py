@@ -131,5 +131,14 @@ def _serve(
         flush=True,
     )
     while True:
+        if any(not child.alive() for child in stack.children) and _interrupted(stack):
+            return 0  # Ctrl-C reached the children first: an orderly stop, not a failure
         stack.check_alive()
         time.sleep(0.5)
+
+
+def _interrupted(stack: LocalStack) -> bool:
+    """Every child that ended was stopped, as Ctrl-C (the terminal signals the whole group)
+    or a drain stops it: exit code 0 or killed by SIGINT or SIGTERM."""
+    stopped = (0, -signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGINT)
+    return all(child.alive() or child.process.returncode in stopped for child in stack.children)

@@ -213,9 +213,11 @@ class CallbackEffects:
         attempts: int | None = None,
         traceparent: str = "",
     ) -> None:
-        error: dict[str, Any] = {"code": code, "message": message}
+        # `details` as in every error (README); `attempts` also at the top, as before.
+        error: dict[str, Any] = {"code": code, "message": message, "details": {}}
         if attempts is not None:
             error["attempts"] = attempts
+            error["details"] = {"attempts": attempts}
         body = events.event_body(events.CHAT_ERROR, error, ref.task_id)
         await self.tasks.apply(
             ref,

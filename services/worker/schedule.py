@@ -83,7 +83,11 @@ class PartitionSchedule:
             await self._dispatch_retries(retries, moment)
 
     async def _time_out(self, members: list[bytes]) -> None:
-        error = {"code": "timed_out", "message": "the task did not finish before its deadline"}
+        error = {
+            "code": "timed_out",
+            "message": "the task did not finish before its deadline",
+            "details": {},
+        }
         async with self.redis.pipeline(transaction=False) as pipe:
             for member in members:
                 ref = _ref(member)

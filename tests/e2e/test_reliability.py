@@ -67,6 +67,7 @@ async def test_a_task_that_keeps_failing_ends_failed_and_the_client_is_told(
         )
     assert events[-1]["type"] == "chat.error"
     assert events[-1]["data"]["attempts"] == attempts
+    assert events[-1]["data"]["details"] == {"attempts": attempts}  # README: errors have details
     assert state.json()["status"] == "failed"
     assert state.json()["error"]["code"] == "execution_failed"
     await ws.close()

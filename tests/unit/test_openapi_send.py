@@ -33,3 +33,12 @@ def test_every_header_a_page_may_read_is_documented_on_the_answers() -> None:
     for status in ("401", "403", "413", "422", "429", "503"):
         body = responses[status]["content"]["application/json"]["schema"]
         assert body == {"$ref": "#/components/schemas/ErrorBody"}, status
+
+
+def test_every_refusal_of_a_send_is_documented() -> None:
+    """README: the OpenAPI lists every refusal with its error body (409 was missing)."""
+    responses = send_operation()["responses"]
+    assert {"400", "401", "403", "409", "413", "422", "429", "503"} <= set(responses)
+    for code in ("agent_not_allowed", "streaming_not_allowed"):
+        assert code in responses["403"]["description"]
+    assert "idempotency_conflict" in responses["409"]["description"]
