@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+from typing import Any
 
 from prometheus_client import start_http_server
 from redis.asyncio import Redis
@@ -37,6 +38,18 @@ log = logging.getLogger(__name__)
 
 def worker_name(settings: Settings) -> str:
     return settings.pod_name or f"{socket.gethostname()}-{os.getpid()}"
+
+
+LAG_COUNT_MAX = 10_000  # enough to scale on; counting a longer backlog is not worth it
+
+
+async def _unread(redis: Redis, stream: str, info: dict[Any, Any]) -> int:
+    """Entries after the group's last delivered one, counted (up to LAG_COUNT_MAX): Redis
+    reports no lag once an entry after that position was deleted, and 0 would hide a backlog
+    from the autoscaler and the lag alert."""
+    last = info.get("last-delivered-id") or b"0-0"
+    last = last.decode() if isinstance(last, bytes) else str(last)
+    return len(await redis.xrange(stream, f"({last}", "+", count=LAG_COUNT_MAX) or [])
 
 
 class Worker:
@@ -135,7 +148,10 @@ class Worker:
             for info in groups:
                 name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
                 if name == group:
-                    metrics.stream_lag.labels(stream, group).set(info.get("lag") or 0)
+                    lag = info.get("lag")
+                    if lag is None:  # Redis cannot tell (entries deleted after the group's
+                        lag = await _unread(self.redis, stream, info)  # position): count them
+                    metrics.stream_lag.labels(stream, group).set(lag)
                     metrics.stream_pending.labels(stream, group).set(info.get("pending") or 0)
                     reported.add((stream, group))
         for stream, group in self._lag_reported - reported:

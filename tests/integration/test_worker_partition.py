@@ -662,3 +662,28 @@ async def test_a_retry_set_again_while_its_attempt_was_handed_out_is_kept(redis:
     due = await redis.zscore(retries, member)
     assert due is not None, "attempt 3's retry was removed with the fired one"
     assert due > time.time()
+
+
+async def test_stream_lag_counts_unread_entries_when_redis_cannot_tell(
+    redis: Redis, redis_url: str
+) -> None:
+    """After an entry past the group's position is deleted, XINFO GROUPS reports no lag; the
+    gauge showed 0 (no backlog for the autoscaler or the alert) instead of the unread ones."""
+    stream = keys.callback_stream(0)
+    await redis.xgroup_create(stream, keys.WORKER_GROUP, id="0", mkstream=True)
+    ids = [await redis.xadd(stream, {ACTION_FIELD: b"{}"}) for _ in range(4)]
+    await redis.xreadgroup(keys.WORKER_GROUP, "w1", {stream: ">"}, count=1)
+    await redis.xdel(stream, ids[2])
+    [group] = await redis.xinfo_groups(stream)
+    assert group["lag"] is None  # what Redis says here
+
+    worker = Worker(load_settings(redis_url=redis_url, callback_partitions=1))
+    worker.leases.owned = {0}
+    try:
+        await worker._sample_lag()
+    finally:
+        await worker.redis.aclose()
+    lag = REGISTRY.get_sample_value(
+        "orchestrator_stream_lag", {"stream": stream, "group": keys.WORKER_GROUP}
+    )
+    assert lag == 2  # the second and the fourth entry
