@@ -21,7 +21,7 @@ from redis.exceptions import ResponseError
 
 from services.core import keys
 from services.core.heap import freeze_startup_heap
-from services.core.redis_client import REDIS_DOWN, create_redis
+from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING, create_redis
 from services.core.scripts import Scripts
 from services.core.settings import RedisMode, Settings
 from services.core.tasks import TaskStore
@@ -195,6 +195,8 @@ class Worker:
                 await self._rebalance()
             except REDIS_DOWN as exc:
                 log.warning("rebalance failed, redis unavailable: %s", exc)
+            except REDIS_REFUSING as exc:  # a demoted primary (a failover caught mid-way)
+                log.warning("rebalance failed, redis refuses writes: %s", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), interval)
         with contextlib.suppress(Exception):

@@ -687,3 +687,37 @@ async def test_stream_lag_counts_unread_entries_when_redis_cannot_tell(
         "orchestrator_stream_lag", {"stream": stream, "group": keys.WORKER_GROUP}
     )
     assert lag == 2  # the second and the fourth entry
+
+
+async def test_the_worker_rides_through_redis_refusing_writes(redis_url: str, redis: Redis) -> None:
+    """A primary demoted under the worker (a failover caught mid-way) answers writes with
+    READONLY; the worker's lease round used to raise it out of `run()`: the process ended."""
+    settings = load_settings(
+        redis_url=redis_url, callback_partitions=1, partition_lease_seconds=1.5
+    )
+    worker = Worker(settings)
+    running = asyncio.create_task(worker.run())
+    try:
+        async with asyncio.timeout(10):
+            while not worker.leases.owned:  # the worker took its partition
+                await asyncio.sleep(0.02)
+        await redis.execute_command("REPLICAOF", "127.0.0.1", "1")  # read-only now
+        try:
+            async with asyncio.timeout(10):
+                while not await _refused_a_write(redis):
+                    await asyncio.sleep(0.02)
+            await asyncio.sleep(2 * worker.settings.partition_lease_seconds / 3)  # rounds
+            assert not running.done(), running.exception()
+        finally:
+            await redis.execute_command("REPLICAOF", "NO", "ONE")
+    finally:
+        worker.stopping.set()
+        await asyncio.wait_for(running, 15)
+
+
+async def _refused_a_write(redis: Redis) -> bool:
+    try:
+        await redis.set("probe", "1")
+    except Exception:
+        return True
+    return False
