@@ -576,15 +576,10 @@ async def test_adopting_a_dead_owners_pending_entries_takes_all_and_counts_no_de
     assert [row["times_delivered"] for row in pending] == [1] * 5
 
 
-async def test_a_retry_handed_out_by_a_worker_that_died_before_its_xadd_is_sent_again(
-    redis: Redis, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The dispatch moved the task to `processing` and the worker died before the attempt's
-    action reached the AES (or the XADD failed). Not yet: a dispatch a moment old may still
-    be on its way. Once old enough, the attempt is handed out again, exactly once, with the
-    attempt's own action id (the AES sees the same action if the first one did get there)."""
-    settings = load_settings(callback_partitions=1)
-    tasks = TaskStore(redis, Scripts(redis), settings)
+async def retry_due(redis: Redis) -> tuple[TaskStore, TaskRef, str]:
+    """Task t1 of acme/s1 whose attempt 1 failed retryably, its retry due now on partition
+    0: the store, the task and its member in the retries set."""
+    tasks = TaskStore(redis, Scripts(redis), load_settings(callback_partitions=1))
     ref = TaskRef("acme", "s1", "t1")
     action = ChatProcess(
         tenant_id="acme",
@@ -601,6 +596,17 @@ async def test_a_retry_handed_out_by_a_worker_that_died_before_its_xadd_is_sent_
     await tasks.apply(ref, "requeue", attempt=1)  # attempt 1 failed, retryably
     member = keys.task_member("acme", "s1", "t1")
     await redis.zadd(keys.partition_retries(0), {member: time.time() - 1})
+    return tasks, ref, member
+
+
+async def test_a_retry_handed_out_by_a_worker_that_died_before_its_xadd_is_sent_again(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dispatch moved the task to `processing` and the worker died before the attempt's
+    action reached the AES (or the XADD failed). Not yet: a dispatch a moment old may still
+    be on its way. Once old enough, the attempt is handed out again, exactly once, with the
+    attempt's own action id (the AES sees the same action if the first one did get there)."""
+    tasks, ref, _ = await retry_due(redis)
     schedule = PartitionSchedule(redis, tasks, 0)
     died = await tasks.apply(ref, "dispatch", seq=60_000)  # the worker that died
     assert died is not None
@@ -628,25 +634,8 @@ async def test_a_retry_set_again_while_its_attempt_was_handed_out_is_kept(redis:
     """Attempt 2 is handed out and fails at once: its requeue sets the task's retry member
     again (attempt 3, later) before the firing worker removes the member it fired. That new
     retry stays; a plain ZREM removed it and the task waited for its deadline."""
-    settings = load_settings(callback_partitions=1)
-    tasks = TaskStore(redis, Scripts(redis), settings)
-    ref = TaskRef("acme", "s1", "t1")
-    action = ChatProcess(
-        tenant_id="acme",
-        session_id="s1",
-        task_id="t1",
-        agent_id="default",
-        message="hi",
-        user=User(id="alice"),
-        callback_queue=keys.callback_stream(0),
-        deadline=utcnow() + timedelta(minutes=5),
-    )
-    created = {"status": "processing", "action": encode_action(action).decode()}
-    await tasks.apply(ref, "create", fields=created)
-    await tasks.apply(ref, "requeue", attempt=1)  # attempt 1 failed, retryably
+    tasks, _, member = await retry_due(redis)
     retries = keys.partition_retries(0)
-    member = keys.task_member("acme", "s1", "t1")
-    await redis.zadd(retries, {member: time.time() - 1})
 
     class FailsAtOnce(PartitionSchedule):
         async def _enqueue_attempt(self, ref: TaskRef, stored: str) -> None:
