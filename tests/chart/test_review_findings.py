@@ -146,3 +146,45 @@ def test_component_extra_env_never_duplicates_an_env_name(component: str, name: 
         for container in pod["containers"]:
             counts = collections.Counter(e["name"] for e in container.get("env", []))
             assert [n for n, k in counts.items() if k > 1] == [], obj["metadata"]["name"]
+
+
+def _container_images(rendered: Rendered) -> dict[str, str]:
+    return {
+        obj["metadata"]["labels"]["app.kubernetes.io/component"]: pod["containers"][0]["image"]
+        for obj, pod in rendered.pod_specs()
+    }
+
+
+@pytest.mark.parametrize(
+    ("own", "expected"),
+    [
+        ({"tag": "0.2.0"}, "ghcr.io/agent-orchestrator/agent-orchestrator-worker:0.2.0"),
+        (
+            {"repository": "team/executor", "tag": "1.0"},
+            "ghcr.io/team/executor:1.0",
+        ),
+        (
+            {"tag": "0.2.0@sha256:" + "b" * 64},
+            "ghcr.io/agent-orchestrator/agent-orchestrator-worker:0.2.0@sha256:" + "b" * 64,
+        ),
+        (
+            {},
+            "ghcr.io/agent-orchestrator/agent-orchestrator-worker:0.1.0@sha256:" + "a" * 64,
+        ),
+    ],
+)
+def test_a_component_image_override_is_not_pinned_to_the_worker_digest(
+    own: dict[str, str], expected: str
+) -> None:
+    """The executor, operator and migrations run the worker image unless their own `image` says
+    otherwise. With `worker.image.digest` set, an override of their tag or repository inherited
+    the worker's digest: `...:0.2.0@sha256:<worker's>`, which the kubelet pulls by digest, i.e.
+    the worker's image, whatever the override said."""
+    values = {
+        **FIXED_JWT,
+        "worker": {"image": {"digest": "sha256:" + "a" * 64}},
+        "executor": {"enabled": True, "image": own},
+    }
+    images = _container_images(_render(values))
+    assert images["executor"] == expected
+    assert images["worker"].endswith("@sha256:" + "a" * 64)

@@ -65,7 +65,13 @@ form "tag@sha256:..." (skaffold) is split; a digest wins over the tag.
 */}}
 {{- define "ao.image" -}}
 {{- $fallback := default dict .fallback -}}
-{{- $image := mergeOverwrite (deepCopy $fallback) (default dict .image) -}}
+{{- $own := default dict .image -}}
+{{- $image := mergeOverwrite (deepCopy $fallback) $own -}}
+{{- /* The fallback's digest pins the fallback's image: an own registry, repository or tag
+     names another one (pulled by digest, the override would be ignored). */ -}}
+{{- if and (not $own.digest) (or $own.registry $own.repository $own.tag) -}}
+{{- $_ := set $image "digest" "" -}}
+{{- end -}}
 {{- $repository := required "image repository is required" $image.repository -}}
 {{- $tag := toString (default .root.Chart.AppVersion (toString (default "" $image.tag))) -}}
 {{- $digest := toString (default "" $image.digest) -}}
