@@ -126,9 +126,7 @@ class Admission:
         self, tenant_id: str, session_id: str, quota: EffectiveQuota
     ) -> tuple[RateCheck, RateCheck]:
         limits = quota.limits
-        per_session = limits.requests_per_minute_per_session or (
-            self.settings.max_requests_per_session
-        )
+        per_session = limits.requests_per_minute_per_session
         budget = self.usage.budget(tenant_id, limits.tokens_per_day)
         session = RateCheck(keys.session_rate(tenant_id, session_id), per_session)
         tenant = RateCheck(

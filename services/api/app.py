@@ -144,8 +144,15 @@ async def keep_sockets_counted(runtime: Runtime) -> None:
         for conn in list(runtime.hub.connections):
             by_tenant[conn.tenant_id].append(conn.connection_id)
         for tenant_id, ids in by_tenant.items():
-            with contextlib.suppress(*REDIS_DOWN):
+            try:
                 await sockets.refresh(tenant_id, ids)
+            except REDIS_DOWN:
+                pass  # counted again at the next refresh once Redis is back
+            except Exception as exc:
+                # Whatever it is (a read-only replica after a failover, out of memory), this
+                # task must not end: nothing awaits it, and the pod's sockets would silently
+                # drop out of every tenant's count for good.
+                log.warning("refreshing the socket count of a tenant failed: %r", exc)
 
 
 def provide_runtime(request: AnyRequest) -> Runtime:

@@ -108,6 +108,7 @@ class QuotaStore:
             )
         self.default_tier = settings.default_tier
         self.require_known_tenant = settings.require_known_tenant
+        self.max_message_chars = settings.max_message_chars
 
     async def set(
         self,
@@ -187,7 +188,7 @@ class QuotaStore:
             if self.require_known_tenant:
                 return None
             tier = self.default_tier
-            return EffectiveQuota(tenant_id, tier, self.tiers[tier], known=False)
+            return EffectiveQuota(tenant_id, tier, self._capped(self.tiers[tier]), known=False)
         tier = record.tier
         if tier not in self.tiers:
             # The tier was removed from the configuration after the record was written.
@@ -202,7 +203,15 @@ class QuotaStore:
             raise InvalidQuota(f"quota record of {tenant_id} is invalid: {exc}") from None
         if record.allowed_agents is not None:
             limits = msgspec.structs.replace(limits, allowed_agents=record.allowed_agents)
-        return EffectiveQuota(tenant_id, tier, limits, known=True)
+        return EffectiveQuota(tenant_id, tier, self._capped(limits), known=True)
+
+    def _capped(self, limits: TierLimits) -> TierLimits:
+        """The limits as they apply: no message is accepted beyond the installation's
+        ORCHESTRATOR_MAX_MESSAGE_CHARS whatever a tier or an override says, so what the CLI and
+        the operator's status show as effective must not say more."""
+        if limits.max_message_chars <= self.max_message_chars:
+            return limits
+        return msgspec.structs.replace(limits, max_message_chars=self.max_message_chars)
 
     @staticmethod
     def _decode(tenant_id: str, raw: bytes | str | None) -> QuotaRecord | None:

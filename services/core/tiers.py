@@ -22,7 +22,17 @@ from services.core.ids import Id, is_valid_id
 from services.core.keys import Priority
 from services.core.settings import ENV_PREFIX, ConfigError, Settings
 
-Positive = Annotated[int, msgspec.Meta(ge=1)]
+# Upper bounds: a limit must stay a number every part can compute with. A rate limit of N per
+# minute is a GCRA interval of 60 000 000 / N microseconds (1 us at the bound; beyond it the
+# limiter's doubles overflow its integer replies); a task timeout becomes the action's deadline
+# (a datetime); a budget is compared as a double in Lua (exact below 2**53).
+MAX_PER_MINUTE = 60_000_000
+MAX_CONNECTIONS = 10_000_000
+MAX_TOKENS_PER_DAY = 10**15
+MAX_MESSAGE_CHARS = 10_000_000
+MAX_TASK_TIMEOUT_SECONDS = 7 * 86_400
+
+PerMinute = Annotated[int, msgspec.Meta(ge=1, le=MAX_PER_MINUTE)]
 
 TIERS_VARIABLE = f"{ENV_PREFIX}TIERS"
 TIERS_FILE_VARIABLE = f"{ENV_PREFIX}TIERS_FILE"
@@ -39,14 +49,16 @@ class TierLimits(
 ):
     """Everything a tier (or a tenant's override of it) decides about a tenant's traffic."""
 
-    requests_per_minute_per_session: Positive
-    requests_per_minute_per_tenant: Positive
-    max_connections: Positive
-    tokens_per_day: Positive | None  # None: unlimited
-    max_message_chars: Positive
+    requests_per_minute_per_session: PerMinute
+    requests_per_minute_per_tenant: PerMinute
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=MAX_CONNECTIONS)]
+    # None: unlimited
+    tokens_per_day: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS_PER_DAY)] | None
+    # Capped by the process's ORCHESTRATOR_MAX_MESSAGE_CHARS (`QuotaStore.effective`).
+    max_message_chars: Annotated[int, msgspec.Meta(ge=1, le=MAX_MESSAGE_CHARS)]
     streaming: bool
     priority: Priority
-    task_timeout_seconds: Positive
+    task_timeout_seconds: Annotated[int, msgspec.Meta(ge=1, le=MAX_TASK_TIMEOUT_SECONDS)]
     allowed_agents: tuple[Id, ...] = ()  # empty: every agent
 
     def allows_agent(self, agent_id: str) -> bool:
@@ -110,6 +122,8 @@ def _describe(expected: msgspec.inspect.Type) -> str:
     if isinstance(expected, msgspec.inspect.UnionType):
         return " or ".join(_describe(option) for option in expected.types)
     if isinstance(expected, msgspec.inspect.IntType):
+        if expected.ge is not None and expected.le is not None:
+            return f"an integer from {expected.ge} to {expected.le}"
         return "an integer" + (f" >= {expected.ge}" if expected.ge is not None else "")
     if isinstance(expected, msgspec.inspect.BoolType):
         return "true or false"
@@ -195,12 +209,17 @@ def parse_limit_overrides(items: Iterable[str], *, option: str = "--limit") -> d
 
 
 def parse_tiers_config(
-    text: str, base: Mapping[str, TierLimits], *, variable: str
+    text: str,
+    base: Mapping[str, TierLimits],
+    *,
+    variable: str,
+    new_tier_defaults: Mapping[str, Any] | None = None,
 ) -> dict[str, TierLimits]:
     """Apply a JSON object `{"tier": {limits...}}` over `base`.
 
     A tier that exists is partially overridden; a new tier must define every limit (there is
-    no good implicit base for it). Errors are one-line `ConfigError`s naming `variable`.
+    no good implicit base for it) but those of `new_tier_defaults` (the installation's
+    `MAX_REQUESTS_PER_SESSION`). Errors are one-line `ConfigError`s naming `variable`.
     """
     try:
         document = msgspec.json.decode(text)
@@ -218,7 +237,7 @@ def parse_tiers_config(
             if name in tiers:
                 tiers[name] = merge_limits(tiers[name], limits)
             else:
-                tiers[name] = msgspec.convert(limits, TierLimits)
+                tiers[name] = msgspec.convert({**(new_tier_defaults or {}), **limits}, TierLimits)
         except LimitError as exc:
             raise ConfigError(f"{variable}: tier {name!r}: {exc}") from None
         except msgspec.ValidationError as exc:
@@ -233,14 +252,19 @@ def load_tiers(settings: Settings) -> dict[str, TierLimits]:
     with one line naming the variable. The configured default tier must exist.
     """
     tiers = dict(DEFAULT_TIERS)
+    defaults = {"requestsPerMinutePerSession": settings.max_requests_per_session}
     if settings.tiers_file:
         try:
             text = Path(settings.tiers_file).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"{TIERS_FILE_VARIABLE}: cannot read it ({exc.strerror})") from None
-        tiers = parse_tiers_config(text, tiers, variable=TIERS_FILE_VARIABLE)
+        tiers = parse_tiers_config(
+            text, tiers, variable=TIERS_FILE_VARIABLE, new_tier_defaults=defaults
+        )
     if settings.tiers:
-        tiers = parse_tiers_config(settings.tiers, tiers, variable=TIERS_VARIABLE)
+        tiers = parse_tiers_config(
+            settings.tiers, tiers, variable=TIERS_VARIABLE, new_tier_defaults=defaults
+        )
     if settings.default_tier not in tiers:
         raise ConfigError(
             f"{DEFAULT_TIER_VARIABLE}: unknown tier {settings.default_tier!r}; "

@@ -330,3 +330,56 @@ async def test_tenant_a_cannot_see_or_touch_tenant_b(tenancy: Tenancy) -> None:
     refused = await events_until(ws_intruder, lambda e: e["type"] == "chat.error")
     assert refused[-1]["data"]["code"] == "not_found"
     await ws_intruder.close()
+
+
+async def test_socket_counting_survives_redis_refusing_a_refresh(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """README: a socket that stayed open while Redis lost its data counts again at its pod's
+    next refresh. Here Redis is briefly a read-only replica (a failover seen through a
+    standalone endpoint) and comes back empty. The refresh refused with READONLY (not an
+    outage) ended the pod's refresh task: its sockets were never counted again, so the
+    tenant's `maxConnections` stopped holding."""
+    server = RedisServer().start()
+    upstream = RedisServer().start()  # an empty primary to replicate from
+    stack = new_stack(server, tmp_path_factory.mktemp("ro-logs"), connection_ttl_seconds="3")
+    redis = redis_client(server)
+    try:
+        api = stack.start_api()
+        stack.wait_ready(api)
+        tenant = unique("t")
+        store = QuotaStore(redis, load_settings(default_tier="free"))
+        await store.set(tenant, "pro", {"maxConnections": 1})
+        ws, _ = await connect(api.ws_url, tenant, "s1")
+        counted = keys.tenant_sockets(tenant)
+        assert await redis.zcard(counted) == 1
+        host, port = upstream.url.rsplit("/", 1)[0].rsplit("//", 1)[1].rsplit(":", 1)
+        watcher = Redis.from_url(server.url)
+        try:
+            async with watcher.monitor() as monitor:
+                await redis.execute_command("REPLICAOF", host, port)
+                try:
+                    async with asyncio.timeout(6):  # the pod's next refresh (every ttl / 3)
+                        while True:
+                            command = (await monitor.next_command())["command"]
+                            if command.startswith("EVALSHA") and "refresh" in command:
+                                break
+                    async with asyncio.timeout(6):  # ...refused; the data is then replaced
+                        while (await redis.info("replication"))["master_link_status"] != "up":
+                            await asyncio.sleep(0.05)
+                finally:
+                    await redis.execute_command("REPLICAOF", "NO", "ONE")
+        finally:
+            await watcher.aclose()
+        assert await redis.zcard(counted) == 0  # lost, as after a restart without persistence
+        await store.set(tenant, "pro", {"maxConnections": 1})
+        deadline = time.monotonic() + 6
+        while await redis.zcard(counted) == 0:
+            assert time.monotonic() < deadline, "the open socket is never counted again"
+            await asyncio.sleep(0.1)
+        await ws.close()
+    finally:
+        await redis.aclose()
+        stack.stop()
+        server.cleanup()
+        upstream.cleanup()

@@ -130,6 +130,23 @@ async def test_effective_limits_are_the_tier_with_the_overrides_on_top(store: Qu
     assert quota.limits == expected
 
 
+async def test_the_installation_message_cap_bounds_the_effective_limit(redis: Redis) -> None:
+    """The api refuses any message beyond ORCHESTRATOR_MAX_MESSAGE_CHARS before it looks at the
+    tier: an override above it was shown as effective (CLI, operator status) but never
+    applied. The effective limit is capped by it, for known and unknown tenants alike."""
+    store = make_store(redis, max_message_chars=5_000)
+    await store.set("acme", "enterprise", {"maxMessageChars": 50_000})
+    known = await store.effective("acme")
+    assert known is not None
+    assert known.limits.max_message_chars == 5_000
+    unknown = await make_store(redis, max_message_chars=1_000).effective("nobody")
+    assert unknown is not None
+    assert unknown.limits.max_message_chars == 1_000
+    below = await make_store(redis, max_message_chars=60_000).effective("acme")
+    assert below is not None
+    assert below.limits.max_message_chars == 50_000
+
+
 async def test_an_unknown_tier_is_refused_and_nothing_is_written(store: QuotaStore) -> None:
     with pytest.raises(InvalidQuota, match="unknown tier 'gold'; known: free, pro, enterprise"):
         await store.set("acme", "gold")
@@ -139,7 +156,7 @@ async def test_an_unknown_tier_is_refused_and_nothing_is_written(store: QuotaSto
 @pytest.mark.parametrize(
     ("limits", "agents", "message"),
     [
-        ({"maxConnections": 0}, None, "maxConnections must be an integer >= 1"),
+        ({"maxConnections": 0}, None, "maxConnections must be an integer from 1 to 10000000"),
         ({"burst": 5}, None, "burst is not a limit"),
         ({"allowedAgents": ["a"]}, None, "allowedAgents is not a limit"),
         ({}, ["not an id"], "allowed agent 'not an id'"),

@@ -8,15 +8,17 @@ validation does) and checked with `jsonschema`; its CEL rules are evaluated with
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
 import celpy
 import jsonschema
+import msgspec
 import pytest
 import yaml
 
-from services.core.tiers import DEFAULT_TIERS, LIMIT_KEYS
+from services.core.tiers import DEFAULT_TIERS, LIMIT_KEYS, TierLimits
 from services.operator.handlers import GROUP, PLURAL, VERSION
 from services.operator.spec import InvalidSpec, parse_spec
 
@@ -283,3 +285,32 @@ def test_the_crd_files_are_valid_kubernetes_objects(kubernetes_version: str) -> 
     for path in sorted(CRD_FILE.parent.glob("*.yaml")):
         for document in yaml.safe_load_all(path.read_text()):
             kubernetes_validate.validate(document, kubernetes_version, strict=True)
+
+
+def _integer_bounds(node: dict[str, Any]) -> tuple[int | None, int | None]:
+    for option in [node, *node.get("anyOf", []), *node.get("oneOf", [])]:
+        if "minimum" in option or "maximum" in option:
+            return option.get("minimum"), option.get("maximum")
+    return None, None
+
+
+def test_the_schemas_bound_every_limit_as_the_code_does() -> None:
+    """A limit the CRD (or the chart's `tiers`) accepts but the code refuses would leave the
+    TierQuota Invalid or stop the api at start; beyond the code's bounds a rate limit overflowed
+    the limiter's replies and a task timeout made every send a 500."""
+    info = msgspec.inspect.type_info(TierLimits)
+    assert isinstance(info, msgspec.inspect.StructType)
+    expected: dict[str, tuple[int | None, int | None]] = {}
+    for field in info.fields:
+        options = getattr(field.type, "types", (field.type,))
+        for option in options:
+            if isinstance(option, msgspec.inspect.IntType):
+                expected[field.encode_name] = (option.ge, option.le)
+    assert set(expected) == set(LIMIT_KEYS) - {"streaming", "priority"}
+    crd = open_api_schema()["properties"]["spec"]["properties"]["limits"]["properties"]
+    chart = json.loads((ROOT / "charts/agent-orchestrator/values.schema.json").read_text())
+    tiers = chart["properties"]["tiers"]["additionalProperties"]["properties"]
+    for key, bounds in expected.items():
+        assert bounds[1] is not None, f"{key} has no upper bound"
+        assert _integer_bounds(crd[key]) == bounds, key
+        assert _integer_bounds(tiers[key]) == bounds, key

@@ -222,7 +222,7 @@ async def test_a_record_edited_behind_the_operators_back_is_put_back(
         (tier_quota(tier="platinum"), "spec.tier 'platinum' is not a configured tier"),
         (
             tier_quota(limits={"maxConnections": -1}),
-            "spec.limits.maxConnections must be an integer >= 1",
+            "spec.limits.maxConnections must be an integer from 1 to 10000000",
         ),
         (
             tier_quota(limits={"priority": "urgent"}),

@@ -96,7 +96,10 @@ def test_null_tokens_per_day_means_unlimited(monkeypatch: pytest.MonkeyPatch) ->
     ("config", "message"),
     [
         ('{"free": {"requestsPerMinutePerSession": 0}}', "requestsPerMinutePerSession must be"),
-        ('{"free": {"tokensPerDay": 0}}', "tokensPerDay must be an integer >= 1 or unlimited"),
+        (
+            '{"free": {"tokensPerDay": 0}}',
+            "tokensPerDay must be an integer from 1 to 1000000000000000 or unlimited",
+        ),
         ('{"free": {"streaming": "yes"}}', "streaming must be true or false"),
         ('{"free": {"priority": "urgent"}}', "priority must be one of"),
         ('{"free": {"burst": 3}}', "burst is not a limit"),
@@ -176,12 +179,21 @@ def test_limit_words_parse_into_typed_values() -> None:
         ("maxConnections", "expected KEY=VALUE"),
         ("maxConnections=", "expected KEY=VALUE"),
         ("=5", "expected KEY=VALUE"),
-        ("maxConnections=many", "maxConnections must be an integer >= 1"),
-        ("maxConnections=0", "maxConnections must be an integer >= 1"),
-        ("maxMessageChars=2.5", "maxMessageChars must be an integer >= 1"),
+        ("maxConnections=many", "maxConnections must be an integer from 1 to 10000000"),
+        ("maxConnections=0", "maxConnections must be an integer from 1 to 10000000"),
+        ("maxMessageChars=2.5", "maxMessageChars must be an integer from 1 to 10000000"),
         ("streaming=1", "streaming must be true or false"),
         ("priority=urgent", "priority must be one of high, low, normal"),
-        ("tokensPerDay=0", "tokensPerDay must be an integer >= 1 or unlimited"),
+        (
+            "tokensPerDay=0",
+            "tokensPerDay must be an integer from 1 to 1000000000000000 or unlimited",
+        ),
+        # Beyond these the limiter's replies overflowed, or every send of the tenant was a 500.
+        ("requestsPerMinutePerTenant=9223372036854775807", "from 1 to 60000000"),
+        (
+            "taskTimeoutSeconds=1000000000000",
+            "taskTimeoutSeconds must be an integer from 1 to 604800",
+        ),
     ],
 )
 def test_bad_limit_words_are_refused_naming_the_option_and_word(word: str, message: str) -> None:
@@ -201,3 +213,27 @@ def test_limits_round_trip_through_their_camel_case_form() -> None:
     for tier in DEFAULT_TIERS.values():
         assert merge_limits(tier, tier.to_dict()) == tier
     assert isinstance(merge_limits(DEFAULT_TIERS["pro"], {}), TierLimits)
+
+
+def test_a_new_tier_without_a_session_limit_gets_max_requests_per_session() -> None:
+    """`ORCHESTRATOR_MAX_REQUESTS_PER_SESSION` is the session limit of a tier the installation
+    adds without one; it was documented so but the tier was refused at start."""
+    team = {
+        "requestsPerMinutePerTenant": 100,
+        "maxConnections": 10,
+        "tokensPerDay": 1000,
+        "maxMessageChars": 1000,
+        "streaming": True,
+        "priority": "normal",
+        "taskTimeoutSeconds": 60,
+    }
+    tiers = load_tiers(load_settings(tiers=json.dumps({"team": team}), max_requests_per_session=7))
+    assert tiers["team"].requests_per_minute_per_session == 7
+    assert tiers["free"] == DEFAULT_TIERS["free"]  # the built-in tiers keep their own
+    own = load_tiers(
+        load_settings(
+            tiers=json.dumps({"team": {**team, "requestsPerMinutePerSession": 3}}),
+            max_requests_per_session=7,
+        )
+    )
+    assert own["team"].requests_per_minute_per_session == 3
