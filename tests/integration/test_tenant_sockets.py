@@ -40,3 +40,17 @@ async def test_a_released_socket_stops_counting_and_an_unrefreshed_one_expires(
     await sockets.release("acme", "a")
     await redis.zadd(keys.tenant_sockets("acme"), {"b": 1})  # its pod died: never refreshed
     assert await sockets.live("acme") == 1
+
+
+async def test_a_process_with_a_shorter_ttl_never_shortens_the_count(redis: Redis) -> None:
+    """The operator counts a tenant's sockets (status.usage) with its own
+    ORCHESTRATOR_CONNECTION_TTL_SECONDS. The script set the set's expiry to twice the caller's
+    ttl: with the apis on 300 s and the operator on 1 s, each count left the whole set to
+    expire in 2 s, and the tenant's maxConnections stopped holding between refreshes."""
+    api = TenantSockets(redis, ttl_seconds=300)
+    operator = TenantSockets(redis, ttl_seconds=1)
+    assert await api.acquire("acme", "open-1", limit=1) == (True, 1)
+    assert await operator.live("acme") == 1
+    assert await redis.pttl(keys.tenant_sockets("acme")) > 290_000
+    await TenantSockets(redis, ttl_seconds=1).refresh("acme", ["other-pod"])
+    assert await redis.pttl(keys.tenant_sockets("acme")) > 290_000

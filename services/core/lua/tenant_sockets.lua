@@ -22,5 +22,8 @@ else
   -- its socket's release can leave the member counted until it expires: one ttl at most.)
   for i = 4, #ARGV do redis.call('ZADD', key, now_ms + ttl, ARGV[i]) end
 end
-redis.call('PEXPIRE', key, ttl * 2)
+-- The set lives as long as its last member, whatever ttl this caller has (the operator's
+-- count may run with a shorter one than the apis' refreshes).
+local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+if last[2] then redis.call('PEXPIREAT', key, tonumber(last[2]) + 1) end
 return {1, redis.call('ZCARD', key)}
