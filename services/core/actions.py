@@ -138,7 +138,7 @@ class LegacyResult(msgspec.Struct, kw_only=True):
 class LegacyTokens(msgspec.Struct, kw_only=True):
     input: Tokens = 0
     output: Tokens = 0
-    total: NonNegative = 0
+    total: Tokens = 0
 
 
 class LegacyError(msgspec.Struct, kw_only=True):

@@ -236,10 +236,12 @@ class CallbackEffects:
         ref = TaskRef(action.tenant_id, action.session_id, action.task_id)
         if action.status == "completed":
             tokens = action.tokens_used
-            usage = Usage(
-                input_tokens=tokens.input if tokens else 0,
-                output_tokens=tokens.output if tokens else 0,
-            )
+            usage = Usage()
+            if tokens is not None:
+                # A `total` beyond input + output (an AES that reports the total only) is
+                # counted as output: the budget must see every token the AES reported.
+                output = max(tokens.output, tokens.total - tokens.input)
+                usage = Usage(input_tokens=tokens.input, output_tokens=output)
             content = action.result.response if action.result else ""
             await self._completed(ref, 0, content, usage, pipe, traceparent)
             return Spent(ref, usage)

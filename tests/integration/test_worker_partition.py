@@ -710,3 +710,45 @@ async def _refused_a_write(redis: Redis) -> bool:
     except Exception:
         return True
     return False
+
+
+@pytest.mark.parametrize(
+    ("tokens_used", "counted"),
+    [
+        ({"input": 30, "output": 12, "total": 42}, 42),
+        ({"total": 42}, 42),  # a seed-era AES that reports the total only
+        ({"input": 30, "output": 12}, 42),
+        (None, 0),
+    ],
+)
+async def test_the_seeds_completion_is_answered_and_its_tokens_counted(
+    redis: Redis, tokens_used: dict[str, int] | None, counted: int
+) -> None:
+    """DESIGN: the worker accepts the seed's `execution.callback` as `execution.completed`.
+    Its `tokens_used {input, output, total}` counts towards the tenant's daily budget; a
+    callback reporting only `total` counted 0, so such a tenant never reached its budget."""
+    ref = TaskRef("acme", "s1", "t1")
+    tasks = TaskStore(redis, Scripts(redis), SETTINGS)
+    await tasks.apply(ref, "create", fields={"status": "processing"})
+    legacy: dict[str, Any] = {
+        "action_type": "execution.callback",
+        "task_id": "t1",
+        "tenant_id": "acme",
+        "session_id": "s1",
+        "status": "completed",
+        "result": {"response": "done"},
+    }
+    if tokens_used is not None:
+        legacy["tokens_used"] = tokens_used
+    await redis.xadd(STREAM, {ACTION_FIELD: json.dumps(legacy)})
+    consumer = consumer_of(redis, "w1")
+    await consumer.effects.scripts.load()
+    await redis.xgroup_create(STREAM, keys.WORKER_GROUP, id="0", mkstream=True)
+    batch, _ = await consumer._new()
+    assert await consumer._handle(batch)
+    await consumer._flush_acks()
+    state = await tasks.read(ref)
+    assert state is not None
+    assert state["status"] == "completed"
+    usage = await UsageCounter(redis).today("acme")
+    assert (usage.tokens, usage.tasks) == (counted, 1)
