@@ -197,13 +197,30 @@ class QuotaStore:
                 extra={"tenant_id": tenant_id, "tier": tier, "default_tier": self.default_tier},
             )
             tier = self.default_tier
-        try:
-            limits = merge_limits(self.tiers[tier], record.limits)
-        except LimitError as exc:
-            raise InvalidQuota(f"quota record of {tenant_id} is invalid: {exc}") from None
+        limits = self._merged(tenant_id, self.tiers[tier], record.limits)
         if record.allowed_agents is not None:
             limits = msgspec.structs.replace(limits, allowed_agents=record.allowed_agents)
         return EffectiveQuota(tenant_id, tier, self._capped(limits), known=True)
+
+    @staticmethod
+    def _merged(tenant_id: str, base: TierLimits, overrides: Mapping[str, Any]) -> TierLimits:
+        """`base` with the stored overrides this version can use. A stored override it cannot
+        (a limit key from a newer version during a rolling upgrade, a value beyond a bound
+        added since it was written) keeps the tier's value and is logged: refusing every send
+        of the tenant for a record only an admin can fix would punish the tenant for it."""
+        try:
+            return merge_limits(base, overrides)
+        except LimitError:
+            pass
+        for key, value in overrides.items():
+            try:
+                base = merge_limits(base, {key: value})
+            except LimitError as exc:
+                log.warning(
+                    "quota record override not applied; the tier's value is used",
+                    extra={"tenant_id": tenant_id, "limit": key, "error": str(exc)},
+                )
+        return base
 
     def _capped(self, limits: TierLimits) -> TierLimits:
         """The limits as they apply: no message is accepted beyond the installation's

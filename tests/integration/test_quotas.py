@@ -206,6 +206,23 @@ async def test_a_record_of_a_tier_removed_from_configuration_falls_back_to_the_d
     assert quota.limits.max_connections == 7
 
 
+async def test_a_stored_override_this_version_cannot_use_keeps_the_tiers_value(
+    store: QuotaStore, redis: Redis
+) -> None:
+    """A record written by a newer version (a limit key this one does not know) or before a
+    bound existed (a task timeout beyond 7 days) made every send of the tenant a 422 and every
+    socket a 1008 quoting the record: a tenant punished for what only an admin can fix. The
+    overrides this version can use apply; the others keep the tier's value."""
+    await store.set("acme", "pro", {"maxConnections": 7})
+    record = msgspec.json.decode(await redis.get(keys.tenant_quota("acme")))
+    record["limits"].update({"taskTimeoutSeconds": 10**12, "futureLimit": 3})
+    await redis.set(keys.tenant_quota("acme"), msgspec.json.encode(record))
+    quota = await store.effective("acme")
+    assert quota is not None
+    assert quota.limits.max_connections == 7
+    assert quota.limits.task_timeout_seconds == DEFAULT_TIERS["pro"].task_timeout_seconds
+
+
 async def test_an_unreadable_record_is_an_error_not_a_silent_downgrade(
     store: QuotaStore, redis: Redis
 ) -> None:
