@@ -752,3 +752,79 @@ async def test_the_seeds_completion_is_answered_and_its_tokens_counted(
     assert state["status"] == "completed"
     usage = await UsageCounter(redis).today("acme")
     assert (usage.tokens, usage.tasks) == (counted, 1)
+
+
+async def _run_through_a_broken_log(redis: Redis, log: str, entries: int) -> None:
+    """Run a consumer while the session log is a key of another type (every append fails
+    with WRONGTYPE) until each of the `entries` was tried twice, then repair the key (an
+    operator deletes it) and run until nothing is pending: what is still pending applies."""
+    settings = load_settings(
+        worker_sleep_seconds=0.05, callback_partitions=1, max_delivery_attempts=5
+    )
+    scripts = Scripts(redis)
+    tasks = TaskStore(redis, scripts, settings)
+    effects = CallbackEffects(tasks, scripts, settings)
+    consumer = PartitionConsumer(redis, effects, tasks, settings, "w1", 0, TenantLabels(5))
+    running = asyncio.create_task(consumer.run())
+    try:
+        async with asyncio.timeout(15):
+            while True:  # delivery counts are in Redis: nothing to wait on
+                await asyncio.sleep(0.02)
+                pending = await redis.xpending_range(STREAM, keys.WORKER_GROUP, "-", "+", 10)
+                tried = [p["times_delivered"] for p in pending]
+                if len(tried) == entries and min(tried) >= 2:
+                    break
+            await redis.delete(log)
+            while True:
+                await asyncio.sleep(0.02)
+                groups = await redis.xinfo_groups(STREAM)
+                if groups[0]["pending"] == 0 and groups[0]["lag"] == 0:
+                    break
+    finally:
+        consumer.stop()
+        await running
+    assert await redis.xlen(keys.DEAD_LETTERS) == 0
+
+
+def _frames(entries: list[Any]) -> list[dict[str, Any]]:
+    return [json.loads(b"{" + fields[b"e"]) for _, fields in entries]
+
+
+async def test_a_send_whose_log_append_failed_is_applied_once_the_log_is_repaired(
+    redis: Redis,
+) -> None:
+    """Redis does not undo a script that fails part way: session_event.lua set the session's
+    applied mark before the XADD that failed, so the retry took the send for a duplicate and
+    acknowledged it, neither delivered nor dead-lettered."""
+    log = keys.session_log("acme", "s1")
+    await redis.set(log, "a key of the wrong type")
+    send = WebsocketSend(tenant_id="acme", session_id="s1", message={"n": 1})
+    await redis.xadd(STREAM, {ACTION_FIELD: encode_action(send)})
+    await _run_through_a_broken_log(redis, log, entries=1)
+    assert [f["data"] for f in _frames(await redis.xrange(log))] == [{"n": 1}]
+
+
+async def test_a_chunk_and_completion_whose_log_append_failed_are_not_lost(
+    redis: Redis,
+) -> None:
+    """task_event.lua moved the task (last_seq, status) before the XADD that failed: the retry
+    found the chunk a duplicate and the task final, and the client never got either event."""
+    ref = TaskRef("acme", "s2", "t1")
+    tasks = TaskStore(redis, Scripts(redis), SETTINGS)
+    await tasks.apply(ref, "create", fields={"status": "processing"})
+    log = keys.session_log("acme", "s2")
+    await redis.delete(log)
+    await redis.set(log, "a key of the wrong type")
+    chunk = ExecutionChunk(tenant_id="acme", session_id="s2", task_id="t1", seq=1, delta="hi")
+    done = ExecutionCompleted(tenant_id="acme", session_id="s2", task_id="t1", content="hi")
+    for action in (chunk, done):
+        await redis.xadd(STREAM, {ACTION_FIELD: encode_action(action)})
+    await _run_through_a_broken_log(redis, log, entries=2)
+    assert [f["type"] for f in _frames(await redis.xrange(log))] == [
+        events.CHAT_CHUNK,
+        events.CHAT_RESPONSE,
+    ]
+    state = await tasks.read(ref)
+    assert state is not None
+    assert (state["status"], state["last_seq"]) == ("completed", "1")
+    assert state["final_event_id"] == (await redis.xrange(log))[-1][0].decode()

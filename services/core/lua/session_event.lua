@@ -18,8 +18,11 @@
 --
 -- Without ARGV[6] (a caller that has no stream entry, such as `bench --direct`), KEYS[1] is a
 -- key of its own for the action, set for ARGV[5] seconds: the event applies once per key.
+-- The mark is written after the XADD, the one write that can fail (the log key of another
+-- type): Redis does not undo a script's writes when it fails part way, and a mark written
+-- before a failed append would make the retry a "duplicate" (the event lost).
 if ARGV[6] == nil then
-  if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[5]) then
+  if redis.call('EXISTS', KEYS[1]) == 1 then
     return {'duplicate', ''}
   end
 else
@@ -38,10 +41,14 @@ else
   if mark and not after(ARGV[6], mark) then
     return {'duplicate', ''}
   end
-  redis.call('HSET', KEYS[1], ARGV[8], ARGV[6])
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
 end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('SPUBLISH', ARGV[4], '{"id":"' .. id .. '",' .. ARGV[1])
+if ARGV[6] == nil then
+  redis.call('SET', KEYS[1], '1', 'EX', ARGV[5])
+else
+  redis.call('HSET', KEYS[1], ARGV[8], ARGV[6])
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+end
 return {'ok', id}

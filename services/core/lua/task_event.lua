@@ -2,6 +2,9 @@
 -- Atomic on the session's slot: the state check, the transition, the log append and the
 -- publish happen together or not at all, which makes every callback idempotent (duplicates and
 -- superseded attempts are refused here) and keeps the log in the order of application.
+-- Redis does not undo the writes of a script that fails part way, so the one write that can
+-- fail (the XADD: the log key of another type) comes first; after it, only writes to the task
+-- hash that HMGET has already read.
 --
 -- KEYS[1] task state hash    KEYS[2] session log stream
 -- ARGV[1] op: create | chunk | completed | failed | cancel | requeue | dispatch | timeout
@@ -29,6 +32,7 @@ local op, attempt, seq = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local finals = {completed = true, failed = true, cancelled = true, timed_out = true}
 local final_ops = {completed = true, failed = true, cancel = true, timeout = true}
 local tier, created_ms, first_chunk = '', '0', 0
+local extra = {}  -- the transition's fields, set once the event is in the log
 
 local function set_fields(extra)
   local fields = {'updated_at', ARGV[9]}
@@ -42,7 +46,7 @@ if op == 'create' then
   if redis.call('EXISTS', task) == 1 then
     return {'exists', redis.call('HGET', task, 'status')}
   end
-  set_fields({'created_at', ARGV[9], 'attempt', '1', 'last_seq', '0'})
+  extra = {'created_at', ARGV[9], 'attempt', '1', 'last_seq', '0'}
 else
   local state = redis.call('HMGET', task, 'status', 'attempt', 'last_seq', 'tier', 'created_ms')
   local status = state[1]
@@ -59,15 +63,14 @@ else
   end
   if op == 'chunk' then
     if seq <= tonumber(state[3]) then return {'duplicate', state[3]} end
-    local extra = {'last_seq', ARGV[3], 'status', 'streaming'}
+    extra = {'last_seq', ARGV[3], 'status', 'streaming'}
     if tonumber(state[3]) == 0 then
       extra[#extra + 1] = 'first_chunk_at'
       extra[#extra + 1] = ARGV[9]
       first_chunk = 1
     end
-    set_fields(extra)
   elseif op == 'requeue' then
-    set_fields({'attempt', tostring(current + 1), 'last_seq', '0', 'status', 'queued'})
+    extra = {'attempt', tostring(current + 1), 'last_seq', '0', 'status', 'queued'}
   elseif op == 'dispatch' then
     -- Handed out with a mark the dispatcher removes once the attempt's action is on the AES
     -- stream: a dispatcher that failed in between (a lost connection, a crash) leaves the
@@ -84,17 +87,20 @@ else
     if now_ms - mark < seq then return {'pending', state[2]} end
     redis.call('HSET', task, 'dispatched_ms', tostring(now_ms))
     return {'ok', redis.call('HGET', task, 'action') or ''}
-  else
-    set_fields({})
   end
 end
 
-if ARGV[4] == '' then return {'ok', '', tier, created_ms, first_chunk} end
+if ARGV[4] == '' then
+  set_fields(extra)
+  return {'ok', '', tier, created_ms, first_chunk}
+end
 local id = redis.call('XADD', log, 'MAXLEN', '~', ARGV[5], '*', 'e', ARGV[4])
 redis.call('PEXPIRE', log, ARGV[6])
 redis.call('SPUBLISH', ARGV[8], ARGV[10] .. '{"id":"' .. id .. '",' .. ARGV[4])
 if final_ops[op] then
   -- The history cursor: the id of the event that ended the task (see services/persistence).
-  redis.call('HSET', task, 'final_event_id', id)
+  extra[#extra + 1] = 'final_event_id'
+  extra[#extra + 1] = id
 end
+set_fields(extra)
 return {'ok', id, tier, created_ms, first_chunk}
