@@ -521,13 +521,6 @@ class ChatService:
     def _abandoned(self, ref: TaskRef, state: dict[str, Any]) -> bool:
         return bool(state.get("abandoned")) or ref.task_id in self._abandoning
 
-    async def _owned(self, principal: Principal, task_id: str) -> TaskRef:
-        """The task if the caller's tenant owns it; another tenant's task does not exist."""
-        ref = await self.tasks.locate(task_id)
-        if ref is None or ref.tenant_id != principal.tenant_id:
-            raise NotFound(f"task {task_id} not found")
-        return ref
-
     async def status(self, principal: Principal, task_id: str) -> TaskView:
         ref = await self.tasks.locate(task_id)
         if ref is None:  # expired from Redis: the durable record answers
@@ -559,7 +552,15 @@ class ChatService:
         return msgspec.convert(record.to_status(), TaskView)
 
     async def cancel(self, principal: Principal, task_id: str) -> Cancelled:
-        ref = await self._owned(principal, task_id)
+        ref = await self.tasks.locate(task_id)
+        if ref is None:
+            # Expired from Redis: a task the history knows is final, as `status` says.
+            view = await self._persisted(principal, task_id)
+            raise Conflict(
+                f"task {task_id} is already {view.status}", details={"status": view.status}
+            )
+        if ref.tenant_id != principal.tenant_id:
+            raise NotFound(f"task {task_id} not found")
         error = {"code": "cancelled", "message": "cancelled by client"}
         outcome = await self.tasks.apply(
             ref,

@@ -39,7 +39,9 @@ async def session_messages(
     session_id: SessionId,
     principal: NamedDependency[Principal],
     runtime: NamedDependency[Runtime],
-    limit: Annotated[int, Parameter(ge=1, description="page size")] = 50,
+    limit: Annotated[
+        int | None, Parameter(ge=1, description="page size (default 50, at most the page max)")
+    ] = None,
     cursor: Annotated[str | None, Parameter(description="next_cursor of a page")] = None,
     after_event_id: Annotated[
         str | None, Parameter(description="only messages finished after this event id")
@@ -65,7 +67,8 @@ async def erase_session(
     history = _history(runtime)
     deleted = await history.delete_session(principal.tenant_id, session_id)
     logged = await runtime.redis.delete(keys.session_log(principal.tenant_id, session_id))
-    if not deleted and not logged:
+    erased = await runtime.chat.tasks.erase_session(principal.tenant_id, session_id)
+    if not deleted and not logged and not erased:
         raise NotFound(f"session {session_id} not found")
     return {"session_id": session_id, "deleted_messages": deleted}
 

@@ -167,6 +167,23 @@ class TaskStore:
         tenant_id, _, session_id = where.partition("/")
         return TaskRef(tenant_id, session_id, task_id)
 
+    async def erase_session(self, tenant_id: str, session_id: str) -> int:
+        """Delete the state of every task of the session (and where to find it): an erased
+        session's answers must not be served by `GET /api/chat/tasks/{id}` until they expire.
+        A SCAN of the session's keys: erasures are rare, and an index per session would cost
+        every send a write. A task still running is erased too; its later callbacks find no
+        task and are dropped. Returns the tasks erased."""
+        pattern = keys.task_state(tenant_id, session_id, "*")
+        prefix = len(pattern) - 1
+        found = [str(_text(key)) async for key in self.redis.scan_iter(match=pattern, count=1000)]
+        for start in range(0, len(found), 500):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in found[start : start + 500]:
+                    pipe.delete(key)
+                    pipe.delete(keys.task_location(key[prefix:]))
+                await pipe.execute()
+        return len(found)
+
     def location_value(self, ref: TaskRef) -> str:
         return f"{ref.tenant_id}/{ref.session_id}"
 

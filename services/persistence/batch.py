@@ -82,7 +82,7 @@ def message_rows(record: PersistRecord) -> list[dict[str, Any]]:
         "task_id": record.task_id,
         "session_id": record.session_id,
         "agent_id": record.agent_id,
-        "user_id": record.user_id,
+        "user_id": _clean(record.user_id),
         "status": record.status,
         "final_event_id": record.final_event_id,
         "event_ms": event_ms,

@@ -57,8 +57,12 @@ def migrate_command(settings: Settings, down: str | None = None) -> int:
     """`orchestrator migrate [--down REVISION]`: safe to run from several places at once."""
     try:
         revision = asyncio.run(apply_migrations(settings, down=down))
-    except CommandError as exc:  # an unknown --down revision
-        raise ConfigError(f"--down: {exc}") from None
+    except CommandError as exc:
+        if down is not None:  # an unknown --down revision
+            raise ConfigError(f"--down: {exc}") from None
+        # The database is at a revision this build does not know (a newer build migrated it;
+        # the deployment was rolled back).
+        raise ConfigError(f"the database's schema is unknown to this build ({exc})") from None
     except UNREACHABLE as exc:
         return _unreachable(exc)
     print(f"database schema at revision {revision or 'base'}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -40,6 +41,7 @@ from services.persistence.schema import messages, sessions, tasks, usage_daily
 log = logging.getLogger(__name__)
 
 DEFAULT_PAGE = 50
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
 MAX_USAGE_DAYS = 366
 
 
@@ -152,7 +154,7 @@ class TaskRecord:
 def parse_day(value: str, name: str) -> date:
     """A `YYYY-MM-DD` query parameter; `InvalidInput` (422) naming the parameter otherwise."""
     try:
-        if len(value) != 10:
+        if not _DAY.fullmatch(value):  # fromisoformat also takes week dates (2026-W01-1)
             raise ValueError(value)
         return date.fromisoformat(value)
     except ValueError:
@@ -218,10 +220,21 @@ async def _reachable() -> AsyncIterator[None]:
         log.warning("history store (PostgreSQL) unavailable: %s", type(exc).__name__)
         raise Unavailable("history store (PostgreSQL) unavailable, retry later") from exc
     except DBAPIError as exc:
-        if not exc.connection_invalidated:
+        if not (exc.connection_invalidated or _refusing(exc)):
             raise
         log.warning("history store (PostgreSQL) connection lost: %s", type(exc).__name__)
         raise Unavailable("history store (PostgreSQL) unavailable, retry later") from exc
+
+
+# SQLSTATE classes of a server that cannot serve now (connection exception, insufficient
+# resources such as too many connections, operator intervention such as a shutdown): asyncpg
+# raises them at connect as a plain error, which SQLAlchemy wraps as a generic DBAPIError.
+_UNAVAILABLE_CLASSES = frozenset({"08", "53", "57"})
+
+
+def _refusing(exc: DBAPIError) -> bool:
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate[:2] in _UNAVAILABLE_CLASSES
 
 
 class HistoryStore:
@@ -256,13 +269,16 @@ class HistoryStore:
         tenant_id: str,
         session_id: str,
         *,
-        limit: int = DEFAULT_PAGE,
+        limit: int | None = None,
         cursor: str | None = None,
         after_event_id: str | None = None,
     ) -> Page:
-        """One page of the session's history, newest last (see the module docstring)."""
+        """One page of the session's history, newest last (see the module docstring); without
+        `limit`, DEFAULT_PAGE or the configured page max if that is smaller."""
         _require_id("tenant_id", tenant_id)
         _require_id("session_id", session_id)
+        if limit is None:
+            limit = min(DEFAULT_PAGE, self.page_max)
         if not 1 <= limit <= self.page_max:
             raise InvalidInput(
                 f"limit must be between 1 and {self.page_max}",

@@ -34,8 +34,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-COST = Numeric(20, 9)
-"""Cost in the AES's currency unit, exact: daily sums add up to the cent and below."""
+COST = Numeric(38, 9)
+"""Cost in the AES's currency unit, exact: daily sums add up to the cent and below. 29 digits
+before the point: a day's sum of the contract's largest cost per task (10^9) never overflows
+(Numeric(20, 9) did at the hundredth such task, and took the records' history with it)."""
 
 FINAL_STATUSES = "('completed', 'failed', 'cancelled', 'timed_out')"
 

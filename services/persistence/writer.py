@@ -26,7 +26,7 @@ from redis.exceptions import ResponseError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.core import keys
-from services.core.redis_client import REDIS_DOWN
+from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING, as_lost_connection
 from services.core.settings import Settings
 from services.core.streams import Entry, dead_letter, ensure_group, is_missing_group, parse_read
 from services.core.streams import reclaim as reclaim_idle
@@ -115,23 +115,32 @@ class PersistenceWriter:
         self.stopping.set()
 
     async def run(self) -> None:
+        grouped = False  # made in the loop: Redis may refuse it at start as any time later
         try:
-            await ensure_group(self.redis, self.stream, keys.PERSIST_GROUP)
             while not self.stopping.is_set():
                 try:
+                    if not grouped:
+                        await ensure_group(self.redis, self.stream, keys.PERSIST_GROUP)
+                        grouped = True
                     entries = await self._next_batch()
                     if entries:
                         await self._persist(entries)
                     await self._report_backlog()
-                except REDIS_DOWN as exc:
+                except (*REDIS_DOWN, *REDIS_REFUSING) as exc:
+                    # Refusing: out of memory, or a primary demoted under the writer. Nothing
+                    # else ends this loop's task (the worker does not restart it).
                     log.warning("persistence writer: redis unavailable (%s)", exc)
                     self._own_pending = True
                     await self._pause(self.settings.persist_retry_max_seconds)
                 except ResponseError as exc:
+                    if as_lost_connection(exc) is not None:  # UNBLOCKED by a failover
+                        log.warning("persistence writer: blocking read ended (%s)", exc)
+                        self._own_pending = True
+                        continue
                     if not is_missing_group(exc):
                         raise
                     log.warning("persistence writer: consumer group missing, recreating")
-                    await ensure_group(self.redis, self.stream, keys.PERSIST_GROUP)
+                    grouped = False
         finally:
             if self.owns_engine:
                 await self.engine.dispose()
