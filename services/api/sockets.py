@@ -38,10 +38,10 @@ from services.api.runtime import Runtime
 from services.api.session_log import read_since
 from services.core import events, telemetry
 from services.core.auth import Principal
-from services.core.errors import BadRequest, OrchestratorError
+from services.core.errors import BadRequest, OrchestratorError, Unauthorized
 from services.core.ids import is_valid_id, new_id
 from services.core.logs import log_context
-from services.core.redis_client import REDIS_DOWN
+from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ async def _admit_tenant(
     except OrchestratorError as exc:
         await _refuse(send, speaks_v1, CLOSE_POLICY, f"{exc.code}: {exc.message}")
         return None
-    except REDIS_DOWN:
+    except (*REDIS_DOWN, *REDIS_REFUSING):  # refusing: out of memory, a demoted primary
         await _refuse(send, speaks_v1, CLOSE_TRY_AGAIN, "unavailable: try again later")
         return None
     if not admitted:
@@ -277,7 +277,7 @@ async def session_socket(
     finally:
         if reserved:  # the accept failed: the socket never reached the hub
             runtime.admitting -= 1
-        with contextlib.suppress(*REDIS_DOWN):
+        with contextlib.suppress(*REDIS_DOWN, *REDIS_REFUSING):  # it expires by itself
             await runtime.admission.sockets.release(tenant_id, connection_id)
 
 
@@ -341,6 +341,9 @@ async def _handle_request(
     request_id: str | None,
 ) -> None:
     try:
+        if frame.type in ("chat.send", "chat.cancel") and principal.expired():
+            # The socket keeps delivering what it subscribed to; acting needs a valid token.
+            raise Unauthorized("token expired: reconnect with a fresh token to send or cancel")
         if frame.type == "chat.send":
             request = msgspec.convert(data, SendRequest)
             if request.session_id not in (None, conn.session_id):
@@ -364,6 +367,14 @@ async def _handle_request(
         _chat_error(conn, exc.code, exc.message, exc.details, request_id)
     except REDIS_DOWN:
         _chat_error(conn, "unavailable", "redis unavailable, retry", {}, request_id)
+    except REDIS_REFUSING:
+        _chat_error(
+            conn,
+            "unavailable",
+            "redis refuses writes (out of memory or read-only), retry later",
+            {},
+            request_id,
+        )
 
 
 class FrameBudget:

@@ -29,6 +29,12 @@ class Principal:
     tenant_id: str
     user_id: str
     name: str | None = None
+    # When the token stops being valid (its `exp` plus the leeway, epoch seconds): a socket
+    # outlives its handshake, so what it asks for later is checked against this.
+    valid_until: float = float("inf")
+
+    def expired(self) -> bool:
+        return time.time() >= self.valid_until
 
 
 def dev_secret_path() -> Path:
@@ -110,11 +116,16 @@ class TokenVerifier:
             raise Unauthorized("token has no valid tenant_id claim")
         sub = claims["sub"]
         name = claims.get("name")
-        principal = Principal(tenant_id, str(sub), name if isinstance(name, str) else None)
         try:
             expires = float(claims["exp"])
         except OverflowError:  # an integer beyond a float: signed by the key, still not valid
             raise Unauthorized("invalid token: exp out of range") from None
+        principal = Principal(
+            tenant_id,
+            str(sub),
+            name if isinstance(name, str) else None,
+            valid_until=expires + LEEWAY_SECONDS,
+        )
         return principal, expires
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from urllib.parse import quote
 
@@ -16,6 +17,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from services.cli.embedded import RedisServer
 from services.core import keys
+from services.core.auth import LEEWAY_SECONDS
 from tests.e2e.clients import auth, connect, next_event, token, unique
 from tests.e2e.conftest import Deployment, new_stack
 
@@ -316,3 +318,27 @@ async def test_a_storm_of_handshakes_never_fills_a_pod_beyond_its_limit(
             await ws.close()
     finally:
         stack.stop()
+
+
+async def test_a_socket_whose_token_expired_delivers_but_no_longer_acts(
+    deployment: Deployment,
+) -> None:
+    """The token is checked at the handshake, but a socket outlives it: after the token's
+    `exp` (plus the verifier's leeway) a `chat.send` or `chat.cancel` on it was still
+    enqueued as its user. Now they get `chat.error` `unauthorized`; the socket stays open
+    (what it subscribed to is still delivered) until the client reconnects with a new token."""
+    tenant, session = unique("t"), unique("s")
+    valid_for = 2.0  # issued already expired, but within the 10 s leeway for 2 s more
+    short = token(tenant, ttl=-int(LEEWAY_SECONDS - valid_for))
+    issued = time.time()
+    ws, _ = await connect(deployment.api.ws_url, tenant, session, bearer=short)
+    await asyncio.sleep(max(0.0, issued + valid_for + 1.0 - time.time()))  # the clock is the event
+    for kind, data in (("chat.send", {"message": "after exp"}), ("chat.cancel", {"task_id": "x"})):
+        await ws.send(json.dumps({"type": kind, "data": {**data, "request_id": kind}}))
+        refused = await next_event(ws, timeout=10)
+        assert refused["type"] == "chat.error", refused
+        assert refused["data"]["code"] == "unauthorized", refused
+        assert refused["data"]["request_id"] == kind
+    await ws.send("not json")
+    assert (await next_event(ws, timeout=10))["type"] == "error"  # still open
+    await ws.close()
