@@ -49,7 +49,10 @@ class PartitionLeases:
         now = time.time()
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zadd(keys.WORKER_HEARTBEATS, {self.worker_id: now})
-            pipe.zremrangebyscore(keys.WORKER_HEARTBEATS, "-inf", now - 3 * self.ttl_ms / 1000)
+            # A worker silent for a lease's ttl has lost its leases (the same round renews
+            # both): counting it longer kept the survivors at their old share, and a dead
+            # worker's partitions waited three leases instead of one.
+            pipe.zremrangebyscore(keys.WORKER_HEARTBEATS, "-inf", now - self.ttl_ms / 1000)
             pipe.zcard(keys.WORKER_HEARTBEATS)
             _, _, live = await pipe.execute()
         return max(1, int(live))

@@ -123,6 +123,7 @@ class Worker:
         for partition in self.leases.surplus(live):
             await self._stop_consumer(partition)
             await self.leases.release(partition)
+        grace = self.leases.takeover_grace  # read before `acquire` sets it: 0 at start
         try:
             await self.leases.acquire(live)
         finally:
@@ -130,7 +131,7 @@ class Worker:
             # now on), they must be consumed.
             for partition in sorted(self.leases.owned - self.consumers.keys()):
                 log.info("took partition %s", partition)
-                self._start_consumer(partition, self.leases.takeover_grace)
+                self._start_consumer(partition, grace)
         await self._sample_lag()
 
     async def _sample_lag(self) -> None:

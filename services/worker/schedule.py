@@ -111,6 +111,10 @@ class PartitionSchedule:
                 metrics.tasks.labels("timed_out", outcome.tier or "unknown").inc()
                 await self._trace_timeout(_ref(member))
                 finished.append((_ref(member), outcome.detail))
+            elif outcome.verdict is Verdict.final and outcome.detail == TaskStatus.timed_out:
+                # Timed out by an owner that died before the record and the AES's notice (its
+                # deadline is still here): both again, both taken once downstream.
+                finished.append((_ref(member), None))
         if finished and self.settings.database_url:
             await publish_finished(self.redis, finished, maxlen=self.settings.persist_stream_maxlen)
         if finished:

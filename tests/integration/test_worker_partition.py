@@ -501,6 +501,53 @@ async def test_leases_taken_before_a_failure_in_the_same_round_are_consumed(
         await worker.redis.aclose()
 
 
+async def test_partitions_free_at_start_are_consumed_at_once_later_ones_after_the_grace(
+    redis: Redis, redis_url: str
+) -> None:
+    """A partition taken over from another worker waits the takeover grace (its previous
+    owner may still finish a batch). The first round at start takes only partitions nobody
+    held, so it must not wait: but `acquire` set the grace before the round's consumers were
+    started with it, and every start (a deploy, a scale from zero) waited up to 3 s."""
+    settings = load_settings(
+        redis_url=redis_url, callback_partitions=2, worker_sleep_seconds=0.05, pod_name="w1"
+    )
+    await redis.set(keys.partition_lease(1), "another-worker", px=60_000)
+    worker = Worker(settings)
+    try:
+        await worker._rebalance()
+        assert set(worker.consumers) == {0}
+        assert worker.consumers[0][0].start_after == 0
+        await redis.delete(keys.partition_lease(1))  # its owner is gone
+        await worker._rebalance()
+        assert set(worker.consumers) == {0, 1}
+        assert worker.consumers[1][0].start_after == worker.leases.takeover_grace > 0
+    finally:
+        for partition in list(worker.consumers):
+            await worker._stop_consumer(partition)
+        await worker.redis.aclose()
+
+
+async def test_a_dead_workers_partitions_are_taken_once_its_leases_expired(redis: Redis) -> None:
+    """README: a partition whose worker dies is taken over when its lease expires. The live
+    count kept a silent worker for three ttls, so the survivor stayed at its old share and
+    the dead worker's free partitions waited two more leases."""
+    scripts = Scripts(redis)
+    await scripts.load()
+    alive = PartitionLeases(redis, scripts, "alive", partitions=4, ttl=30.0)
+    dead = PartitionLeases(redis, scripts, "dead", partitions=4, ttl=30.0)
+    await alive.live_workers()  # both heartbeats in: a share of two each
+    await dead.acquire(await dead.live_workers())
+    await alive.acquire(await alive.live_workers())
+    assert len(dead.owned) == 2
+    assert len(alive.owned) == 2
+    # `dead` is SIGKILLed: a ttl later its leases have expired and its heartbeat is that old.
+    for partition in dead.owned:
+        await redis.delete(keys.partition_lease(partition))
+    await redis.zadd(keys.WORKER_HEARTBEATS, {"dead": time.time() - 31})
+    await alive.acquire(await alive.live_workers())
+    assert alive.owned == {0, 1, 2, 3}
+
+
 async def test_the_worker_fires_the_deadlines_of_all_its_partitions_in_one_pass(
     redis: Redis,
 ) -> None:
