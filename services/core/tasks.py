@@ -57,6 +57,7 @@ class Outcome:
     tier: str = ""
     created_ms: int = 0  # when the task was accepted (for latency metrics)
     first_chunk: bool = False
+    replay: bool = False  # final: the event that ended the task, delivered again
 
     @property
     def applied(self) -> bool:
@@ -197,14 +198,15 @@ class TaskStore:
 def parse_outcome(result: Any) -> Outcome:
     verdict, detail, *facts = result
     outcome = Outcome(Verdict(_text(verdict) or ""), _text(detail) or "")
-    if len(facts) == 3:
-        tier, created_ms, first_chunk = facts
+    if len(facts) >= 3:
+        tier, created_ms, first_chunk = facts[:3]
         outcome = Outcome(
             outcome.verdict,
             outcome.detail,
             _text(tier) or "",
             int(_text(created_ms) or 0),
             bool(first_chunk),
+            replay=len(facts) > 3 and bool(facts[3]),
         )
     return outcome
 

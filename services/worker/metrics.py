@@ -90,7 +90,8 @@ def observe(
     much later (see `PartitionConsumer._queue_read_ahead`), the client had the event then.
     """
     if outcome.verdict in (Verdict.final, Verdict.stale):
-        late_callbacks.labels(outcome.verdict.value).inc()
+        if not outcome.replay:  # a redelivery of what ended the task is not the AES's lateness
+            late_callbacks.labels(outcome.verdict.value).inc()
         return
     if outcome.verdict is not Verdict.ok:
         return

@@ -21,12 +21,13 @@
 --          pipeline), this event is refused with DEFERRED and retried after it, so a chunk is
 --          never skipped by a later one (the seq check would then take it for a duplicate)
 -- ARGV[12..] field, value pairs to set on the task
--- Returns {verdict, detail, tier, created_ms, first_chunk}: verdict ok (detail: event id or
+-- Returns {verdict, detail, tier, created_ms, first_chunk[, replay]}: verdict ok (detail: event id or
 -- "", or the action for dispatch), exists, unknown, final (detail: the status), stale (detail:
 -- the current attempt), duplicate, requeued (a replayed requeue: already done), pending (a
 -- dispatch handed out a moment ago and not confirmed yet). tier and
 -- created_ms (when the task was accepted) feed the metrics; first_chunk is 1 for the first
--- chunk of an attempt.
+-- chunk of an attempt; replay (with final only) is 1 when the event is the one that ended the
+-- task (same op, same attempt), delivered again: a redelivery, not a late callback.
 local task, log = KEYS[1], KEYS[2]
 local op, attempt, seq = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local finals = {completed = true, failed = true, cancelled = true, timed_out = true}
@@ -48,11 +49,16 @@ if op == 'create' then
   end
   extra = {'created_at', ARGV[9], 'attempt', '1', 'last_seq', '0'}
 else
-  local state = redis.call('HMGET', task, 'status', 'attempt', 'last_seq', 'tier', 'created_ms')
+  local state = redis.call(
+    'HMGET', task, 'status', 'attempt', 'last_seq', 'tier', 'created_ms', 'ended_by')
   local status = state[1]
   tier, created_ms = state[4] or '', state[5] or '0'
   if not status then return {'unknown', ''} end
-  if finals[status] then return {'final', status} end
+  if finals[status] then
+    -- replay: 1 when this is the event that ended the task, delivered again (not late)
+    local replay = state[6] == op .. ':' .. ARGV[2] and 1 or 0
+    return {'final', status, tier, created_ms, 0, replay}
+  end
   local current = tonumber(state[2])
   if op == 'requeue' and status == 'queued' and attempt + 1 == current then
     return {'requeued', state[2]}
@@ -91,6 +97,10 @@ else
 end
 
 if ARGV[4] == '' then
+  if final_ops[op] then
+    extra[#extra + 1] = 'ended_by'
+    extra[#extra + 1] = op .. ':' .. ARGV[2]
+  end
   set_fields(extra)
   return {'ok', '', tier, created_ms, first_chunk}
 end
@@ -101,6 +111,8 @@ if final_ops[op] then
   -- The history cursor: the id of the event that ended the task (see services/persistence).
   extra[#extra + 1] = 'final_event_id'
   extra[#extra + 1] = id
+  extra[#extra + 1] = 'ended_by'
+  extra[#extra + 1] = op .. ':' .. ARGV[2]
 end
 set_fields(extra)
 return {'ok', id, tier, created_ms, first_chunk}
