@@ -90,18 +90,39 @@ class SessionHub:
         self._changed = asyncio.Event()  # pulsed when a channel's subscription is restored
         self._closing: set[asyncio.Task[None]] = set()
         self._resync: asyncio.Task[None] | None = None
+        self._starting: asyncio.Task[None] | None = None  # the pod channel, Redis away at start
         self._outage = False
         self._stalled: set[ClientConnection] = set()  # held since an outage, to catch up
         self._setting_up: set[ClientConnection] = set()  # attached, not yet given their replay
         self.connections: set[ClientConnection] = set()
 
     async def start(self) -> None:
-        # Always hold one subscription so a reader has a connection to wait on.
-        await self._subscribe(self._pod_channel)
+        """Hold one subscription so a reader has a connection to wait on. Redis away at start
+        does not stop the api (it would crash-loop until Redis is back): it starts not ready,
+        sockets are refused with 1013 until they can subscribe, and this subscription is made
+        in the background once Redis answers."""
+        try:
+            await self._subscribe(self._pod_channel)
+        except REDIS_DOWN as exc:
+            log.warning("delivery: redis unavailable at start (%r); subscribing later", exc)
+            self._starting = asyncio.get_running_loop().create_task(self._subscribe_later())
+
+    async def _subscribe_later(self) -> None:
+        delay = RECONNECT_MIN_SECONDS
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                async with self._lock:
+                    await self._subscribe(self._pod_channel)
+            except REDIS_DOWN:
+                delay = min(RECONNECT_MAX_SECONDS, delay * 2)
+                continue
+            log.info("delivery: subscribed after redis came back")
+            return
 
     async def stop(self) -> None:
         tasks = [lane.reader for lane in self._lanes.values() if lane.reader is not None]
-        tasks += [task for task in (self._resync,) if task is not None]
+        tasks += [task for task in (self._resync, self._starting) if task is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
