@@ -254,7 +254,7 @@ def create_app(settings: Settings, *, pod_id: str | None = None) -> Api:
             await scripts.load()
         tasks = TaskStore(redis, scripts, settings)
         name = pod_id or settings.pod_name or new_id()
-        hub = SessionHub(redis, name)
+        hub = SessionHub(redis, name, log_ttl_ms=settings.session_log_ttl_seconds * 1000)
         await hub.start()
         quotas = QuotaCache(QuotaStore(redis, settings, tiers), settings.validation_cache_ttl)
         await quotas.start()

@@ -35,7 +35,7 @@ from redis.exceptions import RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.api.connections import CLOSE_INTERNAL, ClientConnection, traced_frame
-from services.api.session_log import read_since
+from services.api.session_log import DEFAULT_LOG_TTL_MS, read_since
 from services.core import keys, telemetry
 from services.core.delivery_lag import LagClock
 from services.core.events import ERROR, frame, frame_id, frame_with_id
@@ -76,8 +76,9 @@ class _Lane:
 class SessionHub:
     """Subscriptions and fan-out for every socket on this pod."""
 
-    def __init__(self, redis: Redis, pod_id: str) -> None:
+    def __init__(self, redis: Redis, pod_id: str, *, log_ttl_ms: int = DEFAULT_LOG_TTL_MS) -> None:
         self._redis = redis
+        self._log_ttl_ms = log_ttl_ms  # the session logs' ttl, for the catch-up's resumes
         self._cluster = redis if isinstance(redis, ClusterClient) else None
         self._pod_channel = f"{{pod:{pod_id}}}:control"
         self._sessions: dict[str, set[ClientConnection]] = defaultdict(set)
@@ -477,7 +478,12 @@ class SessionHub:
             try:
                 # `partial`: what the log still holds after the gap is delivered too.
                 replay = await read_since(
-                    self._redis, conn.tenant_id, conn.session_id, conn.last_event_id, partial=True
+                    self._redis,
+                    conn.tenant_id,
+                    conn.session_id,
+                    conn.last_event_id,
+                    partial=True,
+                    log_ttl_ms=self._log_ttl_ms,
                 )
             except REDIS_DOWN:
                 await asyncio.sleep(delay)

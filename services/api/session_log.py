@@ -15,6 +15,12 @@ The proof, from `XINFO STREAM` read in the same transaction as the replay:
   "resumed" would lose events silently. The same holds for an id from an earlier incarnation
   of the log (it expired, or Redis lost its data) or from the future.
 - `0-0` ("I have seen nothing") resumes only a log from which nothing was ever removed.
+- a socket that joins a session without a log gets a *join mark* as its cursor, not `0-0`:
+  `<T-1>-<2^64-1>` for the server time T, after every id the log could have held and before
+  every id it can get since. `0-0` could not tell a log that never existed from one that
+  expired (or was re-created) while the client was away. A mark resumes when nothing can have
+  expired since it was handed out (less than the log's ttl ago) and nothing was ever removed
+  from the log now there (all of it came after the mark).
 """
 
 from __future__ import annotations
@@ -26,6 +32,25 @@ from redis.exceptions import ClusterDownError, ResponseError
 
 from services.core import keys
 from services.core.events import NO_EVENT_ID, parse_event_id
+
+_SEQ_MAX = 2**64 - 1
+DEFAULT_LOG_TTL_MS = 3_600_000
+
+
+def join_mark(now_ms: int) -> str:
+    """The cursor of a join at server time `now_ms` on a session without a log."""
+    return f"{now_ms - 1}-{_SEQ_MAX}"
+
+
+def _mark_ms(event_id: str) -> int | None:
+    """The server time a join mark was handed out at; None for any other id."""
+    millis, seq = parse_event_id(event_id)
+    return millis + 1 if seq == _SEQ_MAX else None
+
+
+async def _now_ms(redis: Redis) -> int:
+    seconds, micros = await redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +81,11 @@ def _first_entry_id(info: dict[bytes, object]) -> str | None:
     return None
 
 
-def _nothing_missing(info: dict[bytes, object], last_event_id: str, newest: str) -> bool:
-    """Whether every event of the log after `last_event_id` is still in it."""
+def _nothing_missing(
+    info: dict[bytes, object], last_event_id: str, newest: str, fresh_mark: bool | None
+) -> bool:
+    """Whether every event of the log after `last_event_id` is still in it (`fresh_mark`: the
+    id is a join mark, handed out less than the log's ttl ago; None: not a mark)."""
     after = parse_event_id(last_event_id)
     if after > parse_event_id(newest):
         return False  # not an id of this log
@@ -66,7 +94,9 @@ def _nothing_missing(info: dict[bytes, object], last_event_id: str, newest: str)
     max_deleted = _info_field(info, "max-deleted-entry-id") or NO_EVENT_ID
     if parse_event_id(max_deleted) > after:
         return False
-    if last_event_id == NO_EVENT_ID:
+    if last_event_id == NO_EVENT_ID or fresh_mark is not None:
+        if fresh_mark is False:
+            return False  # a log that expired since may have come and gone
         added, length = _info_field(info, "entries-added"), _info_field(info, "length")
         return added is not None and added == length  # nothing ever trimmed or deleted
     first = _first_entry_id(info)
@@ -92,23 +122,30 @@ async def read_since(
     last_event_id: str | None,
     *,
     partial: bool = False,
+    log_ttl_ms: int = DEFAULT_LOG_TTL_MS,
 ) -> Replay:
     """The events after `last_event_id` (None: just the cursor of a fresh join).
 
     A refused resume carries no events and the newest id as its cursor, unless `partial`:
     then it carries what the log still holds after `last_event_id` (a live socket that lost
     its subscription is told of the gap, then given everything that can still be given).
+    `log_ttl_ms`: how long the log lives after its last event (ORCHESTRATOR_SESSION_LOG_TTL).
     """
     log_key = keys.session_log(tenant_id, session_id)
     info = await _info(redis, log_key)
+    fresh_mark: bool | None = None
+    if last_event_id is not None and (marked := _mark_ms(last_event_id)) is not None:
+        fresh_mark = await _now_ms(redis) - marked < log_ttl_ms
     if info is None:
+        mark = join_mark(await _now_ms(redis))
         if last_event_id is None:
-            return Replay(None, NO_EVENT_ID)
-        return Replay(last_event_id == NO_EVENT_ID, NO_EVENT_ID)
+            return Replay(None, mark)
+        # Nothing to replay: exact only if nothing can have come and gone since the mark.
+        return Replay(fresh_mark is True, mark)
     newest = _info_field(info, "last-generated-id") or NO_EVENT_ID
     if last_event_id is None:
         return Replay(None, newest)
-    if not partial and not _nothing_missing(info, last_event_id, newest):
+    if not partial and not _nothing_missing(info, last_event_id, newest, fresh_mark):
         return Replay(False, newest)
     # Read the events and check again in one transaction: a trim in between cannot slip by.
     low = "-" if last_event_id == NO_EVENT_ID else f"({last_event_id}"
@@ -119,11 +156,11 @@ async def read_since(
     if isinstance(entries, Exception):
         raise entries
     if isinstance(info, ResponseError):  # expired in between: everything after is gone
-        return Replay(False, NO_EVENT_ID)
+        return Replay(False, join_mark(await _now_ms(redis)))
     if isinstance(info, Exception):
         raise info
     newest = _info_field(info, "last-generated-id") or NO_EVENT_ID
-    exact = _nothing_missing(info, last_event_id, newest)
+    exact = _nothing_missing(info, last_event_id, newest, fresh_mark)
     if not exact and not partial:
         return Replay(False, newest)
     replayed = [(_text(entry_id), _text(fields[b"e"])) for entry_id, fields in entries or []]

@@ -284,7 +284,13 @@ async def session_socket(
 async def _set_up(runtime: Runtime, conn: ClientConnection, last_event_id: str | None) -> None:
     """Subscribe, then send the ack and the events since `last_event_id`, then go live."""
     await runtime.hub.attach(conn)
-    replay = await read_since(runtime.redis, conn.tenant_id, conn.session_id, last_event_id)
+    replay = await read_since(
+        runtime.redis,
+        conn.tenant_id,
+        conn.session_id,
+        last_event_id,
+        log_ttl_ms=runtime.settings.session_log_ttl_seconds * 1000,
+    )
     # The ack goes out before the replayed events, so its id is where the client stands
     # before them: a client keeping `lastId = frame.id` whose socket drops between the ack
     # and the replay resumes from there, not past events it never received.

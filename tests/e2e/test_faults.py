@@ -416,14 +416,18 @@ async def test_resume_beyond_retention_says_resumed_false_and_within_it_replays_
             assert [e["id"] for e in replayed] == [e["id"] for e in events[-3:]]
             assert await nothing_replayed(behind)
 
-            # A session whose log never existed: nothing can be resumed, except from the start.
+            # A session whose log never existed: nothing can be resumed, except from the join
+            # mark it hands out (not "0-0", which cannot tell "never existed" from "expired").
             other = unique("s")
             never, ack = await connect(api.ws_url, tenant, other, last_event_id=newest)
             assert ack["data"]["resumed"] is False
-            assert ack["data"]["last_event_id"] == "0-0"
-            from_start, ack = await connect(api.ws_url, tenant, other, last_event_id="0-0")
+            mark = ack["data"]["last_event_id"]
+            assert mark != "0-0"
+            from_mark, ack = await connect(api.ws_url, tenant, other, last_event_id=mark)
             assert ack["data"]["resumed"] is True
-            assert await nothing_replayed(from_start)
+            assert await nothing_replayed(from_mark)
+            zero, ack = await connect(api.ws_url, tenant, other, last_event_id="0-0")
+            assert ack["data"]["resumed"] is False  # no log: nothing proves nothing was lost
 
             # A log that expired (its TTL ran out): resumed false as well.
             log_key = keys.session_log(tenant, session)
@@ -444,7 +448,7 @@ async def test_resume_beyond_retention_says_resumed_false_and_within_it_replays_
                 assert [e.get("task_id") for e in live] == [task_id] * len(live), live
                 assert live[0]["type"] == "chat.status"
                 assert live[-1]["type"] == "chat.response"
-            for socket_ in (ws, old, current, behind, never, from_start, gone):
+            for socket_ in (ws, old, current, behind, never, from_mark, zero, gone):
                 await socket_.close()
     finally:
         await redis.aclose()

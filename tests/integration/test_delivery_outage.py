@@ -22,6 +22,7 @@ from services.api.delivery import SessionHub
 from services.api.runtime import Runtime
 from services.api.session_log import Replay, read_since
 from services.core import events, keys
+from services.core.settings import load_settings
 
 TENANT, SESSION = "acme", "s1"
 CHANNEL = keys.session_channel(TENANT, SESSION)
@@ -105,7 +106,7 @@ async def test_a_socket_set_up_during_an_outage_gets_its_ack_first_and_every_eve
     socket = Socket()
     try:
         await append(redis, 1, publish=True)
-        runtime = cast(Runtime, SimpleNamespace(hub=hub, redis=redis))
+        runtime = cast(Runtime, SimpleNamespace(hub=hub, redis=redis, settings=load_settings()))
         await sockets._set_up(runtime, socket.conn, events.NO_EVENT_ID)  # resume: all of it
         await hub._until_live(CHANNEL)
         await append(redis, 3, publish=True)  # live, after the reconnect

@@ -1,0 +1,63 @@
+"""The join mark: the cursor of a socket that joins a session without a log (session_log.py).
+
+The server used to hand out `0-0` there, and a resume from `0-0` on a missing log, or on a log
+from which nothing was removed, was called exact: a client away longer than the log's ttl, whose
+answer came and expired meanwhile (or a new log started after it), was told `resumed: true`
+and never learned that it missed an answer."""
+
+from __future__ import annotations
+
+import asyncio
+
+from redis.asyncio import Redis
+
+from services.api.session_log import read_since
+from services.core import keys
+
+TENANT, SESSION = "acme", "s1"
+LOG = keys.session_log(TENANT, SESSION)
+TTL_MS = 200  # the log's ttl as the api is told it (ORCHESTRATOR_SESSION_LOG_TTL_SECONDS)
+
+
+async def join(redis: Redis) -> str:
+    joined = await read_since(redis, TENANT, SESSION, None, log_ttl_ms=TTL_MS)
+    assert joined.resumed is None
+    assert joined.cursor != "0-0"
+    return joined.cursor
+
+
+async def resume(redis: Redis, cursor: str) -> tuple[bool | None, list[str]]:
+    replay = await read_since(redis, TENANT, SESSION, cursor, log_ttl_ms=TTL_MS)
+    return replay.resumed, [body for _, body in replay.events]
+
+
+async def test_a_mark_resumes_every_event_of_a_log_that_started_after_it(redis: Redis) -> None:
+    mark = await join(redis)
+    assert await resume(redis, mark) == (True, [])  # nothing happened
+    for n in (1, 2):
+        await redis.xadd(LOG, {"e": f"event {n}"})
+    assert await resume(redis, mark) == (True, ["event 1", "event 2"])
+
+
+async def test_a_mark_older_than_the_logs_ttl_is_refused_whatever_the_log_now_holds(
+    redis: Redis,
+) -> None:
+    mark = await join(redis)
+    await redis.xadd(LOG, {"e": "the answer the client never saw"})
+    await redis.delete(LOG)  # it expired, ...
+    await asyncio.sleep(TTL_MS / 1000 + 0.05)  # ... which takes a ttl: the clock is the event
+    assert (await resume(redis, mark))[0] is False
+    await redis.xadd(LOG, {"e": "a new log"})  # a new message starts the log again
+    assert (await resume(redis, mark))[0] is False
+
+
+async def test_a_mark_on_a_trimmed_log_is_refused(redis: Redis) -> None:
+    mark = await join(redis)
+    for n in range(5):
+        await redis.xadd(LOG, {"e": f"event {n}"})
+    await redis.xtrim(LOG, maxlen=2, approximate=False)
+    assert (await resume(redis, mark))[0] is False
+
+
+async def test_zero_is_no_longer_exact_on_a_missing_log(redis: Redis) -> None:
+    assert (await resume(redis, "0-0"))[0] is False
