@@ -573,19 +573,25 @@ class ChatService:
             raise NotFound(f"task {task_id} not found")
         if outcome.verdict is Verdict.final:
             if outcome.detail == TaskStatus.cancelled:
-                # A retry of a cancel whose notice may not have reached the AES (the task was
-                # marked, then the connection failed): sent again, the AES ignores a repeat.
+                # A retry of a cancel whose record or notice may not have gone out (the task
+                # was marked, then the connection failed): both again, each taken once (the
+                # writer keeps one record per task, the AES ignores a repeat).
+                await self._publish_cancelled(ref, None)
                 await self._notify_aes(ref)
             raise Conflict(
                 f"task {task_id} is already {outcome.detail}", details={"status": outcome.detail}
             )
         metrics.tasks.labels("cancelled", outcome.tier or "unknown").inc()
-        if self.settings.database_url:
-            await publish_finished(
-                self.redis, [(ref, outcome.detail)], maxlen=self.settings.persist_stream_maxlen
-            )
+        await self._publish_cancelled(ref, outcome.detail)
         await self._notify_aes(ref)
         return Cancelled(task_id=task_id, status=TaskStatus.cancelled)
+
+    async def _publish_cancelled(self, ref: TaskRef, event_id: str | None) -> None:
+        """The cancelled task's record for PostgreSQL (history is written when a task ends)."""
+        if self.settings.database_url:
+            await publish_finished(
+                self.redis, [(ref, event_id)], maxlen=self.settings.persist_stream_maxlen
+            )
 
     async def _notify_aes(self, ref: TaskRef) -> None:
         """`chat.cancel` on the cancel stream, and the task's deadline removed."""

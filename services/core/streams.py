@@ -8,13 +8,14 @@ reason instead of blocking its stream or crashing the consumer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import Counter
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.typing import EncodableT, FieldT
 
 from services.core import keys
@@ -62,9 +63,19 @@ def parse_read(response: Any) -> list[Entry]:
 
 
 async def ensure_group(redis: Redis, stream: str, group: str, start: str = "0") -> None:
-    """Create the consumer group (and the stream) unless it exists."""
+    """Create the consumer group (and the stream) unless it exists.
+
+    Redis out of memory refuses XGROUP CREATE even for a group that exists: a consumer
+    starting then would fail for nothing, so an existing group is looked up before giving up.
+    """
     try:
         await redis.xgroup_create(stream, group, id=start, mkstream=True)
+    except OutOfMemoryError:
+        with contextlib.suppress(ResponseError):  # no such stream: it cannot be made now
+            groups = await redis.xinfo_groups(stream)
+            if any(_text(info["name"]) == group for info in groups):
+                return
+        raise
     except ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise

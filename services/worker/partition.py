@@ -47,7 +47,7 @@ from services.core.actions import (
     decode_callback,
 )
 from services.core.delivery_lag import LagClock
-from services.core.redis_client import REDIS_DOWN
+from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING
 from services.core.scripts import missing_script
 from services.core.settings import Settings
 from services.core.streams import (
@@ -565,7 +565,9 @@ class PartitionConsumer:
                 # entry waits for its session's failed predecessor: neither counts towards
                 # dead-lettering (an entry kept pending through an outage or failover has been
                 # delivered many times already).
-                if _deferred(result):
+                if _deferred(result) or isinstance(result, REDIS_REFUSING):
+                    # Refusing (out of memory, a demoted primary during a failover) is also
+                    # Redis's state: counted, a healthy completion could be dead-lettered.
                     waiting = True
                 elif not missing_script(result):
                     failed.append((entry, result))

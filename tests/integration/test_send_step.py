@@ -17,7 +17,7 @@ from services.api.chat_service import ChatService, _digest
 from services.api.models import SendRequest
 from services.core import keys
 from services.core.auth import Principal
-from services.core.errors import RateLimited
+from services.core.errors import Conflict, RateLimited
 from services.core.quotas import QuotaCache, QuotaStore
 from services.core.ratelimit import RateLimiter
 from services.core.scripts import Scripts
@@ -267,3 +267,33 @@ async def test_retries_at_once_after_an_abandoned_send_make_one_task(
         keys.tenant_idempotency(TENANT, _digest("retried-together"))
     ) == (second.encode())
     assert len(await service.actions("normal")) == queued + 1
+
+
+async def test_a_repeated_cancel_publishes_the_tasks_record_again(redis: Redis) -> None:
+    """A cancel marks the task, then publishes its record for PostgreSQL and tells the AES. If
+    Redis failed in between (the client got a 503), the retry found the task final (409) and
+    only re-sent the AES's notice: the cancelled message never reached the history. It is
+    published again too (the writer keeps one record per task)."""
+    settings = load_settings(database_url="postgresql://u:p@127.0.0.1:1/history")
+    store = QuotaStore(redis, settings, tiers=DEFAULT_TIERS)
+    quotas = QuotaCache(store, ttl=300.0)
+    await quotas.start()
+    try:
+        usage = UsageCounter(redis)
+        admission = Admission(quotas, RateLimiter(redis), usage, TenantSockets(redis, 60), settings)
+        scripts = Scripts(redis)
+        await scripts.load()
+        chat = ChatService(redis, TaskStore(redis, scripts, settings), admission, settings)
+        sent = await chat.send(
+            PRINCIPAL, SendRequest(message="hello"), session_id="s1", agent_id="default"
+        )
+        task_id = sent.accepted.task_id
+        await chat.cancel(PRINCIPAL, task_id)
+        await redis.delete(keys.PERSIST_RECORDS)  # as if that write had failed
+        with pytest.raises(Conflict):
+            await chat.cancel(PRINCIPAL, task_id)
+        records = await redis.xrange(keys.PERSIST_RECORDS)
+        assert len(records) == 1
+        assert task_id.encode() in records[0][1][b"action"]
+    finally:
+        await quotas.stop()

@@ -875,3 +875,38 @@ async def test_a_chunk_and_completion_whose_log_append_failed_are_not_lost(
     assert state is not None
     assert (state["status"], state["last_seq"]) == ("completed", "1")
     assert state["final_event_id"] == (await redis.xrange(log))[-1][0].decode()
+
+
+async def test_a_callback_redis_refuses_for_a_while_is_applied_not_dead_lettered(
+    redis: Redis,
+) -> None:
+    """Out of memory (or a demoted primary) refuses every effect for as long as it lasts; those
+    refusals counted as the entry's failures, and a healthy send or completion was
+    dead-lettered after MAX_DELIVERY_ATTEMPTS of them."""
+    settings = load_settings(
+        worker_sleep_seconds=0.05, callback_partitions=1, max_delivery_attempts=2
+    )
+    send = WebsocketSend(tenant_id="acme", session_id="s1", message={"n": 1})
+    await redis.xadd(STREAM, {ACTION_FIELD: encode_action(send)})
+    await redis.xgroup_create(STREAM, keys.WORKER_GROUP, id="0")
+    await redis.config_set("maxmemory", "1")  # every write that needs memory is refused
+    consumer = consumer_of(redis, "w1", settings=settings)
+    running = asyncio.create_task(consumer.run())
+    try:
+        async with asyncio.timeout(15):
+            while True:  # delivery counts are in Redis: nothing to wait on
+                await asyncio.sleep(0.02)
+                pending = await redis.xpending_range(STREAM, keys.WORKER_GROUP, "-", "+", 1)
+                if pending and pending[0]["times_delivered"] > settings.max_delivery_attempts:
+                    break
+    finally:
+        await redis.config_set("maxmemory", "0")
+    try:
+        async with asyncio.timeout(15):
+            while (await redis.xinfo_groups(STREAM))[0]["pending"]:
+                await asyncio.sleep(0.02)
+    finally:
+        consumer.stop()
+        await running
+    assert await redis.xlen(keys.DEAD_LETTERS) == 0
+    assert await logged(redis, "s1") == [1]
