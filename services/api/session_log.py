@@ -140,8 +140,9 @@ async def read_since(
         mark = join_mark(await _now_ms(redis))
         if last_event_id is None:
             return Replay(None, mark)
-        # Nothing to replay: exact only if nothing can have come and gone since the mark.
-        return Replay(fresh_mark is True, mark)
+        # Nothing to replay: exact from a mark if nothing can have come and gone since it; from
+        # `0-0` (a client's "from the start"; the server no longer hands it out) as before.
+        return Replay(fresh_mark is True or last_event_id == NO_EVENT_ID, mark)
     newest = _info_field(info, "last-generated-id") or NO_EVENT_ID
     if last_event_id is None:
         return Replay(None, newest)

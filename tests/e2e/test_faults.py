@@ -427,7 +427,8 @@ async def test_resume_beyond_retention_says_resumed_false_and_within_it_replays_
             assert ack["data"]["resumed"] is True
             assert await nothing_replayed(from_mark)
             zero, ack = await connect(api.ws_url, tenant, other, last_event_id="0-0")
-            assert ack["data"]["resumed"] is False  # no log: nothing proves nothing was lost
+            assert ack["data"]["resumed"] is True  # a client's "from the start"...
+            assert ack["data"]["last_event_id"] != "0-0"  # ...answered with a mark to keep
 
             # A log that expired (its TTL ran out): resumed false as well.
             log_key = keys.session_log(tenant, session)

@@ -59,5 +59,11 @@ async def test_a_mark_on_a_trimmed_log_is_refused(redis: Redis) -> None:
     assert (await resume(redis, mark))[0] is False
 
 
-async def test_zero_is_no_longer_exact_on_a_missing_log(redis: Redis) -> None:
-    assert (await resume(redis, "0-0"))[0] is False
+async def test_a_client_asking_for_everything_with_zero_gets_a_mark_to_keep(
+    redis: Redis,
+) -> None:
+    """`0-0` is a client's "from the start": answered as before, but the cursor it gets back
+    is a mark, so its next resume can be proven or refused."""
+    replay = await read_since(redis, TENANT, SESSION, "0-0", log_ttl_ms=TTL_MS)
+    assert replay.resumed is True
+    assert replay.cursor != "0-0"
