@@ -106,10 +106,12 @@ class ClientConnection:
     """A socket of one session on this pod, with the id of the last event it was given."""
 
     __slots__ = (
+        "_char_limit",
         "_closing",
         "_drain",
         "_held",
         "_limit",
+        "_live_chars",
         "_outbox",
         "_replay_left",
         "_send",
@@ -130,6 +132,7 @@ class ClientConnection:
         user_id: str,
         send: Send,
         limit: int,
+        char_limit: int = 4 * 1024 * 1024,
     ) -> None:
         self.connection_id = connection_id
         self.tenant_id = tenant_id
@@ -139,6 +142,10 @@ class ClientConnection:
         self.closed = False
         self._send = send
         self._limit = limit
+        # Live frames queued may also not add up to more than `char_limit` characters: a few
+        # slow sockets sent large messages would otherwise hold hundreds of MB each.
+        self._char_limit = char_limit
+        self._live_chars = 0
         # Frames waiting for the drain task; made when first needed (an empty deque is 0.6 KB
         # per socket) and dropped when the drain task is done.
         self._outbox: deque[str] | None = None
@@ -186,11 +193,16 @@ class ClientConnection:
             outbox = self._outbox = deque()
         if self._held is not None:
             self._replay_left += 1
-        elif len(outbox) >= self._limit + self._replay_left:
+        elif (
+            len(outbox) >= self._limit + self._replay_left
+            or self._live_chars + len(frame) > self._char_limit
+        ):
             _SLOW_CLIENT.inc()
             self.close_soon(CLOSE_POLICY, "send queue full: client not reading")
             _dropped(frame)
             return
+        else:
+            self._live_chars += len(frame)
         outbox.append(frame)
 
     def _write(self, frame: str) -> None:
@@ -244,6 +256,8 @@ class ClientConnection:
                 await send({"type": "websocket.send", "text": writing})
                 if self._replay_left:
                     self._replay_left -= 1
+                else:
+                    self._live_chars -= len(writing)
                 _sent(writing)
                 writing = None
         except Exception:  # the peer went away mid-send; the receive loop sees it too
@@ -256,6 +270,7 @@ class ClientConnection:
             self._drain = None
             self._outbox = None
             self._replay_left = 0
+            self._live_chars = 0
 
     def close_soon(self, code: int, reason: str) -> None:
         if self.closed:
@@ -265,6 +280,7 @@ class ClientConnection:
             _dropped(frame)
         self._outbox = None
         self._replay_left = 0
+        self._live_chars = 0
         # A send may be waiting for a client that does not read. Stop it first: the frames
         # behind it are dropped anyway, and the close must not queue behind them.
         drain = self._drain

@@ -227,6 +227,7 @@ async def session_socket(
             user_id=principal.user_id,
             send=send,
             limit=runtime.settings.websocket_send_queue,
+            char_limit=runtime.settings.websocket_send_queue_chars,
         )
         metrics.websocket_connections.inc()
         try:

@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     websocket_ping_timeout: float = Field(10.0, gt=0)
     websocket_compression: bool = False
     websocket_send_queue: int = Field(1000, ge=1)
+    # ...and characters: frames are bounded by count, an AES's websocket.send is not by size.
+    websocket_send_queue_chars: int = Field(4 * 1024 * 1024, ge=1024)
     max_websocket_connections: int = Field(1000, ge=1)
     connection_ttl_seconds: float = Field(30.0, ge=3)
     websocket_frames_per_second: float = Field(20.0, gt=0)

@@ -93,6 +93,56 @@ async def test_a_client_that_stops_reading_is_closed_with_1008() -> None:
     assert transport.written == []  # the cancelled send wrote nothing
 
 
+async def test_a_client_that_stops_reading_large_frames_is_closed_before_the_count() -> None:
+    """The queue was bounded by frames only: a socket that stopped reading, sent 1 000 frames
+    of 200 KB (an AES's websocket.send has no size limit), held 200 MB. The characters queued
+    are bounded too; replayed frames (bounded by the log) count against neither."""
+    transport = Transport()
+    conn = ClientConnection(
+        connection_id="c",
+        tenant_id="t",
+        session_id="s",
+        user_id="u",
+        send=transport.send,
+        limit=1000,
+        char_limit=2500,
+    )
+    conn.go_live(NO_EVENT_ID)
+    transport.writable.clear()
+    conn.push("w" * 10)  # being written: not in the queue
+    conn.push("x" * 1000)
+    conn.push("y" * 1000)
+    assert not conn.closed
+    conn.push("z" * 1000)  # 3 000 characters queued: over
+    assert conn.closed
+    transport.writable.set()
+    await conn.closing()
+    assert transport.closed == (CLOSE_POLICY, "send queue full: client not reading")
+
+
+async def test_the_character_budget_is_given_back_as_frames_are_written() -> None:
+    transport = Transport()
+    conn = ClientConnection(
+        connection_id="c",
+        tenant_id="t",
+        session_id="s",
+        user_id="u",
+        send=transport.send,
+        limit=1000,
+        char_limit=2500,
+    )
+    conn.go_live(NO_EVENT_ID)
+    for round_ in range(5):  # 10 000 characters in all, never more than 2 000 queued
+        transport.writable.clear()
+        conn.push("w")
+        conn.push("x" * 1000)
+        conn.push("y" * 1000)
+        transport.writable.set()
+        await conn.flush()
+        assert not conn.closed, round_
+    assert len(transport.written) == 15
+
+
 async def test_a_client_that_never_reads_has_its_connection_aborted(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
