@@ -239,3 +239,22 @@ async def test_the_hub_has_a_lane_per_node_and_catches_up_after_a_node_restart(
         await hub.stop()
         if not victim.alive():
             redis_cluster.restart(victim)
+
+
+async def test_erasing_a_session_removes_its_tasks_on_a_cluster(cluster_client: Redis) -> None:
+    """`DELETE /api/sessions/{id}` erases the session's task states (a SCAN of the session's
+    slot pattern) and their locators, which live in other slots, on a cluster too."""
+    scripts = Scripts(cluster_client)
+    await scripts.load()
+    tasks = TaskStore(cluster_client, scripts, load_settings())
+    refs = [TaskRef("acme", "erased", f"task{n}") for n in range(5)]
+    kept = TaskRef("acme", "other", "task9")
+    for ref in [*refs, kept]:
+        await tasks.apply(ref, "create", fields={"status": "processing"})
+        await cluster_client.set(keys.task_location(ref.task_id), tasks.location_value(ref))
+    assert await tasks.erase_session("acme", "erased") == len(refs)
+    for ref in refs:
+        assert await tasks.read(ref) is None
+        assert await tasks.locate(ref.task_id) is None
+    assert await tasks.read(kept) is not None
+    assert await tasks.locate(kept.task_id) == kept
