@@ -39,12 +39,11 @@ from services.api.runtime import Runtime
 from services.core import telemetry
 from services.core.auth import TokenVerifier
 from services.core.errors import OrchestratorError
-from services.core.ids import new_id
 from services.core.quotas import QuotaCache, QuotaStore
 from services.core.ratelimit import RateLimiter
 from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING, create_redis
 from services.core.scripts import Scripts
-from services.core.settings import ConfigError, Settings
+from services.core.settings import ConfigError, Settings, process_name
 from services.core.tasks import TaskStore
 from services.core.tenant_sockets import TenantSockets
 from services.core.tiers import load_tiers
@@ -82,9 +81,11 @@ def _on_orchestrator_error(_: AnyRequest, exc: OrchestratorError) -> Response[An
     return response
 
 
-def _on_validation_error(_: AnyRequest, exc: ValidationException) -> Response[Any]:
+def _on_validation_error(request: AnyRequest, exc: ValidationException) -> Response[Any]:
     """Malformed JSON is 400; JSON of the wrong shape is 422 with the offending fields."""
     extra = exc.extra if isinstance(exc.extra, list) else []
+    if request.headers.get("content-length") == "0":  # Litestar's words for it: "'data'"
+        return _error(400, "malformed_json", "request body is empty", {})
     if any("malformed" in str(item).lower() for item in extra) or not extra:
         return _error(400, "malformed_json", "request body is not valid JSON", {"errors": extra})
     return _error(422, "validation_error", "request body is invalid", {"errors": extra})
@@ -237,7 +238,9 @@ class Api:
         return self.litestar(scope, receive, send)  # type: ignore[arg-type]
 
 
-def create_app(settings: Settings, *, pod_id: str | None = None) -> Api:
+def create_app(
+    settings: Settings, *, pod_id: str | None = None, internal_host: str = "0.0.0.0"
+) -> Api:
     verifier = TokenVerifier(settings)  # fail at start, not at the first request
     tiers = load_tiers(settings)
     if settings.default_tier not in tiers:
@@ -253,7 +256,7 @@ def create_app(settings: Settings, *, pod_id: str | None = None) -> Api:
         with contextlib.suppress(*REDIS_DOWN):  # else loaded on the first NOSCRIPT
             await scripts.load()
         tasks = TaskStore(redis, scripts, settings)
-        name = pod_id or settings.pod_name or new_id()
+        name = pod_id or process_name(settings)
         hub = SessionHub(redis, name, log_ttl_ms=settings.session_log_ttl_seconds * 1000)
         await hub.start()
         quotas = QuotaCache(QuotaStore(redis, settings, tiers), settings.validation_cache_ttl)
@@ -285,7 +288,9 @@ def create_app(settings: Settings, *, pod_id: str | None = None) -> Api:
         internal = None
         if settings.metrics_port:
             internal = InternalServer(
-                settings.metrics_port, lambda: drain(runtime, settings.drain_seconds)
+                settings.metrics_port,
+                lambda: drain(runtime, settings.drain_seconds),
+                host=internal_host,
             )
             await internal.start()
         log.info("api %s ready", name)

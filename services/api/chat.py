@@ -117,7 +117,7 @@ def idempotency_key(request: AnyRequest) -> str | None:
         403: ResponseSpec(
             ErrorBody,
             description=(
-                "X-Tenant-ID is not the token's tenant, an unknown tenant (`forbidden`), an "
+                "X-Tenant-ID is not the token's tenant, an unknown tenant (`unknown_tenant`), an "
                 "agent the tier does not allow (`agent_not_allowed`), or streaming asked on a "
                 "tier without it (`streaming_not_allowed`)"
             ),

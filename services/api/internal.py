@@ -37,13 +37,19 @@ def _response(status: str, body: bytes, content_type: str = "text/plain") -> byt
 
 
 class InternalServer:
-    def __init__(self, port: int, drain: Callable[[], Awaitable[int]]) -> None:
+    def __init__(
+        self, port: int, drain: Callable[[], Awaitable[int]], *, host: str = "0.0.0.0"
+    ) -> None:
         self.port = port
         self.drain = drain
+        # The api's own address: an api bound to loopback (`orchestrator dev`) must not offer
+        # its unauthenticated /drain to other hosts. In a pod it is 0.0.0.0, and the chart's
+        # NetworkPolicy keeps the port to the kubelet and Prometheus.
+        self.host = host
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "0.0.0.0", self.port)
+        self._server = await asyncio.start_server(self._serve, self.host, self.port)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -63,6 +69,10 @@ class InternalServer:
                 # OpenMetrics when Prometheus asks for it: the format that carries exemplars.
                 encode, content_type = choose_encoder(_header(head, "accept"))
                 reply = _response("200 OK", encode(REGISTRY), content_type)
+            elif path == "/drain" and (_header(head, "origin") or _header(head, "sec-fetch-site")):
+                # A browser's request (any page can aim a GET at loopback; a plain GET carries
+                # no Origin, but Sec-Fetch-* in every current browser): never the kubelet's.
+                reply = _response("403 Forbidden", b"not from a browser\n")
             elif path == "/drain":
                 closed = await self.drain()
                 reply = _response("200 OK", f"drained {closed} sockets\n".encode())

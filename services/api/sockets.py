@@ -370,6 +370,8 @@ async def _handle_request(
             _error(conn, "unknown_type", f"unknown frame type {frame.type!r}")
     except msgspec.ValidationError as exc:
         _chat_error(conn, "validation_error", str(exc), {}, request_id)
+    except RecursionError:  # decoded near the stack's end, too deep to encode again
+        _chat_error(conn, "malformed_json", "frame is nested too deeply", {}, request_id)
     except OrchestratorError as exc:
         _chat_error(conn, exc.code, exc.message, exc.details, request_id)
     except REDIS_DOWN:

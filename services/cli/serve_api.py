@@ -6,19 +6,21 @@ import uvicorn
 
 from services.api.app import create_app
 from services.api.drain import DrainingServer
+from services.api.http_protocol import bounded_protocol
 from services.core.heap import freeze_startup_heap
 from services.core.settings import Settings
 
 
 def serve_api(settings: Settings, *, host: str, port: int) -> None:
-    app = create_app(settings)
+    app = create_app(settings, internal_host=host)
     freeze_startup_heap()
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         loop="uvloop",
-        http="httptools",
+        # httptools, with a bounded request head (size and time)
+        http=bounded_protocol(settings.http_max_head_bytes, settings.http_head_timeout_seconds),
         interface="asgi3",  # `Api.__call__` returns the handler's awaitable: no frame of its own
         # Per idle socket (bench/memory_profile.py, 2 000 sockets, RSS): wsproto 19.0 KB,
         # websockets-sansio 21.3 KB (~3 us less api CPU per delivered event, but it answers an

@@ -6,6 +6,8 @@ operator reading `kubectl logs` sees what to fix instead of a traceback.
 
 from __future__ import annotations
 
+import os
+import socket
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -68,6 +70,10 @@ class Settings(BaseSettings):
     connection_ttl_seconds: float = Field(30.0, ge=3)
     websocket_frames_per_second: float = Field(20.0, gt=0)
     max_frame_bytes: int = Field(64 * 1024, ge=1024)
+    # A request head (request line and headers, a socket handshake's too): its size and the
+    # time it may take to arrive, before any authentication (services/api/http_protocol.py).
+    http_max_head_bytes: int = Field(64 * 1024, ge=8 * 1024)
+    http_head_timeout_seconds: float = Field(10.0, gt=0)
 
     # Worker and transport
     worker_sleep_seconds: float = Field(1.0, gt=0, le=60)
@@ -190,6 +196,12 @@ class Settings(BaseSettings):
     @property
     def uses_public_key(self) -> bool:
         return not self.jwt_algorithm.startswith("HS")
+
+
+def process_name(settings: Settings) -> str:
+    """ORCHESTRATOR_POD_NAME, or hostname-pid: the name of this process as a consumer, a
+    worker, a pod (unique per process on a host, readable in Redis and on dashboards)."""
+    return settings.pod_name or f"{socket.gethostname()}-{os.getpid()}"
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -15,9 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
-import socket
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -51,7 +49,7 @@ from services.core.redis_client import (
     create_redis,
     is_cluster,
 )
-from services.core.settings import Settings
+from services.core.settings import Settings, process_name
 from services.core.streams import (
     Entry,
     dead_letter,
@@ -82,7 +80,7 @@ Callback = ExecutionChunk | ExecutionCompleted | ExecutionFailed
 class Executor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.consumer = settings.pod_name or f"{socket.gethostname()}-{os.getpid()}"
+        self.consumer = process_name(settings)
         self.redis: Redis = create_redis(
             settings, max_connections=settings.executor_concurrency + 8
         )

@@ -16,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 from collections.abc import Sequence
 
 from prometheus_client import Counter, Gauge
@@ -27,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.core import keys
 from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING, as_lost_connection
-from services.core.settings import Settings
+from services.core.settings import Settings, process_name
 from services.core.streams import Entry, dead_letter, ensure_group, is_missing_group, parse_read
 from services.core.streams import reclaim as reclaim_idle
 from services.persistence.batch import Written, write_batch
@@ -80,7 +78,7 @@ async def backlog(redis: Redis) -> int:
 
 
 def writer_name(settings: Settings) -> str:
-    return settings.pod_name or f"{socket.gethostname()}-{os.getpid()}"
+    return process_name(settings)
 
 
 class PersistenceWriter:

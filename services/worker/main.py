@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
-import socket
 from typing import Any
 
 from prometheus_client import start_http_server
@@ -23,7 +21,7 @@ from services.core import keys
 from services.core.heap import freeze_startup_heap
 from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING, create_redis
 from services.core.scripts import Scripts
-from services.core.settings import RedisMode, Settings
+from services.core.settings import RedisMode, Settings, process_name
 from services.core.tasks import TaskStore
 from services.persistence.writer import PersistenceWriter
 from services.worker import metrics
@@ -37,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 def worker_name(settings: Settings) -> str:
-    return settings.pod_name or f"{socket.gethostname()}-{os.getpid()}"
+    return process_name(settings)
 
 
 LAG_COUNT_MAX = 10_000  # enough to scale on; counting a longer backlog is not worth it
