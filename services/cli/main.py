@@ -226,10 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     tenant_set.add_argument("--tier", required=True)
     tenant_set.add_argument(
         "--limit",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="override one limit of the tier (repeatable), e.g. tokensPerDay=unlimited",
+        help="override limits of the tier (one or more; repeatable), e.g. tokensPerDay=unlimited",
     )
     tenant_set.add_argument(
         "--allowed-agents",

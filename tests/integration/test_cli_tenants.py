@@ -98,6 +98,22 @@ async def test_tenants_set_stores_the_record_and_prints_it_with_the_effective_li
     )
 
 
+async def test_tenants_set_takes_several_limits_after_one_flag(
+    redis: Redis, redis_url: str
+) -> None:
+    """DESIGN writes `[--limit KEY=VALUE ...]`: several pairs after one `--limit` were refused
+    ("unrecognized arguments"); only a repeated flag worked. Both work now."""
+    run = await orchestrator(
+        redis_url,
+        "tenants", "set", "acme", "--tier", "pro",
+        "--limit", "maxConnections=10", "streaming=false", "--limit", "tokensPerDay=5",
+    )  # fmt: skip
+    assert (run.code, run.stderr) == (0, "")
+    stored = await store_of(redis).get("acme")
+    assert stored is not None
+    assert stored.limits == {"maxConnections": 10, "streaming": False, "tokensPerDay": 5}
+
+
 async def test_tenants_get_prints_the_stored_overrides_and_the_effective_limits(
     redis: Redis, redis_url: str
 ) -> None:
