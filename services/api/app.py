@@ -358,7 +358,7 @@ def create_app(
                 group_path=True,
                 scopes={ScopeType.HTTP},
                 buckets=list(metrics.HTTP_BUCKETS),
-                exclude=["/health", "/health/ready"],
+                exclude=["^/health$", "^/health/ready$"],  # the probes, not /health/detailed
                 exemplars=lambda _: telemetry.exemplar() or {},
             ).middleware
         ],

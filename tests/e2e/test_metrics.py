@@ -174,3 +174,18 @@ async def test_each_process_reports_its_garbage_collection_pauses(
         full = total(samples, "orchestrator_gc_pause_seconds_count", generation="2")
         assert full >= 1, child.role
         assert total(samples, "orchestrator_gc_pause_seconds_sum", generation="2") > 0, child.role
+
+
+async def test_probes_are_not_counted_but_the_detailed_health_is(
+    metered: tuple[LocalStack, Child, Child, Child],
+) -> None:
+    """The probes (/health, /health/ready: every few seconds per pod) stay out of the HTTP
+    metrics; the exclusion matched by prefix and dropped /health/detailed too."""
+    _, api, _, _ = metered
+    async with httpx.AsyncClient(base_url=api.url) as http:
+        for path in ("/health", "/health/ready", "/health/detailed"):
+            assert (await http.get(path)).status_code == 200
+    api_metrics = scrape(api.metrics_port)
+    assert total(api_metrics, "orchestrator_http_requests_total", path="/health/detailed") == 1
+    assert total(api_metrics, "orchestrator_http_requests_total", path="/health") == 0
+    assert total(api_metrics, "orchestrator_http_requests_total", path="/health/ready") == 0
