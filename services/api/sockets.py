@@ -103,9 +103,11 @@ def _offered_token(scope: Scope) -> tuple[str | None, bool]:
 
 
 def _origin_allowed(runtime: Runtime, origin: str | None) -> bool:
+    """As the CORS layer decides for REST (Litestar's CORSConfig): `*` admits any origin."""
     if origin is None:
         return True
-    return origin in runtime.settings.allowed_origins
+    allowed = runtime.settings.allowed_origins
+    return origin in allowed or "*" in allowed
 
 
 async def _refuse(send: Send, speaks_v1: bool, code: int, reason: str) -> None:
