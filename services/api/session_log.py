@@ -133,11 +133,11 @@ async def read_since(
     """
     log_key = keys.session_log(tenant_id, session_id)
     info = await _info(redis, log_key)
-    fresh_mark: bool | None = None
-    if last_event_id is not None and (marked := _mark_ms(last_event_id)) is not None:
-        fresh_mark = await _now_ms(redis) - marked < log_ttl_ms
+    marked = None if last_event_id is None else _mark_ms(last_event_id)
+    now_ms = await _now_ms(redis) if info is None or marked is not None else 0
+    fresh_mark = None if marked is None else now_ms - marked < log_ttl_ms
     if info is None:
-        mark = join_mark(await _now_ms(redis))
+        mark = join_mark(now_ms)
         if last_event_id is None:
             return Replay(None, mark)
         # Nothing to replay: exact from a mark if nothing can have come and gone since it; from

@@ -75,3 +75,18 @@ def deployment(
 ) -> Iterator[Deployment]:
     with deploy(e2e_redis, tmp_path_factory.mktemp("logs"), **FAST_EXECUTOR) as deployed:
         yield deployed
+
+
+@pytest.fixture
+def two_apis(e2e_redis: RedisServer, tmp_path: Path) -> Iterator[tuple[LocalStack, Child, Child]]:
+    """Two api processes (a socket's session on one, its reconnect on the other), a worker and
+    an executor."""
+    stack = new_stack(e2e_redis, tmp_path / "logs", **FAST_EXECUTOR)
+    try:
+        a, b = stack.start_api(), stack.start_api()
+        stack.start("worker")
+        stack.start("executor")
+        stack.wait_ready(a, b)
+        yield stack, a, b
+    finally:
+        stack.stop()

@@ -3,9 +3,6 @@ every pod, gets each one once and in order, carrying its own cursor as id."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 from redis.asyncio import Redis
 
@@ -14,24 +11,10 @@ from services.cli.stack import Child, LocalStack
 from services.core import keys
 from services.core.actions import ACTION_FIELD, WebsocketBroadcast, encode_action
 from tests.e2e.clients import connect, events_until, next_event, unique
-from tests.e2e.conftest import FAST_EXECUTOR, new_stack
 
 pytestmark = pytest.mark.e2e
 
 COUNT = 40
-
-
-@pytest.fixture
-def two_apis(e2e_redis: RedisServer, tmp_path: Path) -> Iterator[tuple[LocalStack, Child, Child]]:
-    stack = new_stack(e2e_redis, tmp_path / "logs", **FAST_EXECUTOR)
-    try:
-        a, b = stack.start_api(), stack.start_api()
-        stack.start("worker")
-        stack.start("executor")
-        stack.wait_ready(a, b)
-        yield stack, a, b
-    finally:
-        stack.stop()
 
 
 async def test_a_tenant_broadcast_reaches_every_socket_on_every_pod_once_in_order(

@@ -4,31 +4,14 @@ between two api processes, keeping `lastId = frame.id` for every frame (README's
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from services.cli.embedded import RedisServer
 from services.cli.stack import Child, LocalStack
 from tests.e2e.clients import Event, connect, events_until, final_of, next_event, send, unique
-from tests.e2e.conftest import FAST_EXECUTOR, new_stack
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def two_apis(e2e_redis: RedisServer, tmp_path: Path) -> Iterator[tuple[LocalStack, Child, Child]]:
-    stack = new_stack(e2e_redis, tmp_path / "logs", **FAST_EXECUTOR)
-    try:
-        a, b = stack.start_api(), stack.start_api()
-        stack.start("worker")
-        stack.start("executor")
-        stack.wait_ready(a, b)
-        yield stack, a, b
-    finally:
-        stack.stop()
 
 
 async def test_a_client_reconnecting_every_few_frames_across_pods_sees_each_event_once(

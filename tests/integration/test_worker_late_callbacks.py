@@ -2,43 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from services.core import keys
 from services.core.actions import ACTION_FIELD, ExecutionCompleted, encode_action
 from services.core.scripts import Scripts
-from services.core.settings import load_settings
 from services.core.tasks import TaskRef, TaskStore
-from services.worker.callbacks import CallbackEffects
-from services.worker.metrics import TenantLabels
-from services.worker.partition import PartitionConsumer
-
-SETTINGS = load_settings(worker_sleep_seconds=0.05, callback_partitions=1)
-STREAM = keys.callback_stream(0)
+from tests.integration.test_worker_partition import SETTINGS, STREAM, consumer_of, drain
 
 
 def late(reason: str) -> float:
     return REGISTRY.get_sample_value("orchestrator_late_callbacks_total", {"reason": reason}) or 0.0
 
 
-async def drain(redis: Redis) -> None:
-    scripts = Scripts(redis)
-    tasks = TaskStore(redis, scripts, SETTINGS)
-    consumer = PartitionConsumer(
-        redis, CallbackEffects(tasks, scripts, SETTINGS), tasks, SETTINGS, "w1", 0, TenantLabels(5)
-    )
-    running = asyncio.create_task(consumer.run())
-    async with asyncio.timeout(10):
-        while True:
-            await asyncio.sleep(0.02)
-            groups = await redis.xinfo_groups(STREAM)
-            if groups and groups[0]["pending"] == 0 and groups[0]["lag"] == 0:
-                break
-    consumer.stop()
-    await running
+async def run_partition(redis: Redis) -> None:
+    """The partition's consumer, until nothing is pending or unread."""
+    await drain(consumer_of(redis, "w1"), redis)
 
 
 async def test_a_redelivered_completion_is_not_counted_as_a_late_callback(redis: Redis) -> None:
@@ -51,11 +31,11 @@ async def test_a_redelivered_completion_is_not_counted_as_a_late_callback(redis:
     await tasks.apply(TaskRef("acme", "s1", "t1"), "create", fields={"status": "processing"})
     done = ExecutionCompleted(tenant_id="acme", session_id="s1", task_id="t1", content="hi")
     await redis.xadd(STREAM, {ACTION_FIELD: encode_action(done)})
-    await drain(redis)
+    await run_partition(redis)
     before = late("final")
 
     await redis.xgroup_setid(STREAM, keys.WORKER_GROUP, "0")  # the ack was lost: redelivered
-    await drain(redis)
+    await run_partition(redis)
 
     assert late("final") == before, "a redelivery of an on-time completion counted as late"
 
@@ -70,5 +50,5 @@ async def test_a_callback_after_the_task_ended_otherwise_is_counted_as_late(redi
     done = ExecutionCompleted(tenant_id="acme", session_id="s2", task_id="t2", content="hi")
     before = late("final")
     await redis.xadd(STREAM, {ACTION_FIELD: encode_action(done)})
-    await drain(redis)
+    await run_partition(redis)
     assert late("final") == before + 1

@@ -37,7 +37,9 @@ class Transport:
         self.aborted = True
 
 
-def connection(transport: Transport, limit: int = 3) -> ClientConnection:
+def connection(
+    transport: Transport, limit: int = 3, char_limit: int = 4 * 1024 * 1024
+) -> ClientConnection:
     conn = ClientConnection(
         connection_id="c",
         tenant_id="t",
@@ -45,6 +47,7 @@ def connection(transport: Transport, limit: int = 3) -> ClientConnection:
         user_id="u",
         send=transport.send,
         limit=limit,
+        char_limit=char_limit,
     )
     conn.go_live(NO_EVENT_ID)
     return conn
@@ -98,16 +101,7 @@ async def test_a_client_that_stops_reading_large_frames_is_closed_before_the_cou
     of 200 KB (an AES's websocket.send has no size limit), held 200 MB. The characters queued
     are bounded too; replayed frames (bounded by the log) count against neither."""
     transport = Transport()
-    conn = ClientConnection(
-        connection_id="c",
-        tenant_id="t",
-        session_id="s",
-        user_id="u",
-        send=transport.send,
-        limit=1000,
-        char_limit=2500,
-    )
-    conn.go_live(NO_EVENT_ID)
+    conn = connection(transport, limit=1000, char_limit=2500)
     transport.writable.clear()
     conn.push("w" * 10)  # being written: not in the queue
     conn.push("x" * 1000)
@@ -122,16 +116,7 @@ async def test_a_client_that_stops_reading_large_frames_is_closed_before_the_cou
 
 async def test_the_character_budget_is_given_back_as_frames_are_written() -> None:
     transport = Transport()
-    conn = ClientConnection(
-        connection_id="c",
-        tenant_id="t",
-        session_id="s",
-        user_id="u",
-        send=transport.send,
-        limit=1000,
-        char_limit=2500,
-    )
-    conn.go_live(NO_EVENT_ID)
+    conn = connection(transport, limit=1000, char_limit=2500)
     for round_ in range(5):  # 10 000 characters in all, never more than 2 000 queued
         transport.writable.clear()
         conn.push("w")
