@@ -200,6 +200,11 @@ class PartitionConsumer:
         # deadline would otherwise stay in the partition's sorted set until it fired, only to
         # be refused by the task script (one wasted script call per task, minutes later).
         self._ended: dict[str, list[str]] = {}
+        # Deliveries of an entry that did not try it (it waited for its session's failed
+        # predecessor, Redis refused writes or had lost its scripts): Redis counted them, and
+        # they must not count towards dead-lettering. In memory: a new owner counts them again,
+        # which errs on the side of dead-lettering an entry that crashes its workers.
+        self._untried: Counter[str] = Counter()
         self.reload_scripts = False
         # The next batch, read with the last batch's effects; and whether that read found our
         # pending list holding something it should not (see `_read_ahead`).
@@ -569,12 +574,17 @@ class PartitionConsumer:
                     # Refusing (out of memory, a demoted primary during a failover) is also
                     # Redis's state: counted, a healthy completion could be dead-lettered.
                     waiting = True
-                elif not missing_script(result):
+                    self._untried[entry.id] += 1
+                elif missing_script(result):
+                    self._untried[entry.id] += 1
+                else:
                     failed.append((entry, result))
                 if span is not None:
                     telemetry.fail(span, f"handler failed: {result}")
                 continue
             done.append(entry.id)
+            if self._untried:
+                self._untried.pop(entry.id, None)
             outcome = parse_outcome(result)
             verdicts[outcome.verdict] += 1
             exemplar = telemetry.exemplar(span) if span is not None else None
@@ -616,7 +626,9 @@ class PartitionConsumer:
             self.redis, self.stream, keys.WORKER_GROUP, [entry for entry, _ in failed]
         )
         for entry, error in failed:
-            if counts.get(entry.id, 0) >= self.settings.max_delivery_attempts:
+            tried = counts.get(entry.id, 0) - self._untried[entry.id]
+            if tried >= self.settings.max_delivery_attempts:
+                self._untried.pop(entry.id, None)
                 await self._dead_letter(entry, f"handler failed: {error}")
             else:
                 log.warning("callback %s failed, will retry: %s", entry.id, error)

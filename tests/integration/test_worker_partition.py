@@ -318,6 +318,55 @@ async def test_a_failing_entry_is_dead_lettered_after_exactly_max_delivery_attem
     assert await logged(redis, "s2") == [2]
 
 
+class SecondFailsOnceAfterTheFirst(AlwaysFails):
+    """As AlwaysFails; then the send of `n == 2`, which waited for it, fails once."""
+
+    def __init__(self, tasks: TaskStore, scripts: Scripts, settings: Settings) -> None:
+        super().__init__(tasks, scripts, settings)
+        self.second_failed = False
+
+    async def queue(
+        self,
+        action: Callback,
+        pipe: Pipeline,
+        traceparent: str = "",
+        position: Position | None = None,
+        after_seq: int = 0,
+    ) -> FollowUp | None:
+        first_is_spent = self.runs >= self.settings.max_delivery_attempts
+        second = isinstance(action, WebsocketSend) and action.message["n"] == 2
+        if second and first_is_spent and not self.second_failed:
+            self.second_failed = True
+            pipe.execute_command("EVAL", "return redis.error_reply('ERR boom')", 0)
+            return None
+        return await super().queue(action, pipe, traceparent, position, after_seq)
+
+
+async def test_an_entry_that_waited_for_a_failing_predecessor_gets_its_own_attempts(
+    redis: Redis,
+) -> None:
+    """Every delivery of the send waiting for its session's failing predecessor counted in
+    Redis: once the predecessor was dead-lettered, one transient failure of the next send
+    dead-lettered it at once (its delivery count was already MAX_DELIVERY_ATTEMPTS)."""
+    settings = load_settings(
+        worker_sleep_seconds=0.05, callback_partitions=1, max_delivery_attempts=5
+    )
+    await redis.xadd(STREAM, {ACTION_FIELD: send("s1", 1)})
+    await redis.xadd(STREAM, {ACTION_FIELD: send("s1", 2)})
+    scripts = Scripts(redis)
+    effects = SecondFailsOnceAfterTheFirst(TaskStore(redis, scripts, settings), scripts, settings)
+
+    await drain(consumer_of(redis, "w1", effects, settings), redis)
+
+    assert effects.runs == 5
+    assert effects.second_failed
+    dead = await redis.xrange(keys.DEAD_LETTERS)
+    assert [decode_action(fields[ACTION_FIELD.encode()]).message for _, fields in dead] == [
+        {"n": 1}
+    ]
+    assert await logged(redis, "s1") == [2]
+
+
 @pytest.mark.parametrize("settings", [SETTINGS, SMALL_BATCHES], ids=["one-batch", "batches-of-3"])
 async def test_a_send_after_a_failed_one_of_its_session_waits_for_it(
     redis: Redis, settings: Settings
