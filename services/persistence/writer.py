@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 
 from prometheus_client import Counter, Gauge
 from redis.asyncio import Redis
@@ -28,7 +29,7 @@ from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING, as_lost_conne
 from services.core.settings import Settings, process_name
 from services.core.streams import Entry, dead_letter, ensure_group, is_missing_group, parse_read
 from services.core.streams import reclaim as reclaim_idle
-from services.persistence.batch import Written, write_batch
+from services.persistence.batch import Written, usage_day, write_batch
 from services.persistence.database import create_engine, is_data_error
 from services.persistence.records import MalformedRecord, PersistRecord, decode_record
 
@@ -174,6 +175,12 @@ class PersistenceWriter:
 
     async def _persist(self, entries: list[Entry]) -> None:
         decoded: list[tuple[Entry, PersistRecord]] = []
+        # `orchestrator prune` deletes the usage markers of days before this one: a record of
+        # such a day (a dead letter replayed, a backlog kept through a month-long outage) can
+        # no longer be told from one counted before, and its history would be pruned anyway.
+        oldest_day = (
+            datetime.now(UTC) - timedelta(days=self.settings.history_retention_days)
+        ).date()
         for entry in entries:
             raw = entry.raw_action
             if not entry.fields:  # trimmed while pending: nothing left to write
@@ -183,9 +190,19 @@ class PersistenceWriter:
                 await self._dead_letter(entry, "stream entry has no 'action' field")
             else:
                 try:
-                    decoded.append((entry, decode_record(raw)))
+                    record = decode_record(raw)
                 except MalformedRecord as exc:
                     await self._dead_letter(entry, f"malformed record: {exc.reason}")
+                    continue
+                if usage_day(record) < oldest_day:
+                    log.warning(
+                        "persistence writer: record of task %s (%s) is past the history "
+                        "retention, not written", record.task_id, usage_day(record),
+                    )  # fmt: skip
+                    await self._done([entry.id])
+                    records_written.labels("expired").inc()
+                else:
+                    decoded.append((entry, record))
         if decoded and await self._write_until_done(decoded):
             await self._done([entry.id for entry, _ in decoded])
 

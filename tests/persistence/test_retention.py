@@ -6,16 +6,21 @@ import asyncio
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
+from redis.asyncio import Redis
 from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.core import keys
 from services.core.settings import load_settings
 from services.persistence.batch import write_batch
 from services.persistence.cli import prune_command
 from services.persistence.history import HistoryStore
+from services.persistence.records import publish_record
 from services.persistence.retention import prune
 from services.persistence.schema import sessions
-from tests.persistence.conftest import eventually, make_record
+from services.persistence.writer import PersistenceWriter
+from tests.persistence.conftest import eventually, fast_settings, make_record
+from tests.persistence.test_writer import drained
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 
@@ -117,3 +122,36 @@ async def test_a_session_active_while_prune_runs_is_kept(engine: AsyncEngine) ->
     assert result.deleted["messages"] == 2
     async with engine.connect() as conn:
         assert await conn.scalar(select(func.count()).select_from(sessions)) == 1
+
+
+async def test_a_record_past_the_retention_is_neither_written_nor_counted_again(
+    redis: Redis, redis_url: str, database_url: str, engine: AsyncEngine
+) -> None:
+    """Prune deletes the usage markers of days past the retention and keeps the daily sums: a
+    record of such a day reaching the writer afterwards (a dead letter replayed, a backlog
+    kept through a long outage) was counted a second time, and its history written again
+    only for the next prune to delete it."""
+    settings = fast_settings(redis_url, database_url, history_retention_days=30)
+    now = datetime.now(UTC)
+    old = make_record("old", created_at=now - timedelta(days=40), event_id="1-0")
+    async with engine.begin() as conn:
+        await write_batch(conn, [old])
+    assert (await prune(engine, 30)).deleted["usage_events"] == 1
+    recent = make_record("recent", created_at=now - timedelta(days=2), event_id="2-0")
+    for record in (old, recent):
+        await publish_record(redis, record)
+
+    writer = PersistenceWriter(redis, settings, engine=engine, consumer="w1")
+    running = asyncio.create_task(writer.run())
+    try:
+        await eventually(lambda: drained(redis), what="backlog drained")
+    finally:
+        writer.stop()
+        await asyncio.wait_for(running, 10)
+
+    history = HistoryStore(engine)
+    usage = await history.usage("acme", (now - timedelta(days=60)).date(), now.date())
+    assert sum(day.requests for day in usage) == 2  # old once, recent once
+    assert await history.task("acme", "old") is None
+    assert await history.task("acme", "recent") is not None
+    assert await redis.xlen(keys.DEAD_LETTERS) == 0
