@@ -31,6 +31,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from services.core.redis_client import as_lost_connection
+
 
 class _AsyncParser(Protocol):
     async def read_response(self, disable_decoding: bool = False) -> Any: ...
@@ -78,8 +80,9 @@ class RoundTrip:
     async def send(self) -> None:
         try:
             async with asyncio.timeout_at(self._deadline):
-                self._writer.writelines(
-                    self._connection.pack_commands(args for args, _ in self._commands)
+                _write(
+                    self._writer,
+                    self._connection.pack_commands(args for args, _ in self._commands),
                 )
                 await self._writer.drain()
         except (TimeoutError, OSError) as exc:
@@ -141,6 +144,18 @@ def _outage(exc: TimeoutError | OSError) -> RedisTimeoutError | RedisConnectionE
     return RedisConnectionError(str(exc))
 
 
+def _write(writer: asyncio.StreamWriter, packed: list[bytes]) -> None:
+    """Write on a connection whose transport may have been closed under it while it sat in
+    the pool (a reset): uvloop raises RuntimeError, a lost connection for the caller."""
+    try:
+        writer.writelines(packed)
+    except RuntimeError as exc:
+        lost = as_lost_connection(exc)
+        if lost is None:
+            raise
+        raise lost from exc
+
+
 def _parts(connection: Connection) -> tuple[asyncio.StreamWriter, _AsyncParser]:
     writer = connection._writer
     if writer is None:
@@ -157,7 +172,7 @@ async def _transaction(
     writer, parser = _parts(connection)
     async with asyncio.timeout(within):
         packed = [("MULTI",), *(args for args, _ in commands), ("EXEC",)]
-        writer.writelines(connection.pack_commands(packed))
+        _write(writer, connection.pack_commands(packed))
         await writer.drain()
         refused: list[ResponseError] = []
         for _ in range(len(commands) + 1):  # +OK, then +QUEUED or the refusal of each

@@ -38,7 +38,7 @@ import contextlib
 import contextvars
 import logging
 from collections import deque
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 from typing import Any, cast
 
 import hiredis
@@ -134,16 +134,41 @@ class PackedByHiredis:
             raise DataError(f"invalid command argument: {exc}") from exc
 
 
-_PACKED: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+_MIXED: dict[tuple[type[AbstractConnection], tuple[type, ...]], type[AbstractConnection]] = {}
 
 
-def _packed_by_hiredis(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
-    if issubclass(connection_class, PackedByHiredis):
+class ClosedTransportIsLost:
+    """A command sent on a pooled connection whose transport uvloop has already closed (the
+    peer reset it while it sat idle in the pool: a proxy or load balancer restarting) fails
+    inside `writelines` with RuntimeError('... the handler is closed'), which redis-py neither
+    retries nor reports as a lost connection: a REST send answered 500, a socket closed 1011,
+    with Redis healthy. Reported as the lost connection it is, Retry resends it on a new
+    connection and callers ride through it as through any outage. (Cluster nodes keep
+    redis-py's own handling: `ClusterClient` maps these errors after its slot-map logic.)"""
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        try:
+            await super().send_packed_command(command, check_health)  # type: ignore[misc]
+        except (RuntimeError, AttributeError) as exc:
+            lost = as_lost_connection(exc)
+            if lost is None:
+                raise
+            raise lost from exc
+
+
+def _with_mixins(
+    connection_class: type[AbstractConnection], *mixins: type
+) -> type[AbstractConnection]:
+    """`connection_class` with `mixins` in front (one class per combination, made once)."""
+    missing = tuple(mixin for mixin in mixins if not issubclass(connection_class, mixin))
+    if not missing:
         return connection_class
-    if connection_class not in _PACKED:
-        packed = type(connection_class.__name__, (PackedByHiredis, connection_class), {})
-        _PACKED[connection_class] = cast(type[AbstractConnection], packed)
-    return _PACKED[connection_class]
+    if (connection_class, missing) not in _MIXED:
+        mixed = type(connection_class.__name__, (*missing, connection_class), {})
+        _MIXED[connection_class, missing] = cast(type[AbstractConnection], mixed)
+    return _MIXED[connection_class, missing]
 
 
 def create_redis(
@@ -170,7 +195,9 @@ def create_redis(
             **_timeouts(settings),
         )
         client = Redis.from_pool(pool)
-    pool.connection_class = _packed_by_hiredis(pool.connection_class)
+    pool.connection_class = _with_mixins(
+        pool.connection_class, ClosedTransportIsLost, PackedByHiredis
+    )
     return client
 
 
@@ -282,7 +309,7 @@ def _cluster(settings: Settings, pool_size: int) -> ClusterClient:
     # Every node's connections pack commands with hiredis too: the nodes met later are made
     # from these kwargs, the startup nodes already exist.
     kwargs = cluster.nodes_manager.connection_kwargs
-    kwargs["connection_class"] = _packed_by_hiredis(kwargs["connection_class"])
+    kwargs["connection_class"] = _with_mixins(kwargs["connection_class"], PackedByHiredis)
     for node in cluster.startup_nodes:
         node.connection_class = kwargs["connection_class"]
     return cluster
