@@ -24,6 +24,7 @@ from typing import Any
 
 import msgspec
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from services.core import keys
 from services.core.errors import InvalidInput
@@ -44,6 +45,12 @@ log = logging.getLogger(__name__)
 MAX_CACHED_TENANTS = 10_000
 START_TIMEOUT_SECONDS = 5.0
 LISTEN_POLL_SECONDS = 1.0
+# A subscription silent this long is pinged; without an answer by the deadline it is dropped
+# and made again. A connection that goes silent without a FIN (a dropped conntrack entry, a
+# load balancer failover) otherwise looks like a quiet channel for ever, and the cache keeps
+# trusting entries no change will reach.
+PING_IDLE_SECONDS = 2.0
+PONG_TIMEOUT_SECONDS = 3.0
 RECONNECT_DELAYS = (0.05, 2.0)  # first and longest pause between resubscription attempts
 
 
@@ -330,16 +337,27 @@ class QuotaCache:
         self.forget()
 
     async def _listen(self) -> None:
+        loop = asyncio.get_running_loop()
         delay = RECONNECT_DELAYS[0]
         while True:
             pubsub = self._store.redis.pubsub()
             try:
                 await pubsub.subscribe(keys.QUOTA_CHANGES)
+                heard = loop.time()
+                pinged: float | None = None
                 while True:
                     message = await pubsub.get_message(timeout=LISTEN_POLL_SECONDS)
-                    if message is not None:
+                    now = loop.time()
+                    if message is not None:  # a pong too
+                        heard, pinged = now, None
                         self._on_message(message)
                         delay = RECONNECT_DELAYS[0]
+                    elif pinged is not None and now - pinged > PONG_TIMEOUT_SECONDS:
+                        raise RedisConnectionError("no answer to a ping on quota announcements")
+                    elif pinged is None and now - heard > PING_IDLE_SECONDS:
+                        pinged = now
+                        async with asyncio.timeout(PONG_TIMEOUT_SECONDS):
+                            await pubsub.ping()
             except REDIS_DOWN as exc:
                 log.warning("quota announcements lost; resubscribing", extra={"error": str(exc)})
             except Exception:
