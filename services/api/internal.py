@@ -18,6 +18,11 @@ from prometheus_client.exposition import choose_encoder
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 8192
+# `/drain` acts only on a request carrying this header (the chart's preStop `httpGet` sends
+# it). No web page can: an <img>, a form or a link sends no custom header, and a script's
+# cross-origin request with one needs a CORS preflight, which this port never approves. A
+# plain GET from a browser to an http address carries neither `Origin` nor `Sec-Fetch-*`.
+DRAIN_HEADER = "x-orchestrator-drain"
 
 
 def _header(head: str, name: str) -> str:
@@ -69,10 +74,12 @@ class InternalServer:
                 # OpenMetrics when Prometheus asks for it: the format that carries exemplars.
                 encode, content_type = choose_encoder(_header(head, "accept"))
                 reply = _response("200 OK", encode(REGISTRY), content_type)
-            elif path == "/drain" and (_header(head, "origin") or _header(head, "sec-fetch-site")):
-                # A browser's request (any page can aim a GET at loopback; a plain GET carries
-                # no Origin, but Sec-Fetch-* in every current browser): never the kubelet's.
-                reply = _response("403 Forbidden", b"not from a browser\n")
+            elif path == "/drain" and (
+                not _header(head, DRAIN_HEADER)
+                or _header(head, "origin")
+                or _header(head, "sec-fetch-site")
+            ):
+                reply = _response("403 Forbidden", b"send X-Orchestrator-Drain (not a browser)\n")
             elif path == "/drain":
                 closed = await self.drain()
                 reply = _response("200 OK", f"drained {closed} sockets\n".encode())

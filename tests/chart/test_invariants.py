@@ -291,7 +291,11 @@ def test_api_probes_are_drain_aware_and_process_local(all_rendered: dict[str, Re
     assert container["readinessProbe"]["httpGet"] == {"path": "/health/ready", "port": "http"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert container["startupProbe"]["httpGet"]["path"] == "/health"
-    assert container["lifecycle"]["preStop"]["httpGet"] == {"path": "/drain", "port": "metrics"}
+    assert container["lifecycle"]["preStop"]["httpGet"] == {
+        "path": "/drain",
+        "port": "metrics",
+        "httpHeaders": [{"name": "X-Orchestrator-Drain", "value": "preStop"}],
+    }
     assert container["args"] == ["orchestrator", "api", "--host", "0.0.0.0", "--port", "8000"]
 
 

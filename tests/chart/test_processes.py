@@ -74,7 +74,10 @@ def test_helm_test_script_passes_against_a_live_api(
 
 
 def test_prestop_drain_answers_and_readiness_turns_unready(api: Child) -> None:
-    with urllib.request.urlopen(f"http://127.0.0.1:{api.metrics_port}/drain", timeout=30) as reply:
+    drain = urllib.request.Request(  # as the chart's preStop httpGet sends it
+        f"http://127.0.0.1:{api.metrics_port}/drain", headers={"X-Orchestrator-Drain": "preStop"}
+    )
+    with urllib.request.urlopen(drain, timeout=30) as reply:  # noqa: S310
         assert reply.status == 200
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"{api.url}/health/ready", timeout=5)  # noqa: S310

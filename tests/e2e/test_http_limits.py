@@ -129,11 +129,18 @@ async def test_the_internal_port_listens_where_the_api_does_and_refuses_browsers
 ) -> None:
     """`/drain` needs no token (the kubelet's preStop calls it). It listened on 0.0.0.0 even
     for an api bound to loopback (`orchestrator dev`): anyone who could reach the machine, or
-    any web page through a GET, could drain it for good."""
+    any web page through a GET, could drain it for good. Then it refused requests with
+    `Origin` or `Sec-Fetch-*`, but Chromium sends neither with an <img> aimed at a plain-http
+    address (a pod's): only a request with the preStop's header drains now."""
     assert api.metrics_port is not None
     assert _listening_addresses(api.metrics_port) == {"127.0.0.1"}
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api.metrics_port}") as http:
-        for header in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"}):
+        as_image = {"Accept": "image/avif,image/webp,*/*", "Referer": "http://evil.example/"}
+        for header in (
+            as_image,  # what an <img> on a page sends to an http address
+            {"X-Orchestrator-Drain": "1", "Origin": "https://evil.example"},
+            {"X-Orchestrator-Drain": "1", "Sec-Fetch-Site": "cross-site"},
+        ):
             refused = await http.get("/drain", headers=header)
             assert refused.status_code == 403, header
         assert (await http.get("/health")).status_code == 200
