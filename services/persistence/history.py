@@ -255,8 +255,12 @@ class HistoryStore:
             return None
         try:
             event_ms, event_seq = parse_event_id(after_event_id)
-            if max(event_ms, event_seq) > BIGINT_MAX:  # a Redis id, but no log's
+            if event_ms > BIGINT_MAX:  # a Redis id, but no log's
                 raise ValueError(after_event_id)
+            # A join mark (`<ms>-<2^64-1>`, what a socket joining a session without events is
+            # handed as its cursor) means "after everything of that millisecond": no stored
+            # sequence reaches 2^63, so the column type's largest value means the same.
+            event_seq = min(event_seq, BIGINT_MAX)
         except ValueError:
             raise BadRequest(
                 "after_event_id must be an event id (<milliseconds>-<sequence>)",

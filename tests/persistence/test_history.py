@@ -105,6 +105,19 @@ async def test_after_event_id_pages_forward_until_nothing_is_left(history: Histo
     assert seen == ALL_TURNS[2:]
 
 
+async def test_after_a_join_mark_come_the_tasks_finished_after_its_millisecond(
+    history: HistoryStore,
+) -> None:
+    """A socket joining a session without events is handed a join mark (`<ms>-<2^64-1>`) as
+    its cursor; a page told `resumed: false` asks history for what came after it. It was a
+    400 (the sequence is beyond PostgreSQL's bigint), so the missed answer could not be had."""
+    page = await history.messages("acme", "s1", limit=50, after_event_id=f"1000-{2**64 - 1}")
+    assert [m.final_event_id for m in page.messages if m.role == "assistant"] == [
+        "10000-0",
+        "10000-1",
+    ]
+
+
 async def test_after_the_newest_event_there_is_nothing(history: HistoryStore) -> None:
     page = await history.messages("acme", "s1", limit=50, after_event_id="10000-1")
     assert page.messages == []
