@@ -309,10 +309,11 @@ def readme_page_code(api_url: str, ws_url: str, tenant: str, session: str) -> st
     ):
         assert old in code, f"the README's page code no longer has {old!r}"
         code = code.replace(old, new)
-    # What the README leaves to the page: showing events and signing in again.
+    # What the README leaves to the page: showing events and messages, signing in again.
     return (
         code
         + "\nconst events = []; function show(e) { events.push(e); }\n"
+        + "const messages = []; function showMessage(m) { messages.push(m); }\n"
         + ("let signedOut = null; function signIn(reason) { signedOut = reason; }\n")
     )
 
