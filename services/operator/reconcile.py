@@ -34,6 +34,8 @@ from services.operator.status import Outcome, Reason, timestamp
 
 log = logging.getLogger(__name__)
 
+RELEASED_REMEMBERED = 1024  # deleted resources whose late timer ticks are refused
+
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
@@ -145,8 +147,10 @@ class QuotaReconciler:
         # kopf runs a resource's timer concurrently with its handlers, even with its deletion
         # handler: each resource's calls are serialized here, and a released resource is
         # remembered so that a timer tick racing with the deletion cannot claim the tenant again.
+        # The last RELEASED_REMEMBERED releases only (oldest first): a racing tick comes within
+        # seconds of its deletion, and the operator lives while tenants come and go for months.
         self._locks: dict[str, asyncio.Lock] = {}
-        self._released: set[str] = set()
+        self._released: dict[str, None] = {}
         # Tenants whose record was written but maybe not announced (`_write_if_changed`).
         self._unannounced: set[str] = set()
 
@@ -164,7 +168,7 @@ class QuotaReconciler:
         those are outcomes (`permanent`, `temporary`) that the status must show.
         """
         async with self._lock(ref):
-            self._released.discard(str(ref))  # a resource created again under the same name
+            self._released.pop(str(ref), None)  # a resource created again under the same name
             return await self._converge(ref, spec, live_resources, with_usage=False)
 
     async def refresh(
@@ -175,6 +179,8 @@ class QuotaReconciler:
         live_resources: Collection[str] | None = None,
     ) -> Outcome | None:
         """The timer's reconcile, with today's usage; None once the resource was released."""
+        if str(ref) in self._released:
+            return None  # and no lock made again for it
         async with self._lock(ref):
             if str(ref) in self._released:
                 return None
@@ -232,7 +238,9 @@ class QuotaReconciler:
         finalizer then keeps the resource until a retry succeeds).
         """
         async with self._lock(ref):
-            self._released.add(str(ref))
+            self._released[str(ref)] = None
+            if len(self._released) > RELEASED_REMEMBERED:
+                del self._released[next(iter(self._released))]
             removed = await self._release(ref, spec)
         self._locks.pop(str(ref), None)
         return removed
