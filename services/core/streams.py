@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from importlib.resources import files
 from typing import Any
 
 from prometheus_client import Counter
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 dead_letters = Counter("orchestrator_dead_letters", "Entries moved to the dead-letter stream")
 
 DEAD_LETTER_MAXLEN = 100_000
+# A consumer of a competing group (executors, writers) idle this long with nothing pending
+# belongs to a process that is gone: a live one reads every few seconds.
+GONE_CONSUMER_IDLE_SECONDS = 600.0
+_FORGET_CONSUMERS = (files("services.core") / "lua" / "forget_consumers.lua").read_text()
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +123,24 @@ async def adopt(redis: Redis, stream: str, group: str, consumer: str, count: int
             return
         millis, _, seq = _text(ids[-1]).partition("-")
         start = f"{millis}-{int(seq) + 1}"
+
+
+async def forget_consumers(
+    redis: Redis,
+    stream: str,
+    group: str,
+    *,
+    only: str = "",
+    keep: str = "",
+    idle_seconds: float = 0.0,
+) -> int:
+    """Delete the group's consumers that hold no pending entry and were idle at least
+    `idle_seconds` (`only` that one, or all but `keep`); returns how many. Consumers are named
+    after their process (a pod): without this a group keeps one per pod that ever lived."""
+    deleted = await redis.eval(
+        _FORGET_CONSUMERS, 1, stream, group, int(idle_seconds * 1000), keep, only
+    )
+    return int(deleted)
 
 
 async def delivery_counts(

@@ -51,9 +51,11 @@ from services.core.redis_client import (
 )
 from services.core.settings import Settings, process_name
 from services.core.streams import (
+    GONE_CONSUMER_IDLE_SECONDS,
     Entry,
     dead_letter,
     ensure_group,
+    forget_consumers,
     is_missing_group,
     parse_read,
     reclaim,
@@ -112,6 +114,9 @@ class Executor:
             await self._finish_running()
             for helper in helpers:
                 helper.cancel()
+            with contextlib.suppress(*REDIS_DOWN, ResponseError):
+                for stream in self.streams:  # what it still holds keeps it (reclaimed later)
+                    await forget_consumers(self.redis, stream, keys.AES_GROUP, only=self.consumer)
             await self.redis.aclose()
 
     async def _consume(self) -> None:
@@ -177,6 +182,13 @@ class Executor:
         idle_ms = int(self.settings.executor_reclaim_idle_seconds * 1000)
         for stream in self.streams:
             claimed = await reclaim(self.redis, stream, keys.AES_GROUP, self.consumer, idle_ms)
+            await forget_consumers(
+                self.redis,
+                stream,
+                keys.AES_GROUP,
+                keep=self.consumer,
+                idle_seconds=GONE_CONSUMER_IDLE_SECONDS,
+            )
             held = self._in_hand()  # ours already (ids repeat across the three streams)
             self.waiting.extend(e for e in claimed if (e.stream, e.id) not in held)
 

@@ -27,7 +27,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from services.core import keys
 from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING, as_lost_connection
 from services.core.settings import Settings, process_name
-from services.core.streams import Entry, dead_letter, ensure_group, is_missing_group, parse_read
+from services.core.streams import (
+    GONE_CONSUMER_IDLE_SECONDS,
+    Entry,
+    dead_letter,
+    ensure_group,
+    forget_consumers,
+    is_missing_group,
+    parse_read,
+)
 from services.core.streams import reclaim as reclaim_idle
 from services.persistence.batch import Written, usage_day, write_batch
 from services.persistence.database import create_engine, is_data_error
@@ -141,6 +149,10 @@ class PersistenceWriter:
                     log.warning("persistence writer: consumer group missing, recreating")
                     grouped = False
         finally:
+            with contextlib.suppress(*REDIS_DOWN, *REDIS_REFUSING, ResponseError):
+                await forget_consumers(
+                    self.redis, self.stream, keys.PERSIST_GROUP, only=self.consumer
+                )
             if self.owns_engine:
                 await self.engine.dispose()
 
@@ -161,6 +173,13 @@ class PersistenceWriter:
             idle_ms = int(self.settings.persist_reclaim_idle_seconds * 1000)
             claimed = await reclaim_idle(
                 self.redis, self.stream, keys.PERSIST_GROUP, self.consumer, idle_ms, count
+            )
+            await forget_consumers(
+                self.redis,
+                self.stream,
+                keys.PERSIST_GROUP,
+                keep=self.consumer,
+                idle_seconds=GONE_CONSUMER_IDLE_SECONDS,
             )
             if claimed:
                 return claimed

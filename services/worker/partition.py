@@ -56,6 +56,7 @@ from services.core.streams import (
     dead_letter,
     delivery_counts,
     ensure_group,
+    forget_consumers,
     is_missing_group,
     parse_read,
 )
@@ -240,6 +241,9 @@ class PartitionConsumer:
             # whoever consumes the partition next.
             with contextlib.suppress(*REDIS_DOWN, ResponseError):
                 await self._flush_acks()
+                await forget_consumers(
+                    self.redis, self.stream, keys.WORKER_GROUP, only=self.consumer
+                )
 
     async def _consume(self) -> None:
         backlog = True
@@ -301,6 +305,9 @@ class PartitionConsumer:
         """Our own pending entries, after taking over those of any previous owner."""
         await self._flush_acks()
         await adopt(self.redis, self.stream, keys.WORKER_GROUP, self.consumer)
+        # The lease makes this the partition's only reader: earlier owners, their entries
+        # just adopted, are gone from the group (a crashed one never left by itself).
+        await forget_consumers(self.redis, self.stream, keys.WORKER_GROUP, keep=self.consumer)
         reply = await self.redis.xreadgroup(
             keys.WORKER_GROUP,
             self.consumer,

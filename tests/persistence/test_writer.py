@@ -194,3 +194,16 @@ async def test_a_task_that_did_not_complete_keeps_its_question_and_its_error(
     assert [tuple(row) for row in rows] == [("user", status)]
     assert error == {"code": status, "message": status}
     assert await daily(engine) == (1, 0, 0, Decimal(0))
+
+
+async def test_a_writer_that_stops_leaves_the_group(
+    redis: Redis, settings: Settings, engine: AsyncEngine
+) -> None:
+    """A writer is named after its pod: a group that kept every stopped one grew by one
+    consumer per pod that ever lived."""
+    await publish_record(redis, make_record("t1", event_id="1-0"))
+    async with running(redis, settings, engine, "w1"):
+        await eventually(lambda: drained(redis), what="backlog drained")
+        consumers = await redis.xinfo_consumers(keys.PERSIST_RECORDS, keys.PERSIST_GROUP)
+        assert [c["name"] for c in consumers] == [b"w1"]
+    assert await redis.xinfo_consumers(keys.PERSIST_RECORDS, keys.PERSIST_GROUP) == []
