@@ -178,6 +178,17 @@ def _run_async(main: object) -> None:
     uvloop.run(main)  # type: ignore[arg-type]
 
 
+def _port(text: str) -> int:
+    """A TCP port: argparse took any int, and uvloop served 99 999 on 34 463 (16 bits)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1-65535)")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="orchestrator", description="Agent Orchestrator: realtime gateway for AI agents"
@@ -186,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     api = commands.add_parser("api", help="serve the REST and WebSocket API (uvicorn)")
     api.add_argument("--host", default="0.0.0.0")
-    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--port", type=_port, default=8000)
     api.set_defaults(handler=_run_api)
 
     commands.add_parser("worker", help="consume AES callbacks and deliver events").set_defaults(
@@ -198,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dev = commands.add_parser("dev", help="run everything locally with an embedded Redis")
     dev.add_argument("--host", default="127.0.0.1")
-    dev.add_argument("--port", type=int, default=8000)
+    dev.add_argument("--port", type=_port, default=8000)
     dev.add_argument(
         "--redis-mode",
         choices=["standalone", "cluster", "sentinel"],

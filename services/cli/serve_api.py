@@ -8,11 +8,17 @@ from services.api.app import create_app
 from services.api.drain import DrainingServer
 from services.api.http_protocol import bounded_protocol
 from services.core.heap import freeze_startup_heap
+from services.core.listening import METRICS_PORT, check_can_listen
 from services.core.settings import Settings
 
 
 def serve_api(settings: Settings, *, host: str, port: int) -> None:
     app = create_app(settings, internal_host=host)
+    # One line for an address that cannot be had, before anything starts: the internal port
+    # opens in the lifespan, where a failure is a traceback.
+    check_can_listen(host, port, "--port")
+    if settings.metrics_port:
+        check_can_listen(host, settings.metrics_port, METRICS_PORT)
     freeze_startup_heap()
     config = uvicorn.Config(
         app,

@@ -187,12 +187,15 @@ def create_redis(
         client = _sentinel_primary(settings, pool_size, retries)
         pool = client.connection_pool
     else:
+        timeouts = _timeouts(settings)
+        if settings.redis_address.startswith("unix://"):
+            del timeouts["socket_keepalive"]  # a TCP option: redis-py's unix connection refuses it
         pool = WaitingConnectionPool.from_url(
             settings.redis_address,
             max_connections=pool_size,
             timeout=POOL_WAIT_SECONDS,
             retry=_retry(retries),
-            **_timeouts(settings),
+            **timeouts,
         )
         client = Redis.from_pool(pool)
     pool.connection_class = _with_mixins(
@@ -534,6 +537,13 @@ async def verify_topology(settings: Settings) -> None:
     except (*REDIS_DOWN, TimeoutError) as exc:
         # Quietly: a CLI command reports it in its own words, a service logs its retries.
         log.debug("redis not reachable at start (%s); mode not verified", exc)
+    except ResponseError as exc:
+        if "DB index" not in str(exc):
+            raise
+        # The URL's database does not exist on that server (SELECT at every connection).
+        raise ConfigError(
+            f"ORCHESTRATOR_REDIS_URL: the server refused its database ({exc})"
+        ) from None
 
 
 async def _verify(settings: Settings) -> None:

@@ -10,6 +10,7 @@ import os
 import socket
 from enum import StrEnum
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -43,11 +44,21 @@ def _split_commas(value: Any) -> Any:
     return value
 
 
+_HOUR, _DAY, _YEAR = 3600, 86_400, 365 * 86_400
+
+
 class Settings(BaseSettings):
     """Every knob of the product. Names are fixed by DESIGN §6; defaults suit a single pod."""
 
+    # No `inf`/`nan`: they pass every lower bound, then `int(inf)` fails in the middle of a
+    # start (a traceback) or Redis refuses the expiry. Every duration also has an upper bound
+    # (Redis accepts expiries up to about 2^63 ms; a year is beyond any sensible value).
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, case_sensitive=False, extra="ignore", frozen=True
+        env_prefix=ENV_PREFIX,
+        case_sensitive=False,
+        extra="ignore",
+        frozen=True,
+        allow_inf_nan=False,
     )
 
     # Redis
@@ -60,42 +71,42 @@ class Settings(BaseSettings):
     redis_max_connections: int = Field(64, ge=4)
 
     # WebSocket
-    websocket_ping_interval: float = Field(30.0, gt=0)
-    websocket_ping_timeout: float = Field(10.0, gt=0)
+    websocket_ping_interval: float = Field(30.0, gt=0, le=_HOUR)
+    websocket_ping_timeout: float = Field(10.0, gt=0, le=_HOUR)
     websocket_compression: bool = False
     websocket_send_queue: int = Field(1000, ge=1)
     # ...and characters: frames are bounded by count, an AES's websocket.send is not by size.
     websocket_send_queue_chars: int = Field(4 * 1024 * 1024, ge=1024)
     max_websocket_connections: int = Field(1000, ge=1)
-    connection_ttl_seconds: float = Field(30.0, ge=3)
-    websocket_frames_per_second: float = Field(20.0, gt=0)
+    connection_ttl_seconds: float = Field(30.0, ge=3, le=_DAY)
+    websocket_frames_per_second: float = Field(20.0, gt=0, le=1_000_000)
     max_frame_bytes: int = Field(64 * 1024, ge=1024)
     # A request head (request line and headers, a socket handshake's too): its size and the
     # time it may take to arrive, before any authentication (services/api/http_protocol.py).
     http_max_head_bytes: int = Field(64 * 1024, ge=8 * 1024)
-    http_head_timeout_seconds: float = Field(10.0, gt=0)
+    http_head_timeout_seconds: float = Field(10.0, gt=0, le=_HOUR)
 
     # Worker and transport
     worker_sleep_seconds: float = Field(1.0, gt=0, le=60)
     worker_batch_size: int = Field(100, ge=1, le=10_000)
     callback_partitions: int = Field(8, ge=1, le=1024)
-    partition_lease_seconds: float = Field(10.0, ge=1)
+    partition_lease_seconds: float = Field(10.0, ge=1, le=_HOUR)
     max_delivery_attempts: int = Field(5, ge=1)
-    session_log_maxlen: int = Field(1000, ge=10)
-    session_log_ttl_seconds: int = Field(3600, ge=10)
-    task_ttl_seconds: int = Field(86_400, ge=60)
+    session_log_maxlen: int = Field(1000, ge=10, le=10_000_000)
+    session_log_ttl_seconds: int = Field(3600, ge=10, le=_YEAR)
+    task_ttl_seconds: int = Field(86_400, ge=60, le=_YEAR)
     max_task_attempts: int = Field(3, ge=1, le=100)
-    retry_backoff_seconds: float = Field(0.5, ge=0)
-    retry_backoff_max_seconds: float = Field(30.0, ge=0)
-    drain_seconds: float = Field(10.0, ge=0)
+    retry_backoff_seconds: float = Field(0.5, ge=0, le=_DAY)
+    retry_backoff_max_seconds: float = Field(30.0, ge=0, le=_DAY)
+    drain_seconds: float = Field(10.0, ge=0, le=_HOUR)
 
     # Executor (the bundled reference AES)
     executor_concurrency: int = Field(64, ge=1)
-    executor_chunk_delay_ms: float = Field(20.0, ge=0)
-    executor_reclaim_idle_seconds: float = Field(30.0, ge=1)
+    executor_chunk_delay_ms: float = Field(20.0, ge=0, le=60_000)
+    executor_reclaim_idle_seconds: float = Field(30.0, ge=1, le=_DAY)
 
     # Clients and auth
-    max_requests_per_session: int = Field(100, ge=1)
+    max_requests_per_session: int = Field(100, ge=1, le=60_000_000)  # tiers.MAX_PER_MINUTE
     default_tier: str = "free"
     default_agent: str = "default"
     jwt_secret: str | None = None
@@ -110,8 +121,8 @@ class Settings(BaseSettings):
 
     # Persistence and retention (used by later parts; validated now so typos fail early)
     database_url: str | None = None
-    history_retention_days: int = Field(30, ge=1)
-    validation_cache_ttl: float = Field(300.0, ge=0)
+    history_retention_days: int = Field(30, ge=1, le=36_500)
+    validation_cache_ttl: float = Field(300.0, ge=0, le=_DAY)
 
     # Tenancy
     require_known_tenant: bool = False
@@ -124,7 +135,7 @@ class Settings(BaseSettings):
     database_command_timeout_seconds: float = Field(30.0, gt=0, le=3600)
     persist_batch_size: int = Field(500, ge=1, le=5000)
     persist_retry_max_seconds: float = Field(5.0, gt=0, le=300)
-    persist_reclaim_idle_seconds: float = Field(60.0, ge=1)
+    persist_reclaim_idle_seconds: float = Field(60.0, ge=1, le=_DAY)
     persist_stream_maxlen: int = Field(1_000_000, ge=1000)
     history_page_max: int = Field(200, ge=1, le=1000)
 
@@ -162,8 +173,27 @@ class Settings(BaseSettings):
     def _redis_url(cls, value: str | None) -> str | None:
         # Checked at start, not at the first connection (a traceback); never echoed: a URL
         # may carry a password.
-        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+        if value is None:
+            return value
+        if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        try:
+            port = urlsplit(value).port  # raises for a port beyond 65535
+        except ValueError:
+            port = 0
+        if port == 0:
+            raise ValueError("its port is not a number from 1 to 65535")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        # At start in every process (the api met it in its lifespan only: a traceback and
+        # "Application startup failed"); never echoed: it may carry a password.
+        if value and not value.startswith(
+            ("postgresql://", "postgres://", "postgresql+asyncpg://")
+        ):
+            raise ValueError("must start with postgresql:// (or postgres://)")
         return value
 
     @field_validator("redis_sentinels")

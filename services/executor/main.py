@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Histogram
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 from redis.typing import KeyT, StreamIdT
@@ -41,6 +41,7 @@ from services.core.actions import (
 )
 from services.core.heap import freeze_startup_heap
 from services.core.lean_pipeline import run_pipeline
+from services.core.listening import serve_metrics
 from services.core.logs import log_context
 from services.core.metric_buckets import LATENCY_BUCKETS
 from services.core.redis_client import (
@@ -471,6 +472,6 @@ async def serve(settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, executor.stopping.set)
     if settings.metrics_port:
-        start_http_server(settings.metrics_port)
+        serve_metrics(settings.metrics_port)
     freeze_startup_heap()
     await executor.run()

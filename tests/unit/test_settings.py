@@ -90,3 +90,32 @@ def test_the_api_refuses_to_start_without_a_jwt_key() -> None:
     assert result.stderr.strip().splitlines() == [
         "orchestrator: configuration error: ORCHESTRATOR_JWT_SECRET: must be set for HS256 tokens"
     ]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        # `inf` passed every lower bound; then int(inf) failed in the middle of a start.
+        ("ORCHESTRATOR_DRAIN_SECONDS", "inf"),
+        ("ORCHESTRATOR_CONNECTION_TTL_SECONDS", "inf"),
+        ("ORCHESTRATOR_PARTITION_LEASE_SECONDS", "inf"),
+        ("ORCHESTRATOR_EXECUTOR_RECLAIM_IDLE_SECONDS", "nan"),
+        # Beyond the calendar: `prune` failed with "date value out of range".
+        ("ORCHESTRATOR_HISTORY_RETENTION_DAYS", "1000000"),
+        # Beyond what Redis accepts: the api started, then every send was a 500.
+        ("ORCHESTRATOR_TASK_TTL_SECONDS", "10000000000000000"),
+        ("ORCHESTRATOR_SESSION_LOG_TTL_SECONDS", "10000000000000000"),
+        # Beyond the rate limiter's bound: the error blamed ORCHESTRATOR_TIERS.
+        ("ORCHESTRATOR_MAX_REQUESTS_PER_SESSION", "1000000000000"),
+        # Checked in every process at start, not in the api's lifespan (a traceback).
+        ("ORCHESTRATOR_DATABASE_URL", "mysql://user:secret@127.0.0.1:3306/chat"),
+        ("ORCHESTRATOR_REDIS_URL", "redis://:secret@127.0.0.1:99999/0"),
+    ],
+)
+def test_a_value_no_process_could_use_is_refused_naming_its_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=variable) as refused:
+        load_settings()
+    assert "secret" not in str(refused.value)  # a URL's password is never echoed
