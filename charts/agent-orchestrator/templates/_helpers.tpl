@@ -437,24 +437,40 @@ applies server-side, which refuses duplicate env names (KUBERNETES.md). */ -}}
 {{- end -}}
 {{- end -}}
 
+{{/*
+A value from values as the text of an env var or a config file entry. Helm reads every YAML
+number as float64, which `quote`/`toString` print in exponent form from 1e6 on (2e+06): an
+integer setting written so passes the values schema, then every pod refuses it at start (and
+KEDA cannot parse it). Go's JSON encoding prints a float64 without exponent below 1e21
+(2000000, 0.5, 1234567.5); strings and booleans keep `toString`, a missing value stays empty.
+Call with the value: (include "ao.text" .Values.config.maxWebsocketConnections | quote).
+*/}}
+{{- define "ao.text" -}}
+{{- if or (kindIs "float64" .) (kindIs "float32" .) (kindIs "int64" .) (kindIs "int" .) -}}
+{{- toJson . -}}
+{{- else if not (kindIs "invalid" .) -}}
+{{- toString . -}}
+{{- end -}}
+{{- end -}}
+
 {{/* The ORCHESTRATOR_* settings of the ConfigMap, as a YAML map (without config.extraEnv). */}}
 {{- define "ao.settingsEnv" -}}
 {{- $v := .Values -}}
 ORCHESTRATOR_LOG_LEVEL: {{ $v.config.logLevel | quote }}
 ORCHESTRATOR_DEFAULT_TIER: {{ $v.config.defaultTier | quote }}
 ORCHESTRATOR_ALLOWED_ORIGINS: {{ join "," $v.config.allowedOrigins | quote }}
-ORCHESTRATOR_MAX_WEBSOCKET_CONNECTIONS: {{ $v.config.maxWebsocketConnections | quote }}
-ORCHESTRATOR_WEBSOCKET_PING_INTERVAL: {{ $v.config.websocketPingInterval | quote }}
-ORCHESTRATOR_WEBSOCKET_PING_TIMEOUT: {{ $v.config.websocketPingTimeout | quote }}
+ORCHESTRATOR_MAX_WEBSOCKET_CONNECTIONS: {{ include "ao.text" $v.config.maxWebsocketConnections | quote }}
+ORCHESTRATOR_WEBSOCKET_PING_INTERVAL: {{ include "ao.text" $v.config.websocketPingInterval | quote }}
+ORCHESTRATOR_WEBSOCKET_PING_TIMEOUT: {{ include "ao.text" $v.config.websocketPingTimeout | quote }}
 ORCHESTRATOR_WEBSOCKET_COMPRESSION: {{ $v.config.websocketCompression | quote }}
-ORCHESTRATOR_CALLBACK_PARTITIONS: {{ $v.config.callbackPartitions | quote }}
-ORCHESTRATOR_HISTORY_RETENTION_DAYS: {{ $v.config.historyRetentionDays | quote }}
-ORCHESTRATOR_VALIDATION_CACHE_TTL: {{ $v.config.validationCacheTtl | quote }}
-ORCHESTRATOR_METRICS_PORT: {{ $v.config.metricsPort | quote }}
-ORCHESTRATOR_DRAIN_SECONDS: {{ $v.api.drain.seconds | quote }}
+ORCHESTRATOR_CALLBACK_PARTITIONS: {{ include "ao.text" $v.config.callbackPartitions | quote }}
+ORCHESTRATOR_HISTORY_RETENTION_DAYS: {{ include "ao.text" $v.config.historyRetentionDays | quote }}
+ORCHESTRATOR_VALIDATION_CACHE_TTL: {{ include "ao.text" $v.config.validationCacheTtl | quote }}
+ORCHESTRATOR_METRICS_PORT: {{ include "ao.text" $v.config.metricsPort | quote }}
+ORCHESTRATOR_DRAIN_SECONDS: {{ include "ao.text" $v.api.drain.seconds | quote }}
 ORCHESTRATOR_TIERS_FILE: /etc/agent-orchestrator/tiers.json
-ORCHESTRATOR_EXECUTOR_CONCURRENCY: {{ $v.executor.concurrency | quote }}
-ORCHESTRATOR_EXECUTOR_CHUNK_DELAY_MS: {{ $v.executor.chunkDelayMs | quote }}
+ORCHESTRATOR_EXECUTOR_CONCURRENCY: {{ include "ao.text" $v.executor.concurrency | quote }}
+ORCHESTRATOR_EXECUTOR_CHUNK_DELAY_MS: {{ include "ao.text" $v.executor.chunkDelayMs | quote }}
 {{- if $v.redis.enabled }}
 ORCHESTRATOR_REDIS_MODE: "standalone"
 {{- else }}
@@ -464,7 +480,7 @@ ORCHESTRATOR_REDIS_SENTINELS: {{ join "," $v.externalRedis.sentinels | quote }}
 ORCHESTRATOR_REDIS_SENTINEL_MASTER: {{ $v.externalRedis.sentinelMaster | quote }}
 {{- end }}
 {{- end }}
-ORCHESTRATOR_REDIS_MAX_CONNECTIONS: {{ $v.externalRedis.maxConnections | quote }}
+ORCHESTRATOR_REDIS_MAX_CONNECTIONS: {{ include "ao.text" $v.externalRedis.maxConnections | quote }}
 ORCHESTRATOR_JWT_ALGORITHM: {{ $v.auth.algorithm | quote }}
 {{- with $v.auth.audience }}
 ORCHESTRATOR_JWT_AUDIENCE: {{ . | quote }}
