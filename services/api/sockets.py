@@ -14,6 +14,7 @@ refusal completes the handshake and closes with a code and reason the client can
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -21,6 +22,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import msgspec
+from litestar.config.cors import CORSConfig
 from opentelemetry.trace import SpanKind
 
 from services.api import metrics
@@ -102,12 +104,18 @@ def _offered_token(scope: Scope) -> tuple[str | None, bool]:
     return token, SUBPROTOCOL in offered
 
 
+@functools.lru_cache(maxsize=4)
+def _cors_rule(allowed: tuple[str, ...]) -> CORSConfig:
+    return CORSConfig(allow_origins=list(allowed))
+
+
 def _origin_allowed(runtime: Runtime, origin: str | None) -> bool:
-    """As the CORS layer decides for REST (Litestar's CORSConfig): `*` admits any origin."""
+    """Decided by the rule the CORS layer applies to REST (Litestar's CORSConfig): `*` admits
+    any origin, and a `*` inside an entry (`https://*.example.com`) any text there."""
     if origin is None:
         return True
     allowed = runtime.settings.allowed_origins
-    return origin in allowed or "*" in allowed
+    return bool(allowed) and _cors_rule(tuple(allowed)).is_origin_allowed(origin)
 
 
 async def _refuse(send: Send, speaks_v1: bool, code: int, reason: str) -> None:
