@@ -45,6 +45,7 @@ def _split_commas(value: Any) -> Any:
 
 
 _HOUR, _DAY, _YEAR = 3600, 86_400, 365 * 86_400
+MESSAGE_ENVELOPE_BYTES = 1024  # a frame's or body's JSON around the message text
 
 
 class Settings(BaseSettings):
@@ -80,7 +81,9 @@ class Settings(BaseSettings):
     max_websocket_connections: int = Field(1000, ge=1)
     connection_ttl_seconds: float = Field(30.0, ge=3, le=_DAY)
     websocket_frames_per_second: float = Field(20.0, gt=0, le=1_000_000)
-    max_frame_bytes: int = Field(64 * 1024, ge=1024)
+    # As large as a REST body: a message of MAX_MESSAGE_CHARS characters sent on the socket
+    # must fit (`_coherent`), and non-Latin text takes 3-4 bytes a character in UTF-8.
+    max_frame_bytes: int = Field(256 * 1024, ge=1024)
     # A request head (request line and headers, a socket handshake's too): its size and the
     # time it may take to arrive, before any authentication (services/api/http_protocol.py).
     http_max_head_bytes: int = Field(64 * 1024, ge=8 * 1024)
@@ -211,6 +214,16 @@ class Settings(BaseSettings):
             raise ValueError("REDIS_SENTINELS is required when REDIS_MODE is sentinel")
         if self.redis_mode is RedisMode.cluster and not self.redis_url:
             raise ValueError("REDIS_URL (a seed node) is required when REDIS_MODE is cluster")
+        # A message within MAX_MESSAGE_CHARS must fit a frame and a body whatever its script:
+        # up to 4 UTF-8 bytes a character, and room for the rest of the JSON.
+        least = 4 * self.max_message_chars + MESSAGE_ENVELOPE_BYTES
+        for name, value in (("FRAME", self.max_frame_bytes), ("BODY", self.max_body_bytes)):
+            if value < least:
+                raise ValueError(
+                    f"MAX_{name}_BYTES ({value}) cannot hold a message of "
+                    f"{ENV_PREFIX}MAX_MESSAGE_CHARS ({self.max_message_chars}) characters "
+                    f"({least} bytes in UTF-8 at worst): raise it, or lower the other"
+                )
         return self
 
     @property
