@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from services.core.errors import Unauthorized
 from services.core.ids import is_valid_id
@@ -58,17 +59,10 @@ class TokenVerifier:
         )
         if not key:
             raise ConfigError(f"{variable}: must be set for {settings.jwt_algorithm} tokens")
-        # Parsed now, not on the first request: a key PyJWT cannot read (a truncated PEM, a
-        # PEM given as an HS secret) stops the process at start instead of failing every
-        # request with a 500.
-        try:
-            self._key: Any = jwt.get_algorithm_by_name(settings.jwt_algorithm).prepare_key(key)
-        except (jwt.PyJWTError, ValueError, TypeError) as exc:
-            # PyJWT's own words name the problem, never the key; others' might quote it.
-            why = f" ({exc})" if isinstance(exc, jwt.PyJWTError) else ""
-            raise ConfigError(
-                f"{variable}: not a usable {settings.jwt_algorithm} key{why}"
-            ) from None
+        # Parsed and judged now, not on the first request: a key PyJWT cannot read, a private
+        # key where the public one belongs (no `verify`: a 500 per request) or a weak one stops
+        # the process at start.
+        self._key: Any = usable_key(settings.jwt_algorithm, key, variable, signing=False)
         self._algorithms = [settings.jwt_algorithm]
         self._audience = settings.jwt_audience
         self._issuer = settings.jwt_issuer
@@ -156,12 +150,85 @@ def issue_token(
             raise ConfigError(
                 "ORCHESTRATOR_JWT_SECRET: not set (and no secret from `orchestrator dev` found)"
             )
+    variable = (
+        "ORCHESTRATOR_JWT_PRIVATE_KEY" if settings.uses_public_key else "ORCHESTRATOR_JWT_SECRET"
+    )
+    prepared = usable_key(settings.jwt_algorithm, key, variable, signing=True)
     try:
-        return jwt.encode(claims, key, algorithm=settings.jwt_algorithm)
+        return jwt.encode(claims, prepared, algorithm=settings.jwt_algorithm)
     except (jwt.PyJWTError, ValueError, TypeError):
-        variable = (
-            "ORCHESTRATOR_JWT_PRIVATE_KEY"
-            if settings.uses_public_key
-            else "ORCHESTRATOR_JWT_SECRET"
-        )
         raise ConfigError(f"{variable}: not a usable {settings.jwt_algorithm} key") from None
+
+
+# RFC 7518 §3.2: an HMAC key at least as long as the hash's output.
+MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+# RFC 7518 §3.3: RSA keys of 2048 bits or more.
+MIN_RSA_BITS = 2048
+# RFC 7518 §3.4: each ES algorithm names its curve.
+CURVE_OF = {"ES256": "secp256r1", "ES384": "secp384r1"}
+
+
+def usable_key(algorithm: str, key: str, variable: str, *, signing: bool) -> Any:
+    """`key` parsed for `algorithm`, or a ConfigError naming `variable` (never quoting the key).
+
+    Checked here rather than left to PyJWT on use: PyJWT reads a private key given to verify (and
+    then fails every request without a `verify`), and only warns about a short HMAC secret or RSA
+    key, which lets tokens be forged; both are refused before the process serves anything.
+    """
+    try:
+        prepared = jwt.get_algorithm_by_name(algorithm).prepare_key(key)
+    except (jwt.PyJWTError, ValueError, TypeError) as exc:
+        # PyJWT's own words name the problem, never the key; others' might quote it.
+        why = f" ({exc})" if isinstance(exc, jwt.PyJWTError) else ""
+        raise ConfigError(f"{variable}: not a usable {algorithm} key{why}") from None
+    problem = key_problem(algorithm, prepared, signing=signing)
+    if problem:
+        raise ConfigError(f"{variable}: {problem}")
+    return prepared
+
+
+def key_problem(algorithm: str, prepared: Any, *, signing: bool) -> str | None:
+    """What makes a parsed key unfit for `algorithm` in this role, or None when it is fit."""
+    if isinstance(prepared, bytes):
+        return _secret_problem(algorithm, prepared)
+    return _role_problem(algorithm, prepared, signing=signing) or _strength_problem(
+        algorithm, prepared
+    )
+
+
+def _secret_problem(algorithm: str, secret: bytes) -> str | None:
+    """A shorter HMAC secret can be brute-forced, and then anyone can forge any tenant's token."""
+    least = MIN_SECRET_BYTES.get(algorithm, 0)
+    if len(secret) >= least:
+        return None
+    return (
+        f"too short for {algorithm}: {len(secret)} bytes, at least {least} needed "
+        f"(RFC 7518 §3.2; `openssl rand -base64 {least}` makes one)"
+    )
+
+
+def _role_problem(algorithm: str, key: Any, *, signing: bool) -> str | None:
+    """Signing needs the private half, verifying the public one: PyJWT reads either for both."""
+    private = isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey))
+    if signing and not private:
+        return f"a public key; signing {algorithm} tokens needs the private key"
+    if not signing and private:
+        return (
+            f"a private key; verifying {algorithm} tokens needs the public key "
+            "(the private one signs tokens and belongs only to their issuer)"
+        )
+    return None
+
+
+def _strength_problem(algorithm: str, key: Any) -> str | None:
+    """An RSA key under 2048 bits, or an EC key on another curve than the algorithm's."""
+    if isinstance(key, (rsa.RSAPrivateKey, rsa.RSAPublicKey)) and key.key_size < MIN_RSA_BITS:
+        return (
+            f"a {key.key_size}-bit RSA key; {algorithm} needs at least {MIN_RSA_BITS} bits "
+            "(RFC 7518 §3.3)"
+        )
+    if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
+        expected = CURVE_OF.get(algorithm, key.curve.name)
+        if key.curve.name != expected:
+            return f"a {key.curve.name} key; {algorithm} needs a {expected} key (RFC 7518 §3.4)"
+    return None

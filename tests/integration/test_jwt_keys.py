@@ -1,0 +1,92 @@
+"""A weak or misplaced JWT key stops `orchestrator api` (and `token`) at start: exit code 2,
+one line naming the variable, no traceback, the key never printed (README "Configuration")."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from services.cli.embedded import free_port
+from tests.integration.test_cli_errors import ORCHESTRATOR, ROOT, assert_clean_failure
+
+START_TIMEOUT = 30  # a refusal comes in seconds; an api that starts instead would serve on
+
+
+def rsa_pems(bits: int) -> tuple[str, str]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    public = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    return private, public
+
+
+def run(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`orchestrator ARGS` with only `env` of the ORCHESTRATOR_* settings, bounded in time."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_")}
+    base["HOME"] = str(tmp_path)  # no dev secret of this machine
+    base["XDG_CONFIG_HOME"] = str(tmp_path / "config")
+    try:
+        return subprocess.run(
+            [*ORCHESTRATOR, *args],
+            cwd=ROOT,
+            env={**base, **env},
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`{args[0]}` ran for {START_TIMEOUT}s instead of refusing at start")
+
+
+def run_api(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`orchestrator api` with `env`; the refusal comes before any backend is reached."""
+    return run(["api", "--host", "127.0.0.1", "--port", str(free_port())], tmp_path, **env)
+
+
+def test_the_api_refuses_a_one_character_secret(tmp_path: Path) -> None:
+    result = run_api(tmp_path, ORCHESTRATOR_JWT_SECRET="a")
+    assert_clean_failure(result, code=2, names="ORCHESTRATOR_JWT_SECRET: too short")
+
+
+def test_the_api_refuses_a_private_key_as_its_public_key(tmp_path: Path) -> None:
+    private, _ = rsa_pems(2048)
+    result = run_api(
+        tmp_path,
+        ORCHESTRATOR_JWT_ALGORITHM="RS256",
+        ORCHESTRATOR_JWT_PUBLIC_KEY=private,
+    )
+    assert_clean_failure(result, code=2, names="ORCHESTRATOR_JWT_PUBLIC_KEY: a private key")
+    assert "PRIVATE KEY" not in result.stderr + result.stdout
+
+
+def test_the_api_refuses_a_1024_bit_rsa_key(tmp_path: Path) -> None:
+    _, public = rsa_pems(1024)
+    result = run_api(
+        tmp_path,
+        ORCHESTRATOR_JWT_ALGORITHM="RS256",
+        ORCHESTRATOR_JWT_PUBLIC_KEY=public,
+    )
+    assert_clean_failure(result, code=2, names="ORCHESTRATOR_JWT_PUBLIC_KEY: a 1024-bit RSA")
+
+
+def test_token_refuses_a_public_key_as_its_private_key(tmp_path: Path) -> None:
+    _, public = rsa_pems(2048)
+    result = run(
+        ["token", "--tenant", "acme", "--user", "alice"],
+        tmp_path,
+        ORCHESTRATOR_JWT_ALGORITHM="RS256",
+        ORCHESTRATOR_JWT_PRIVATE_KEY=public,
+    )
+    assert_clean_failure(result, code=2, names="ORCHESTRATOR_JWT_PRIVATE_KEY: a public key")
