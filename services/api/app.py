@@ -48,7 +48,7 @@ from services.core.tasks import TaskStore
 from services.core.tenant_sockets import TenantSockets
 from services.core.tiers import load_tiers
 from services.core.usage import UsageCounter
-from services.persistence.database import create_engine
+from services.persistence.database import asyncpg_target, create_engine
 from services.persistence.history import HistoryStore
 
 log = logging.getLogger(__name__)
@@ -242,6 +242,8 @@ def create_app(
     settings: Settings, *, pod_id: str | None = None, internal_host: str = "0.0.0.0"
 ) -> Api:
     verifier = TokenVerifier(settings)  # fail at start, not at the first request
+    if settings.database_url:  # one line now, not a traceback from the lifespan
+        asyncpg_target(settings.database_url)
     tiers = load_tiers(settings)
     if settings.default_tier not in tiers:
         raise ConfigError(

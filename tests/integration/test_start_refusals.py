@@ -102,3 +102,13 @@ def test_a_port_out_of_range_is_refused_not_wrapped(
         stop(process)
     assert returncode == 2, log.read_text()
     assert "--port" in log.read_text()
+
+
+def test_a_database_url_parameter_the_driver_cannot_honour_is_one_line(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Checked when the app is made, not in its lifespan (a traceback there)."""
+    url = "postgresql://user:secret@127.0.0.1:5/chat?keepalives_idle=5"
+    outcome, _ = run_role("api", base_env(redis_server.url, database_url=url), tmp_path / "a.log")
+    assert_refused_at_start(outcome, "ORCHESTRATOR_DATABASE_URL")
+    assert "secret" not in outcome.output

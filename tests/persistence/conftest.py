@@ -16,11 +16,11 @@ from typing import Any
 import asyncpg
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.cli.embedded_postgres import PostgresServer
 from services.core.settings import Settings, load_settings
-from services.persistence.database import engine_url
+from services.persistence.database import async_engine
 from services.persistence.migrate import migrate
 from services.persistence.records import PersistRecord, RecordUsage
 from services.persistence.schema import ALL_TABLES
@@ -56,7 +56,7 @@ async def database_url(postgres_server: PostgresServer) -> str:
 @pytest.fixture
 async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     """An engine on the migrated database; every table is empty when the test starts."""
-    engine = create_async_engine(engine_url(database_url), pool_size=4)
+    engine = async_engine(database_url, pool_size=4)
     async with engine.begin() as conn:
         names = ", ".join(table.name for table in ALL_TABLES)
         await conn.execute(text(f"TRUNCATE {names}"))

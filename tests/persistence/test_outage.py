@@ -11,10 +11,9 @@ import asyncpg
 import pytest
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from services.cli.embedded_postgres import PostgresServer
-from services.persistence.database import create_engine, engine_url
+from services.persistence.database import async_engine, create_engine
 from services.persistence.migrate import migrate
 from services.persistence.records import publish_record
 from services.persistence.schema import messages, tasks, usage_events
@@ -65,7 +64,7 @@ async def test_postgres_stopped_mid_run_loses_nothing_and_writes_each_task_once(
         await asyncio.wait_for(running, 10)
         await writer.engine.dispose()
 
-    engine = create_async_engine(engine_url(url))
+    engine = async_engine(url)
     try:
         assert await count(engine, tasks) == 35
         assert await count(engine, messages) == 70
