@@ -177,3 +177,30 @@ async def dead_letter(redis: Redis, entry: Entry, group: str, reason: str) -> No
         "dead-lettered entry",
         extra={"stream": entry.stream, "entry_id": entry.id, "reason": reason[:200]},
     )
+
+
+_TRIM_CONSUMED = (files("services.core") / "lua" / "trim_consumed.lua").read_text()
+# Entries one trim call removes at most (XTRIM's LIMIT): a call on a stream holding a long
+# consumed backlog (the first one after an upgrade) stays short; the next call goes on.
+TRIM_LIMIT = 10_000
+
+
+async def trim_consumed(redis: Redis, stream: str, *, limit: int = TRIM_LIMIT) -> int:
+    """Remove the stream's entries that every consumer group has read and acknowledged (up to
+    about `limit`); returns how many. Without this, consumed entries stayed until the stream's
+    MAXLEN (a million), gigabytes over a day. An entry some group has not read, or holds
+    pending, is kept; a stream without groups is left to its MAXLEN. Trimming is by whole
+    stream nodes (`MINID ~`), so a few consumed entries of the newest node may remain."""
+    return int(await redis.eval(_TRIM_CONSUMED, 1, stream, limit))
+
+
+async def trim_consumed_all(redis: Redis, stream: str, *, rounds: int = 100) -> int:
+    """`trim_consumed` until nothing more goes (at most `rounds` calls, other clients served
+    between them); returns how many entries were removed."""
+    removed = 0
+    for _ in range(rounds):
+        trimmed = await trim_consumed(redis, stream)
+        if not trimmed:
+            break
+        removed += trimmed
+    return removed

@@ -13,12 +13,12 @@ import logging
 import signal
 from typing import Any
 
-from prometheus_client import start_http_server
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from services.core import keys
 from services.core.heap import freeze_startup_heap
+from services.core.listening import serve_metrics
 from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING, create_redis
 from services.core.scripts import Scripts
 from services.core.settings import RedisMode, Settings, process_name
@@ -30,6 +30,7 @@ from services.worker.joint import JointConsumer
 from services.worker.leases import PartitionLeases
 from services.worker.partition import PartitionConsumer
 from services.worker.schedule import TICK_SECONDS, fire_due_all
+from services.worker.trim import TRIM_SECONDS, run_trimmer
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class Worker:
         self.tenant_labels = metrics.TenantLabels(settings.metrics_tenant_labels)
         self._lag_reported: set[tuple[str, str]] = set()
         self.stopping = asyncio.Event()
+        self.trim_seconds = TRIM_SECONDS  # consumed stream entries are released this often
 
     def _start_consumer(self, partition: int, start_after: float = 0.0) -> None:
         consumer = PartitionConsumer(
@@ -189,6 +191,9 @@ class Worker:
             writer = PersistenceWriter(self.redis, self.settings, consumer=self.worker_id)
             writing = asyncio.get_running_loop().create_task(writer.run())
         timers = asyncio.get_running_loop().create_task(self._fire_timers())
+        trimming = asyncio.get_running_loop().create_task(
+            run_trimmer(self.redis, lambda: self.leases.owned, self.stopping, self.trim_seconds)
+        )
         while not self.stopping.is_set():
             try:
                 await self._rebalance()
@@ -200,6 +205,8 @@ class Worker:
                 await asyncio.wait_for(self.stopping.wait(), interval)
         with contextlib.suppress(Exception):
             await timers
+        with contextlib.suppress(Exception):
+            await trimming
         for partition in list(self.consumers):
             await self._stop_consumer(partition)
         if writer is not None and writing is not None:
@@ -220,6 +227,6 @@ async def serve(settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, worker.stopping.set)
     if settings.metrics_port:
-        start_http_server(settings.metrics_port)
+        serve_metrics(settings.metrics_port)
     freeze_startup_heap()
     await worker.run()
