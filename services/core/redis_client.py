@@ -48,7 +48,7 @@ from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.connection import AbstractConnection, SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import (
     ClusterDownError,
     DataError,
@@ -336,6 +336,11 @@ def _sentinel_primary(settings: Settings, pool_size: int, retries: int = RETRIES
             **{k: v for k, v in sentinel_auth.items() if v},
             "socket_timeout": CONNECT_TIMEOUT_SECONDS,
             "socket_connect_timeout": CONNECT_TIMEOUT_SECONDS,
+            # No retry per sentinel: asking the next sentinel is the retry, and the command's
+            # own Retry asks them all again. redis-py's default backoff (seconds per attempt,
+            # per sentinel, per command retry) kept a command 33 s behind unreachable
+            # sentinels, and an api's start (before /health answered) over a minute.
+            "retry": Retry(NoBackoff(), 0),
         },
     )
     client: Redis = sentinel.master_for(
