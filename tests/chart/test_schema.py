@@ -118,6 +118,14 @@ def test_schema_refuses_nonsense(chart: Any, values: dict[str, Any], complaint: 
         chart.validate_schema(values)
 
 
+def test_schema_takes_every_origin_form_the_api_takes(chart: Any) -> None:
+    """README: `*` admits every origin, and a `*` inside an entry any text there."""
+    chart.validate_schema({"config": {"allowedOrigins": ["*"]}})
+    chart.validate_schema({"config": {"allowedOrigins": ["https://*.example.com"]}})
+    with pytest.raises(HelmValuesError, match="allowedOrigins"):
+        chart.validate_schema({"config": {"allowedOrigins": ["example.com"]}})
+
+
 def test_render_refuses_what_the_schema_refuses() -> None:
     with pytest.raises(HelmValuesError, match="replicaCount"):
         render({"api": {"replicaCount": 0}})
