@@ -24,7 +24,7 @@ from services.api.models import (
 from services.api.runtime import Runtime
 from services.core.auth import Principal
 from services.core.errors import BadRequest
-from services.core.ids import ID_PATTERN, new_id
+from services.core.ids import ID_PATTERN
 
 AnyRequest = Request[Any, Any, Any]
 
@@ -130,8 +130,9 @@ def idempotency_key(request: AnyRequest) -> str | None:
         413: ResponseSpec(ErrorBody, description="body over ORCHESTRATOR_MAX_BODY_BYTES"),
         422: ResponseSpec(
             ErrorBody,
-            description="a field is missing, unknown or invalid, or the message is too long "
-            "(`message_too_long`)",
+            description="a field is missing, unknown or invalid, the message is too long "
+            "(`message_too_long`), or the Idempotency-Key was used for another request "
+            "(`idempotency_key_reused`)",
         ),
         429: ResponseSpec(ErrorBody, description="rate limited or over budget"),
         503: ResponseSpec(ErrorBody, description="Redis unreachable or refusing writes: retry"),
@@ -154,7 +155,7 @@ async def send_message(
     sent = await runtime.chat.send(
         principal,
         data,
-        session_id=session_id or new_id(),
+        session_id=session_id,  # None: a new session (made by the service)
         agent_id=agent_id or runtime.settings.default_agent,
         idempotency_key=idempotency_key(request),
     )

@@ -25,7 +25,15 @@ from services.api import metrics
 from services.api.admission import Admission, SendRules
 from services.api.models import Accepted, Cancelled, SendRequest, TaskView
 from services.core import events, keys, telemetry
-from services.core.actions import ACTION_FIELD, ChatCancel, ChatProcess, User, encode_action, utcnow
+from services.core.actions import (
+    ACTION_FIELD,
+    ChatCancel,
+    ChatProcess,
+    User,
+    decode_action,
+    encode_action,
+    utcnow,
+)
 from services.core.auth import Principal
 from services.core.errors import Conflict, InvalidInput, NotFound
 from services.core.ids import new_id
@@ -85,6 +93,32 @@ class Sent:
     replayed: bool
 
 
+@dataclass(frozen=True, slots=True)
+class _Asked:
+    """What a send with an `Idempotency-Key` asks for, to tell a retry from another request."""
+
+    session_id: str | None  # None: the request named no session
+    agent_id: str
+    request: SendRequest
+
+    def made(self, ref: TaskRef, state: dict[str, Any]) -> bool:
+        """Whether the task the key names was made by this same request."""
+        raw = state.get("action")
+        if not raw:
+            return True  # nothing kept to compare with
+        earlier = decode_action(raw.encode() if isinstance(raw, str) else raw)
+        if not isinstance(earlier, ChatProcess):
+            return True
+        request = self.request
+        session = self.session_id or ref.session_id
+        return (ref.session_id, earlier.agent_id, earlier.message, earlier.stream) == (
+            session,
+            self.agent_id,
+            request.message,
+            request.stream,
+        ) and earlier.context == request.context
+
+
 def _digest(idempotency_key: str) -> str:
     """Keys are client strings of any shape; their digest is what reaches Redis."""
     return hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
@@ -111,11 +145,14 @@ class ChatService:
         principal: Principal,
         request: SendRequest,
         *,
-        session_id: str,
+        session_id: str | None,
         agent_id: str,
         idempotency_key: str | None = None,
     ) -> Sent:
-        """Admit and enqueue a message; a repeated `Idempotency-Key` returns the first task."""
+        """Admit and enqueue a message; a repeated `Idempotency-Key` returns the first task.
+
+        `session_id` None: the request named none, and a new session is made (a retry of it
+        under its key is answered with the first one's task and session)."""
         if len(request.message) > self.settings.max_message_chars:
             raise InvalidInput(
                 f"message is longer than {self.settings.max_message_chars} characters",
@@ -123,10 +160,12 @@ class ChatService:
                 code="message_too_long",
             )
         tenant_id = principal.tenant_id
+        asked = _Asked(session_id, agent_id, request)
+        session_id = session_id or new_id()
         idempotency = None
         if idempotency_key is not None:
             idempotency = keys.tenant_idempotency(tenant_id, _digest(idempotency_key))
-            earlier = await self._replay(principal, idempotency)
+            earlier = await self._replay(principal, idempotency, asked)
             if earlier is not None:
                 return await self._with_limits(principal, earlier)
         rules = await self.admission.send_rules(tenant_id, session_id, agent_id, request)
@@ -141,7 +180,7 @@ class ChatService:
             decisions = await self.admission.limiter.check_many(rules.checks)
             admitted = self.admission.judge(rules, decisions)
             if idempotency is not None:
-                earlier = await self._reserve(principal, idempotency, ref.task_id)
+                earlier = await self._reserve(principal, idempotency, ref.task_id, asked)
                 if earlier is not None:
                     # A double submit answered with the first one's task: it sent nothing,
                     # so what it took from the limits (and the day's requests) goes back.
@@ -431,7 +470,9 @@ class ChatService:
         )
         return bool(swapped)
 
-    async def _reserve(self, principal: Principal, idempotency: str, task_id: str) -> Sent | None:
+    async def _reserve(
+        self, principal: Principal, idempotency: str, task_id: str, asked: _Asked
+    ) -> Sent | None:
         """Make the `Idempotency-Key` name `task_id`, or answer with the task it names.
 
         The key may name a task still being created by a concurrent request (a double submit
@@ -442,7 +483,9 @@ class ChatService:
         for _ in range(RESERVE_ATTEMPTS):
             if await self.redis.set(idempotency, task_id, nx=True, ex=IDEMPOTENCY_TTL_SECONDS):
                 return None
-            seen, earlier = await self._lookup(principal, idempotency, wait=IN_FLIGHT_SECONDS)
+            seen, earlier = await self._lookup(
+                principal, idempotency, asked, wait=IN_FLIGHT_SECONDS
+            )
             if earlier is not None:
                 return earlier
             if seen is not None and await self._swap(idempotency, seen, task_id):
@@ -481,13 +524,13 @@ class ChatService:
         standing = await self.admission.standing(principal.tenant_id, session_id)
         return Sent(replay.accepted, rate_limit_headers(standing), replayed=True)
 
-    async def _replay(self, principal: Principal, idempotency: str) -> Sent | None:
+    async def _replay(self, principal: Principal, idempotency: str, asked: _Asked) -> Sent | None:
         """The task an earlier request with this key created, if any (within 24 hours)."""
-        _, earlier = await self._lookup(principal, idempotency)
+        _, earlier = await self._lookup(principal, idempotency, asked)
         return earlier
 
     async def _lookup(
-        self, principal: Principal, idempotency: str, *, wait: float = 0.0
+        self, principal: Principal, idempotency: str, asked: _Asked, *, wait: float = 0.0
     ) -> tuple[str | None, Sent | None]:
         """The task id the key names, and that task if a retry is to be answered with it.
 
@@ -514,6 +557,15 @@ class ChatService:
             # (another node) was not; or its request died after reserving the key. The retry
             # makes a new task.
             return task_id, None
+        if not asked.made(ref, state):
+            # A retry carries the same request; another one under the key is a client's bug
+            # that a replay would hide (its message never sent, the other session's task
+            # answered): refused, as the IETF Idempotency-Key draft asks.
+            raise InvalidInput(
+                "this Idempotency-Key was used for another request (a different message, "
+                "session, agent, context or stream flag) within the last 24 hours",
+                code="idempotency_key_reused",
+            )
         status = state.get("status") or TaskStatus.processing
         accepted = Accepted(task_id=ref.task_id, status=status, session_id=ref.session_id)
         return task_id, Sent(accepted, {}, replayed=True)

@@ -17,7 +17,7 @@ from services.api.chat_service import ChatService, _digest
 from services.api.models import SendRequest
 from services.core import keys
 from services.core.auth import Principal
-from services.core.errors import Conflict, RateLimited
+from services.core.errors import Conflict, InvalidInput, RateLimited
 from services.core.quotas import QuotaCache, QuotaStore
 from services.core.ratelimit import RateLimiter
 from services.core.scripts import Scripts
@@ -43,10 +43,12 @@ class Service:
         await self.store.set(TENANT, tier, limits)
         self.quotas.forget(TENANT)
 
-    async def send(self, session_id: str, key: str | None = None) -> str:
+    async def send(
+        self, session_id: str | None, key: str | None = None, request: SendRequest | None = None
+    ) -> str:
         sent = await self.chat.send(
             PRINCIPAL,
-            SendRequest(message="hello"),
+            request or SendRequest(message="hello"),
             session_id=session_id,
             agent_id="default",
             idempotency_key=key,
@@ -297,3 +299,37 @@ async def test_a_repeated_cancel_publishes_the_tasks_record_again(redis: Redis) 
         assert task_id.encode() in records[0][1][b"action"]
     finally:
         await quotas.stop()
+
+
+@pytest.mark.parametrize(
+    ("session_id", "request_"),
+    [
+        ("s1", SendRequest(message="something else")),
+        ("s2", SendRequest(message="hello")),
+        ("s1", SendRequest(message="hello", stream=True)),
+        ("s1", SendRequest(message="hello", context={"locale": "fr"})),
+    ],
+    ids=["message", "session", "stream", "context"],
+)
+async def test_a_key_used_again_for_another_request_is_refused(
+    service: Service, session_id: str, request_: SendRequest
+) -> None:
+    """A replay answered another request with the first one's task: the message never sent,
+    or another session's task handed back as this one's (the browser review)."""
+    await service.tier("pro")
+    first = await service.send("s1", key="k1")
+    with pytest.raises(InvalidInput) as refused:
+        await service.send(session_id, key="k1", request=request_)
+    assert refused.value.code == "idempotency_key_reused"
+    assert await service.send("s1", key="k1") == first  # a real retry is still answered
+    assert len(await service.actions("normal")) == 1
+
+
+async def test_a_retry_naming_no_session_is_answered_with_the_first_task(
+    service: Service,
+) -> None:
+    """Each request without a session makes a new one: its retry names none either."""
+    await service.tier("pro")
+    first = await service.send(None, key="k2")
+    assert await service.send(None, key="k2") == first
+    assert len(await service.actions("normal")) == 1
