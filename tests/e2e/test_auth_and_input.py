@@ -18,10 +18,13 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from services.cli.embedded import RedisServer
 from services.core import keys
 from services.core.auth import LEEWAY_SECONDS
+from services.core.settings import load_settings
 from tests.e2e.clients import auth, connect, next_event, token, unique
 from tests.e2e.conftest import Deployment, new_stack
 
 pytestmark = pytest.mark.e2e
+
+FRAME_LIMIT = load_settings().max_frame_bytes  # ORCHESTRATOR_MAX_FRAME_BYTES's default
 
 
 @pytest.fixture
@@ -249,8 +252,10 @@ async def test_bad_frames_get_error_events_and_the_socket_stays_open(
         assert event["type"] == kind, (frame, event)
         if code is not None:
             assert event["data"]["code"] == code
-    await ws.send(json.dumps({"type": "ping", "data": {"x": "é" * 40_000}}, ensure_ascii=False))
-    assert (await next_event(ws))["data"]["code"] == "frame_too_large"  # 40k chars, 80 KB
+    # Beyond the limit in UTF-8 bytes (2 per character), within twice it: read, then refused.
+    large = "é" * (FRAME_LIMIT // 2 + 1_000)
+    await ws.send(json.dumps({"type": "ping", "data": {"x": large}}, ensure_ascii=False))
+    assert (await next_event(ws))["data"]["code"] == "frame_too_large"
     depth = 5_000  # 10 KB, well under the frame limit, nested beyond the decoder's stack
     await ws.send('{"type": "ping", "data": {"a": ' + "[" * depth + "]" * depth + "}}")
     assert (await next_event(ws))["data"]["code"] == "malformed_json"
@@ -266,7 +271,7 @@ async def test_a_frame_over_twice_the_limit_is_not_read_and_closes_with_1009(
 ) -> None:
     tenant, session = unique("t"), unique("s")
     ws, _ = await connect(deployment.api.ws_url, tenant, session)
-    await ws.send(json.dumps({"type": "ping", "data": {"x": "x" * 140_000}}))
+    await ws.send(json.dumps({"type": "ping", "data": {"x": "x" * (2 * FRAME_LIMIT + 1_000)}}))
     with pytest.raises(ConnectionClosed) as closed:
         await next_event(ws)
     assert closed.value.rcvd is not None
