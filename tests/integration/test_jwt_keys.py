@@ -8,28 +8,17 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from services.cli.embedded import free_port
 from tests.integration.test_cli_errors import ORCHESTRATOR, ROOT, assert_clean_failure
+from tests.unit.test_auth_keys import pems
 
 START_TIMEOUT = 30  # a refusal comes in seconds; an api that starts instead would serve on
 
 
 def rsa_pems(bits: int) -> tuple[str, str]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-    public = (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-    return private, public
+    return pems(rsa.generate_private_key(public_exponent=65537, key_size=bits))
 
 
 def run(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:

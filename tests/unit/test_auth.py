@@ -6,12 +6,12 @@ import time
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from services.core.auth import TokenVerifier, issue_token
 from services.core.errors import Unauthorized
 from services.core.settings import ConfigError, load_settings
+from tests.unit.test_auth_keys import pems
 
 
 def pem_pair(algorithm: str) -> tuple[str, str]:
@@ -20,17 +20,7 @@ def pem_pair(algorithm: str) -> tuple[str, str]:
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     else:
         key = ec.generate_private_key(ec.SECP256R1())
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-    public = (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-    return private, public
+    return pems(key)
 
 
 @pytest.mark.parametrize("algorithm", ["RS256", "ES256"])
