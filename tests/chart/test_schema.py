@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helm_python import Chart, HelmError, HelmValuesError
+from helm_python import Chart, HelmError, HelmRenderError, HelmValuesError
 
 from tests.chart.conftest import CHART_DIR, VALUE_SETS, load_values, render
 
@@ -124,6 +124,16 @@ def test_schema_takes_every_origin_form_the_api_takes(chart: Any) -> None:
     chart.validate_schema({"config": {"allowedOrigins": ["https://*.example.com"]}})
     with pytest.raises(HelmValuesError, match="allowedOrigins"):
         chart.validate_schema({"config": {"allowedOrigins": ["example.com"]}})
+
+
+@pytest.mark.parametrize(("algorithm", "length"), [("HS256", 31), ("HS384", 47), ("HS512", 63)])
+def test_render_refuses_an_hs_secret_the_api_would_refuse(algorithm: str, length: int) -> None:
+    """Every new pod exited 2 on it and the rollout stalled (maxUnavailable 0): refused before
+    any pod rolls. The same check covers a secret the chart generated and keeps (48 characters
+    before it made 64: short for HS512), which `lookup` cannot show offline."""
+    with pytest.raises(HelmRenderError, match=f"{algorithm} needs at least"):
+        render({"auth": {"algorithm": algorithm, "secret": "s" * length}})
+    render({"auth": {"algorithm": algorithm, "secret": "s" * (length + 1)}})
 
 
 def test_render_refuses_what_the_schema_refuses() -> None:
