@@ -101,7 +101,10 @@ async def test_retries_and_deadlines_fire_once_while_workers_come_and_go(
     assert len(ids) == len(retried), f"{len(ids) - len(set(ids))} attempts handed out twice"
     notices = [decode_action(f[ACTION_FIELD.encode()]) for _, f in await redis.xrange(
         keys.CANCEL_STREAM)]  # fmt: skip
-    assert sorted(n.task_id for n in notices) == sorted(r.task_id for r in overdue)
+    # At least once each, for the overdue tasks only: a worker killed between telling the AES
+    # and taking the deadline off leaves it to the next owner, who tells the AES again
+    # (README: a notice may come twice; the AES takes it once).
+    assert {n.task_id for n in notices} == {r.task_id for r in overdue}
     for ref in overdue:
         log = await redis.xrange(keys.session_log(ref.tenant_id, ref.session_id))
         errors = [
