@@ -65,6 +65,9 @@ from services.executor.agent import Simulation, chunks_of, reply_for, usage_for
 
 log = logging.getLogger(__name__)
 
+# First and longest pause before a task Redis failed under is answered again.
+OUTAGE_RETRY_SECONDS = (0.1, 2.0)
+
 executions = Counter("orchestrator_executor_tasks", "Tasks run by the executor", ["outcome"])
 queue_wait = Histogram(
     "orchestrator_queue_wait_seconds",
@@ -245,7 +248,7 @@ class Executor:
                 left = (_deadline(action) - datetime.now(UTC)).total_seconds()
                 try:
                     async with asyncio.timeout(max(0.0, left)):
-                        outcome = await self._answer(action, entry)  # acknowledges the entry
+                        outcome = await self._answer_through_outages(action, entry)
                 except TimeoutError:
                     outcome = "expired"  # the worker timed the task out: stop, answer nothing
                     await self.redis.xack(entry.stream, keys.AES_GROUP, entry.id)
@@ -261,6 +264,24 @@ class Executor:
             executions.labels(outcome).inc()
             self.running.pop(action.task_id, None)
             self.slot_free.set()
+
+    async def _answer_through_outages(self, action: ChatProcess, entry: Entry) -> str:
+        """`_answer`, started again here when Redis fails under it (a reset, a silent
+        connection, a freeze), until the task's deadline. Left pending instead, the entry
+        waited for a reclaim (EXECUTOR_RECLAIM_IDLE_SECONDS, 30-45 s) with the client's answer
+        stalled; running it again here is what the reclaim would do (the worker drops the
+        chunks it has already applied), while this executor keeps its claim fresh."""
+        pause = OUTAGE_RETRY_SECONDS[0]
+        while True:
+            try:
+                return await self._answer(action, entry)  # acknowledges the entry
+            except REDIS_DOWN as exc:
+                if self.stopping.is_set():
+                    raise  # left pending: the next executor reclaims it
+                log.warning("executor: redis failed under a task, answering again: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), pause)
+            pause = min(pause * 2, OUTAGE_RETRY_SECONDS[1])
 
     async def _answer(self, action: ChatProcess, entry: Entry) -> str:
         """Answer the action; its last callback acknowledges `entry`."""
