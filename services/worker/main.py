@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Iterable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -98,10 +99,16 @@ class Worker:
         self.consumers[partition] = (consumer, task)
 
     async def _stop_consumer(self, partition: int) -> None:
-        consumer, task = self.consumers.pop(partition)
-        consumer.stop()
-        with contextlib.suppress(Exception):
-            await task
+        await self._stop_consumers([partition])
+
+    async def _stop_consumers(self, partitions: Iterable[int]) -> None:
+        """Tell them all to stop, then wait for them together: one after another, each waiting
+        out its Redis timeout while Redis is unreachable, 8 partitions took ~40 s to stop,
+        past the pod's grace period (SIGKILL)."""
+        stopping = [self.consumers.pop(partition) for partition in partitions]
+        for consumer, _ in stopping:
+            consumer.stop()
+        await asyncio.gather(*(task for _, task in stopping), return_exceptions=True)
 
     def _restart_crashed(self) -> None:
         """A consumer loop that died of a bug is logged and restarted, never silently lost."""
@@ -117,11 +124,13 @@ class Worker:
     async def _rebalance(self) -> None:
         self._restart_crashed()
         live = await self.leases.live_workers()
-        for partition in await self.leases.renew():
+        lost = await self.leases.renew()
+        for partition in lost:
             log.info("lost partition %s", partition)
-            await self._stop_consumer(partition)
-        for partition in self.leases.surplus(live):
-            await self._stop_consumer(partition)
+        await self._stop_consumers(lost)
+        surplus = list(self.leases.surplus(live))
+        await self._stop_consumers(surplus)
+        for partition in surplus:
             await self.leases.release(partition)
         grace = self.leases.takeover_grace  # read before `acquire` sets it: 0 at start
         try:
@@ -132,7 +141,20 @@ class Worker:
             for partition in sorted(self.leases.owned - self.consumers.keys()):
                 log.info("took partition %s", partition)
                 self._start_consumer(partition, grace)
-        await self._sample_lag()
+
+    async def _report_lag(self, interval: float) -> None:
+        """`_sample_lag` every `interval`, on its own: in the lease loop, its round trips (one
+        per stream) delayed the renewals, and with Redis 300 ms away a lone worker lost its
+        own leases."""
+        while not self.stopping.is_set():
+            try:
+                await self._sample_lag()
+            except (*REDIS_DOWN, *REDIS_REFUSING) as exc:
+                log.debug("stream lag not sampled, redis unavailable: %s", exc)
+            except Exception:
+                log.exception("sampling stream lag failed; trying again")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), interval)
 
     async def _sample_lag(self) -> None:
         """Lag and pending entries of the streams this worker owns (the AES streams too, from
@@ -141,11 +163,14 @@ class Worker:
         if 0 in self.leases.owned:
             streams += [(keys.aes_stream(p), keys.AES_GROUP) for p in keys.PRIORITIES]
         reported: set[tuple[str, str]] = set()
-        for stream, group in streams:
-            try:
-                groups = await self.redis.xinfo_groups(stream)
-            except ResponseError:
-                continue
+        answers = await asyncio.gather(
+            *(self.redis.xinfo_groups(stream) for stream, _ in streams), return_exceptions=True
+        )
+        for (stream, group), groups in zip(streams, answers, strict=True):
+            if isinstance(groups, ResponseError):
+                continue  # no such stream yet
+            if isinstance(groups, BaseException):
+                raise groups
             for info in groups:
                 name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
                 if name == group:
@@ -194,6 +219,7 @@ class Worker:
         trimming = asyncio.get_running_loop().create_task(
             run_trimmer(self.redis, lambda: self.leases.owned, self.stopping, self.trim_seconds)
         )
+        lag = asyncio.get_running_loop().create_task(self._report_lag(interval))
         while not self.stopping.is_set():
             try:
                 await self._rebalance()
@@ -203,16 +229,14 @@ class Worker:
                 log.warning("rebalance failed, redis refuses writes: %s", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), interval)
-        with contextlib.suppress(Exception):
-            await timers
-        with contextlib.suppress(Exception):
-            await trimming
-        for partition in list(self.consumers):
-            await self._stop_consumer(partition)
-        if writer is not None and writing is not None:
+        # Everything told to stop at once, then waited for together (see `_stop_consumers`).
+        if writer is not None:
             writer.stop()
-            with contextlib.suppress(Exception):
-                await writing
+        await asyncio.gather(
+            self._stop_consumers(list(self.consumers)),
+            *(task for task in (timers, trimming, lag, writing) if task is not None),
+            return_exceptions=True,
+        )
         with contextlib.suppress(*REDIS_DOWN):
             await self.leases.leave()
         if self.joint_redis is not None:
