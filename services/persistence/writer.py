@@ -241,7 +241,9 @@ class PersistenceWriter:
                     continue
                 write_failures.inc()
                 if not self.database_down:
-                    log.warning("persistence writer: database unavailable, retrying: %s", exc)
+                    # A timeout's text is empty: its type says what happened.
+                    why = str(exc) or type(exc).__name__
+                    log.warning("persistence writer: database unavailable, retrying: %s", why)
                 self.database_down = True
                 await self._keep_claim([entry for entry, _ in batch])
                 await self._report_backlog()
