@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository
 ORCHESTRATOR = [sys.executable, "-m", "services.cli.main"]
 
 
-def run(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+def run(
+    args: list[str], tmp_path: Path, timeout: float = 60, **env: str
+) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_")}
     base["HOME"] = str(tmp_path)  # no dev secret of this machine
     base["XDG_CONFIG_HOME"] = str(tmp_path / "config")
@@ -25,7 +27,7 @@ def run(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProc
         env={**base, **env},
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
     )
 
 

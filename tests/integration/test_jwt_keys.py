@@ -3,7 +3,6 @@ one line naming the variable, no traceback, the key never printed (README "Confi
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -11,7 +10,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from services.cli.embedded import free_port
-from tests.integration.test_cli_errors import ORCHESTRATOR, ROOT, assert_clean_failure
+from tests.integration.test_cli_errors import assert_clean_failure
+from tests.integration.test_cli_errors import run as run_cli
 from tests.unit.test_auth_keys import pems
 
 START_TIMEOUT = 30  # a refusal comes in seconds; an api that starts instead would serve on
@@ -23,18 +23,8 @@ def rsa_pems(bits: int) -> tuple[str, str]:
 
 def run(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     """`orchestrator ARGS` with only `env` of the ORCHESTRATOR_* settings, bounded in time."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_")}
-    base["HOME"] = str(tmp_path)  # no dev secret of this machine
-    base["XDG_CONFIG_HOME"] = str(tmp_path / "config")
     try:
-        return subprocess.run(
-            [*ORCHESTRATOR, *args],
-            cwd=ROOT,
-            env={**base, **env},
-            capture_output=True,
-            text=True,
-            timeout=START_TIMEOUT,
-        )
+        return run_cli(args, tmp_path, START_TIMEOUT, **env)
     except subprocess.TimeoutExpired:
         pytest.fail(f"`{args[0]}` ran for {START_TIMEOUT}s instead of refusing at start")
 

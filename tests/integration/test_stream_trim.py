@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 
-from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from services.cli.embedded import LocalCluster
@@ -20,6 +19,7 @@ from services.core.redis_client import create_redis
 from services.core.settings import load_settings
 from services.core.streams import trim_consumed
 from services.worker.main import Worker
+from tests.integration.test_worker_partition import sampled_lag
 from tests.integration.worker_helpers import add_send, wait_for
 
 STREAM = keys.aes_stream("normal")
@@ -130,16 +130,7 @@ async def test_lag_stays_exact_after_a_trim(redis: Redis, redis_url: str) -> Non
     group = await _group(redis, keys.WORKER_GROUP, stream)
     assert group["lag"] == 3
     assert group["entries-read"] == 4
-    worker = Worker(load_settings(redis_url=redis_url, callback_partitions=1))
-    worker.leases.owned = {0}
-    try:
-        await worker._sample_lag()
-    finally:
-        await worker.redis.aclose()
-    lag = REGISTRY.get_sample_value(
-        "orchestrator_stream_lag", {"stream": stream, "group": keys.WORKER_GROUP}
-    )
-    assert lag == 3
+    assert await sampled_lag(redis_url, stream) == 3
 
 
 async def test_the_worker_releases_what_it_and_the_aes_consumed(

@@ -762,16 +762,7 @@ async def test_stream_lag_counts_unread_entries_when_redis_cannot_tell(
     [group] = await redis.xinfo_groups(stream)
     assert group["lag"] is None  # what Redis says here
 
-    worker = Worker(load_settings(redis_url=redis_url, callback_partitions=1))
-    worker.leases.owned = {0}
-    try:
-        await worker._sample_lag()
-    finally:
-        await worker.redis.aclose()
-    lag = REGISTRY.get_sample_value(
-        "orchestrator_stream_lag", {"stream": stream, "group": keys.WORKER_GROUP}
-    )
-    assert lag == 2  # the second and the fourth entry
+    assert await sampled_lag(redis_url, stream) == 2  # the second and the fourth entry
 
 
 async def test_the_worker_rides_through_redis_refusing_writes(redis_url: str, redis: Redis) -> None:
@@ -959,3 +950,16 @@ async def test_a_callback_redis_refuses_for_a_while_is_applied_not_dead_lettered
         await running
     assert await redis.xlen(keys.DEAD_LETTERS) == 0
     assert await logged(redis, "s1") == [1]
+
+
+async def sampled_lag(redis_url: str, stream: str) -> float | None:
+    """The lag a worker owning partition 0 reports for `stream` (its metric)."""
+    worker = Worker(load_settings(redis_url=redis_url, callback_partitions=1))
+    worker.leases.owned = {0}
+    try:
+        await worker._sample_lag()
+    finally:
+        await worker.redis.aclose()
+    return REGISTRY.get_sample_value(
+        "orchestrator_stream_lag", {"stream": stream, "group": keys.WORKER_GROUP}
+    )
