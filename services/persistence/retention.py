@@ -4,12 +4,17 @@ History (messages, tasks' final state, sessions idle since the cutoff) and the p
 markers go; the daily usage sums stay (they hold no content and billing looks further back).
 Deletes run in chunks of `CHUNK_ROWS`, each its own short transaction, so pruning a large
 backlog never holds long locks against the writer.
+
+Retention counts whole UTC days, as the writer does when it refuses a record past it
+(`oldest_kept_day`): cut at the moment `now - N days` instead, prune deleted the tombstone of a
+session erased earlier on the boundary day while the writer still accepted that day's records,
+and a late record of the erased session wrote its conversation back.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, Table, delete, literal_column, select
@@ -18,6 +23,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from services.persistence.schema import messages, sessions, tasks, usage_events
 
 CHUNK_ROWS = 10_000
+# Tombstones outlive the history around them by this much: a task started before midnight
+# and finished after it is of the later day for the writer, its erasure of the earlier one.
+TOMBSTONE_MARGIN = timedelta(days=1)
+
+
+def oldest_kept_day(retention_days: int, now: datetime | None = None) -> date:
+    """The first UTC day retention keeps; everything of the days before it is pruned."""
+    return ((now or datetime.now(UTC)) - timedelta(days=retention_days)).date()
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,14 +65,16 @@ async def _delete_chunked(engine: AsyncEngine, table: Table, old: ColumnElement[
 async def prune(
     engine: AsyncEngine, retention_days: int, *, now: datetime | None = None
 ) -> PruneResult:
-    """Delete history older than `retention_days` days; returns the rows deleted per table."""
-    cutoff = (now or datetime.now(UTC)) - timedelta(days=retention_days)
+    """Delete history of the UTC days before `oldest_kept_day`; returns the rows deleted per
+    table."""
+    kept_from = oldest_kept_day(retention_days, now)
+    cutoff = datetime.combine(kept_from, time.min, tzinfo=UTC)
     deleted = {
         "messages": await _delete_chunked(engine, messages, messages.c.completed_at < cutoff),
         "tasks": await _delete_chunked(engine, tasks, tasks.c.updated_at < cutoff),
-        "usage_events": await _delete_chunked(
-            engine, usage_events, usage_events.c.day < cutoff.date()
+        "usage_events": await _delete_chunked(engine, usage_events, usage_events.c.day < kept_from),
+        "sessions": await _delete_chunked(
+            engine, sessions, sessions.c.last_activity_at < cutoff - TOMBSTONE_MARGIN
         ),
-        "sessions": await _delete_chunked(engine, sessions, sessions.c.last_activity_at < cutoff),
     }
     return PruneResult(cutoff, deleted)

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
 
 from prometheus_client import Counter, Gauge
 from redis.asyncio import Redis
@@ -40,6 +39,7 @@ from services.core.streams import reclaim as reclaim_idle
 from services.persistence.batch import Written, usage_day, write_batch
 from services.persistence.database import create_engine, is_data_error
 from services.persistence.records import MalformedRecord, PersistRecord, decode_record
+from services.persistence.retention import oldest_kept_day
 
 log = logging.getLogger(__name__)
 
@@ -197,9 +197,7 @@ class PersistenceWriter:
         # `orchestrator prune` deletes the usage markers of days before this one: a record of
         # such a day (a dead letter replayed, a backlog kept through a month-long outage) can
         # no longer be told from one counted before, and its history would be pruned anyway.
-        oldest_day = (
-            datetime.now(UTC) - timedelta(days=self.settings.history_retention_days)
-        ).date()
+        oldest_day = oldest_kept_day(self.settings.history_retention_days)
         for entry in entries:
             raw = entry.raw_action
             if not entry.fields:  # trimmed while pending: nothing left to write

@@ -155,3 +155,49 @@ async def test_a_record_past_the_retention_is_neither_written_nor_counted_again(
     assert await history.task("acme", "old") is None
     assert await history.task("acme", "recent") is not None
     assert await redis.xlen(keys.DEAD_LETTERS) == 0
+
+
+async def test_a_tombstone_of_the_boundary_day_outlives_prune_for_a_late_record(
+    redis: Redis, redis_url: str, database_url: str, engine: AsyncEngine
+) -> None:
+    """A session erased on the retention's boundary day, before the time of day prune ran:
+    prune cut at that moment and deleted the tombstone, while the writer accepts records of
+    the whole day. The erased task's record, replayed then (a dead letter, a backlog kept
+    through an outage), wrote the erased conversation back. Both count whole UTC days now."""
+    now = datetime.now(UTC)
+    cutoff = now - timedelta(days=30)
+    day_start = cutoff.replace(hour=0, minute=0, second=0, microsecond=0)
+    span = cutoff - day_start
+    completed = day_start + span / 3
+    erased_at = day_start + span * 2 / 3
+    record = make_record(
+        "secret", created_at=completed - timedelta(milliseconds=1), completed_at=completed,
+        event_id="1-0",
+    )  # fmt: skip
+    async with engine.begin() as conn:
+        await write_batch(conn, [record])
+    history = HistoryStore(engine)
+    assert await history.delete_session("acme", "s1") == 2
+    # The erasure happened 30 days ago, at `erased_at` (on the boundary day).
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(sessions)
+            .where(sessions.c.session_id == "s1")
+            .values(erased_at=erased_at, last_activity_at=erased_at)
+        )
+    await prune(engine, 30)
+
+    # The erased task's record comes back to the writer (a dead letter replayed).
+    await publish_record(redis, record)
+    settings = fast_settings(redis_url, database_url, history_retention_days=30)
+    writer = PersistenceWriter(redis, settings, engine=engine, consumer="w1")
+    running = asyncio.create_task(writer.run())
+    try:
+        await eventually(lambda: drained(redis), what="backlog drained")
+    finally:
+        writer.stop()
+        await asyncio.wait_for(running, 10)
+
+    page = await history.messages("acme", "s1")
+    assert [m.content for m in page.messages] == [], "erased conversation written back"
+    assert await history.task("acme", "secret") is None
