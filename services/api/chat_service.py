@@ -545,6 +545,13 @@ class ChatService:
             if task_id is None:
                 return None, None
             ref = await self.tasks.locate(task_id)
+            if ref is None and await self.tasks.was_erased(task_id):
+                # Sent, then erased with its session: not a send that never queued its task.
+                raise Conflict(
+                    "the task this Idempotency-Key names was erased with its session; "
+                    "send the message with a new key to send it again",
+                    details={"task_id": task_id},
+                )
             if ref is not None and ref.tenant_id != principal.tenant_id:
                 return task_id, None
             state = None if ref is None else await self.tasks.read(ref)
@@ -637,6 +644,14 @@ class ChatService:
         await self._publish_cancelled(ref, outcome.detail)
         await self._notify_aes(ref)
         return Cancelled(task_id=task_id, status=TaskStatus.cancelled)
+
+    async def erase_session(self, tenant_id: str, session_id: str) -> int:
+        """Erase the session's task states; returns how many. The AES of a task still running
+        is told to stop (`chat.cancel`): nobody will take its answer."""
+        erased = await self.tasks.erase_session(tenant_id, session_id)
+        for ref in erased.running:
+            await self._notify_aes(ref)
+        return erased.tasks
 
     async def _publish_cancelled(self, ref: TaskRef, event_id: str | None) -> None:
         """The cancelled task's record for PostgreSQL (history is written when a task ends)."""

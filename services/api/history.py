@@ -66,8 +66,10 @@ async def erase_session(
     what was erased; the tenant's usage stays counted."""
     history = _history(runtime)
     deleted = await history.delete_session(principal.tenant_id, session_id)
+    # The task states before the log: an erased task's later chunks are dropped, while one
+    # applied between the log's delete and its task's would bring the log back.
+    erased = await runtime.chat.erase_session(principal.tenant_id, session_id)
     logged = await runtime.redis.delete(keys.session_log(principal.tenant_id, session_id))
-    erased = await runtime.chat.tasks.erase_session(principal.tenant_id, session_id)
     if not deleted and not logged and not erased:
         raise NotFound(f"session {session_id} not found")
     return {"session_id": session_id, "deleted_messages": deleted}

@@ -32,6 +32,9 @@ class TaskStatus(StrEnum):
     timed_out = "timed_out"
 
 
+# Appended to a task's location when its session is erased (`TaskStore.erase_session`).
+ERASED_MARK = "/erased"
+
 FINAL_STATUSES = frozenset(
     {TaskStatus.completed, TaskStatus.failed, TaskStatus.cancelled, TaskStatus.timed_out}
 )
@@ -48,6 +51,15 @@ class Verdict(StrEnum):
     duplicate = "duplicate"
     requeued = "requeued"
     pending = "pending"
+
+
+@dataclass(frozen=True, slots=True)
+class Erased:
+    """What `TaskStore.erase_session` found: how many tasks, and those still running (their
+    AES is told to stop: nobody will take their answers)."""
+
+    tasks: int
+    running: list[TaskRef]
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,28 +174,44 @@ class TaskStore:
         return parse_outcome(await self.scripts.task_event(keys=script_keys, args=args))
 
     async def locate(self, task_id: str) -> TaskRef | None:
+        """Where the task lives; None when it is unknown, expired or erased."""
         where = _text(await self.redis.get(keys.task_location(task_id)))
-        if where is None:
+        if where is None or where.endswith(ERASED_MARK):
             return None
         tenant_id, _, session_id = where.partition("/")
         return TaskRef(tenant_id, session_id, task_id)
 
-    async def erase_session(self, tenant_id: str, session_id: str) -> int:
-        """Delete the state of every task of the session (and where to find it): an erased
-        session's answers must not be served by `GET /api/chat/tasks/{id}` until they expire.
-        A SCAN of the session's keys: erasures are rare, and an index per session would cost
-        every send a write. A task still running is erased too; its later callbacks find no
-        task and are dropped. Returns the tasks erased."""
+    async def was_erased(self, task_id: str) -> bool:
+        """Whether the task was erased with its session (within its location's ttl)."""
+        where = _text(await self.redis.get(keys.task_location(task_id)))
+        return where is not None and where.endswith(ERASED_MARK)
+
+    async def erase_session(self, tenant_id: str, session_id: str) -> Erased:
+        """Delete the state of every task of the session: an erased session's answers must not
+        be served by `GET /api/chat/tasks/{id}` until they expire.
+
+        A task's location is kept, marked erased, until it expires: an `Idempotency-Key`
+        naming the task is then told so instead of taken for a key whose send never queued
+        its task (which would send the erased message again). A SCAN of the session's keys:
+        erasures are rare, and an index per session would cost every send a write. A task
+        still running is erased too; its later callbacks find no task and are dropped."""
         pattern = keys.task_state(tenant_id, session_id, "*")
         prefix = len(pattern) - 1
         found = [str(_text(key)) async for key in self.redis.scan_iter(match=pattern, count=1000)]
+        marked = f"{tenant_id}/{session_id}{ERASED_MARK}"
+        running: list[TaskRef] = []
         for start in range(0, len(found), 500):
+            chunk = found[start : start + 500]
             async with self.redis.pipeline(transaction=False) as pipe:
-                for key in found[start : start + 500]:
+                for key in chunk:
+                    pipe.hget(key, "status")
                     pipe.delete(key)
-                    pipe.delete(keys.task_location(key[prefix:]))
-                await pipe.execute()
-        return len(found)
+                    pipe.set(keys.task_location(key[prefix:]), marked, xx=True, keepttl=True)
+                replies = await pipe.execute()
+            for key, status in zip(chunk, replies[::3], strict=True):
+                if status is not None and _text(status) not in FINAL_STATUSES:
+                    running.append(TaskRef(tenant_id, session_id, key[prefix:]))
+        return Erased(len(found), running)
 
     def location_value(self, ref: TaskRef) -> str:
         return f"{ref.tenant_id}/{ref.session_id}"

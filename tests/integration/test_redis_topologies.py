@@ -252,9 +252,11 @@ async def test_erasing_a_session_removes_its_tasks_on_a_cluster(cluster_client: 
     for ref in [*refs, kept]:
         await tasks.apply(ref, "create", fields={"status": "processing"})
         await cluster_client.set(keys.task_location(ref.task_id), tasks.location_value(ref))
-    assert await tasks.erase_session("acme", "erased") == len(refs)
+    erased = await tasks.erase_session("acme", "erased")
+    assert (erased.tasks, set(erased.running)) == (len(refs), set(refs))
     for ref in refs:
         assert await tasks.read(ref) is None
         assert await tasks.locate(ref.task_id) is None
+        assert await tasks.was_erased(ref.task_id)
     assert await tasks.read(kept) is not None
     assert await tasks.locate(kept.task_id) == kept
