@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 SUBPROTOCOL = "orchestrator.v1"
 BEARER_PREFIX = "bearer."
 PATH_PREFIX = "/ws/"
+CLIENT_ACTIONS = frozenset({"chat.send", "chat.cancel"})  # frame types that act (a span each)
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -337,7 +338,9 @@ async def _handle_frame(
     with (
         log_context(tenant_id=conn.tenant_id, session_id=conn.session_id),
         telemetry.tracer().start_as_current_span(
-            f"WS {frame.type}",
+            # A client chooses `type`: a span name must stay of a few known values (OTel),
+            # not whatever text (up to MAX_FRAME_BYTES) a frame carries.
+            f"WS {frame.type}" if frame.type in CLIENT_ACTIONS else "WS unknown",
             kind=SpanKind.SERVER,
             attributes={
                 "network.protocol.name": "websocket",
@@ -358,7 +361,7 @@ async def _handle_request(
     request_id: str | None,
 ) -> None:
     try:
-        if frame.type in ("chat.send", "chat.cancel") and principal.expired():
+        if frame.type in CLIENT_ACTIONS and principal.expired():
             # The socket keeps delivering what it subscribed to; acting needs a valid token.
             raise Unauthorized("token expired: reconnect with a fresh token to send or cancel")
         if frame.type == "chat.send":
@@ -377,7 +380,8 @@ async def _handle_request(
             cancel = msgspec.convert(data, TaskRequest)
             await runtime.chat.cancel(principal, cancel.task_id)
         else:
-            _error(conn, "unknown_type", f"unknown frame type {frame.type!r}")
+            shown = frame.type if len(frame.type) <= 64 else frame.type[:64] + "..."
+            _error(conn, "unknown_type", f"unknown frame type {shown!r}")
     except msgspec.ValidationError as exc:
         _chat_error(conn, "validation_error", str(exc), {}, request_id)
     except RecursionError:  # decoded near the stack's end, too deep to encode again

@@ -280,3 +280,28 @@ async def test_a_traced_answer_leaves_its_trace_on_the_delivery_lag_of_both_hops
     trace_id = spans[0].trace_id
     assert trace_id in lag_exemplars(worker.metrics_port, "worker")
     assert trace_id in lag_exemplars(api.metrics_port, "api")
+
+
+async def test_a_frame_type_no_client_action_has_is_not_a_span_name(
+    traced: tuple[LocalStack, Child, Receiver],
+) -> None:
+    """The span of a frame was named `WS <type>` before the type was checked: any client
+    could mint span names of any content and size (up to MAX_FRAME_BYTES each), against the
+    low cardinality span names need (OTel), filling the span queue and the backend."""
+    _, api, receiver = traced
+    marker = unique("m")
+    ws, _ = await connect(api.ws_url, unique("sp"), unique("s"))
+    await ws.send(json.dumps({"type": marker + "x" * 200_000, "data": {}}))
+    error = json.loads(await ws.recv())
+    await ws.close()
+    assert error["type"] == "error"
+    assert len(error["data"]["message"]) < 200, "the unknown type echoed in full"
+    deadline = time.monotonic() + 15
+    while True:
+        with receiver.lock:
+            names = {s.name for s in receiver.spans if s.name.startswith("WS ")}
+        if "WS unknown" in names or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    assert "WS unknown" in names, sorted(n[:40] for n in names)
+    assert not any(marker in name for name in names)
