@@ -85,7 +85,8 @@ class Settings(BaseSettings):
     # must fit (`_coherent`), and non-Latin text takes 3-4 bytes a character in UTF-8.
     max_frame_bytes: int = Field(256 * 1024, ge=1024)
     # A request head (request line and headers, a socket handshake's too): its size and the
-    # time it may take to arrive, before any authentication (services/api/http_protocol.py).
+    # time it may take to arrive, before any authentication, and the longest silence within a
+    # request body (services/api/http_protocol.py).
     http_max_head_bytes: int = Field(64 * 1024, ge=8 * 1024)
     http_head_timeout_seconds: float = Field(10.0, gt=0, le=_HOUR)
 
