@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import json
 import re
 import shutil
@@ -139,7 +140,14 @@ def our_ws_implementation() -> str:
     """The uvicorn websocket implementation our api runs on, so the peer runs on the same."""
     source = (REPO / "services" / "cli" / "serve_api.py").read_text()
     found = re.search(r"""\bws\s*=\s*["']([a-z-]+)["']""", source)
-    return found.group(1) if found else "websockets"
+    if found:
+        return found.group(1)
+    # A protocol class (ws=SomeProtocol): the uvicorn implementation it says it extends.
+    named = re.search(r"\bws\s*=\s*([A-Za-z_]\w*)", source)
+    if named:
+        module = importlib.import_module("services.cli.serve_api")
+        return str(getattr(module, named.group(1)).uvicorn_implementation)
+    return "websockets"
 
 
 def tokens() -> dict[str, str]:

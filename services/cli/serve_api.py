@@ -7,6 +7,7 @@ import uvicorn
 from services.api.app import create_app
 from services.api.drain import DrainingServer
 from services.api.http_protocol import bounded_protocol
+from services.api.ws_protocol import BoundedWSProtocol
 from services.core.heap import freeze_startup_heap
 from services.core.listening import METRICS_PORT, check_can_listen
 from services.core.settings import Settings
@@ -31,8 +32,10 @@ def serve_api(settings: Settings, *, host: str, port: int) -> None:
         # Per idle socket (bench/memory_profile.py, 2 000 sockets, RSS): wsproto 19.0 KB,
         # websockets-sansio 21.3 KB (~3 us less api CPU per delivered event, but it answers an
         # empty Sec-WebSocket-Protocol header with 400), the legacy "websockets" one ~29 KB.
-        # bench/ reads this line: the peer runs on the same implementation.
-        ws="wsproto",
+        # bench/ reads this line: the peer runs on the same implementation (for a class, its
+        # `uvicorn_implementation`). Bounded (services/api/ws_protocol.py): a client that does
+        # not read is not read, inflation stops at ws_max_size, an unflushable close aborts.
+        ws=BoundedWSProtocol,
         ws_max_size=settings.max_frame_bytes * 2,
         ws_ping_interval=settings.websocket_ping_interval,
         ws_ping_timeout=settings.websocket_ping_timeout,
