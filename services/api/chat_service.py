@@ -10,6 +10,7 @@ slots), the limits are one round trip and the enqueue another pipeline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from contextlib import AbstractContextManager
@@ -175,17 +176,21 @@ class ChatService:
                 ref, agent_id, principal, request, rules
             )
         else:
-            # The key is reserved between the limits and the enqueue; on a cluster the keys
-            # of the two are in different slots.
-            decisions = await self.admission.limiter.check_many(rules.checks)
-            admitted = self.admission.judge(rules, decisions)
+            # The key is reserved before the limits (on a cluster their keys are in other
+            # slots): a double submit then waits for the first one's task instead of being
+            # refused by the limit the first one took the last of (429 for a message sent).
             if idempotency is not None:
                 earlier = await self._reserve(principal, idempotency, ref.task_id, asked)
                 if earlier is not None:
-                    # A double submit answered with the first one's task: it sent nothing,
-                    # so what it took from the limits (and the day's requests) goes back.
-                    await self.admission.limiter.give_back(rules.checks, decisions)
                     return await self._with_limits(principal, earlier)
+            try:
+                decisions = await self.admission.limiter.check_many(rules.checks)
+                admitted = self.admission.judge(rules, decisions)
+            except Exception:
+                if idempotency is not None:  # refused or failed: the key names nothing
+                    with contextlib.suppress(*REDIS_DOWN):
+                        await self._swap(idempotency, ref.task_id, "")
+                raise
             outcome = await self._send_in_two_steps(
                 ref, agent_id, principal, request, rules, idempotency
             )

@@ -246,6 +246,28 @@ async def test_an_idempotent_send_returns_the_first_task_and_enqueues_once(
     assert other_tenant.json()["task_id"] != first.json()["task_id"]
 
 
+async def test_a_double_submit_at_the_session_limit_is_answered_with_the_first_task(
+    tenancy: Tenancy,
+) -> None:
+    """The same send with one key on both apis at once, the session with one request left:
+    the key was reserved after the limits, so the second request, finding no task under the
+    key yet, was refused 429 by the limit the first had just taken the last of, for a message
+    that was sent. Both are answered with the one task now."""
+    outcomes = []
+    for n in range(5):
+        tenant, session = unique("t"), unique("s")
+        await tenancy.store.set(tenant, "pro", {"requestsPerMinutePerSession": 2})
+        warm = await post(tenancy.apis[0], tenant, {"message": "first", "session_id": session})
+        assert warm.headers["RateLimit-Remaining"] == "1", warm.text
+        body, key = {"message": f"pay invoice {n}", "session_id": session}, unique("key")
+        replies = await asyncio.gather(
+            *(post(api, tenant, body, **{"Idempotency-Key": key}) for api in tenancy.apis)
+        )
+        outcomes.append([(r.status_code, r.json().get("task_id")) for r in replies])
+    assert all(code == 202 for pair in outcomes for code, _ in pair), outcomes
+    assert all(len({task for _, task in pair}) == 1 for pair in outcomes), outcomes
+
+
 async def test_a_rate_limited_socket_send_gets_chat_error_and_stays_open(
     tenancy: Tenancy,
 ) -> None:
