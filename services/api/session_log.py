@@ -32,6 +32,7 @@ from redis.exceptions import ClusterDownError, ResponseError
 
 from services.core import keys
 from services.core.events import NO_EVENT_ID, parse_event_id
+from services.core.redis_client import is_cluster
 
 _SEQ_MAX = 2**64 - 1
 DEFAULT_LOG_TTL_MS = 3_600_000
@@ -115,6 +116,32 @@ async def _info(redis: Redis, log_key: str) -> dict[bytes, object] | None:
     return info
 
 
+async def _time_then_info(redis: Redis, log_key: str) -> tuple[int, dict[bytes, object] | None]:
+    """The server's time, then the log's state, in that order.
+
+    A log missing when it is read gets a join mark made of a time taken *before* that read:
+    an event appended after the read has a later id than the mark. Read after it (as it was),
+    the time could be a millisecond past an event appended in between, whose id then fell
+    below the mark: the socket dropped it as already sent (and a resume said exact). One round
+    trip on one server; on a cluster TIME is keyless, so two, in order.
+    """
+    if is_cluster(redis):
+        now_ms = await _now_ms(redis)
+        return now_ms, await _info(redis, log_key)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.time()
+        pipe.execute_command("XINFO", "STREAM", log_key)
+        now, info = await pipe.execute(raise_on_error=False)
+    if isinstance(now, Exception):
+        raise now
+    if isinstance(info, ResponseError):  # no such key: never written, or expired
+        info = None
+    elif isinstance(info, Exception):
+        raise info
+    seconds, micros = now
+    return int(seconds) * 1000 + int(micros) // 1000, info
+
+
 async def read_since(
     redis: Redis,
     tenant_id: str,
@@ -132,9 +159,8 @@ async def read_since(
     `log_ttl_ms`: how long the log lives after its last event (ORCHESTRATOR_SESSION_LOG_TTL).
     """
     log_key = keys.session_log(tenant_id, session_id)
-    info = await _info(redis, log_key)
+    now_ms, info = await _time_then_info(redis, log_key)
     marked = None if last_event_id is None else _mark_ms(last_event_id)
-    now_ms = await _now_ms(redis) if info is None or marked is not None else 0
     fresh_mark = None if marked is None else now_ms - marked < log_ttl_ms
     if info is None:
         mark = join_mark(now_ms)

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 
 from services.api.session_log import read_since
 from services.core import keys
+from services.core.events import parse_event_id
 
 TENANT, SESSION = "acme", "s1"
 LOG = keys.session_log(TENANT, SESSION)
@@ -67,3 +68,44 @@ async def test_a_client_asking_for_everything_with_zero_gets_a_mark_to_keep(
     replay = await read_since(redis, TENANT, SESSION, "0-0", log_ttl_ms=TTL_MS)
     assert replay.resumed is True
     assert replay.cursor != "0-0"
+
+
+class AppendsDuringTime(Redis):
+    """A client whose TIME reaches the server just after another client's first event on the
+    log, a millisecond later: the interleaving of two round trips that lost that event."""
+
+    async def time(self) -> tuple[int, int]:  # type: ignore[override]
+        async with Redis(connection_pool=self.connection_pool) as other:
+            await other.xadd(LOG, {"e": "the first event"})
+        appended = await self._ms()
+        while await self._ms() == appended:
+            pass  # until the server's clock is a millisecond on
+        return await super().time()
+
+    async def _ms(self) -> int:
+        seconds, micros = await super().time()
+        return seconds * 1000 + micros // 1000
+
+
+async def test_a_first_event_appended_while_joining_is_not_below_the_cursor(
+    redis: Redis, redis_url: str
+) -> None:
+    """The log was read, then the time: a first event appended between the two was older than
+    the join mark made of that time, so the socket dropped it as already sent, and a resume
+    from an earlier mark said exact. The time is read first now (on one server in the same
+    round trip as the log: nothing can come between, and this client's TIME is not called)."""
+    mark = await join(redis)
+    racing = AppendsDuringTime.from_url(redis_url)
+    try:
+        replay = await read_since(racing, TENANT, SESSION, mark, log_ttl_ms=60_000)
+    finally:
+        await racing.aclose()
+    logged = [(i.decode(), f[b"e"].decode()) for i, f in await redis.xrange(LOG)]
+    missed = [
+        body
+        for event_id, body in logged
+        if parse_event_id(event_id) <= parse_event_id(replay.cursor)
+        and body not in [b for _, b in replay.events]
+    ]
+    assert replay.resumed is True
+    assert missed == [], f"cursor {replay.cursor} is past {logged}, which was not replayed"
