@@ -231,3 +231,16 @@ def test_an_idle_websocket_is_not_closed_by_the_bounds(api: Child) -> None:
             opcodes.append(frame[0])
     assert OP_CLOSE not in opcodes
     assert frame[1] == b"still here"
+
+
+@pytest.mark.parametrize(("count", "status"), [(100, b" 200 "), (101, b" 400 ")])
+def test_a_head_of_more_header_fields_than_apache_allows_is_refused(
+    api: Child, count: int, status: bytes
+) -> None:
+    """65 000 one-byte headers fit in the head's bytes and cost ~8 MB of Python objects per
+    request: at most 100 fields (Apache's LimitRequestFields), within a head of any size."""
+    fields = b"".join(b"a%d: b\r\n" % n for n in range(count - 1))
+    with connect(api) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n")
+        (line,) = read_answers(sock, 1)
+    assert status in line, line
