@@ -4,7 +4,9 @@ Every action travels as one stream entry with a single field, `action`, holding 
 Decoding is strict about what matters (the `action_type` tag, required fields, id patterns,
 types) and tolerant of extra fields, so an AES can add fields without breaking us. Anything
 that does not decode is a `MalformedAction` with a reason; consumers dead-letter it instead of
-crashing.
+crashing. What an AES answers is read as its JSON Schema (schemas/) allows: a JSON Schema
+`integer` admits 12.0, so callbacks are decoded in msgspec's lax mode (an integral float is an
+int), or a schema-valid answer was dead-lettered and its task left to time out.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ CONTRACT_VERSION = 1
 
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
+# msgspec's schema of a datetime says only "string": an AES team reads the format from here.
+Timestamp = Annotated[
+    datetime,
+    msgspec.Meta(extra_json_schema={"format": "date-time", "description": "RFC 3339"}),
+]
 
 
 def utcnow() -> datetime:
@@ -48,7 +55,7 @@ class Envelope(Action, kw_only=True):
     tenant_id: Id
     session_id: Id
     task_id: Id
-    created_at: datetime = msgspec.field(default_factory=utcnow)
+    created_at: Timestamp = msgspec.field(default_factory=utcnow)
     trace_context: dict[str, str] = msgspec.field(default_factory=dict)
 
 
@@ -67,7 +74,7 @@ class ChatProcess(Envelope, kw_only=True, tag="chat.process"):
     context: dict[str, Any] = msgspec.field(default_factory=dict)
     stream: bool = False
     priority: Priority = "normal"
-    deadline: datetime
+    deadline: Timestamp
     attempt: Positive = 1
 
 
@@ -194,7 +201,7 @@ ACTION_TYPES: tuple[type[Action], ...] = (
 
 _encoder = msgspec.json.Encoder()
 _any_decoder = msgspec.json.Decoder(AnyAction)
-_callback_decoder = msgspec.json.Decoder(Callback)
+_callback_decoder = msgspec.json.Decoder(Callback, strict=False)
 
 
 def action_type_of(action: Action) -> str:
@@ -220,6 +227,43 @@ def decode_callback(raw: bytes | str) -> Callback:
         return callback
     except (msgspec.DecodeError, RecursionError) as exc:  # DecodeError covers ValidationError
         raise MalformedAction(str(exc)) from None
+
+
+_FINAL_ANSWERS = frozenset({"execution.completed", "execution.failed", "execution.callback"})
+MALFORMED_ANSWER = "malformed_answer"
+
+
+def _carrier(value: object) -> dict[str, str]:
+    if not isinstance(value, dict):
+        return {}
+    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def failure_for_unreadable(raw: bytes | str, reason: str) -> ExecutionFailed | None:
+    """The failure that ends the task of a final answer that could not be decoded, when the
+    answer still names its task. Dead-lettered alone, it left the task running until its
+    deadline (minutes) with the client told nothing; now the client gets `chat.error`
+    `malformed_answer` with the reason, and the dead letter keeps the answer."""
+    try:
+        loose = msgspec.json.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    if not isinstance(loose, dict) or loose.get("action_type") not in _FINAL_ANSWERS:
+        return None
+    attempt = loose.get("attempt")
+    fields = {
+        "tenant_id": loose.get("tenant_id"),
+        "session_id": loose.get("session_id"),
+        "task_id": loose.get("task_id"),
+        "attempt": attempt if isinstance(attempt, int) and attempt >= 1 else 1,
+        "trace_context": _carrier(loose.get("trace_context")),
+        "error": f"the agent's answer could not be read: {reason}"[:500],
+        "code": MALFORMED_ANSWER,
+    }
+    try:
+        return msgspec.convert(fields, ExecutionFailed)
+    except msgspec.ValidationError:  # it does not name a task (ids missing or invalid)
+        return None
 
 
 def action_from_entry(fields: dict[bytes, bytes]) -> bytes:

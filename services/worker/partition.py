@@ -45,6 +45,7 @@ from services.core.actions import (
     WebsocketSend,
     action_type_of,
     decode_callback,
+    failure_for_unreadable,
 )
 from services.core.delivery_lag import LagClock
 from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING
@@ -126,11 +127,13 @@ def _quiet(action: Callback) -> bool:
     return isinstance(action, ExecutionChunk | WebsocketSend | WebsocketBroadcast)
 
 
-def _completed_now_or_before(outcome: Outcome) -> bool:
-    """The completion applied now, or on an earlier delivery that died before counting."""
-    return outcome.verdict is Verdict.ok or (
-        outcome.verdict is Verdict.final and outcome.detail == "completed"
-    )
+def _spent_on_the_task(outcome: Outcome) -> bool:
+    """Whether a completion's usage counts: applied now, or its task already final, by this
+    completion on an earlier delivery that died before counting, or by a cancel or a timeout
+    that came while the AES was answering (its tokens were spent all the same: not counting
+    them let a client dodge its budget by cancelling at the last chunk). Once per task
+    (usage_add.lua's marker). Not a superseded attempt's: the current one counts."""
+    return outcome.verdict in (Verdict.ok, Verdict.final)
 
 
 @dataclass(slots=True)
@@ -484,6 +487,9 @@ class PartitionConsumer:
                 decoded.append((entry, decode_callback(raw)))
             except MalformedAction as exc:
                 await self._dead_letter(entry, f"malformed action: {exc.reason}")
+                failure = failure_for_unreadable(raw, exc.reason)
+                if failure is not None:  # the task is told, not left to its deadline
+                    decoded.append((entry, failure))
         if not decoded:
             return None
         spans = [self._span_for(entry, action, len(entries)) for entry, action in decoded]
@@ -613,7 +619,7 @@ class PartitionConsumer:
                 self._end_deadline(ref)
             if isinstance(plan, Retry) and outcome.verdict in (Verdict.ok, Verdict.requeued):
                 retries[plan.member] = plan.due
-            elif isinstance(plan, Spent) and _completed_now_or_before(outcome):
+            elif isinstance(plan, Spent) and _spent_on_the_task(outcome):
                 # Counted with the next round trip, before this entry's ack (`queue_acks`).
                 self._spent.append(plan)
         if finished and self.settings.database_url:

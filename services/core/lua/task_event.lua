@@ -50,7 +50,7 @@ if op == 'create' then
   extra = {'created_at', ARGV[9], 'attempt', '1', 'last_seq', '0'}
 else
   local state = redis.call(
-    'HMGET', task, 'status', 'attempt', 'last_seq', 'tier', 'created_ms', 'ended_by')
+    'HMGET', task, 'status', 'attempt', 'last_seq', 'tier', 'created_ms', 'ended_by', 'stream')
   local status = state[1]
   tier, created_ms = state[4] or '', state[5] or '0'
   if not status then return {'unknown', ''} end
@@ -69,6 +69,13 @@ else
   end
   if op == 'chunk' then
     if seq <= tonumber(state[3]) then return {'duplicate', state[3]} end
+    if state[7] == '0' then
+      -- The client asked for one answer, not a stream (or its tier streams nothing): an AES
+      -- that streams anyway has its chunk taken in order, and nothing is sent; the
+      -- completion carries the whole answer.
+      set_fields({'last_seq', ARGV[3]})
+      return {'ok', '', tier, created_ms, 0}
+    end
     extra = {'last_seq', ARGV[3], 'status', 'streaming'}
     if tonumber(state[3]) == 0 then
       extra[#extra + 1] = 'first_chunk_at'
