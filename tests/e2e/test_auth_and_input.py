@@ -19,7 +19,7 @@ from services.cli.embedded import RedisServer
 from services.core import keys
 from services.core.auth import LEEWAY_SECONDS
 from services.core.settings import load_settings
-from tests.e2e.clients import auth, connect, next_event, token, unique
+from tests.e2e.clients import auth, connect, enqueued, next_event, token, unique
 from tests.e2e.conftest import Deployment, new_stack
 
 pytestmark = pytest.mark.e2e
@@ -35,7 +35,7 @@ async def queued(e2e_redis: RedisServer) -> AsyncIterator[Redis]:
 
 
 async def aes_length(redis: Redis) -> int:
-    return sum([await redis.xlen(keys.aes_stream(p)) for p in keys.PRIORITIES])
+    return await enqueued(redis)
 
 
 def bad_tokens(tenant: str) -> dict[str, str]:

@@ -21,7 +21,16 @@ from services.cli.stack import Child, LocalStack
 from services.core import keys
 from services.core.quotas import QuotaStore
 from services.core.settings import load_settings
-from tests.e2e.clients import auth, connect, events_until, final_of, next_event, token, unique
+from tests.e2e.clients import (
+    auth,
+    connect,
+    enqueued,
+    events_until,
+    final_of,
+    next_event,
+    token,
+    unique,
+)
 from tests.e2e.conftest import FAST_EXECUTOR, new_stack, redis_client, redis_env
 
 pytestmark = pytest.mark.e2e
@@ -44,7 +53,7 @@ class Tenancy:
         self.store = QuotaStore(redis, load_settings(default_tier="free"))
 
     async def queued(self) -> int:
-        return sum([await self.redis.xlen(keys.aes_stream(p)) for p in keys.PRIORITIES])
+        return await enqueued(self.redis)
 
 
 @pytest.fixture(scope="module")
