@@ -275,25 +275,48 @@ class ClientConnection:
     def close_soon(self, code: int, reason: str) -> None:
         if self.closed:
             return
+        drain = self._stop_sending()
+        self._closing = asyncio.get_running_loop().create_task(
+            self._close_quietly(code, reason, drain)
+        )
+
+    def _stop_sending(self) -> asyncio.Task[None] | None:
+        """Mark the socket closed and drop what waits to be written; return the drain task.
+
+        A send may be waiting for a client that does not read. It is stopped (cancelled): the
+        frames behind it are dropped anyway, and a close must not queue behind them.
+        """
         self.closed = True
         for frame in self._outbox or ():
             _dropped(frame)
         self._outbox = None
         self._replay_left = 0
         self._live_chars = 0
-        # A send may be waiting for a client that does not read. Stop it first: the frames
-        # behind it are dropped anyway, and the close must not queue behind them.
         drain = self._drain
         if drain is not None:
             drain.cancel()
-        self._closing = asyncio.get_running_loop().create_task(
-            self._close_quietly(code, reason, drain)
-        )
+        return drain
 
     async def closing(self) -> None:
-        """Wait for a close started by `close_soon` to be sent."""
+        """Wait for a close started by `close_soon` to be sent (or given up by `abort`).
+
+        Never raises: an aborted close is cancelled, and the socket's handler awaits this in
+        its `finally`, where a CancelledError would end it as if it were cancelled itself.
+        """
         if self._closing is not None:
-            await self._closing
+            await asyncio.wait([self._closing])
+
+    def abort(self) -> None:
+        """Drop the TCP connection now, unsent frames and close frame included.
+
+        For a drain out of time: a client that takes neither its frames nor the close frame
+        must not keep the pod past its grace period. The client sees the connection drop
+        (1006) and reconnects with its `last_event_id` like after a 1012.
+        """
+        self._stop_sending()
+        if self._closing is not None:
+            self._closing.cancel()
+        abort_transport(self._send)
 
     async def _close_quietly(
         self, code: int, reason: str, drain: asyncio.Task[None] | None

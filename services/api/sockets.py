@@ -165,7 +165,27 @@ async def _admit(
         raise
     if admitted is None:
         runtime.admitting -= 1
+    elif runtime.draining:
+        runtime.admitting -= 1
+        await _refuse_drained(runtime, send, tenant_id, admitted[1], speaks_v1)
+        return None
     return admitted
+
+
+async def _refuse_drained(
+    runtime: Runtime, send: Send, tenant_id: str, connection_id: str, speaks_v1: bool
+) -> None:
+    """Refuse a handshake the drain started under (it waited on Redis past the first check).
+
+    Accepted, it would attach after the drain's look at the pod's sockets and stay open on a
+    pod about to stop. Nothing awaits between this check and the accept, so no socket slips
+    through after it. Its tenant socket reservation is given back as the handler's would be.
+    """
+    try:
+        await _refuse(send, speaks_v1, CLOSE_RESTART, "draining: reconnect")
+    finally:
+        with contextlib.suppress(*REDIS_DOWN, *REDIS_REFUSING):  # it expires by itself
+            await runtime.admission.sockets.release(tenant_id, connection_id)
 
 
 async def _admit_tenant(

@@ -12,6 +12,13 @@ from services.core.heap import freeze_startup_heap
 from services.core.listening import METRICS_PORT, check_can_listen
 from services.core.settings import Settings
 
+# How long uvicorn waits, after SIGTERM, for its connections and requests to end. The sockets
+# are closed by then (the drain ran first) and a REST request is short. In Kubernetes SIGTERM
+# comes after the preStop drain, which may use its window plus `drain.OVERRUN_SECONDS`, and the
+# kubelet kills the pod at window + api.drain.marginSeconds (15 by default): uvicorn's wait
+# plus the lifespan's shutdown must fit in what is left, 12 s, not in the window again.
+GRACEFUL_SHUTDOWN_SECONDS = 5
+
 
 def serve_api(settings: Settings, *, host: str, port: int) -> None:
     app = create_app(settings, internal_host=host)
@@ -44,7 +51,7 @@ def serve_api(settings: Settings, *, host: str, port: int) -> None:
         log_config=None,
         access_log=False,
         server_header=False,
-        timeout_graceful_shutdown=max(30, int(settings.drain_seconds) + 10),
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
     server = DrainingServer(
         config, settings.drain_seconds, lambda: getattr(app.state, "runtime", None)
