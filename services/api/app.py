@@ -34,6 +34,7 @@ from services.api.chat_service import ChatService
 from services.api.connections import Send
 from services.api.delivery import SessionHub
 from services.api.drain import drain
+from services.api.http_tracing import redact_query_tokens, span_details
 from services.api.internal import InternalServer
 from services.api.runtime import Runtime
 from services.core import telemetry
@@ -205,6 +206,8 @@ def _tracing_plugins() -> list[OpenTelemetryPlugin]:
                 scopes={ScopeType.HTTP},
                 exclude=["^/health", "^/schema"],
                 exclude_spans=["receive", "send"],
+                scope_span_details_extractor=span_details,
+                server_request_hook_handler=redact_query_tokens,
             )
         )
     ]

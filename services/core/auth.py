@@ -99,12 +99,20 @@ class TokenVerifier:
                 audience=self._audience,
                 issuer=self._issuer,
                 leeway=LEEWAY_SECONDS,
-                options={"require": ["exp", "sub"], "verify_aud": self._audience is not None},
+                # `aud` checked also without an audience of ours: a token that names one is
+                # for that service and refused here (RFC 7519 4.1.3, RFC 8725 3.9), as PyJWT
+                # does by default.
+                options={"require": ["exp", "sub"]},
             )
         except jwt.ExpiredSignatureError:
             raise Unauthorized("token expired") from None
         except jwt.InvalidTokenError as exc:
             raise Unauthorized(f"invalid token: {exc}") from None
+        for claim in _TIME_CLAIMS:
+            if claim in claims and not _is_number(claims[claim]):
+                # PyJWT takes "1795787520" for a date (int() of the string); RFC 7519 says a
+                # NumericDate is a JSON number.
+                raise Unauthorized(f"invalid token: {claim} must be a number")
         tenant_id = claims.get("tenant_id")
         if not isinstance(tenant_id, str) or not is_valid_id(tenant_id):
             raise Unauthorized("token has no valid tenant_id claim")
@@ -121,6 +129,13 @@ class TokenVerifier:
             valid_until=expires + LEEWAY_SECONDS,
         )
         return principal, expires
+
+
+_TIME_CLAIMS = ("exp", "nbf", "iat")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def issue_token(

@@ -16,7 +16,16 @@ from prometheus_client.openmetrics.parser import (
 from services.cli.embedded import RedisServer
 from services.cli.otlp_sink import ReceivedSpan, Receiver
 from services.cli.stack import Child, LocalStack
-from tests.e2e.clients import SECRET, connect, events_until, final_of, send, token, unique
+from tests.e2e.clients import (
+    SECRET,
+    auth,
+    connect,
+    events_until,
+    final_of,
+    send,
+    token,
+    unique,
+)
 from tests.e2e.conftest import new_stack
 
 pytestmark = pytest.mark.e2e
@@ -305,3 +314,62 @@ async def test_a_frame_type_no_client_action_has_is_not_a_span_name(
         await asyncio.sleep(0.1)
     assert "WS unknown" in names, sorted(n[:40] for n in names)
     assert not any(marker in name for name in names)
+
+
+async def spans_named(receiver: Receiver, marker: str, count: int) -> list[ReceivedSpan]:
+    """The exported server spans of requests whose path holds `marker`, once `count` of them
+    arrived (20 s)."""
+    deadline = time.monotonic() + 20
+    while True:
+        with receiver.lock:
+            found = [s for s in receiver.spans if marker in str(s.attributes.get("http.target"))]
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.05)
+
+
+async def test_a_query_token_never_reaches_an_exported_span(
+    traced: tuple[LocalStack, Child, Receiver],
+) -> None:
+    """The socket URL fetched as plain HTTP (a proxy that drops `Upgrade`, a link opened in a
+    browser) and a REST call with `?token=` as on the socket were exported with the whole
+    bearer token in `http.url` and `http.target`: whoever reads traces could act as the tenant
+    until the token expired."""
+    _, api, receiver = traced
+    tenant, session = unique("t"), unique("s")
+    bearer = token(tenant)
+    async with httpx.AsyncClient(base_url=api.url, timeout=10) as http:
+        await http.get(f"/ws/{tenant}/{session}", params={"token": bearer})
+        await http.get(f"/api/sessions/{session}/messages", params={"token": bearer})
+    spans = await spans_named(receiver, session, 2)
+    assert spans, "no span exported for the two requests"
+    leaked = [
+        (s.name, key)
+        for s in spans
+        for key, value in s.attributes.items()
+        if bearer.split(".")[2] in json.dumps(value, default=str)
+    ]
+    assert not leaked, f"the bearer token is in exported span attributes: {leaked}"
+
+
+async def test_rest_span_names_and_routes_are_templates_not_client_text(
+    traced: tuple[LocalStack, Child, Receiver],
+) -> None:
+    """REST spans were named after the raw path (Litestar's default): every task id a client
+    asks about a new span name, and a path of the client's choosing (a token pasted in it)
+    a span name and `http.route` as it is. OTel asks for the route template."""
+    _, api, receiver = traced
+    tenant = unique("t")
+    task_id, junk = unique("task"), unique("no-such-route")
+    async with httpx.AsyncClient(base_url=api.url, timeout=10, headers=auth(tenant)) as http:
+        await http.get(f"/api/chat/tasks/{task_id}")
+        await http.get(f"/{junk}")
+    spans = await spans_named(receiver, task_id, 1) + await spans_named(receiver, junk, 1)
+    assert spans, "no span exported for the two requests"
+    raw = [
+        (s.name, s.attributes.get("http.route"))
+        for s in spans
+        if task_id in s.name + str(s.attributes.get("http.route"))
+        or junk in s.name + str(s.attributes.get("http.route"))
+    ]
+    assert not raw, f"client text in span names / http.route (not templates): {raw}"

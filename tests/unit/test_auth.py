@@ -135,3 +135,28 @@ def test_failures_are_not_remembered_and_the_cache_is_bounded(
     for token in tokens:
         assert verifier.verify(token).user_id.startswith("u")
     assert list(verifier._verified) == tokens[-3:]
+
+
+def test_a_token_for_an_audience_is_refused_when_none_is_configured() -> None:
+    """A token naming an audience was issued for that service: without one of ours configured
+    it was accepted all the same (verify_aud off), a token reused across services (RFC 8725
+    3.9). RFC 7519 4.1.3: rejected."""
+    verifier = TokenVerifier(load_settings(jwt_secret="s" * 32))
+    claims = {"sub": "u", "tenant_id": "acme", "exp": time.time() + 60}
+    plain = jwt.encode(claims, "s" * 32, algorithm="HS256")
+    for_billing = jwt.encode({**claims, "aud": "billing-service"}, "s" * 32, algorithm="HS256")
+    assert verifier.verify(plain).tenant_id == "acme"
+    with pytest.raises(Unauthorized):
+        verifier.verify(for_billing)
+
+
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+def test_a_time_claim_that_is_not_a_number_is_refused(claim: str) -> None:
+    """PyJWT took `exp: "1795787520"` (a string) for a date; RFC 7519's NumericDate is a JSON
+    number."""
+    verifier = TokenVerifier(load_settings(jwt_secret="s" * 32))
+    now = int(time.time())
+    claims: dict[str, object] = {"sub": "u", "tenant_id": "acme", "exp": now + 60, "iat": now}
+    claims[claim] = str(now + 60 if claim == "exp" else now - 10)
+    with pytest.raises(Unauthorized, match=f"{claim} must be a number"):
+        verifier.verify(jwt.encode(claims, "s" * 32, algorithm="HS256"))
