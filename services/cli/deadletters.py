@@ -1,7 +1,11 @@
 """`orchestrator deadletters list|replay`: show and re-enqueue dead-lettered actions.
 
 The Redis side is `services.core.deadletters`; this module only parses, prints and picks the
-exit code. Printed JSON is for scripts; the table is for people.
+exit code. Printed JSON is for scripts; the table is for people: it names whose dead letter it
+is (tenant/task) and shows the reason's start, where writers put what was refused.
+
+A replay re-adds each action at most once, so whenever a replay fails part way (the delete
+after the re-add, or the connection), the message says that running it again is safe.
 """
 
 from __future__ import annotations
@@ -24,7 +28,11 @@ from services.core.deadletters import (
 from services.core.redis_client import REDIS_DOWN, create_redis
 from services.core.settings import ConfigError, Settings
 
-REASON_WIDTH = 60
+REASON_WIDTH = 80
+"""Characters of a reason the table shows: enough for the writer's `refused by the database
+(SQLSTATE ..., constraint ...)` and the start of PostgreSQL's message; `--json` has it all."""
+
+RERUN_IS_SAFE = "running the replay again is safe: no dead letter is re-added twice"
 
 
 def _shorten(text: str, width: int) -> str:
@@ -33,14 +41,15 @@ def _shorten(text: str, width: int) -> str:
 
 
 def format_table(letters: Sequence[DeadLetter]) -> list[str]:
-    """Aligned columns: id, time, origin stream, action type, reason (shortened)."""
-    header = ("ID", "AT", "STREAM", "ACTION_TYPE", "REASON")
+    """Aligned columns: id, time, origin stream, action type, tenant/task, reason (shortened)."""
+    header = ("ID", "AT", "STREAM", "ACTION_TYPE", "TASK", "REASON")
     rows = [
         (
             letter.id,
             letter.at,
             letter.stream,
             letter.action_type or "-",
+            letter.task or "-",
             _shorten(letter.reason, REASON_WIDTH),
         )
         for letter in letters
@@ -81,7 +90,10 @@ async def list_command(
 
 def _describe(result: ReplayResult) -> str:
     if result.outcome is ReplayOutcome.replayed:
-        return f"replayed {result.id} -> {result.stream} {result.new_id}"
+        done = f"replayed {result.id} -> {result.stream} {result.new_id}"
+        return f"{done} ({result.detail})" if result.detail else done
+    if result.outcome is ReplayOutcome.not_deleted:
+        return f"re-added, not deleted {result.id}: {result.detail}"
     if result.outcome is ReplayOutcome.not_found:
         return f"not found {result.id}: {result.detail}"
     return f"kept {result.id}: {result.detail}"
@@ -95,7 +107,8 @@ async def replay_command(
     as_json: bool,
     out: TextIO = sys.stdout,
 ) -> int:
-    """Replay the named dead letters (or all); exit 1 when any was not replayed."""
+    """Replay the named dead letters (or all); exit 1 when any was not replayed (or not
+    deleted after its re-add), 2 (ConfigError) for bad arguments, before touching Redis."""
     if replay_all and ids:
         raise ConfigError("deadletters replay: give either IDs or --all, not both")
     if not replay_all and not ids:
@@ -110,7 +123,7 @@ async def replay_command(
             else:
                 results = await replay_dead_letters(redis, ids)
     except REDIS_DOWN as exc:
-        print(f"orchestrator: cannot reach Redis: {exc}", file=sys.stderr)
+        print(f"orchestrator: cannot reach Redis: {exc}; {RERUN_IS_SAFE}", file=sys.stderr)
         return 1
     if as_json:
         print(json.dumps([result.to_dict() for result in results], indent=2), file=out)
@@ -119,4 +132,7 @@ async def replay_command(
             print(_describe(result), file=out)
         replayed = sum(result.ok for result in results)
         print(f"{replayed} replayed, {len(results) - replayed} not replayed", file=out)
+        if any(result.outcome is ReplayOutcome.not_deleted for result in results):
+            kept = "some actions were re-added, but their dead letters are still there"
+            print(f"{kept}; {RERUN_IS_SAFE}", file=out)
     return 0 if all(result.ok for result in results) else 1

@@ -6,11 +6,14 @@ raw action JSON, empty when the entry had none). This module is what `orchestrat
 list|replay` runs on.
 
 Replaying a dead letter adds its `action` to its origin stream as a new entry (the one field
-`action`, as every producer writes it), and only then deletes it from the dead-letter stream.
-A crash between the two leaves the dead letter in place after its copy was enqueued: a later
-replay enqueues it twice, which the consumers tolerate (effects are idempotent and callbacks
-of a superseded attempt are fenced), whereas the other order could lose the action. The two
-keys are on different slots, so the steps are separate commands, never one transaction.
+`action`, as every producer writes it), and only then deletes it from the dead-letter stream:
+the other order could lose the action. The two keys are on different slots, so the steps are
+separate commands, never one transaction, and a replay can be cut off between them (a
+failover, a lost connection). Replaying again must then not re-add the action a second time
+(a `websocket.send` would reach the client twice): the re-add is a script
+(`lua/replay_once.lua`) on the origin stream's slot that also sets a replay mark for the dead
+letter's id, and adds nothing when the mark is there. A rerun, or a concurrent replay of the
+same dead letter, only deletes it. Marks expire after `REPLAY_MARK_TTL_SECONDS`.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from importlib.resources import files
 from typing import Any
 
 import msgspec
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from services.core import keys
 from services.core.actions import ACTION_FIELD
@@ -31,12 +36,40 @@ from services.core.errors import InvalidInput
 REPLAY_BATCH = 100
 """Dead letters read, re-added and deleted per round trip when replaying all of them."""
 
-_ENTRY_ID = re.compile(r"\d{1,20}-\d{1,20}")
+REPLAY_MARK_TTL_SECONDS = 7 * 24 * 3600
+"""How long a replay mark stays: far longer than an SRE takes to rerun a failed replay, and
+bounded so the marks of old replays do not accumulate in Redis."""
+
+_REPLAY_ONCE = (files("services.core") / "lua" / "replay_once.lua").read_text()
+
+_ENTRY_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
+_ID_PART_MAX = 2**64 - 1  # each part of a stream id is an unsigned 64-bit integer
 
 
 def is_entry_id(text: str) -> bool:
-    """True for a complete stream entry id (`<milliseconds>-<sequence>`)."""
-    return _ENTRY_ID.fullmatch(text) is not None
+    """True for a complete stream entry id (`<milliseconds>-<sequence>`) Redis can hold: a
+    part beyond 64 bits would pass a digits-only check and fail the whole pipeline later."""
+    match = _ENTRY_ID.fullmatch(text)
+    return match is not None and all(int(part) <= _ID_PART_MAX for part in match.groups())
+
+
+def replay_mark_key(stream: str, dead_id: str) -> str | None:
+    """The key marking that dead letter `dead_id` was re-added to `stream`, on `stream`'s slot
+    (so one script can check and set it with the re-add); None when no such key can be built.
+
+    Redis hashes a key by its first `{...}` when that is non-empty, else by the whole name:
+    the mark reuses the stream's tag, or wraps a tagless name in braces, which hashes the same
+    unless the name holds a `}` (then no tag reproduces its slot).
+    """
+    start = stream.find("{")
+    end = stream.find("}", start + 1) if start != -1 else -1
+    if start != -1 and end > start + 1:
+        tag = stream[start : end + 1]
+    elif "}" not in stream:
+        tag = f"{{{stream}}}"
+    else:
+        return None
+    return f"{tag}:dlq:replayed:{dead_id}"
 
 
 def _text(value: bytes | str | None) -> str:
@@ -74,20 +107,33 @@ class DeadLetter:
             action=raw.encode() if isinstance(raw, str) else (raw or b""),
         )
 
-    @property
-    def action_type(self) -> str | None:
-        """The action's `action_type` when the action is a JSON object that names one."""
+    def _document(self) -> dict[str, Any] | None:
+        """The action (or persistence record) as a JSON object; None when it is not one."""
         if not self.action:
             return None
         try:
             document = msgspec.json.decode(self.action)
         except msgspec.DecodeError:
             return None
-        if isinstance(document, dict):
-            value = document.get("action_type")
-            if isinstance(value, str):
-                return value
-        return None
+        return document if isinstance(document, dict) else None
+
+    def _string(self, name: str) -> str | None:
+        value = (self._document() or {}).get(name)
+        return value if isinstance(value, str) and value else None
+
+    @property
+    def action_type(self) -> str | None:
+        """The action's `action_type` when the action is a JSON object that names one."""
+        return self._string("action_type")
+
+    @property
+    def task(self) -> str | None:
+        """Whose dead letter it is, `tenant/task` (`tenant/-` without a task), from the
+        action or record JSON; None when it names no tenant. The first thing an SRE asks."""
+        tenant = self._string("tenant_id")
+        if tenant is None:
+            return None
+        return f"{tenant}/{self._string('task_id') or '-'}"
 
     @property
     def replayable(self) -> bool:
@@ -103,6 +149,7 @@ class DeadLetter:
             "reason": self.reason,
             "at": self.at,
             "action_type": self.action_type,
+            "task": self.task,
             "action": _text(self.action),
         }
 
@@ -117,6 +164,7 @@ class ReplayOutcome(StrEnum):
     not_found = "not_found"  # no dead letter has that id
     not_replayable = "not_replayable"  # no action, or no origin stream: kept as it is
     failed = "failed"  # the origin stream refused the entry: kept as it is
+    not_deleted = "not_deleted"  # re-added, but the delete failed: kept; replaying is safe
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,32 +229,71 @@ def _not_replayable(letter: DeadLetter) -> ReplayResult:
     )
 
 
-async def _replay(redis: Redis, letters: Sequence[DeadLetter]) -> list[ReplayResult]:
-    """Re-add each replayable letter to its origin, then delete it: two round trips.
+def _readd_result(letter: DeadLetter, reply: Any) -> ReplayResult:
+    """The result of one `replay_once` call (its reply, or the error the origin gave)."""
+    if isinstance(reply, Exception):
+        return ReplayResult(letter.id, ReplayOutcome.failed, letter.stream, detail=str(reply)[:200])
+    added, new_id = reply
+    detail = None if int(added) else "already re-added by an earlier replay; deleted now"
+    return ReplayResult(letter.id, ReplayOutcome.replayed, letter.stream, _text(new_id), detail)
 
-    One result per letter, in order. A letter whose re-add fails (say, its origin key now
-    holds something that is not a stream) is reported as failed and kept.
+
+async def _readd(redis: Redis, letters: Sequence[DeadLetter]) -> dict[str, ReplayResult]:
+    """Re-add each letter's action to its origin at most once (one pipelined round trip).
+
+    `EVAL` rather than a cached `EVALSHA`: a replay is rare, and a server that lost its
+    script cache (a restart, a failover) cannot fail it with NOSCRIPT. Each call names its
+    keys, so a cluster routes it to the origin stream's node.
     """
-    todo = [letter for letter in letters if letter.replayable]
-    added: dict[str, ReplayResult] = {}
+    results: dict[str, ReplayResult] = {}
+    todo: list[tuple[DeadLetter, str]] = []
+    for letter in letters:
+        mark = replay_mark_key(letter.stream, letter.id)
+        if mark is None:
+            detail = "its origin stream's name has a '}' but no hash tag: no replay mark fits"
+            results[letter.id] = ReplayResult(
+                letter.id, ReplayOutcome.failed, letter.stream, detail=detail
+            )
+        else:
+            todo.append((letter, mark))
     if todo:
         async with redis.pipeline(transaction=False) as pipe:
-            for letter in todo:
-                pipe.xadd(letter.stream, {ACTION_FIELD: letter.action})
+            for letter, mark in todo:
+                pipe.eval(
+                    _REPLAY_ONCE, 2, letter.stream, mark,
+                    ACTION_FIELD, letter.action, REPLAY_MARK_TTL_SECONDS,
+                )  # fmt: skip
             replies = await pipe.execute(raise_on_error=False)
-        for letter, reply in zip(todo, replies, strict=True):
-            if isinstance(reply, Exception):
-                added[letter.id] = ReplayResult(
-                    letter.id, ReplayOutcome.failed, letter.stream, detail=str(reply)[:200]
-                )
-            else:
-                added[letter.id] = ReplayResult(
-                    letter.id, ReplayOutcome.replayed, letter.stream, _text(reply)
-                )
-        done = [entry_id for entry_id, result in added.items() if result.ok]
-        if done:
-            # Only after their copies are acknowledged: a failure above loses nothing.
+        for (letter, _), reply in zip(todo, replies, strict=True):
+            results[letter.id] = _readd_result(letter, reply)
+    return results
+
+
+def _not_deleted(result: ReplayResult, error: Exception) -> ReplayResult:
+    detail = (
+        f"re-added to {result.stream} as {result.new_id}, but the dead letter could not be"
+        f" deleted ({str(error)[:160]}); replaying it again is safe: it is not re-added twice"
+    )
+    return ReplayResult(result.id, ReplayOutcome.not_deleted, result.stream, result.new_id, detail)
+
+
+async def _replay(redis: Redis, letters: Sequence[DeadLetter]) -> list[ReplayResult]:
+    """Re-add each replayable letter to its origin (once), then delete it: two round trips.
+
+    One result per letter, in order. A letter whose re-add fails (say, its origin key now
+    holds something that is not a stream) is reported as failed and kept. When the delete
+    fails, the re-added letters are reported `not_deleted` rather than the error raised: the
+    caller must learn that their actions are back on their streams.
+    """
+    added = await _readd(redis, [letter for letter in letters if letter.replayable])
+    done = [entry_id for entry_id, result in added.items() if result.ok]
+    if done:
+        # Only after their copies are acknowledged: a failure above loses nothing.
+        try:
             await redis.xdel(keys.DEAD_LETTERS, *done)
+        except (RedisError, OSError) as exc:
+            for entry_id in done:
+                added[entry_id] = _not_deleted(added[entry_id], exc)
     return [added.get(letter.id) or _not_replayable(letter) for letter in letters]
 
 
@@ -229,7 +316,9 @@ async def replay_all_dead_letters(redis: Redis, *, batch: int = REPLAY_BATCH) ->
     """Replay every dead letter present when the call starts, oldest first, in batches.
 
     Dead letters added while it runs are left for the next call, so a replayed action that
-    fails again cannot keep this loop busy. Unreplayable ones are reported and kept.
+    fails again cannot keep this loop busy. Unreplayable ones are reported and kept. It stops
+    after a batch whose delete failed (the connection or the server is likely gone): what it
+    did so far is returned, and a rerun is safe.
     """
     newest = await redis.xrevrange(keys.DEAD_LETTERS, max="+", min="-", count=1)
     if not newest:
@@ -242,7 +331,10 @@ async def replay_all_dead_letters(redis: Redis, *, batch: int = REPLAY_BATCH) ->
         if not rows:
             return results
         letters = _letters(rows)
-        results.extend(await _replay(redis, letters))
-        if letters[-1].id == last:
+        batch_results = await _replay(redis, letters)
+        results.extend(batch_results)
+        if letters[-1].id == last or any(
+            result.outcome is ReplayOutcome.not_deleted for result in batch_results
+        ):
             return results
         start = f"({letters[-1].id}"

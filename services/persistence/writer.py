@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Sequence
 
 from prometheus_client import Counter, Gauge
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.core import keys
@@ -88,6 +90,24 @@ async def backlog(redis: Redis) -> int:
 
 def writer_name(settings: Settings) -> str:
     return process_name(settings)
+
+
+_DRIVER_CLASS = re.compile(r"^<class '[\w.]+'>: ")
+
+
+def refusal(exc: BaseException) -> str:
+    """The dead-letter reason of a record PostgreSQL refused: the database's own message with
+    its SQLSTATE and constraint. `str()` of SQLAlchemy's error starts with the driver's class
+    path, which is all the `deadletters list` table had room for."""
+    if not isinstance(exc, sa_exc.DBAPIError) or exc.orig is None:
+        return f"refused by the database: {exc}"  # not even sent: a value out of range
+    driver = exc.orig.__cause__ or exc.orig  # asyncpg's own error, under SQLAlchemy's adapter
+    message = getattr(driver, "message", None) or _DRIVER_CLASS.sub("", str(exc.orig))
+    names = [f"SQLSTATE {state}"] if (state := getattr(exc.orig, "sqlstate", None)) else []
+    if constraint := getattr(driver, "constraint_name", None):
+        names.append(f'constraint "{constraint}"')
+    where = f" ({', '.join(names)})" if names else ""
+    return f"refused by the database{where}: {message}"
 
 
 class PersistenceWriter:
@@ -272,7 +292,7 @@ class PersistenceWriter:
             except Exception as exc:  # only a data error is this record's fault
                 if not is_data_error(exc):
                     raise
-                await self._dead_letter(entry, f"refused by the database: {exc}")
+                await self._dead_letter(entry, refusal(exc))
                 continue
             self._count(written, 1)
 
