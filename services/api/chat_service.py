@@ -587,10 +587,12 @@ class ChatService:
 
     async def status(self, principal: Principal, task_id: str) -> TaskView:
         ref = await self.tasks.locate(task_id)
-        if ref is None:  # expired from Redis: the durable record answers
+        if ref is None or ref.tenant_id != principal.tenant_id:
+            # Expired from Redis: the durable record answers. Another tenant's task is looked
+            # for there too (the caller has no such row): answered from Redis alone, its 404
+            # came sooner than an unknown id's (and a 404 where an unknown id got 503 while
+            # PostgreSQL was down), which told that the id exists.
             return await self._persisted(principal, task_id)
-        if ref.tenant_id != principal.tenant_id:
-            raise NotFound(f"task {task_id} not found")
         state = await self.tasks.read(ref)
         if state is None:
             return await self._persisted(principal, task_id)
@@ -617,14 +619,13 @@ class ChatService:
 
     async def cancel(self, principal: Principal, task_id: str) -> Cancelled:
         ref = await self.tasks.locate(task_id)
-        if ref is None:
-            # Expired from Redis: a task the history knows is final, as `status` says.
+        if ref is None or ref.tenant_id != principal.tenant_id:
+            # Expired from Redis: a task the history knows is final, as `status` says (another
+            # tenant's task is looked for there too, as in `status`: not found).
             view = await self._persisted(principal, task_id)
             raise Conflict(
                 f"task {task_id} is already {view.status}", details={"status": view.status}
             )
-        if ref.tenant_id != principal.tenant_id:
-            raise NotFound(f"task {task_id} not found")
         error = {"code": "cancelled", "message": "cancelled by client"}
         outcome = await self.tasks.apply(
             ref,

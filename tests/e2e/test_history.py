@@ -206,6 +206,14 @@ async def test_chats_go_on_while_postgres_is_down_and_history_catches_up_once(
                 assert "PostgreSQL" in down.json()["error"]["message"]  # not "redis"
             unknown = await http.get(f"{api.url}/api/chat/tasks/unknownTask1", headers=auth(tenant))
             assert unknown.status_code == 503, unknown.text
+            # Another tenant's task answers as an unknown id: from PostgreSQL too (unavailable
+            # here). Answered from Redis alone (404), it told that the id exists.
+            theirs, stranger = reply.json()["task_id"], unique("t")
+            status = await http.get(f"{api.url}/api/chat/tasks/{theirs}", headers=auth(stranger))
+            cancel = await http.post(
+                f"{api.url}/api/chat/cancel", json={"task_id": theirs}, headers=auth(stranger)
+            )
+            assert (status.status_code, cancel.status_code) == (503, 503), (status, cancel)
             assert "redis unavailable" not in api.output(100_000)
             assert detailed["persistence_backlog"] >= 1
         await ws.close()
