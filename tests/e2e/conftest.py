@@ -35,6 +35,27 @@ def new_stack(redis: LocalRedis, log_dir: Path, **settings: str) -> LocalStack:
     return LocalStack.for_redis(redis.url, log_dir=log_dir, jwt_secret=SECRET, **settings)
 
 
+@contextmanager
+def lone_api(redis: LocalRedis, log_dir: Path, **settings: str) -> Iterator[Child]:
+    """One api process with these settings and no worker: the tests of what an api alone
+    bounds (heads, bodies, frames, sockets)."""
+    stack = new_stack(redis, log_dir, **settings)
+    try:
+        child = stack.start_api()
+        stack.wait_ready(child)
+        yield child
+    finally:
+        stack.stop()
+
+
+def proc_kb(pid: int, field: str = "VmRSS") -> int:
+    """A size in kB from `/proc/<pid>/status` (VmRSS, VmHWM...)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for process {pid}")
+
+
 def redis_client(redis: LocalRedis) -> Redis:
     """A client of the test's own on `redis`, of the kind the product uses for its topology."""
     return create_redis(load_settings(redis_url=redis.url, **redis.client_settings()))

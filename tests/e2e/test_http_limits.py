@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from services.cli.embedded import RedisServer
-from services.cli.stack import Child, LocalStack
-from tests.e2e.conftest import new_stack
+from services.cli.stack import Child
+from tests.e2e.conftest import lone_api, proc_kb
 
 pytestmark = pytest.mark.e2e
 
@@ -22,25 +22,13 @@ HEAD_TIMEOUT = 1.0
 
 @pytest.fixture(scope="module")
 def api(e2e_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Child]:
-    stack: LocalStack = new_stack(
+    with lone_api(
         e2e_redis,
         tmp_path_factory.mktemp("logs"),
         http_head_timeout_seconds=str(HEAD_TIMEOUT),
         http_max_head_bytes=str(16 * 1024),
-    )
-    try:
-        child = stack.start_api(host="127.0.0.1")
-        stack.wait_ready(child)
+    ) as child:
         yield child
-    finally:
-        stack.stop()
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 async def read_until_closed(reader: asyncio.StreamReader, within: float) -> bytes | None:
@@ -72,7 +60,7 @@ async def test_a_request_head_over_the_limit_is_refused_with_400(api: Child) -> 
 async def test_an_endless_header_block_is_cut_off_not_kept_in_memory(api: Child) -> None:
     """httptools kept every header byte for as long as they came: 32 MB of one endless header
     block grew the api by 32 MB, from a client with no token."""
-    before = rss_kb(api.process.pid)
+    before = proc_kb(api.process.pid)
     _, writer = await asyncio.open_connection("127.0.0.1", api.port)
     line = b"X-Pad: " + b"a" * 65_000 + b"\r\n"
     sent = 0
@@ -86,7 +74,7 @@ async def test_an_endless_header_block_is_cut_off_not_kept_in_memory(api: Child)
         pass  # the server closed it
     finally:
         writer.close()
-    grown_mb = (rss_kb(api.process.pid) - before) / 1024
+    grown_mb = (proc_kb(api.process.pid) - before) / 1024
     assert sent < 32 * 2**20, "the api took 32 MB of headers without closing the connection"
     assert grown_mb < 8, f"the api grew by {grown_mb:.0f} MB"
 

@@ -16,7 +16,6 @@ import struct
 import urllib.request
 import zlib
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -38,7 +37,7 @@ from services.cli.embedded import RedisServer
 from services.cli.stack import Child
 from services.core import keys
 from tests.e2e.clients import events_until, final_of, send, token, unique
-from tests.e2e.conftest import FAST_EXECUTOR, Deployment, deploy, new_stack
+from tests.e2e.conftest import FAST_EXECUTOR, Deployment, deploy, lone_api, proc_kb
 
 PING_INTERVAL = 1.0
 PING_TIMEOUT = 1.0
@@ -46,13 +45,6 @@ OP_CLOSE = 8
 
 
 # A blocking raw-socket client: the test decides what is read and what is sent.
-
-
-def _proc_kb(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {field}")
 
 
 def open_raw(
@@ -127,7 +119,7 @@ def test_ping_flood_of_a_client_that_never_reads_does_not_grow_the_api(
     api = deployment.api
     sock, buffered = open_raw(api.port, unique("t"), unique("s"), rcvbuf=4096)
     assert read_json(sock, buffered)["type"] == "connection.ack"
-    before = _proc_kb(api.process.pid, "VmRSS")
+    before = proc_kb(api.process.pid, "VmRSS")
     batch = client_frame(OP_PING, b"p" * 125) * 2000  # 262 KB
     sent = 0
     sock.settimeout(2)  # a send blocked this long: the api stopped reading us
@@ -137,7 +129,7 @@ def test_ping_flood_of_a_client_that_never_reads_does_not_grow_the_api(
             sent += len(batch)
     except OSError:
         pass
-    grown_mb = (_proc_kb(api.process.pid, "VmRSS") - before) / 1024
+    grown_mb = (proc_kb(api.process.pid, "VmRSS") - before) / 1024
     sock.close()
     assert grown_mb < 16, (
         f"after {sent // 1024 // 1024} MB of pings from a client that reads nothing, the "
@@ -153,13 +145,9 @@ def test_ping_flood_of_a_client_that_never_reads_does_not_grow_the_api(
 def compressing_api(
     e2e_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Child]:
-    stack = new_stack(e2e_redis, tmp_path_factory.mktemp("logs"), websocket_compression="true")
-    try:
-        child = stack.start_api()
-        stack.wait_ready(child)
+    logs = tmp_path_factory.mktemp("logs")
+    with lone_api(e2e_redis, logs, websocket_compression="true") as child:
         yield child
-    finally:
-        stack.stop()
 
 
 def _compressed_text_frame(inflated: int) -> bytes:
@@ -193,7 +181,7 @@ def test_deflate_bomb_is_refused_before_it_is_inflated(compressing_api: Child) -
         extra="Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
     )
     assert read_frame(sock, buffered)[0] == OP_TEXT  # the ack (compressed)
-    before = _proc_kb(api.process.pid, "VmHWM")
+    before = proc_kb(api.process.pid, "VmHWM")
     sock.sendall(frame)
     code = None
     try:
@@ -204,7 +192,7 @@ def test_deflate_bomb_is_refused_before_it_is_inflated(compressing_api: Child) -
     except (ConnectionError, TimeoutError):
         pass
     sock.close()
-    grown_mb = (_proc_kb(api.process.pid, "VmHWM") - before) / 1024
+    grown_mb = (proc_kb(api.process.pid, "VmHWM") - before) / 1024
     assert grown_mb < 32, (
         f"a {len(frame) // 1024} KB compressed frame raised the api's peak RSS by "
         f"{grown_mb:.0f} MB (close code {code}); the frame limit is 256 KB"

@@ -10,7 +10,6 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -18,7 +17,7 @@ from bench.wsclient import OP_CLOSE, OP_PING, OP_PONG, client_frame
 from services.cli.embedded import RedisServer
 from services.cli.stack import Child
 from tests.e2e.clients import token
-from tests.e2e.conftest import e2e_redis, new_stack  # noqa: F401
+from tests.e2e.conftest import e2e_redis, lone_api, proc_kb  # noqa: F401
 
 pytestmark = pytest.mark.e2e
 
@@ -28,25 +27,13 @@ MAX_HEAD = 32 * 1024
 
 @pytest.fixture(scope="module")
 def api(e2e_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Child]:  # noqa: F811
-    stack = new_stack(
+    with lone_api(
         e2e_redis,
         tmp_path_factory.mktemp("logs"),
         http_head_timeout_seconds=str(HEAD_TIMEOUT),
         http_max_head_bytes=str(MAX_HEAD),
-    )
-    try:
-        child = stack.start_api()
-        stack.wait_ready(child)
+    ) as child:
         yield child
-    finally:
-        stack.stop()
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def connect(api: Child) -> socket.socket:
@@ -117,7 +104,7 @@ def padded_head(total: int, method: bytes = b"GET", extra: bytes = b"") -> bytes
 def test_one_endless_header_value_is_refused_at_the_head_limit(api: Child) -> None:
     """httptools keeps a header value whole and calls `on_header` only when it ends: counting
     there, the api took 48 MB (and more) of one value from an unauthenticated client."""
-    before = rss_kb(api.process.pid)
+    before = proc_kb(api.process.pid)
     sent = 0
     with connect(api) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ")
@@ -128,7 +115,7 @@ def test_one_endless_header_value_is_refused_at_the_head_limit(api: Child) -> No
                 sent += 65536
         except OSError:
             pass  # refused and closed
-    grown_mb = (rss_kb(api.process.pid) - before) / 1024
+    grown_mb = (proc_kb(api.process.pid) - before) / 1024
     assert sent < 8 * 2**20, f"the api took {sent // 2**20} MB of one header value"
     assert grown_mb < 8, f"the api grew by {grown_mb:.0f} MB"
 
