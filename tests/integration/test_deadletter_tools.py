@@ -7,9 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -37,6 +34,7 @@ from services.core.errors import InvalidInput
 from services.core.redis_client import create_redis
 from services.core.settings import Settings, load_settings
 from services.persistence.records import publish_record
+from tests.integration.test_worker_deadletter_flow import cli
 from tests.integration.worker_helpers import add_send, messages, send_action, wait_for
 from tests.persistence.conftest import (  # noqa: F401 (fixtures)
     database_url,
@@ -47,15 +45,6 @@ from tests.persistence.conftest import (  # noqa: F401 (fixtures)
     settings,
 )
 from tests.persistence.test_writer import drained, running
-
-
-def cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_")}
-    env["ORCHESTRATOR_REDIS_URL"] = redis_url
-    return subprocess.run(
-        [sys.executable, "-m", "services.cli.main", "deadletters", *args],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
 
 
 async def add_dead_letter(redis: Redis, stream: str, action: bytes, **fields: str) -> str:

@@ -18,9 +18,8 @@ from services.persistence.history import HistoryStore
 from services.persistence.records import publish_record
 from services.persistence.retention import prune
 from services.persistence.schema import sessions
-from services.persistence.writer import PersistenceWriter
 from tests.persistence.conftest import eventually, fast_settings, make_record
-from tests.persistence.test_writer import drained
+from tests.persistence.test_writer import drained, running
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 
@@ -141,13 +140,8 @@ async def test_a_record_past_the_retention_is_neither_written_nor_counted_again(
     for record in (old, recent):
         await publish_record(redis, record)
 
-    writer = PersistenceWriter(redis, settings, engine=engine, consumer="w1")
-    running = asyncio.create_task(writer.run())
-    try:
+    async with running(redis, settings, engine):
         await eventually(lambda: drained(redis), what="backlog drained")
-    finally:
-        writer.stop()
-        await asyncio.wait_for(running, 10)
 
     history = HistoryStore(engine)
     usage = await history.usage("acme", (now - timedelta(days=60)).date(), now.date())
@@ -190,13 +184,8 @@ async def test_a_tombstone_of_the_boundary_day_outlives_prune_for_a_late_record(
     # The erased task's record comes back to the writer (a dead letter replayed).
     await publish_record(redis, record)
     settings = fast_settings(redis_url, database_url, history_retention_days=30)
-    writer = PersistenceWriter(redis, settings, engine=engine, consumer="w1")
-    running = asyncio.create_task(writer.run())
-    try:
+    async with running(redis, settings, engine):
         await eventually(lambda: drained(redis), what="backlog drained")
-    finally:
-        writer.stop()
-        await asyncio.wait_for(running, 10)
 
     page = await history.messages("acme", "s1")
     assert [m.content for m in page.messages] == [], "erased conversation written back"
