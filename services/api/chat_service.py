@@ -85,6 +85,7 @@ class _NewTask:
     body: str
     fields: dict[str, str]  # the state hash; "action" holds the encoded action
     stream: str
+    ttl: int  # how long its state and location live: past its deadline by TASK_TTL_SECONDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +141,10 @@ class ChatService:
         self._background: set[asyncio.Task[None]] = set()
         # Tasks this process abandoned and could not mark yet (`_abandon_later`).
         self._abandoning: set[str] = set()
+        # An Idempotency-Key never outlives the task it names (which lives TASK_TTL_SECONDS
+        # past its deadline): a key found without its task is taken for a send that never
+        # queued one, and a retry then sent the message again.
+        self._idempotency_ttl = min(IDEMPOTENCY_TTL_SECONDS, settings.task_ttl_seconds)
 
     async def send(
         self,
@@ -299,7 +304,10 @@ class ChatService:
             status_data["request_id"] = request.request_id
         body = events.event_body(events.CHAT_STATUS, status_data, ref.task_id)
         fields = self._fields(action, principal, rules)
-        return _NewTask(ref, action, body, fields, keys.aes_stream(limits.priority))
+        # Alive until its deadline and TASK_TTL_SECONDS after: with a TTL shorter than the
+        # tier's timeout, a running task's state expired under it (404, its answer dropped).
+        ttl = self.settings.task_ttl_seconds + limits.task_timeout_seconds
+        return _NewTask(ref, action, body, fields, keys.aes_stream(limits.priority), ttl)
 
     def _fields(
         self, action: ChatProcess, principal: Principal, rules: SendRules
@@ -345,7 +353,7 @@ class ChatService:
         location, where, deadline = self._placement(task)
         deadlines, member = self._deadlines(task.ref)
         task_keys, task_args = self.tasks.script_args(
-            task.ref, "create", attempt=0, seq=0, body=task.body, fields=task.fields
+            task.ref, "create", attempt=0, seq=0, body=task.body, fields=task.fields, ttl=task.ttl
         )
         session_args = check_arguments(rules.session, None)
         tenant_args = check_arguments(rules.tenant, None)
@@ -365,7 +373,7 @@ class ChatService:
             *tenant_args,
             *task_args,
             where,
-            self.settings.task_ttl_seconds,
+            task.ttl,
             member,
             deadline,
             AES_STREAM_MAXLEN,
@@ -392,8 +400,10 @@ class ChatService:
         # action is added once the task state is written (one more round trip).
         cluster = is_cluster(self.redis)
         async with self.redis.pipeline(transaction=False) as pipe:
-            await self.tasks.apply(ref, "create", body=task.body, fields=task.fields, pipe=pipe)
-            pipe.set(location, where, ex=self.settings.task_ttl_seconds)
+            await self.tasks.apply(
+                ref, "create", body=task.body, fields=task.fields, pipe=pipe, ttl=task.ttl
+            )
+            pipe.set(location, where, ex=task.ttl)
             pipe.zadd(deadlines, {member: deadline})
             if not cluster:
                 pipe.xadd(
@@ -404,7 +414,9 @@ class ChatService:
             # Redis lost its scripts (restarted): the rest of the pipeline ran, so create the
             # task state now (the script is idempotent) before any answer can look for it.
             await self.tasks.scripts.load()
-            outcome = await self.tasks.apply(ref, "create", body=task.body, fields=task.fields)
+            outcome = await self.tasks.apply(
+                ref, "create", body=task.body, fields=task.fields, ttl=task.ttl
+            )
             assert outcome is not None
         elif isinstance(created, Exception):
             raise created
@@ -471,7 +483,7 @@ class ChatService:
     async def _swap(self, idempotency: str, seen: str, task_id: str) -> bool:
         """Make the key name `task_id` ('': delete it) if it still names `seen`."""
         swapped = await self.tasks.scripts.compare_and_set(
-            keys=[idempotency], args=[seen, task_id, IDEMPOTENCY_TTL_SECONDS]
+            keys=[idempotency], args=[seen, task_id, self._idempotency_ttl]
         )
         return bool(swapped)
 
@@ -486,7 +498,7 @@ class ChatService:
         taken over, by one request only, since the takeover is a compare-and-set; the others
         then find the winner's task."""
         for _ in range(RESERVE_ATTEMPTS):
-            if await self.redis.set(idempotency, task_id, nx=True, ex=IDEMPOTENCY_TTL_SECONDS):
+            if await self.redis.set(idempotency, task_id, nx=True, ex=self._idempotency_ttl):
                 return None
             seen, earlier = await self._lookup(
                 principal, idempotency, asked, wait=IN_FLIGHT_SECONDS

@@ -115,8 +115,11 @@ class TaskStore:
         fields: dict[str, str],
         traceparent: str = "",
         after_seq: int = 0,
+        ttl: int | None = None,
     ) -> tuple[list[str], list[str | int]]:
-        """task_event.lua's KEYS and ARGV (also composed into send.lua)."""
+        """task_event.lua's KEYS and ARGV (also composed into send.lua). `ttl`: the state's
+        lifetime from now, if longer than TASK_TTL_SECONDS (a task's creation, see
+        `ChatService`); the script never shortens it."""
         settings = self.settings
         script_keys = [
             keys.task_state(ref.tenant_id, ref.session_id, ref.task_id),
@@ -129,7 +132,7 @@ class TaskStore:
             body,
             settings.session_log_maxlen,
             settings.session_log_ttl_seconds * 1000,
-            settings.task_ttl_seconds,
+            max(ttl or 0, settings.task_ttl_seconds),
             keys.session_channel(ref.tenant_id, ref.session_id),
             isoformat(),
             f"{traceparent}\n" if traceparent else "",
@@ -151,6 +154,7 @@ class TaskStore:
         pipe: Pipeline | None = None,
         traceparent: str = "",
         after_seq: int = 0,
+        ttl: int | None = None,
     ) -> Outcome | None:
         """Run the task script; with `pipe`, queue it and return None (read the pipe's result).
 
@@ -167,6 +171,7 @@ class TaskStore:
             fields=fields or {},
             traceparent=traceparent,
             after_seq=after_seq,
+            ttl=ttl,
         )
         if pipe is not None:
             self.scripts.queue(pipe, self.scripts.task_event, script_keys, args)

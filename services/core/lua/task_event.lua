@@ -12,7 +12,7 @@
 -- ARGV[3] chunk seq (chunk); for dispatch: ms after which a dispatch not confirmed yet (its
 --         `dispatched_ms` field still set) is handed out again
 -- ARGV[4] frame body without id ("" publishes nothing)
--- ARGV[5] log max length   ARGV[6] log ttl (ms)   ARGV[7] task ttl (s)
+-- ARGV[5] log max length   ARGV[6] log ttl (ms)   ARGV[7] task ttl (s; never shortened)
 -- ARGV[8] delivery channel ARGV[9] now (ISO-8601)
 -- ARGV[10] prefix of the published message: "" or a W3C traceparent and a newline, so the
 --          api can continue the trace on the delivery hop (the log never stores it)
@@ -40,7 +40,9 @@ local function set_fields(extra)
   for i = 12, #ARGV do fields[#fields + 1] = ARGV[i] end
   for _, v in ipairs(extra) do fields[#fields + 1] = v end
   redis.call('HSET', task, unpack(fields))
-  redis.call('EXPIRE', task, ARGV[7])
+  -- Only ever lengthened: a task is created to live past its deadline (its tier's timeout
+  -- plus TASK_TTL_SECONDS), and a later event must not cut that to TASK_TTL_SECONDS.
+  if redis.call('TTL', task) < tonumber(ARGV[7]) then redis.call('EXPIRE', task, ARGV[7]) end
 end
 
 if op == 'create' then
