@@ -62,6 +62,7 @@ from services.persistence.records import publish_finished
 
 AES_STREAM_MAXLEN = 1_000_000
 IDEMPOTENCY_TTL_SECONDS = 86_400
+RECANCEL_SECONDS = 10
 ABANDON_RETRY_SECONDS = 30.0
 ABANDON_RETRY_INTERVAL = 0.2
 # How long a send waits for the task of a concurrent send with its Idempotency-Key to be
@@ -649,10 +650,14 @@ class ChatService:
         if outcome.verdict is Verdict.unknown:
             raise NotFound(f"task {task_id} not found")
         if outcome.verdict is Verdict.final:
-            if outcome.detail == TaskStatus.cancelled:
+            if outcome.detail == TaskStatus.cancelled and await self.redis.set(
+                keys.task_recancel(task_id), "1", nx=True, ex=RECANCEL_SECONDS
+            ):
                 # A retry of a cancel whose record or notice may not have gone out (the task
                 # was marked, then the connection failed): both again, each taken once (the
-                # writer keeps one record per task, the AES ignores a repeat).
+                # writer keeps one record per task, the AES ignores a repeat). Once per
+                # RECANCEL_SECONDS: a client repeating the cancel in a loop filled the cancel
+                # stream every AES instance shares (its last 10 000 notices) with one task's.
                 await self._publish_cancelled(ref, None)
                 await self._notify_aes(ref)
             raise Conflict(

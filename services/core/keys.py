@@ -82,6 +82,11 @@ def task_location(task_id: str) -> str:
     return f"{{t:{task_id}}}:where"
 
 
+def task_recancel(task_id: str) -> str:
+    """Set while a repeated cancel of the task may not send its notices again."""
+    return f"{{t:{task_id}}}:recancel"
+
+
 def tenant_channel(tenant_id: str) -> str:
     return f"{{tn:{tenant_id}}}:broadcast"
 
