@@ -31,6 +31,7 @@ for a `100 Continue`. A slow upload that keeps sending is never cut, however lon
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -85,7 +86,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._upgraded or self.transport.is_closing():
             return b""
         if self._in_head and self._head_bytes >= self.max_head_bytes:
-            self._answer_and_close(400, f"Request head over {self.max_head_bytes} bytes")
+            self._answer_and_close(
+                400, "bad_request", f"request head over {self.max_head_bytes} bytes"
+            )
             return b""
         return rest
 
@@ -164,23 +167,34 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if cycle is not None and cycle.response_started:
             self.transport.close()
         else:
-            self._answer_and_close(408, "Request body too slow")
+            self._answer_and_close(
+                408,
+                "request_timeout",
+                f"no byte of the request body for {self.head_timeout:g} s",
+            )
         if cycle is not None:
             # The application's `receive` gets `http.disconnect` now, and its `send` writes
             # nothing after our answer.
             cycle.disconnected = True
             cycle.message_event.set()
 
-    def _answer_and_close(self, status: int, message: str) -> None:
-        """A plain-text answer with `connection: close`, as uvicorn's own 400 is written."""
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request httptools could not parse (too many header fields
+        among them), in the api's error shape instead of its plain text."""
+        self._answer_and_close(400, "bad_request", msg.rstrip(".").lower())
+
+    def _answer_and_close(self, status: int, code: str, message: str) -> None:
+        """An answer in the api's error shape (`{"error": {"code", "message", "details"}}`,
+        README), with `connection: close`, written as uvicorn writes its own 400: a client
+        parsing every error as README says must not meet plain text here."""
         self.logger.warning("%s.", message)
-        body = message.encode("ascii")
+        body = json.dumps({"error": {"code": code, "message": message, "details": {}}}).encode()
         content = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
             content.extend([name, b": ", value, b"\r\n"])
         content.extend(
             [
-                b"content-type: text/plain; charset=utf-8\r\n",
+                b"content-type: application/json\r\n",
                 b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
                 b"connection: close\r\n",
                 b"\r\n",

@@ -192,14 +192,25 @@ def usable_key(algorithm: str, key: str, variable: str, *, signing: bool) -> Any
     """
     try:
         prepared = jwt.get_algorithm_by_name(algorithm).prepare_key(key)
-    except (jwt.PyJWTError, ValueError, TypeError) as exc:
-        # PyJWT's own words name the problem, never the key; others' might quote it.
-        why = f" ({exc})" if isinstance(exc, jwt.PyJWTError) else ""
-        raise ConfigError(f"{variable}: not a usable {algorithm} key{why}") from None
+    except (jwt.PyJWTError, ValueError, TypeError):
+        # Our words: PyJWT's name a generator object for a key of the wrong type, and others'
+        # might quote the key.
+        wanted = _wanted(algorithm)
+        raise ConfigError(f"{variable}: not a usable {algorithm} key ({wanted})") from None
     problem = key_problem(algorithm, prepared, signing=signing)
     if problem:
         raise ConfigError(f"{variable}: {problem}")
     return prepared
+
+
+def _wanted(algorithm: str) -> str:
+    """What a key for `algorithm` is, in words an operator reads at start."""
+    if algorithm.startswith("HS"):
+        return "a shared secret string"
+    if algorithm.startswith(("RS", "PS")):
+        return "a PEM RSA key of 2048 bits or more"
+    curve = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}.get(algorithm, "its curve")
+    return f"a PEM EC key on {curve}"
 
 
 def key_problem(algorithm: str, prepared: Any, *, signing: bool) -> str | None:

@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from services.core.ids import is_valid_id
+
 ENV_PREFIX = "ORCHESTRATOR_"
 
 
@@ -45,7 +47,11 @@ def _split_commas(value: Any) -> Any:
 
 
 _HOUR, _DAY, _YEAR = 3600, 86_400, 365 * 86_400
+_MAX_BYTES = 1024**3  # far above any frame, body or head a process should take
 MESSAGE_ENVELOPE_BYTES = 1024  # a frame's or body's JSON around the message text
+# The most bytes one character of a message takes in JSON: a character outside the BMP escaped
+# as a surrogate pair (`\ud83d\ude00`), as Python's json.dumps (httpx, requests) writes it.
+MESSAGE_BYTES_PER_CHAR = 12
 
 
 class Settings(BaseSettings):
@@ -69,25 +75,25 @@ class Settings(BaseSettings):
     redis_mode: RedisMode = RedisMode.standalone
     redis_sentinels: CommaList = []
     redis_sentinel_master: str = "mymaster"
-    redis_max_connections: int = Field(64, ge=4)
+    redis_max_connections: int = Field(64, ge=4, le=100_000)
 
     # WebSocket
     websocket_ping_interval: float = Field(30.0, gt=0, le=_HOUR)
     websocket_ping_timeout: float = Field(10.0, gt=0, le=_HOUR)
     websocket_compression: bool = False
-    websocket_send_queue: int = Field(1000, ge=1)
+    websocket_send_queue: int = Field(1000, ge=1, le=10_000_000)
     # ...and characters: frames are bounded by count, an AES's websocket.send is not by size.
-    websocket_send_queue_chars: int = Field(4 * 1024 * 1024, ge=1024)
-    max_websocket_connections: int = Field(1000, ge=1)
+    websocket_send_queue_chars: int = Field(4 * 1024 * 1024, ge=1024, le=2**40)
+    max_websocket_connections: int = Field(1000, ge=1, le=100_000_000)
     connection_ttl_seconds: float = Field(30.0, ge=3, le=_DAY)
     websocket_frames_per_second: float = Field(20.0, gt=0, le=1_000_000)
     # As large as a REST body: a message of MAX_MESSAGE_CHARS characters sent on the socket
-    # must fit (`_coherent`), and non-Latin text takes 3-4 bytes a character in UTF-8.
-    max_frame_bytes: int = Field(256 * 1024, ge=1024)
+    # must fit (`_coherent`), and JSON takes up to 12 bytes a character (escaped emoji).
+    max_frame_bytes: int = Field(512 * 1024, ge=1024, le=_MAX_BYTES)
     # A request head (request line and headers, a socket handshake's too): its size and the
     # time it may take to arrive, before any authentication, and the longest silence within a
     # request body (services/api/http_protocol.py).
-    http_max_head_bytes: int = Field(64 * 1024, ge=8 * 1024)
+    http_max_head_bytes: int = Field(64 * 1024, ge=8 * 1024, le=_MAX_BYTES)
     http_head_timeout_seconds: float = Field(10.0, gt=0, le=_HOUR)
 
     # Worker and transport
@@ -95,7 +101,7 @@ class Settings(BaseSettings):
     worker_batch_size: int = Field(100, ge=1, le=10_000)
     callback_partitions: int = Field(8, ge=1, le=1024)
     partition_lease_seconds: float = Field(10.0, ge=1, le=_HOUR)
-    max_delivery_attempts: int = Field(5, ge=1)
+    max_delivery_attempts: int = Field(5, ge=1, le=1_000_000)
     session_log_maxlen: int = Field(1000, ge=10, le=10_000_000)
     session_log_ttl_seconds: int = Field(3600, ge=10, le=_YEAR)
     task_ttl_seconds: int = Field(86_400, ge=60, le=_YEAR)
@@ -105,7 +111,8 @@ class Settings(BaseSettings):
     drain_seconds: float = Field(10.0, ge=0, le=_HOUR)
 
     # Executor (the bundled reference AES)
-    executor_concurrency: int = Field(64, ge=1)
+    # Also the COUNT of its reads: Redis takes a signed 64-bit integer; far fewer make sense.
+    executor_concurrency: int = Field(64, ge=1, le=100_000)
     executor_chunk_delay_ms: float = Field(20.0, ge=0, le=60_000)
     executor_reclaim_idle_seconds: float = Field(30.0, ge=1, le=_DAY)
 
@@ -120,8 +127,8 @@ class Settings(BaseSettings):
     jwt_issuer: str | None = None
     jwt_private_key: str | None = None
     allowed_origins: CommaList = []
-    max_message_chars: int = Field(32_000, ge=1)
-    max_body_bytes: int = Field(256 * 1024, ge=1024)
+    max_message_chars: int = Field(32_000, ge=1, le=_MAX_BYTES // MESSAGE_BYTES_PER_CHAR)
+    max_body_bytes: int = Field(512 * 1024, ge=1024, le=_MAX_BYTES)
 
     # Persistence and retention (used by later parts; validated now so typos fail early)
     database_url: str | None = None
@@ -140,7 +147,7 @@ class Settings(BaseSettings):
     persist_batch_size: int = Field(500, ge=1, le=5000)
     persist_retry_max_seconds: float = Field(5.0, gt=0, le=300)
     persist_reclaim_idle_seconds: float = Field(60.0, ge=1, le=_DAY)
-    persist_stream_maxlen: int = Field(1_000_000, ge=1000)
+    persist_stream_maxlen: int = Field(1_000_000, ge=1000, le=10**12)  # XADD MAXLEN: 64 bits
     history_page_max: int = Field(200, ge=1, le=1000)
 
     # Redis topology (issue 11)
@@ -209,21 +216,31 @@ class Settings(BaseSettings):
                 raise ValueError(f"{address!r} is not host:port")
         return value
 
+    @field_validator("default_agent")
+    @classmethod
+    def _agent_id(cls, value: str) -> str:
+        # Every send without an agent names it: an invalid one was accepted (202), and each
+        # action was then dead-lettered by the AES side as malformed.
+        if not is_valid_id(value):
+            raise ValueError(f"{value!r} is not an agent id ([A-Za-z0-9_-], 1 to 64 characters)")
+        return value
+
     @model_validator(mode="after")
     def _coherent(self) -> Settings:
         if self.redis_mode is RedisMode.sentinel and not self.redis_sentinels:
             raise ValueError("REDIS_SENTINELS is required when REDIS_MODE is sentinel")
         if self.redis_mode is RedisMode.cluster and not self.redis_url:
             raise ValueError("REDIS_URL (a seed node) is required when REDIS_MODE is cluster")
-        # A message within MAX_MESSAGE_CHARS must fit a frame and a body whatever its script:
-        # up to 4 UTF-8 bytes a character, and room for the rest of the JSON.
-        least = 4 * self.max_message_chars + MESSAGE_ENVELOPE_BYTES
+        # A message within MAX_MESSAGE_CHARS must fit a frame and a body whatever its script
+        # and however its JSON is written: up to 12 bytes a character (an escaped surrogate
+        # pair; 4 in raw UTF-8), and room for the rest of the JSON.
+        least = MESSAGE_BYTES_PER_CHAR * self.max_message_chars + MESSAGE_ENVELOPE_BYTES
         for name, value in (("FRAME", self.max_frame_bytes), ("BODY", self.max_body_bytes)):
             if value < least:
                 raise ValueError(
                     f"MAX_{name}_BYTES ({value}) cannot hold a message of "
                     f"{ENV_PREFIX}MAX_MESSAGE_CHARS ({self.max_message_chars}) characters "
-                    f"({least} bytes in UTF-8 at worst): raise it, or lower the other"
+                    f"({least} bytes of JSON at worst): raise it, or lower the other"
                 )
         return self
 

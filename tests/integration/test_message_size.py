@@ -60,6 +60,6 @@ def test_a_message_within_max_message_chars_is_accepted_on_the_socket_as_by_rest
 
 def test_sizes_that_cannot_hold_a_message_are_refused_at_start() -> None:
     with pytest.raises(ConfigError, match="MAX_FRAME_BYTES"):
-        load_settings(max_frame_bytes=64 * 1024)  # the old default: 64 KiB < 32 000 x 4 bytes
+        load_settings(max_frame_bytes=64 * 1024)  # an old default: 64 KiB < 32 000 x 12 bytes
     with pytest.raises(ConfigError, match="MAX_BODY_BYTES"):
-        load_settings(max_message_chars=100_000, max_frame_bytes=1_000_000)
+        load_settings(max_message_chars=100_000, max_frame_bytes=1_300_000)

@@ -6,9 +6,10 @@ import time
 
 import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from services.core.auth import TokenVerifier, issue_token
+from services.core.auth import TokenVerifier, issue_token, usable_key
 from services.core.errors import Unauthorized
 from services.core.settings import ConfigError, load_settings
 from tests.unit.test_auth_keys import pems
@@ -160,3 +161,17 @@ def test_a_time_claim_that_is_not_a_number_is_refused(claim: str) -> None:
     claims[claim] = str(now + 60 if claim == "exp" else now - 10)
     with pytest.raises(Unauthorized, match=f"{claim} must be a number"):
         verifier.verify(jwt.encode(claims, "s" * 32, algorithm="HS256"))
+
+
+def test_a_key_of_the_wrong_type_is_named_in_words_at_start() -> None:
+    """An RSA key for ES256 stopped the process with PyJWT's words: "Expected one of
+    <generator object ...>". It says what ES256 needs now."""
+    pem = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    text = pem.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    with pytest.raises(ConfigError) as refused:
+        usable_key("ES256", text, "ORCHESTRATOR_JWT_PUBLIC_KEY", signing=False)
+    assert str(refused.value) == (
+        "ORCHESTRATOR_JWT_PUBLIC_KEY: not a usable ES256 key (a PEM EC key on P-256)"
+    )

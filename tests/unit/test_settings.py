@@ -110,6 +110,14 @@ def test_the_api_refuses_to_start_without_a_jwt_key() -> None:
         # Checked in every process at start, not in the api's lifespan (a traceback).
         ("ORCHESTRATOR_DATABASE_URL", "mysql://user:secret@127.0.0.1:3306/chat"),
         ("ORCHESTRATOR_REDIS_URL", "redis://:secret@127.0.0.1:99999/0"),
+        # Every send without an agent names it: each was accepted (202), then dead-lettered.
+        ("ORCHESTRATOR_DEFAULT_AGENT", "bad agent!"),
+        # Beyond what Redis takes: every record's XADD failed; the executor's first read died.
+        ("ORCHESTRATOR_PERSIST_STREAM_MAXLEN", "10000000000000000000"),
+        ("ORCHESTRATOR_EXECUTOR_CONCURRENCY", "10000000000000000000"),
+        # The old default: 32 000 escaped emoji (`\\ud83d\\ude00`, 12 bytes each) did not fit.
+        ("ORCHESTRATOR_MAX_FRAME_BYTES", "262144"),
+        ("ORCHESTRATOR_MAX_BODY_BYTES", "262144"),
     ],
 )
 def test_a_value_no_process_could_use_is_refused_naming_its_variable(
