@@ -20,6 +20,7 @@ message (close 1009 beyond), and aborts a transport that a close could not flush
 from __future__ import annotations
 
 import dataclasses
+import re
 import zlib
 from collections.abc import Coroutine
 from typing import Any, ClassVar
@@ -32,7 +33,9 @@ from wsproto import ConnectionType
 from wsproto.connection import ConnectionState
 from wsproto.events import AcceptConnection, CloseConnection, Event
 from wsproto.extensions import PerMessageDeflate
-from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol
+from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
+
+_QUOTED_VALUE = re.compile(r'=\s*"([^"]*)"')
 
 
 class BoundedPerMessageDeflate(PerMessageDeflate):
@@ -46,6 +49,27 @@ class BoundedPerMessageDeflate(PerMessageDeflate):
         super().__init__()
         self._max_message_bytes = max_message_bytes
         self._inflated = 0  # bytes inflated so far in the message being received
+        # While a control frame is read: the state of the message it came in the middle of.
+        self._message_state: tuple[bool | None, bool | None] | None = None
+
+    def accept(self, offer: str) -> bool | str | None:
+        """wsproto's, reading RFC 7692's quoted values (`server_max_window_bits="10"`) and
+        declining an offer it cannot read: its int() raised out of the handshake, which then
+        got no answer at all (uvicorn had marked it complete)."""
+        try:
+            return super().accept(_QUOTED_VALUE.sub(r"=\1", offer))
+        except ValueError:
+            return None
+
+    def frame_inbound_header(
+        self, proto: FrameDecoder | FrameProtocol, opcode: Opcode, rsv: RsvBits, payload_length: int
+    ) -> CloseReason | RsvBits:
+        """A control frame may come between the fragments of a message (RFC 6455 5.4); its
+        end reset wsproto's state of that message, so the rest of a compressed message was
+        taken as uncompressed (1007, or corrupt text handed on). Kept aside and restored."""
+        if opcode.iscontrol():
+            self._message_state = (self._inbound_compressed, self._inbound_is_compressible)
+        return super().frame_inbound_header(proto, opcode, rsv, payload_length)
 
     def frame_inbound_payload_data(
         self, proto: FrameDecoder | FrameProtocol, data: bytes
@@ -64,6 +88,10 @@ class BoundedPerMessageDeflate(PerMessageDeflate):
     def frame_inbound_complete(
         self, proto: FrameDecoder | FrameProtocol, fin: bool
     ) -> bytes | CloseReason | None:
+        if self._message_state is not None:  # the end of a control frame, not of a message
+            self._inbound_compressed, self._inbound_is_compressible = self._message_state
+            self._message_state = None
+            return None
         tail = super().frame_inbound_complete(proto, fin)
         counted = self._count(tail) if isinstance(tail, bytes) else tail
         if fin:
