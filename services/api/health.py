@@ -80,8 +80,11 @@ async def detailed(request: AnyRequest) -> Response[dict[str, Any]]:
             "latency_ms": round((time.perf_counter() - started) * 1000, 3),
         }
         now = time.time()
+        # Live as the workers themselves count: a worker silent for a lease has lost its
+        # leases (`Leases.live_workers`). Three leases showed a killed last worker as alive
+        # for 30 s, exactly when an operator looks because nothing is consumed.
         workers = await runtime.redis.zrangebyscore(
-            keys.WORKER_HEARTBEATS, now - 3 * runtime.settings.partition_lease_seconds, "+inf"
+            keys.WORKER_HEARTBEATS, now - runtime.settings.partition_lease_seconds, "+inf"
         )
         components["workers"] = {"alive": len(workers)}
         components["queues"] = await _queue_lag(runtime)
