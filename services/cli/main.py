@@ -94,12 +94,13 @@ def _run_tenants(args: argparse.Namespace, settings: Settings) -> int:
                 tier=args.tier,
                 limits=args.limit,
                 allowed_agents=args.allowed_agents,
+                force=args.force,
             )
         )
     if args.action == "get":
         return asyncio.run(tenants.get_command(settings, args.tenant))
     if args.action == "delete":
-        return asyncio.run(tenants.delete_command(settings, args.tenant))
+        return asyncio.run(tenants.delete_command(settings, args.tenant, force=args.force))
     return asyncio.run(tenants.list_command(settings))
 
 
@@ -248,10 +249,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="A,B",
         help="comma-separated agent ids ('' allows every agent; default: the tier's list)",
     )
+    for action in (
+        tenant_set,
+        tenant_delete := tenant_actions.add_parser("delete", help="remove a tenant's record"),
+    ):
+        action.add_argument(
+            "--force",
+            action="store_true",
+            help="write a tenant a TierQuota manages (the operator puts its spec back)",
+        )
     tenant_get = tenant_actions.add_parser("get", help="a tenant's record and effective limits")
     tenant_get.add_argument("tenant")
     tenant_actions.add_parser("list", help="every tenant's record (JSON array)")
-    tenant_delete = tenant_actions.add_parser("delete", help="remove a tenant's record")
     tenant_delete.add_argument("tenant")
     tenants.set_defaults(handler=_run_tenants)
 

@@ -21,6 +21,7 @@ from services.core.quotas import InvalidQuota, QuotaRecord, QuotaStore
 from services.core.redis_client import REDIS_DOWN, create_redis
 from services.core.settings import ConfigError, Settings
 from services.core.tiers import parse_limit_overrides
+from services.operator.claims import quota_owner_key
 
 
 def _require_tenant(tenant_id: str) -> None:
@@ -59,6 +60,29 @@ def _error(message: str) -> int:
     return 1
 
 
+async def _managed(redis: Redis, tenant_id: str, force: bool) -> int | None:
+    """Exit 1 for a tenant a TierQuota manages (its owner names the resource), unless forced.
+
+    The operator's timer puts the resource's spec back within its refresh (60 s), and deleting
+    the resource removes whatever record is there then: a write here was undone in silence,
+    or a later `kubectl delete` took the admin's record with it. Forced, it says so."""
+    holder = await redis.get(quota_owner_key(tenant_id))
+    if holder is None:
+        return None
+    owner = holder.decode() if isinstance(holder, bytes) else str(holder)
+    if not force:
+        return _error(
+            f"tenant {tenant_id} is managed by TierQuota {owner}: change that resource "
+            "(the operator puts its spec back), or pass --force"
+        )
+    print(
+        f"orchestrator: warning: tenant {tenant_id} is managed by TierQuota {owner}; its "
+        "operator puts the resource's spec back within a minute",
+        file=sys.stderr,
+    )
+    return None
+
+
 def _store(redis: Redis, settings: Settings) -> QuotaStore:
     return QuotaStore(redis, settings)
 
@@ -70,6 +94,7 @@ async def set_command(
     tier: str,
     limits: Sequence[str] = (),
     allowed_agents: str | None = None,
+    force: bool = False,
     out: TextIO = sys.stdout,
 ) -> int:
     """Replace the tenant's record; print it with its effective limits."""
@@ -78,6 +103,8 @@ async def set_command(
     agents = parse_allowed_agents(allowed_agents)
     try:
         async with create_redis(settings) as redis:
+            if (refused := await _managed(redis, tenant_id, force)) is not None:
+                return refused
             store = _store(redis, settings)
             try:
                 record = await store.set(tenant_id, tier, overrides, allowed_agents=agents)
@@ -125,11 +152,15 @@ async def list_command(settings: Settings, *, out: TextIO = sys.stdout) -> int:
     return 0
 
 
-async def delete_command(settings: Settings, tenant_id: str, *, out: TextIO = sys.stdout) -> int:
+async def delete_command(
+    settings: Settings, tenant_id: str, *, force: bool = False, out: TextIO = sys.stdout
+) -> int:
     """Remove the tenant's record (it falls back to the default tier); exit 1 if it had none."""
     _require_tenant(tenant_id)
     try:
         async with create_redis(settings) as redis:
+            if (refused := await _managed(redis, tenant_id, force)) is not None:
+                return refused
             deleted = await _store(redis, settings).delete(tenant_id)
     except REDIS_DOWN as exc:
         return _error(f"cannot reach Redis: {exc}")

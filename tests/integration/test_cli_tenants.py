@@ -17,7 +17,11 @@ from services.core import keys
 from services.core.deadletters import count_dead_letters, list_dead_letters
 from services.core.quotas import QuotaStore
 from services.core.settings import load_settings
+from services.core.tenant_sockets import TenantSockets
 from services.core.tiers import DEFAULT_TIERS
+from services.core.usage import UsageCounter
+from services.operator.claims import TenantClaims
+from services.operator.reconcile import QuotaReconciler, ResourceRef
 from tests.integration.test_deadletters import ORIGIN, chunk, make_dead_letter, read_new
 
 COMMAND_TIMEOUT = 60.0
@@ -335,3 +339,34 @@ async def test_deadletters_replay_with_bad_arguments_exits_2_and_replays_nothing
     assert len(run.stderr.splitlines()) == 1
     assert await count_dead_letters(redis) == 1
     assert await redis.xlen(ORIGIN) == 1  # only the original entry, never a copy
+
+
+async def test_a_tenant_a_tierquota_manages_is_not_written_without_force(
+    redis: Redis, redis_url: str
+) -> None:
+    """`tenants set` on a tenant a TierQuota manages exited 0 and printed the new limits as in
+    force; the operator's next tick put the resource's spec back in silence, and deleting the
+    resource later removed whatever record the CLI had written. Refused now, naming the
+    resource; `--force` writes and warns."""
+    reconciler = QuotaReconciler(
+        store_of(redis),
+        TenantClaims(redis, contender_ttl=180),
+        UsageCounter(redis),
+        TenantSockets(redis, 30),
+    )
+    await reconciler.reconcile(
+        ResourceRef("billing", "acme-tq"), {"tenantId": "acme", "tier": "pro"}
+    )
+    for action in (["set", "acme", "--tier", "free"], ["delete", "acme"]):
+        refused = await orchestrator(redis_url, "tenants", *action)
+        assert refused.code == 1, refused
+        assert "managed by TierQuota billing/acme-tq" in refused.stderr, refused
+        record = await store_of(redis).get("acme")
+        assert record is not None
+        assert record.tier == "pro"
+    forced = await orchestrator(redis_url, "tenants", "set", "acme", "--tier", "free", "--force")
+    assert forced.code == 0, forced
+    assert "warning: tenant acme is managed by TierQuota billing/acme-tq" in forced.stderr
+    record = await store_of(redis).get("acme")
+    assert record is not None
+    assert record.tier == "free"
