@@ -29,6 +29,9 @@ AES_GROUP = "aes"
 WORKER_GROUP = "workers"
 DEAD_LETTERS = "{dlq}:actions"
 WORKER_HEARTBEATS = "{workers}:heartbeats"
+# Bumped by a worker that leaves cleanly: the others look every WATCH_SECONDS and take its
+# partitions at once instead of at their next round (a third of a lease later).
+WORKER_DEPARTURES = "{workers}:departures"
 CANCEL_STREAM = "{aes}:cancel"
 CANCEL_STREAM_MAXLEN = 10_000  # every executor reads all of it; a notice is needed briefly
 
@@ -101,6 +104,11 @@ def callback_stream(partition: int) -> str:
 
 def partition_lease(partition: int) -> str:
     return f"{{cb:{partition}}}:lease"
+
+
+def partition_released(partition: int) -> str:
+    """Set for a lease's ttl when its holder gave the lease back after stopping its consumer."""
+    return f"{{cb:{partition}}}:released"
 
 
 def partition_deadlines(partition: int) -> str:

@@ -41,6 +41,8 @@ def worker_name(settings: Settings) -> str:
 
 
 LAG_COUNT_MAX = 10_000  # enough to scale on; counting a longer backlog is not worth it
+# How often a worker between rounds looks whether another one left (one GET).
+DEPARTURE_WATCH_SECONDS = 0.5
 
 
 async def _unread(redis: Redis, stream: str, info: dict[Any, Any]) -> int:
@@ -140,7 +142,9 @@ class Worker:
             # now on), they must be consumed.
             for partition in sorted(self.leases.owned - self.consumers.keys()):
                 log.info("took partition %s", partition)
-                self._start_consumer(partition, grace)
+                clean = partition in self.leases.handed_over
+                self.leases.handed_over.discard(partition)
+                self._start_consumer(partition, 0.0 if clean else grace)
 
     async def _report_lag(self, interval: float) -> None:
         """`_sample_lag` every `interval`, on its own: in the lease loop, its round trips (one
@@ -204,6 +208,25 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), TICK_SECONDS)
 
+    async def _until_next_round(self, interval: float) -> None:
+        """Wait `interval`, or less: until another worker leaves cleanly (its partitions are
+        free now, and waiting for the round kept their sessions frozen up to a third of a
+        lease), or until told to stop."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + interval
+        try:
+            seen = await self.leases.departures()
+        except (*REDIS_DOWN, *REDIS_REFUSING):
+            seen = None
+        while not self.stopping.is_set() and (left := deadline - loop.time()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), min(left, DEPARTURE_WATCH_SECONDS))
+            if seen is None or self.stopping.is_set():
+                continue
+            with contextlib.suppress(*REDIS_DOWN, *REDIS_REFUSING):
+                if await self.leases.departures() != seen:
+                    return
+
     async def run(self) -> None:
         interval = self.settings.partition_lease_seconds / 3
         with contextlib.suppress(*REDIS_DOWN):  # else loaded on the first NOSCRIPT
@@ -227,8 +250,7 @@ class Worker:
                 log.warning("rebalance failed, redis unavailable: %s", exc)
             except REDIS_REFUSING as exc:  # a demoted primary (a failover caught mid-way)
                 log.warning("rebalance failed, redis refuses writes: %s", exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), interval)
+            await self._until_next_round(interval)
         # Everything told to stop at once, then waited for together (see `_stop_consumers`).
         if writer is not None:
             writer.stop()

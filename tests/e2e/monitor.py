@@ -46,15 +46,18 @@ WRITES = {
 # Every key the product writes has one of these shapes (README, "Redis keys").
 FAMILIES = {
     "session": re.compile(r"^\{s:[\w-]+:[\w-]+\}:(log|events|rl|task:[\w-]+|applied:marks)$"),
-    "task location": re.compile(r"^\{t:[\w-]+\}:where$"),
+    "task location": re.compile(r"^\{t:[\w-]+\}:(where|recancel)$"),
     "tenant": re.compile(
         r"^\{tn:[\w-]+\}:(broadcast|sockets|quota|quota-owner|quota-contenders|rl"
         r"|usage:\d{4}-\d{2}-\d{2}|counted:[\w-]+|idem:[0-9a-f]+|applied:mark)$"
     ),
     "aes contract": re.compile(r"^\{aes\}:(actions:(high|normal|low)|cancel)$"),
-    "callback partition": re.compile(r"^\{cb:\d+\}:(callbacks|lease|deadlines|retries)$"),
+    "callback partition": re.compile(
+        r"^\{cb:\d+\}:(callbacks|lease|released|deadlines|retries)$"
+    ),
+    "dead-letter replay marks": re.compile(r"^\{[^}]+\}:dlq:replayed:\d+-\d+$"),
     "dead letters": re.compile(r"^\{dlq\}:actions$"),
-    "workers": re.compile(r"^\{workers\}:heartbeats$"),
+    "workers": re.compile(r"^\{workers\}:(heartbeats|departures)$"),
     "quota index": re.compile(r"^\{quota\}:(tenants|changes)$"),
     "persistence": re.compile(r"^\{persist\}:records$"),
     "pod": re.compile(r"^\{pod:[\w-]+\}:control$"),
