@@ -192,11 +192,14 @@ def usable_key(algorithm: str, key: str, variable: str, *, signing: bool) -> Any
     """
     try:
         prepared = jwt.get_algorithm_by_name(algorithm).prepare_key(key)
-    except (jwt.PyJWTError, ValueError, TypeError):
-        # Our words: PyJWT's name a generator object for a key of the wrong type, and others'
-        # might quote the key.
+    except (jwt.PyJWTError, ValueError, TypeError) as exc:
+        # What the algorithm needs, in our words, then PyJWT's when they say more (a curve's
+        # name); not when they name a generator object (a key of the wrong type), and never
+        # another library's, which might quote the key.
+        why = str(exc) if isinstance(exc, jwt.PyJWTError) else ""
+        detail = f"; {why}" if why and "<generator" not in why else ""
         wanted = _wanted(algorithm)
-        raise ConfigError(f"{variable}: not a usable {algorithm} key ({wanted})") from None
+        raise ConfigError(f"{variable}: not a usable {algorithm} key ({wanted}{detail})") from None
     problem = key_problem(algorithm, prepared, signing=signing)
     if problem:
         raise ConfigError(f"{variable}: {problem}")

@@ -224,7 +224,7 @@ async def test_rest_refuses_bad_ids_and_oversize_bodies(deployment: Deployment) 
         assert bad_header.status_code == 400
         too_big = await http.post(
             "/api/chat/send",
-            json={"message": "x" * 300_000},
+            json={"message": "x" * (load_settings().max_body_bytes + 1)},
             headers=auth(tenant),
         )
         assert too_big.status_code == 413

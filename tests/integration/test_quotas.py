@@ -142,7 +142,9 @@ async def test_the_installation_message_cap_bounds_the_effective_limit(redis: Re
     unknown = await make_store(redis, max_message_chars=1_000).effective("nobody")
     assert unknown is not None
     assert unknown.limits.max_message_chars == 1_000
-    below = await make_store(redis, max_message_chars=60_000).effective("acme")
+    below = await make_store(
+        redis, max_message_chars=60_000, max_frame_bytes=1 << 20, max_body_bytes=1 << 20
+    ).effective("acme")
     assert below is not None
     assert below.limits.max_message_chars == 50_000
 
