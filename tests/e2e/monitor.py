@@ -52,9 +52,7 @@ FAMILIES = {
         r"|usage:\d{4}-\d{2}-\d{2}|counted:[\w-]+|idem:[0-9a-f]+|applied:mark)$"
     ),
     "aes contract": re.compile(r"^\{aes\}:(actions:(high|normal|low)|cancel)$"),
-    "callback partition": re.compile(
-        r"^\{cb:\d+\}:(callbacks|lease|released|deadlines|retries)$"
-    ),
+    "callback partition": re.compile(r"^\{cb:\d+\}:(callbacks|lease|released|deadlines|retries)$"),
     "dead-letter replay marks": re.compile(r"^\{[^}]+\}:dlq:replayed:\d+-\d+$"),
     "dead letters": re.compile(r"^\{dlq\}:actions$"),
     "workers": re.compile(r"^\{workers\}:(heartbeats|departures)$"),
