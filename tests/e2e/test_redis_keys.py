@@ -5,9 +5,7 @@ its task)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -20,6 +18,7 @@ from services.cli.embedded import RedisServer
 from services.core import keys
 from tests.e2e.clients import auth, connect, events_until, final_of, send, unique
 from tests.e2e.conftest import FAST_EXECUTOR, deploy, new_stack, redis_client
+from tests.integration.test_cli_tenants import orchestrator
 
 pytestmark = pytest.mark.e2e
 
@@ -61,22 +60,6 @@ def readme_key_patterns() -> list[re.Pattern[str]]:
     return patterns
 
 
-async def orchestrator(redis_url: str, *args: str, timeout: float = 30.0) -> tuple[int, str]:
-    """Run `orchestrator ARGS` in a fresh process on `redis_url`."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "services.cli.main",
-        *args,
-        env={"PATH": os.environ.get("PATH", ""), "ORCHESTRATOR_REDIS_URL": redis_url},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(process.communicate(), timeout)
-    assert process.returncode is not None
-    return process.returncode, out.decode()
-
-
 async def _until(check, what: str, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not await check():
@@ -112,10 +95,10 @@ async def test_every_key_written_is_in_the_readme_table(
         await _until(
             lambda: _positive(redis.xlen(keys.DEAD_LETTERS)), "the entry to be dead-lettered"
         )
-        code, out = await orchestrator(keys_redis.url, "deadletters", "replay", "--all")
-        assert code == 0, out
-        code, out = await orchestrator(keys_redis.url, "tenants", "set", tenant, "--tier", "pro")
-        assert code == 0, out
+        replayed = await orchestrator(keys_redis.url, "deadletters", "replay", "--all")
+        assert replayed.code == 0, replayed
+        tiered = await orchestrator(keys_redis.url, "tenants", "set", tenant, "--tier", "pro")
+        assert tiered.code == 0, tiered
 
         found = sorted({k.decode() async for k in redis.scan_iter(count=1000)})
     await redis.aclose()

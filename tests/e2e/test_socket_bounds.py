@@ -77,6 +77,12 @@ def open_raw(
 
 def read_frame(sock: socket.socket, buffered: bytearray) -> tuple[int, bytes]:
     """One server frame (unmasked): opcode and payload."""
+    first, payload = read_frame_head(sock, buffered)
+    return first & 0x0F, payload
+
+
+def read_frame_head(sock: socket.socket, buffered: bytearray) -> tuple[int, bytes]:
+    """One server frame (unmasked): its first byte (FIN, RSV bits, opcode) and payload."""
 
     def need(n: int) -> None:
         while len(buffered) < n:
@@ -97,7 +103,7 @@ def read_frame(sock: socket.socket, buffered: bytearray) -> tuple[int, bytes]:
     need(start + length)
     payload = bytes(buffered[start : start + length])
     del buffered[: start + length]
-    return b0 & 0x0F, payload
+    return b0, payload
 
 
 def read_json(sock: socket.socket, buffered: bytearray) -> dict:

@@ -16,7 +16,7 @@ from services.cli.embedded import RedisServer
 from services.cli.stack import Child
 from tests.e2e.clients import token, unique
 from tests.e2e.conftest import lone_api
-from tests.e2e.test_socket_bounds import open_raw
+from tests.e2e.test_socket_bounds import open_raw, read_frame_head
 
 OP_CONT, OP_TEXT, OP_BIN, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
 FIN, RSV1 = 0x80, 0x40
@@ -53,27 +53,7 @@ class Peer:
 
     def read(self) -> tuple[int, bytes]:
         """One server frame (opcode, payload), inflated when RSV1 is set."""
-        buf = self.buf
-
-        def need(n: int) -> None:
-            while len(buf) < n:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    raise ConnectionError("closed")
-                buf.extend(chunk)
-
-        need(2)
-        b0, length = buf[0], buf[1] & 0x7F
-        start = 2
-        if length == 126:
-            need(4)
-            length, start = int.from_bytes(buf[2:4], "big"), 4
-        elif length == 127:
-            need(10)
-            length, start = int.from_bytes(buf[2:10], "big"), 10
-        need(start + length)
-        payload = bytes(buf[start : start + length])
-        del buf[: start + length]
+        b0, payload = read_frame_head(self.sock, self.buf)
         if b0 & RSV1:
             payload = self.inflater.decompress(payload + b"\x00\x00\xff\xff")
         return b0 & 0x0F, payload
