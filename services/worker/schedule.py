@@ -164,9 +164,6 @@ class PartitionSchedule:
                 # Should this fail, the retry stays due and the task script hands the attempt
                 # out again after REDISPATCH_MS (see `dispatch` in task_event.lua).
                 await self._enqueue_attempt(ref, outcome.detail)
-                await self.redis.hdel(
-                    keys.task_state(ref.tenant_id, ref.session_id, ref.task_id), "dispatched_ms"
-                )
             # Not a plain ZREM: the attempt just handed out may already have failed and its
             # requeue set this member again, for later (see zrem_if_due.lua).
             await self.tasks.scripts.zrem_if_due(keys=[self.retries], args=[member, repr(moment)])
@@ -201,12 +198,20 @@ class PartitionSchedule:
                 attempt=attempt,
                 trace_context=telemetry.inject(span),
             )
-            await self.redis.xadd(
-                stream,
-                {ACTION_FIELD: msgspec.json.encode(again)},
-                maxlen=AES_STREAM_MAXLEN,
-                approximate=True,
-            )
+            # The attempt and its confirmation in one write: a worker killed between two round
+            # trips left an added attempt unconfirmed, and the next owner of the partition
+            # handed it out a second time (REDISPATCH_MS later).
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(
+                    stream,
+                    {ACTION_FIELD: msgspec.json.encode(again)},
+                    maxlen=AES_STREAM_MAXLEN,
+                    approximate=True,
+                )
+                pipe.hdel(
+                    keys.task_state(ref.tenant_id, ref.session_id, ref.task_id), "dispatched_ms"
+                )
+                await pipe.execute()
         metrics.retries.inc()
 
 
