@@ -89,7 +89,19 @@ def _on_validation_error(request: AnyRequest, exc: ValidationException) -> Respo
         return _error(400, "malformed_json", "request body is empty", {})
     if any("malformed" in str(item).lower() for item in extra) or not extra:
         return _error(400, "malformed_json", "request body is not valid JSON", {"errors": extra})
-    return _error(422, "validation_error", "request body is invalid", {"errors": extra})
+    return _error(422, "validation_error", _invalid_part(extra), {"errors": extra})
+
+
+_PARTS = {"query": "query parameters are", "path": "path is", "header": "headers are"}
+
+
+def _invalid_part(errors: list[Any]) -> str:
+    """Name what was wrong: a bad `?limit=` said "request body is invalid" on a GET."""
+    sources = {item.get("source") for item in errors if isinstance(item, dict)}
+    parts = [_PARTS[source] for source in sorted(sources, key=str) if source in _PARTS]
+    if len(parts) == 1 and len(sources) == 1:
+        return f"{parts[0]} invalid"
+    return "request is invalid" if parts else "request body is invalid"
 
 
 def _on_http_error(_: AnyRequest, exc: HTTPException) -> Response[Any]:
