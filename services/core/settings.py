@@ -166,6 +166,22 @@ class Settings(BaseSettings):
     def _lists(cls, value: Any) -> Any:
         return _split_commas(value)
 
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        # A browser's Origin is `scheme://host[:port]` and nothing else: an entry with a path,
+        # a trailing slash or no scheme matched no page, and every socket and CORS request of
+        # the intended site was refused with nothing saying why.
+        for origin in value:
+            if origin == "*":
+                continue
+            scheme, separator, rest = origin.partition("://")
+            if not separator or not scheme or not rest or any(c in rest for c in "/?#"):
+                raise ValueError(
+                    f"{origin!r} is not an origin: scheme://host[:port], no path or trailing /"
+                )
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: Any) -> Any:

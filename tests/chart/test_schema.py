@@ -124,6 +124,8 @@ def test_schema_takes_every_origin_form_the_api_takes(chart: Any) -> None:
     chart.validate_schema({"config": {"allowedOrigins": ["https://*.example.com"]}})
     with pytest.raises(HelmValuesError, match="allowedOrigins"):
         chart.validate_schema({"config": {"allowedOrigins": ["example.com"]}})
+    with pytest.raises(HelmValuesError, match="allowedOrigins"):  # the api refuses a path
+        chart.validate_schema({"config": {"allowedOrigins": ["https://app.example/"]}})
 
 
 @pytest.mark.parametrize(("algorithm", "length"), [("HS256", 31), ("HS384", 47), ("HS512", 63)])

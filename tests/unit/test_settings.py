@@ -118,6 +118,9 @@ def test_the_api_refuses_to_start_without_a_jwt_key() -> None:
         # The old default: 32 000 escaped emoji (`\\ud83d\\ude00`, 12 bytes each) did not fit.
         ("ORCHESTRATOR_MAX_FRAME_BYTES", "262144"),
         ("ORCHESTRATOR_MAX_BODY_BYTES", "262144"),
+        # A browser's Origin has no path: these matched no page, silently.
+        ("ORCHESTRATOR_ALLOWED_ORIGINS", "https://app.example/"),
+        ("ORCHESTRATOR_ALLOWED_ORIGINS", "https://a.example,app.example"),
     ],
 )
 def test_a_value_no_process_could_use_is_refused_naming_its_variable(
