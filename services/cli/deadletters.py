@@ -1,4 +1,4 @@
-"""`orchestrator deadletters list|replay`: show and re-enqueue dead-lettered actions.
+"""`orchestrator deadletters list|replay|discard`: show, re-enqueue or drop dead letters.
 
 The Redis side is `services.core.deadletters`; this module only parses, prints and picks the
 exit code. Printed JSON is for scripts; the table is for people: it names whose dead letter it
@@ -20,6 +20,7 @@ from services.core.deadletters import (
     ReplayOutcome,
     ReplayResult,
     count_dead_letters,
+    discard_dead_letters,
     is_entry_id,
     list_dead_letters,
     replay_all_dead_letters,
@@ -136,3 +137,25 @@ async def replay_command(
             kept = "some actions were re-added, but their dead letters are still there"
             print(f"{kept}; {RERUN_IS_SAFE}", file=out)
     return 0 if all(result.ok for result in results) else 1
+
+
+async def discard_command(
+    settings: Settings, ids: Sequence[str], *, out: TextIO = sys.stdout
+) -> int:
+    """Delete the named dead letters for good; exit 1 when any id matched none (a typo, or
+    already replayed or discarded), 2 (ConfigError) for bad arguments, before touching Redis.
+    No `--all`: dropping what nobody looked at is what this command must not make easy."""
+    if not ids:
+        raise ConfigError("deadletters discard: give the IDs to discard")
+    for entry_id in ids:
+        if not is_entry_id(entry_id):
+            raise ConfigError(f"deadletters discard: {entry_id!r} is not a dead letter id")
+    try:
+        async with create_redis(settings) as redis:
+            found = await discard_dead_letters(redis, ids)
+    except REDIS_DOWN as exc:
+        print(f"orchestrator: cannot reach Redis: {exc}", file=sys.stderr)
+        return 1
+    for entry_id, there in found.items():
+        print(f"discarded {entry_id}" if there else f"not found {entry_id}", file=out)
+    return 0 if all(found.values()) else 1

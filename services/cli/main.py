@@ -111,6 +111,8 @@ def _run_deadletters(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.action == "list":
         return asyncio.run(deadletters.list_command(settings, limit=args.limit, as_json=args.json))
+    if args.action == "discard":
+        return asyncio.run(deadletters.discard_command(settings, args.ids))
     return asyncio.run(
         deadletters.replay_command(settings, args.ids, replay_all=args.all, as_json=args.json)
     )
@@ -264,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     tenant_delete.add_argument("tenant")
     tenants.set_defaults(handler=_run_tenants)
 
-    dead = commands.add_parser("deadletters", help="show and re-enqueue dead-lettered actions")
+    dead = commands.add_parser(
+        "deadletters", help="show, re-enqueue or discard dead-lettered actions"
+    )
     dead_actions = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
     dead_list = dead_actions.add_parser("list", help="the dead letters, oldest first")
     dead_list.add_argument("--limit", type=int, default=100, help="at most N (default 100)")
@@ -273,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     dead_replay.add_argument("ids", nargs="*", metavar="ID")
     dead_replay.add_argument("--all", action="store_true", help="replay every dead letter")
     dead_replay.add_argument("--json", action="store_true", help="the results as a JSON array")
+    dead_discard = dead_actions.add_parser(
+        "discard", help="delete dead letters for good, without re-adding their action"
+    )
+    dead_discard.add_argument("ids", nargs="+", metavar="ID")
     dead.set_defaults(handler=_run_deadletters)
 
     commands.add_parser(

@@ -3,7 +3,7 @@
 `streams.dead_letter` moves an entry that could not be handled to `{dlq}:actions` with the
 fields `stream` (where it came from), `entry_id`, `group`, `reason`, `at` and `action` (the
 raw action JSON, empty when the entry had none). This module is what `orchestrator deadletters
-list|replay` runs on.
+list|replay|discard` runs on.
 
 Replaying a dead letter adds its `action` to its origin stream as a new entry (the one field
 `action`, as every producer writes it), and only then deletes it from the dead-letter stream:
@@ -338,3 +338,23 @@ async def replay_all_dead_letters(redis: Redis, *, batch: int = REPLAY_BATCH) ->
         ):
             return results
         start = f"({letters[-1].id}"
+
+
+async def discard_dead_letters(redis: Redis, ids: Sequence[str]) -> dict[str, bool]:
+    """Delete the dead letters with these ids without re-adding anything: for an action an
+    SRE has judged unfixable, which `replay --all` would otherwise send round again every
+    time. Whether each distinct id was there, in the given order (one round trip).
+
+    Raises `InvalidInput` (before touching anything) when an id is not a stream entry id.
+    """
+    wanted = list(dict.fromkeys(ids))
+    for entry_id in wanted:
+        if not is_entry_id(entry_id):
+            raise InvalidInput(f"{entry_id[:80]!r} is not a stream entry id")
+    if not wanted:
+        return {}
+    async with redis.pipeline(transaction=False) as pipe:
+        for entry_id in wanted:
+            pipe.xdel(keys.DEAD_LETTERS, entry_id)
+        deleted = await pipe.execute()
+    return {entry_id: bool(count) for entry_id, count in zip(wanted, deleted, strict=True)}

@@ -305,3 +305,36 @@ async def test_each_part_of_an_entry_id_must_fit_in_64_bits(redis: Redis) -> Non
         await list_dead_letters(redis, after=f"{top + 1}-0")
     with pytest.raises(InvalidInput):
         await replay_dead_letters(redis, [f"1-{top + 1}"])
+
+
+# -- a dead letter nobody can fix ----------------------------------------------------------------
+
+
+async def test_discard_drops_only_the_named_dead_letters_and_re_adds_nothing(
+    redis: Redis, redis_url: str
+) -> None:
+    """A dead letter judged unfixable was sent round again by every `replay --all`, and only a
+    replay could delete it: `discard` deletes it and nothing reaches its stream."""
+    origin = keys.callback_stream(0)
+    poison = await add_dead_letter(redis, origin, b"{not json")
+    kept = await add_dead_letter(redis, origin, send_action("acme", "s1", 1))
+    before = await redis.xlen(origin) if await redis.exists(origin) else 0
+    done = cli(redis_url, "discard", poison)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert done.stdout.splitlines() == [f"discarded {poison}"]
+    assert [letter.id for letter in await list_dead_letters(redis)] == [kept]
+    assert (await redis.xlen(origin) if await redis.exists(origin) else 0) == before
+    again = cli(redis_url, "discard", poison, kept)
+    assert again.returncode == 1, again.stdout  # one of them is gone: say so
+    assert again.stdout.splitlines() == [f"not found {poison}", f"discarded {kept}"]
+    assert await redis.xlen(keys.DEAD_LETTERS) == 0
+
+
+async def test_discard_refuses_a_malformed_id_before_deleting_anything(
+    redis: Redis, redis_url: str
+) -> None:
+    good = await add_dead_letter(redis, keys.callback_stream(0), send_action("acme", "s1", 1))
+    done = cli(redis_url, "discard", good, "yesterday")
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    assert "yesterday" in done.stderr
+    assert await redis.xlen(keys.DEAD_LETTERS) == 1
