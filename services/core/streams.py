@@ -52,7 +52,8 @@ def _text(value: bytes | str) -> str:
 
 
 def parse_read(response: Any) -> list[Entry]:
-    """Flatten an XREAD/XREADGROUP reply (RESP2 list or RESP3 dict) into entries."""
+    """Flatten an XREAD/XREADGROUP reply (RESP2 list or RESP3 dict) into entries; a script's
+    reply of the same shape holds each entry's fields as a flat list, not a dict."""
     if not response:
         return []
     items = response.items() if isinstance(response, dict) else response
@@ -62,6 +63,9 @@ def parse_read(response: Any) -> list[Entry]:
         for entry_id, fields in messages:
             if fields is None:  # deleted while pending
                 entries.append(Entry(name, _text(entry_id), {}))
+            elif isinstance(fields, list):
+                pairs = zip(fields[::2], fields[1::2], strict=True)
+                entries.append(Entry(name, _text(entry_id), dict(pairs)))
             else:
                 entries.append(Entry(name, _text(entry_id), fields))
     return entries

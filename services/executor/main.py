@@ -19,6 +19,7 @@ import signal
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from importlib.resources import files
 from typing import Any
 
 from prometheus_client import Counter, Histogram
@@ -76,6 +77,7 @@ queue_wait = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 
+_READ_BY_PRIORITY = (files("services.core") / "lua" / "read_by_priority.lua").read_text()
 PRIORITY_RANK = {keys.aes_stream(p): rank for rank, p in enumerate(keys.PRIORITIES)}
 REMEMBERED_CANCELS = 10_000
 CALLBACK_MAXLEN = 1_000_000
@@ -95,6 +97,11 @@ class Executor:
         self.cancelled: OrderedDict[str, None] = OrderedDict()
         self.waiting: list[Entry] = []
         self.slot_free = asyncio.Event()
+        self._by_priority = self.redis.register_script(_READ_BY_PRIORITY)
+        # Whether the last read found the streams empty (so the next one may block): until
+        # then entries may be queued in more than one stream, and only a read that takes the
+        # higher streams first may run.
+        self._drained = False
         self._cancels_read = "$"  # the cancel stream's last id read
         self.stopping = asyncio.Event()
 
@@ -135,12 +142,13 @@ class Executor:
                 free = self.settings.executor_concurrency - len(self.running)
                 if free <= 0:
                     self.slot_free.clear()
+                    self._drained = False  # a backlog may build while every slot is busy
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.slot_free.wait(), 1.0)
                     continue
                 if not self.waiting:
-                    self.waiting.extend(parse_read(await self._read(free)))
-                    self.waiting.sort(key=lambda e: (PRIORITY_RANK.get(e.stream, 9), e.id))
+                    self.waiting.extend(await self._take(free))
+                self.waiting.sort(key=lambda e: (PRIORITY_RANK.get(e.stream, 9), e.id))
                 started = False
                 while self.waiting and len(self.running) < self.settings.executor_concurrency:
                     started = await self._start(self.waiting.pop(0)) or started
@@ -159,8 +167,25 @@ class Executor:
                 for stream in self.streams:
                     await ensure_group(self.redis, stream, keys.AES_GROUP)
 
+    async def _take(self, free: int) -> list[Entry]:
+        """At most `free` new actions, high priority first, so that nothing is held that
+        this executor cannot start (an idle peer takes it). While the streams may hold a
+        backlog, one script reads them in priority order without waiting; once they were
+        found empty, a blocking read of all three waits for the next action (it takes at
+        most `free` of each stream: more only when several arrive at the same instant)."""
+        if self._drained:
+            entries = parse_read(await self._read(free))
+        else:
+            entries = parse_read(
+                await self._by_priority(
+                    keys=self.streams, args=[keys.AES_GROUP, self.consumer, free]
+                )
+            )
+        self._drained = len(entries) < free
+        return entries
+
     async def _read(self, count: int) -> Any:
-        """Up to `count` new actions, high priority first, waiting for one up to the
+        """Up to `count` new actions of each stream, waiting for one up to the
         configured sleep. On one server without redis-py's machinery around the round trip
         (`run_pipeline`): most of an idle executor's CPU per message was there. Entries a lost
         reply delivered stay pending and are reclaimed like those of a dead executor."""

@@ -158,15 +158,79 @@ async def test_entries_of_a_dead_executor_taken_over_run_once_each(
 async def test_a_busy_executor_runs_what_one_read_gave_it_once_each(
     server: RedisServer, redis: Redis, tmp_path: Path
 ) -> None:
-    """One read over the three priority streams returns up to `free` entries from each: the
-    extra ones wait for the slot, claimed and refreshed (they were taken again)."""
+    """An idle executor's blocking read over the three priority streams returns up to `free`
+    entries from each: three arriving at the same instant (one transaction) give a one-slot
+    executor two it cannot start yet, which wait for the slot, claimed and refreshed (they
+    were taken again)."""
     await groups(redis)
     tasks = [action(1500, priority) for priority in keys.PRIORITIES]
-    for chat in tasks:
-        await add(redis, chat)
     with executors(server, tmp_path, executor_concurrency="1", executor_reclaim_idle_seconds="1"):
+        await until(lambda: blocked_readers(redis), "the executor waiting for actions")
+        async with redis.pipeline(transaction=True) as together:
+            for chat in tasks:
+                together.xadd(keys.aes_stream(chat.priority), {ACTION_FIELD: encode_action(chat)})
+            await together.execute()
         seen = await all_ran(redis, tasks, window=3.5)
     assert dict(seen) == {chat.task_id: 1 for chat in tasks}
+
+
+async def blocked_readers(redis: Redis) -> bool:
+    clients = await redis.client_list()
+    return any(
+        client.get("cmd") == "xreadgroup" and client.get("flags") == "b" for client in clients
+    )
+
+
+async def test_a_backlog_of_high_is_served_before_the_low_backlog(
+    server: RedisServer, redis: Redis, tmp_path: Path
+) -> None:
+    """One slot, 4 low then 4 high actions queued before the executor starts: every high one
+    runs first. A multi-stream read takes `free` entries of *each* stream: the executor
+    served high, low, high, low (the low entry read with each high one ran next)."""
+    await groups(redis)
+    lows = [action(150, "low") for _ in range(4)]
+    highs = [action(150, "high") for _ in range(4)]
+    for chat in lows + highs:
+        await add(redis, chat)
+    with executors(server, tmp_path, executor_concurrency="1"):
+        await until(lambda: answered(redis, 8), "every task answered")
+    label = {chat.task_id: chat.priority for chat in lows + highs}
+    assert [label[task] for task in await completion_order(redis)] == ["high"] * 4 + ["low"] * 4
+
+
+async def completion_order(redis: Redis) -> list[str]:
+    return [
+        answer.task_id
+        for _, fields in await redis.xrange(CALLBACKS)
+        if isinstance(answer := decode_action(fields[ACTION_FIELD.encode()]), ExecutionCompleted)
+    ]
+
+
+async def answered(redis: Redis, count: int) -> bool:
+    return len(await completion_order(redis)) >= count
+
+
+async def test_an_executor_holds_no_action_it_cannot_start_so_an_idle_peer_takes_it(
+    server: RedisServer, redis: Redis, tmp_path: Path
+) -> None:
+    """Three long actions (one per priority) queued, a one-slot executor: it read one of each
+    and kept the two it could not run claimed for as long as its first run took, while a
+    second executor, idle, got nothing. It holds one now, and the peer runs the next."""
+    await groups(redis)
+    tasks = [action(6000, priority) for priority in keys.PRIORITIES]
+    for chat in tasks:
+        await add(redis, chat)
+    with executors(server, tmp_path, executor_concurrency="1") as stack:
+        await until(lambda: pending(redis), "the first executor running a task")
+        assert await pending(redis) == 1  # one read took all three before
+        stack.start("executor", executor_concurrency="1")
+
+        async def both_running() -> bool:
+            return await pending(redis) == 2
+
+        await until(both_running, "the idle executor running the next task")
+        assert not await completion_order(redis)  # at the same time as the first one
+        stack.stop()
 
 
 async def test_a_draining_executor_keeps_its_claims_until_its_tasks_end(
