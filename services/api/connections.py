@@ -148,9 +148,11 @@ class ClientConnection:
         self._live_chars = 0
         # Frames waiting for the drain task; made when first needed (an empty deque is 0.6 KB
         # per socket) and dropped when the drain task is done.
-        self._outbox: deque[str] | None = None
-        # Frames queued while held (the ack and the replay of a resume or a catch-up): bounded
-        # by the session log, not by the client's reading, so not counted against `limit`.
+        # Each with whether it was queued while held (the ack and the replay of a resume or a
+        # catch-up): those are bounded by the session log, not by the client's reading, so
+        # not counted against `limit`. The mark travels with the frame: live frames queued
+        # before a catch-up are written before its replay, and must give back what they took.
+        self._outbox: deque[tuple[str, bool]] | None = None
         self._replay_left = 0
         self._drain: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
@@ -191,7 +193,8 @@ class ClientConnection:
             return
         if outbox is None:
             outbox = self._outbox = deque()
-        if self._held is not None:
+        replayed = self._held is not None
+        if replayed:
             self._replay_left += 1
         elif (
             len(outbox) >= self._limit + self._replay_left
@@ -203,7 +206,7 @@ class ClientConnection:
             return
         else:
             self._live_chars += len(frame)
-        outbox.append(frame)
+        outbox.append((frame, replayed))
 
     def _write(self, frame: str) -> None:
         """Write at once; if the socket cannot take the frame now, a drain task finishes it."""
@@ -252,9 +255,9 @@ class ClientConnection:
             writing = None
             outbox = self._outbox
             while outbox and not self.closed:
-                writing = outbox.popleft()
+                writing, replayed = outbox.popleft()
                 await send({"type": "websocket.send", "text": writing})
-                if self._replay_left:
+                if replayed:
                     self._replay_left -= 1
                 else:
                     self._live_chars -= len(writing)
@@ -265,7 +268,7 @@ class ClientConnection:
         finally:
             if writing is not None:  # its write failed or was stopped by a close
                 _dropped(writing)
-            for frame in self._outbox or ():  # the peer went away: never to be written
+            for frame, _ in self._outbox or ():  # the peer went away: never to be written
                 _dropped(frame)
             self._drain = None
             self._outbox = None
@@ -287,7 +290,7 @@ class ClientConnection:
         frames behind it are dropped anyway, and a close must not queue behind them.
         """
         self.closed = True
-        for frame in self._outbox or ():
+        for frame, _ in self._outbox or ():
             _dropped(frame)
         self._outbox = None
         self._replay_left = 0

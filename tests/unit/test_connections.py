@@ -220,3 +220,42 @@ async def test_a_traced_frame_that_is_not_written_still_ends_its_span() -> None:
     assert ended["sent"] == {}
     for name in ("duplicate", "queued", "over the limit", "socket closed"):
         assert ended[name] == {"orchestrator.dropped": True}, name
+
+
+class Gate(Transport):
+    """A client that reads exactly as many frames as it is allowed to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.permits = asyncio.Semaphore(0)
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "websocket.send":
+            await self.permits.acquire()
+        await super().send(message)
+
+
+async def test_live_frames_queued_before_a_catch_up_are_not_counted_as_replayed() -> None:
+    """Live frames were queued, then a catch-up queued its replay behind them: the drain
+    gave the live frames' places back to the replay's allowance and never their characters,
+    so a client reading at its pace was closed 1008 "send queue full" while the replay
+    drained."""
+    transport = Gate()
+    conn = connection(transport, limit=2)
+    for frame in "abc":  # "a" being written, "b" and "c" queued: the live limit
+        conn.push(frame)
+    conn.hold()  # a catch-up re-reads the log
+    for n in range(5):
+        conn.push(f"r{n}")
+    conn.go_live(NO_EVENT_ID)
+    for _ in range(3):
+        transport.permits.release()
+    while len(transport.written) < 3:
+        await asyncio.sleep(0)  # the drain task writes one frame per permit
+    conn.push("d")  # two live frames queued behind the replayed ones: within the limit
+    conn.push("e")
+    assert not conn.closed
+    for _ in range(7):
+        transport.permits.release()
+    await conn.flush()
+    assert transport.written == ["a", "b", "c", "r0", "r1", "r2", "r3", "r4", "d", "e"]
