@@ -27,8 +27,6 @@ from services.core.events import parse_event_id
 from services.persistence.records import PersistRecord
 from services.persistence.schema import messages, sessions, tasks, usage_daily, usage_events
 
-COST_PLACES = Decimal("0.000000001")
-
 
 @dataclass
 class Written:
@@ -45,8 +43,9 @@ class Written:
 
 
 def exact_cost(cost: float) -> Decimal:
-    """The float of the JSON record as the decimal it was written as (0.1 stays 0.1)."""
-    return Decimal(repr(cost)).quantize(COST_PLACES)
+    """The float of the JSON record as the decimal it was written as (0.1 stays 0.1), to
+    its last digit: rounded, small costs were billed as less than clients were told."""
+    return Decimal(repr(cost))
 
 
 def event_key(record: PersistRecord) -> tuple[int, int]:

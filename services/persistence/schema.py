@@ -34,10 +34,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-COST = Numeric(38, 9)
-"""Cost in the AES's currency unit, exact: daily sums add up to the cent and below. 29 digits
-before the point: a day's sum of the contract's largest cost per task (10^9) never overflows
-(Numeric(20, 9) did at the hundredth such task, and took the records' history with it)."""
+COST = Numeric()
+"""Cost in the AES's currency unit, exactly as the AES wrote it: PostgreSQL's `numeric` with
+no precision holds any decimal a JSON number can be, so daily sums are exact and equal the
+sum of what clients were told. Numeric(38, 9) rounded each task's cost to 10^-9 (4 tasks of
+2.5e-9 billed 8e-9, not 1e-8); Numeric(20, 9) overflowed at the hundredth task of the
+contract's largest cost (10^9)."""
 
 FINAL_STATUSES = "('completed', 'failed', 'cancelled', 'timed_out')"
 

@@ -191,6 +191,20 @@ async def test_usage_is_summed_per_utc_day_within_the_range(engine: AsyncEngine)
     assert found[0].cost == 0.3  # summed as decimals, not floats
 
 
+async def test_costs_are_billed_to_their_last_digit(engine: AsyncEngine) -> None:
+    """Each task's cost was rounded to 10^-9 before the day's sum: four tasks of 2.5e-9 were
+    billed 8e-9 while their clients were told 1e-8, and a cost of 4.2e-9 read back 4e-9."""
+    await write(
+        engine, [make_record(f"n{i}", completed_at=BASE_TIME, cost=2.5e-9) for i in range(4)]
+    )
+    await write(engine, [make_record("tiny", completed_at=BASE_TIME, cost=4.2e-9)])
+    history = HistoryStore(engine)
+    [day] = await history.usage("acme", date(2026, 3, 14), date(2026, 3, 14))
+    assert day.cost == 1.42e-8
+    task = await history.task("acme", "tiny")
+    assert task is not None and task.to_status()["usage"]["cost"] == 4.2e-9
+
+
 async def test_erasing_a_session_deletes_its_history_and_late_records_stay_erased(
     engine: AsyncEngine,
 ) -> None:
