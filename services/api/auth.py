@@ -11,6 +11,7 @@ from services.api.runtime import Runtime
 from services.core.auth import Principal
 from services.core.errors import BadRequest, Forbidden, Unauthorized
 from services.core.ids import is_valid_id
+from services.core.logs import bind_for_this_task
 
 
 def bearer_token(authorization: str | None) -> str:
@@ -32,6 +33,12 @@ def provide_principal(
     claimed = request.headers.get("x-tenant-id")
     if claimed is not None and claimed != principal.tenant_id:
         raise Forbidden("X-Tenant-ID does not match the token's tenant")
+    # Every later line of the request names whose it was (a 503 while Redis is down too).
+    session = request.path_params.get("session_id") or request.headers.get("x-session-id")
+    if isinstance(session, str) and is_valid_id(session):
+        bind_for_this_task(tenant_id=principal.tenant_id, session_id=session)
+    else:
+        bind_for_this_task(tenant_id=principal.tenant_id)
     return principal
 
 

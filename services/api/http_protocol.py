@@ -180,14 +180,18 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a request httptools could not parse (too many header fields
-        among them), in the api's error shape instead of its plain text."""
-        self._answer_and_close(400, "bad_request", msg.rstrip(".").lower())
+        among them), in the api's error shape instead of its plain text. uvicorn has logged
+        it already."""
+        self._answer_and_close(400, "bad_request", msg.rstrip(".").lower(), logged=True)
 
-    def _answer_and_close(self, status: int, code: str, message: str) -> None:
+    def _answer_and_close(
+        self, status: int, code: str, message: str, *, logged: bool = False
+    ) -> None:
         """An answer in the api's error shape (`{"error": {"code", "message", "details"}}`,
         README), with `connection: close`, written as uvicorn writes its own 400: a client
         parsing every error as README says must not meet plain text here."""
-        self.logger.warning("%s.", message)
+        if not logged:
+            self.logger.warning("%s.", message)
         body = json.dumps({"error": {"code": code, "message": message, "details": {}}}).encode()
         content = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:

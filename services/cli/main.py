@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -152,6 +153,7 @@ def _run_prune(_: argparse.Namespace, settings: Settings) -> int:
 
 REDIS_COMMANDS = ("api", "worker", "executor", "operator", "tenants", "deadletters")
 LONG_RUNNING = ("api", "worker", "executor", "operator", "dev")
+LOGGED_AS_JSON = ("api", "worker", "executor")  # `configure_logging` ran before their handler
 
 
 def _verify_redis(settings: Settings) -> None:
@@ -337,6 +339,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
+        if args.command in LOGGED_AS_JSON:
+            # A service's crash: its traceback is what its operator needs, as a JSON line
+            # like every other one (a bare traceback is 45 lines no log pipeline can read).
+            logging.getLogger("services.cli").critical(
+                "%s stopped: %s: %s", args.command, type(exc).__name__, exc, exc_info=exc
+            )
+            return 1
         if args.command in LONG_RUNNING:
             raise  # a service's crash: its traceback is what its operator needs
         # A one-shot command: one line, not a traceback (DESIGN: errors name the problem).

@@ -31,6 +31,13 @@ _encoder = msgspec.json.Encoder(enc_hook=str)
 _bound: ContextVar[dict[str, str]] = ContextVar("log_context", default={})  # noqa: B039
 
 
+def bind_for_this_task(**fields: str) -> None:
+    """Bind fields to every later line of the current asyncio task (a request's: uvicorn runs
+    each in a task of its own), with no scope to leave: a request's exception handlers run
+    after its dependencies have returned, and the tenant those resolved is still known."""
+    _bound.set({**_bound.get(), **fields})
+
+
 @contextmanager
 def log_context(**fields: str) -> Iterator[None]:
     """Bind fields (tenant_id, session_id, task_id) to every log line written inside."""
@@ -68,9 +75,43 @@ class JsonFormatter(logging.Formatter):
         return _encoder.encode(line).decode("utf-8", "replace")
 
 
+class RepeatLimiter(logging.Filter):
+    """At most `burst` lines a minute of each message template of each logger, for
+    warnings and below; the first line let through after some were dropped says how many
+    (`suppressed`). Clients decide how often some lines are written (a malformed request, a
+    body too deep, a refused send while Redis is down): one line each let a client, even one
+    without a token, write as much log as it liked. Errors are never dropped."""
+
+    def __init__(self, burst: int = 20, window_seconds: float = 60.0) -> None:
+        super().__init__()
+        self.burst = burst
+        self.window = window_seconds
+        self._seen: dict[tuple[str, object], list[float]] = {}  # [window start, lines, dropped]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        key = (record.name, record.msg)
+        state = self._seen.get(key)
+        if state is None or record.created - state[0] >= self.window:
+            if len(self._seen) >= 10_000:  # templates are few; a bound all the same
+                self._seen.clear()
+            dropped = 0 if state is None else int(state[2])
+            self._seen[key] = [record.created, 1, 0]
+            if dropped:
+                record.suppressed = dropped
+            return True
+        if state[1] < self.burst:
+            state[1] += 1
+            return True
+        state[2] += 1
+        return False
+
+
 def configure_logging(level: str, service: str) -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter(service))
+    handler.addFilter(RepeatLimiter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

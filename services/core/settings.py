@@ -221,6 +221,17 @@ class Settings(BaseSettings):
             ("postgresql://", "postgres://", "postgresql+asyncpg://")
         ):
             raise ValueError("must start with postgresql:// (or postgres://)")
+        if value:
+            # A bad port was met by the writer only: "invalid literal for int()" taken for
+            # each record's own fault, and the whole history dead-lettered.
+            try:
+                hosts = urlsplit(value).netloc.rpartition("@")[2]
+                for host in hosts.split(","):  # libpq takes several hosts
+                    urlsplit(f"//{host}").port  # noqa: B018 (raises for a bad port)
+            except ValueError:
+                raise ValueError(
+                    "is not a URL libpq can read (its host or port: a port is 1-65535)"
+                ) from None
         return value
 
     @field_validator("redis_sentinels")

@@ -29,7 +29,7 @@ def quick_head(
         yield deployed
 
 
-def _exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
+def exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
         conn.sendall(data)
         reply = b""
@@ -54,7 +54,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_http_layer_refusals_have_the_error_shape(quick_head: Deployment, case: str) -> None:
     assert quick_head.api.port is not None
-    reply = _exchange(quick_head.api.port, CASES[case])
+    reply = exchange(quick_head.api.port, CASES[case])
     head, _, body = reply.partition(b"\r\n\r\n")
     status = head.split(b"\r\n", 1)[0].decode()
     assert status.split(" ")[1] in ("400", "408"), reply[:300]

@@ -109,6 +109,9 @@ def test_the_api_refuses_to_start_without_a_jwt_key() -> None:
         ("ORCHESTRATOR_MAX_REQUESTS_PER_SESSION", "1000000000000"),
         # Checked in every process at start, not in the api's lifespan (a traceback).
         ("ORCHESTRATOR_DATABASE_URL", "mysql://user:secret@127.0.0.1:3306/chat"),
+        # Met by the writer only: every record dead-lettered as the record's own fault.
+        ("ORCHESTRATOR_DATABASE_URL", "postgresql://u:secret@127.0.0.1:notaport/db"),
+        ("ORCHESTRATOR_DATABASE_URL", "postgresql://u:secret@[::1/db"),  # a traceback
         ("ORCHESTRATOR_REDIS_URL", "redis://:secret@127.0.0.1:99999/0"),
         # Every send without an agent names it: each was accepted (202), then dead-lettered.
         ("ORCHESTRATOR_DEFAULT_AGENT", "bad agent!"),
