@@ -54,6 +54,18 @@ class Admitted:
     decision: RateDecision  # the most restrictive limit, for the RateLimit-* headers
 
 
+def check_message(message: str) -> None:
+    """Refuse a message the history cannot keep as sent: PostgreSQL `text` cannot hold
+    U+0000, so the writer stored U+FFFD where the socket had shown the NUL (valid JSON,
+    `\\u0000`), and the history differed from what was sent. Refused at the door instead,
+    before anything is queued, on REST (422) and on the socket alike."""
+    if "\x00" in message:
+        raise InvalidInput(
+            "message contains U+0000 (NUL), which the history cannot store",
+            details={"position": message.index("\x00")},
+        )
+
+
 def seconds_until_utc_midnight(now: datetime | None = None) -> int:
     moment = now or datetime.now(UTC)
     tomorrow = (moment + timedelta(days=1)).date()

@@ -130,9 +130,9 @@ def idempotency_key(request: AnyRequest) -> str | None:
         413: ResponseSpec(ErrorBody, description="body over ORCHESTRATOR_MAX_BODY_BYTES"),
         422: ResponseSpec(
             ErrorBody,
-            description="a field is missing, unknown or invalid, the message is too long "
-            "(`message_too_long`), or the Idempotency-Key was used for another request "
-            "(`idempotency_key_reused`)",
+            description="a field is missing, unknown or invalid (a message holding U+0000 "
+            "included), the message is too long (`message_too_long`), or the Idempotency-Key "
+            "was used for another request (`idempotency_key_reused`)",
         ),
         429: ResponseSpec(ErrorBody, description="rate limited or over budget"),
         503: ResponseSpec(ErrorBody, description="Redis unreachable or refusing writes: retry"),

@@ -23,7 +23,7 @@ from opentelemetry.trace import Span
 from redis.asyncio import Redis
 
 from services.api import metrics
-from services.api.admission import Admission, SendRules
+from services.api.admission import Admission, SendRules, check_message
 from services.api.models import Accepted, Cancelled, SendRequest, TaskView
 from services.core import events, keys, telemetry
 from services.core.actions import (
@@ -166,6 +166,7 @@ class ChatService:
                 details={"limit": self.settings.max_message_chars},
                 code="message_too_long",
             )
+        check_message(request.message)
         tenant_id = principal.tenant_id
         asked = _Asked(session_id, agent_id, request)
         session_id = session_id or new_id()
@@ -582,7 +583,10 @@ class ChatService:
             # (another node) was not; or its request died after reserving the key. The retry
             # makes a new task.
             return task_id, None
-        if not asked.made(ref, state):
+        # In a thread of its own: its stack starts empty. Decoding the kept action (and
+        # comparing contexts) here, deeper in the stack than the body was decoded, hit the
+        # recursion limit for the deepest context a send accepts: its retry was a 500.
+        if not await asyncio.to_thread(asked.made, ref, state):
             # A retry carries the same request; another one under the key is a client's bug
             # that a replay would hide (its message never sent, the other session's task
             # answered): refused, as the IETF Idempotency-Key draft asks.

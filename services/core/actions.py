@@ -11,6 +11,7 @@ int), or a schema-valid answer was dead-lettered and its task left to time out.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -229,25 +230,47 @@ def decode_callback(raw: bytes | str) -> Callback:
         raise MalformedAction(str(exc)) from None
 
 
+def _loose_json(raw: bytes | str) -> object | None:
+    """Whatever JSON allows, as the stdlib reads it: a lone surrogate stays in its string,
+    1e400 is infinity (msgspec refuses both). None when it is not JSON at all."""
+    try:
+        value: object = json.loads(raw)
+    except (ValueError, RecursionError):  # JSONDecodeError and bad UTF-8 are ValueErrors
+        return None
+    return value
+
+
 _FINAL_ANSWERS = frozenset({"execution.completed", "execution.failed", "execution.callback"})
 MALFORMED_ANSWER = "malformed_answer"
 
 
 def _carrier(value: object) -> dict[str, str]:
+    """The trace context's string pairs that can be encoded again (no lone surrogate)."""
     if not isinstance(value, dict):
         return {}
-    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
+    return {k: v for k, v in value.items() if _encodable(k) and _encodable(v)}
+
+
+def _encodable(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def failure_for_unreadable(raw: bytes | str, reason: str) -> ExecutionFailed | None:
     """The failure that ends the task of a final answer that could not be decoded, when the
     answer still names its task. Dead-lettered alone, it left the task running until its
     deadline (minutes) with the client told nothing; now the client gets `chat.error`
-    `malformed_answer` with the reason, and the dead letter keeps the answer."""
-    try:
-        loose = msgspec.json.decode(raw)
-    except (msgspec.DecodeError, RecursionError):
-        return None
+    `malformed_answer` with the reason, and the dead letter keeps the answer.
+
+    Read as loosely as JSON allows (`_loose_json`): the answers msgspec cannot read include
+    valid JSON (a lone surrogate in its content, a cost of 1e400), and re-reading those with
+    msgspec failed the same way, leaving their task to its deadline."""
+    loose = _loose_json(raw)
     if not isinstance(loose, dict) or loose.get("action_type") not in _FINAL_ANSWERS:
         return None
     attempt = loose.get("attempt")

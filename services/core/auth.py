@@ -116,7 +116,9 @@ class TokenVerifier:
         tenant_id = claims.get("tenant_id")
         if not isinstance(tenant_id, str) or not is_valid_id(tenant_id):
             raise Unauthorized("token has no valid tenant_id claim")
-        sub = claims["sub"]
+        sub = str(claims["sub"])
+        if _lone_surrogate(sub):
+            raise Unauthorized("invalid token: sub holds a lone UTF-16 surrogate, not Unicode")
         name = claims.get("name")
         try:
             expires = float(claims["exp"])
@@ -124,11 +126,31 @@ class TokenVerifier:
             raise Unauthorized("invalid token: exp out of range") from None
         principal = Principal(
             tenant_id,
-            str(sub),
-            name if isinstance(name, str) else None,
+            sub,
+            _repaired(name) if isinstance(name, str) else None,
             valid_until=expires + LEEWAY_SECONDS,
         )
         return principal, expires
+
+
+# A JSON string may hold a lone UTF-16 surrogate ("\ud83d": RFC 8259 8.2), and a JavaScript
+# auth server that cuts a display name at n UTF-16 units signs one. PyJWT reads it with the
+# stdlib json, which keeps it; nothing can encode it to UTF-8, so the first send of such a
+# token was a 500 (a socket's, a 1011 close).
+_SURROGATES = range(0xD800, 0xE000)
+
+
+def _lone_surrogate(text: str) -> bool:
+    """Whether `text` holds a surrogate code point (the stdlib json joins a valid pair)."""
+    return not text.isascii() and any(ord(char) in _SURROGATES for char in text)
+
+
+def _repaired(name: str) -> str:
+    """The display name with each lone surrogate made U+FFFD, as a UTF-8 decoder does with a
+    bad byte: a name is only shown (the user is `sub`), and its owner can still send."""
+    if not _lone_surrogate(name):
+        return name
+    return "".join("\ufffd" if ord(char) in _SURROGATES else char for char in name)
 
 
 _TIME_CLAIMS = ("exp", "nbf", "iat")
