@@ -38,6 +38,7 @@ from services.core.actions import (
 from services.core.auth import Principal
 from services.core.errors import Conflict, InvalidInput, NotFound
 from services.core.ids import new_id
+from services.core.logs import bind_for_this_task
 from services.core.ratelimit import (
     RateDecision,
     check_arguments,
@@ -170,6 +171,7 @@ class ChatService:
         tenant_id = principal.tenant_id
         asked = _Asked(session_id, agent_id, request)
         session_id = session_id or new_id()
+        bind_for_this_task(session_id=session_id)  # the request's later lines name it
         idempotency = None
         if idempotency_key is not None:
             idempotency = keys.tenant_idempotency(tenant_id, _digest(idempotency_key))

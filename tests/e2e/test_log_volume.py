@@ -13,7 +13,8 @@ import pytest
 
 from services.cli.embedded import RedisServer
 from services.cli.stack import Child
-from tests.e2e.conftest import lone_api
+from tests.e2e.clients import auth, unique
+from tests.e2e.conftest import lone_api, new_stack
 from tests.e2e.test_http_error_shape import exchange
 
 pytestmark = pytest.mark.e2e
@@ -68,3 +69,25 @@ def test_bad_bodies_without_a_token_write_no_traceback(api: Child) -> None:
     records: list[dict[str, Any]] = [json.loads(line) for line in lines]
     assert not [record for record in records if "exc" in record]
     assert sum(len(line) + 1 for line in lines) - before < 20 * 1000 / 4
+
+
+def test_a_refused_send_names_its_tenant_and_session(tmp_path: Path) -> None:
+    """A verified tenant's send for a named session meets Redis down: the 503's line had the
+    trace id but not whose send it was, though both were known."""
+    redis = RedisServer().start()
+    stack = new_stack(redis, tmp_path / "logs")
+    try:
+        child = stack.start_api()
+        stack.wait_ready(child)
+        tenant, session = unique("t"), unique("s")
+        redis.stop()
+        with httpx.Client(base_url=child.url, timeout=15) as http:
+            body = {"session_id": session, "message": "hello"}
+            reply = http.post("/api/chat/send", headers=auth(tenant), json=body)
+        assert reply.status_code == 503, reply.text
+        [line] = [line for line in log_lines(child) if "redis unavailable" in line]
+        record = json.loads(line)
+        assert (record.get("tenant_id"), record.get("session_id")) == (tenant, session), record
+    finally:
+        stack.stop()
+        redis.cleanup()
