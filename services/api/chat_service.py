@@ -59,7 +59,12 @@ from services.core.tasks import (
     parse_outcome,
 )
 from services.persistence.history import HistoryStore
-from services.persistence.records import publish_finished
+from services.persistence.records import (
+    MalformedRecord,
+    publish_finished,
+    publish_record,
+    record_from_task,
+)
 
 AES_STREAM_MAXLEN = 1_000_000
 IDEMPOTENCY_TTL_SECONDS = 86_400
@@ -676,9 +681,22 @@ class ChatService:
 
     async def erase_session(self, tenant_id: str, session_id: str) -> int:
         """Erase the session's task states; returns how many. The AES of a task still running
-        is told to stop (`chat.cancel`): nobody will take its answer."""
+        is told to stop (`chat.cancel`): nobody will take its answer. Its record (cancelled)
+        counts its request in `/api/usage`, as a cancelled task's does; the writer keeps no
+        history of it (the session's erasure is older than the task's record)."""
         erased = await self.tasks.erase_session(tenant_id, session_id)
-        for ref in erased.running:
+        if erased.running and self.settings.database_url:
+            records = []
+            for ref, state in erased.running:
+                try:
+                    records.append(record_from_task(ref, {**state, "status": "cancelled"}))
+                except MalformedRecord as exc:
+                    log.warning("no persistence record for task %s: %s", ref.task_id, exc.reason)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for record in records:
+                    await publish_record(pipe, record, maxlen=self.settings.persist_stream_maxlen)
+                await pipe.execute()
+        for ref, _ in erased.running:
             await self._notify_aes(ref)
         return erased.tasks
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from importlib.resources import files
 from typing import Any
 
 import msgspec
@@ -55,11 +56,12 @@ class Verdict(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Erased:
-    """What `TaskStore.erase_session` found: how many tasks, and those still running (their
-    AES is told to stop: nobody will take their answers)."""
+    """What `TaskStore.erase_session` found: how many tasks, and those still running, each
+    with its state as it was (their AES is told to stop: nobody will take their answers;
+    their records count their requests in the tenant's usage)."""
 
     tasks: int
-    running: list[TaskRef]
+    running: list[tuple[TaskRef, dict[str, str]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +86,7 @@ class TaskRef:
 
 
 _json = msgspec.json.Encoder()
+_ERASE_TASK = (files("services.core") / "lua" / "erase_task.lua").read_text()
 
 
 def isoformat(moment: datetime | None = None) -> str:
@@ -199,23 +202,26 @@ class TaskStore:
         naming the task is then told so instead of taken for a key whose send never queued
         its task (which would send the erased message again). A SCAN of the session's keys:
         erasures are rare, and an index per session would cost every send a write. A task
-        still running is erased too; its later callbacks find no task and are dropped."""
+        still running is ended as cancelled (`lua/erase_task.lua`): its later chunks are
+        dropped, and its completion's usage is counted as after a cancel."""
         pattern = keys.task_state(tenant_id, session_id, "*")
         prefix = len(pattern) - 1
         found = [str(_text(key)) async for key in self.redis.scan_iter(match=pattern, count=1000)]
         marked = f"{tenant_id}/{session_id}{ERASED_MARK}"
-        running: list[TaskRef] = []
+        running: list[tuple[TaskRef, dict[str, str]]] = []
         for start in range(0, len(found), 500):
             chunk = found[start : start + 500]
             async with self.redis.pipeline(transaction=False) as pipe:
                 for key in chunk:
-                    pipe.hget(key, "status")
-                    pipe.delete(key)
+                    # EVAL, not a cached script: rare, and safe from a flushed script cache.
+                    pipe.eval(_ERASE_TASK, 1, key, isoformat())
                     pipe.set(keys.task_location(key[prefix:]), marked, xx=True, keepttl=True)
                 replies = await pipe.execute()
-            for key, status in zip(chunk, replies[::3], strict=True):
-                if status is not None and _text(status) not in FINAL_STATUSES:
-                    running.append(TaskRef(tenant_id, session_id, key[prefix:]))
+            for key, reply in zip(chunk, replies[::2], strict=True):
+                if int(reply[0]) == 2:
+                    pairs = [str(_text(item)) for item in reply[1:]]
+                    state = dict(zip(pairs[::2], pairs[1::2], strict=True))
+                    running.append((TaskRef(tenant_id, session_id, key[prefix:]), state))
         return Erased(len(found), running)
 
     def location_value(self, ref: TaskRef) -> str:

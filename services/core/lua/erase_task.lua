@@ -1,0 +1,28 @@
+-- Erase one task of an erased session. KEYS[1]: its state hash.
+-- A final task's state is deleted. A running one is ended as cancelled and kept, without its
+-- message or answer, until it expires: a completion crossing the erasure then finds a final
+-- task and its usage is counted once, as for one crossing a cancel. (Deleted, it found no
+-- task, and erasing the session at the last chunk dodged the token budget.)
+-- Returns {0}: nothing there; {1}: it was final; {2, field, value, ...}: it was running,
+-- with its state as it was (for its record: the request counts in the tenant's usage).
+local task = KEYS[1]
+local state = redis.call('HGETALL', task)
+if #state == 0 then return {0} end
+local fields = {}
+for i = 1, #state, 2 do fields[state[i]] = state[i + 1] end
+local finals = {completed = true, failed = true, cancelled = true, timed_out = true}
+if finals[fields.status] then
+  redis.call('DEL', task)
+  return {1}
+end
+local ttl = redis.call('TTL', task)
+redis.call('DEL', task)
+-- What task_event.lua reads of a final task (the status, the metrics' tier and start).
+redis.call('HSET', task, 'status', 'cancelled', 'ended_by', 'erase:0',
+  'attempt', fields.attempt or '1', 'last_seq', fields.last_seq or '0',
+  'tier', fields.tier or '', 'created_ms', fields.created_ms or '0',
+  'stream', fields.stream or '1', 'updated_at', ARGV[1])
+if ttl > 0 then redis.call('EXPIRE', task, ttl) end
+local reply = {2}
+for i = 1, #state do reply[#reply + 1] = state[i] end
+return reply
