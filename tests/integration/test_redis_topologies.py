@@ -258,7 +258,9 @@ async def test_erasing_a_session_removes_its_tasks_on_a_cluster(cluster_client: 
     assert all(state["status"] == "processing" for _, state in erased.running)
     for ref in refs:
         stub = await tasks.read(ref)
-        assert stub is not None and stub["status"] == "cancelled" and "action" not in stub
+        assert stub is not None
+        assert stub["status"] == "cancelled"
+        assert "action" not in stub
         assert await tasks.locate(ref.task_id) is None
         assert await tasks.was_erased(ref.task_id)
     assert await tasks.read(kept) is not None

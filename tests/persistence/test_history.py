@@ -202,7 +202,8 @@ async def test_costs_are_billed_to_their_last_digit(engine: AsyncEngine) -> None
     [day] = await history.usage("acme", date(2026, 3, 14), date(2026, 3, 14))
     assert day.cost == 1.42e-8
     task = await history.task("acme", "tiny")
-    assert task is not None and task.to_status()["usage"]["cost"] == 4.2e-9
+    assert task is not None
+    assert task.to_status()["usage"]["cost"] == 4.2e-9
 
 
 async def test_erasing_a_session_deletes_its_history_and_late_records_stay_erased(
