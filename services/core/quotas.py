@@ -29,7 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from services.core import keys
 from services.core.errors import InvalidInput
 from services.core.ids import Id, is_valid_id
-from services.core.redis_client import REDIS_DOWN
+from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING
 from services.core.settings import ConfigError, Settings
 from services.core.tiers import (
     DEFAULT_TIER_VARIABLE,
@@ -195,7 +195,7 @@ class QuotaStore:
             if self.require_known_tenant:
                 return None
             tier = self.default_tier
-            return EffectiveQuota(tenant_id, tier, self._capped(self.tiers[tier]), known=False)
+            return EffectiveQuota(tenant_id, tier, self.capped(self.tiers[tier]), known=False)
         tier = record.tier
         if tier not in self.tiers:
             # The tier was removed from the configuration after the record was written.
@@ -207,7 +207,7 @@ class QuotaStore:
         limits = self._merged(tenant_id, self.tiers[tier], record.limits)
         if record.allowed_agents is not None:
             limits = msgspec.structs.replace(limits, allowed_agents=record.allowed_agents)
-        return EffectiveQuota(tenant_id, tier, self._capped(limits), known=True)
+        return EffectiveQuota(tenant_id, tier, self.capped(limits), known=True)
 
     @staticmethod
     def _merged(tenant_id: str, base: TierLimits, overrides: Mapping[str, Any]) -> TierLimits:
@@ -229,7 +229,7 @@ class QuotaStore:
                 )
         return base
 
-    def _capped(self, limits: TierLimits) -> TierLimits:
+    def capped(self, limits: TierLimits) -> TierLimits:
         """The limits as they apply: no message is accepted beyond the installation's
         ORCHESTRATOR_MAX_MESSAGE_CHARS whatever a tier or an override says, so what the CLI and
         the operator's status show as effective must not say more."""
@@ -358,7 +358,7 @@ class QuotaCache:
                         pinged = now
                         async with asyncio.timeout(PONG_TIMEOUT_SECONDS):
                             await pubsub.ping()
-            except REDIS_DOWN as exc:
+            except (*REDIS_DOWN, *REDIS_REFUSING) as exc:  # MISCONF: even a PING is refused
                 log.warning("quota announcements lost; resubscribing", extra={"error": str(exc)})
             except Exception:
                 log.exception("quota announcement listener failed; resubscribing")

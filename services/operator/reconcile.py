@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
+
 from services.core.quotas import InvalidQuota, QuotaRecord, QuotaStore
-from services.core.redis_client import REDIS_DOWN
+from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING
 from services.core.tenant_sockets import TenantSockets
 from services.core.tiers import TierLimits, merge_limits
 from services.core.usage import UsageCounter
@@ -96,17 +98,27 @@ def _describe(wanted: TierQuotaSpec) -> str:
     return text
 
 
-def effective_limits(tier: TierLimits, wanted: TierQuotaSpec) -> dict[str, Any]:
-    """What `status.effective` shows: the tier merged with the overrides, as the api sees it."""
-    limits = merge_limits(tier, wanted.limits).to_dict()
+def shown(tier: str, limits: TierLimits) -> dict[str, Any]:
+    """Limits in force as `status.effective` shows them."""
+    fields = limits.to_dict()
+    if fields.get("tokensPerDay") is None:
+        fields["tokensPerDay"] = UNLIMITED  # a null would be dropped by the merge patch
+    return {"tier": tier, **fields}
+
+
+def effective_limits(tier: TierLimits, wanted: TierQuotaSpec, store: QuotaStore) -> dict[str, Any]:
+    """What `status.effective` shows: the tier merged with the overrides, as the api sees it
+    (capped by the installation's ORCHESTRATOR_MAX_MESSAGE_CHARS, as the store caps it: the
+    status said an enterprise tenant could send 32 000 characters where the api took 4 000)."""
+    limits = merge_limits(tier, wanted.limits)
     if wanted.allowed_agents is not None:
-        limits["allowedAgents"] = list(wanted.allowed_agents)
-    if limits.get("tokensPerDay") is None:
-        limits["tokensPerDay"] = UNLIMITED  # a null would be dropped by the merge patch
-    return {"tier": wanted.tier, **limits}
+        limits = msgspec.structs.replace(limits, allowed_agents=tuple(wanted.allowed_agents))
+    return shown(wanted.tier, store.capped(limits))
 
 
-def _claim_outcome(wanted: TierQuotaSpec, claim: Claim, tier: TierLimits) -> Outcome:
+def _claim_outcome(
+    wanted: TierQuotaSpec, claim: Claim, tier: TierLimits, store: QuotaStore
+) -> Outcome:
     tenant = wanted.tenant_id
     if not claim.ours:
         return Outcome(
@@ -120,10 +132,12 @@ def _claim_outcome(wanted: TierQuotaSpec, claim: Claim, tier: TierLimits) -> Out
             f"tenant {tenant} is also named by TierQuota {', '.join(claim.contenders)}; this "
             f"resource claimed it first and its limits are in force ({_describe(wanted)}); "
             "delete the other resource(s)",
-            effective=effective_limits(tier, wanted),
+            effective=effective_limits(tier, wanted, store),
         )
     return Outcome(
-        Reason.APPLIED, f"{_describe(wanted)} in force", effective=effective_limits(tier, wanted)
+        Reason.APPLIED,
+        f"{_describe(wanted)} in force",
+        effective=effective_limits(tier, wanted, store),
     )
 
 
@@ -200,10 +214,7 @@ class QuotaReconciler:
         try:
             wanted = parse_spec(spec, self.store.tiers)
         except InvalidSpec as exc:
-            return Outcome(
-                Reason.INVALID_SPEC,
-                f"{exc}; nothing was written (limits applied before, if any, stay in force)",
-            )
+            return await self._invalid(ref, spec, exc)
         try:
             claim = await self.claims.claim(wanted.tenant_id, str(ref))
             if not claim.ours and is_stale_holder(
@@ -222,14 +233,39 @@ class QuotaReconciler:
                 claim = await self.claims.claim(wanted.tenant_id, str(ref), replace=claim.holder)
             if claim.ours:
                 await self._write_if_changed(ref, wanted)
-            outcome = _claim_outcome(wanted, claim, self.store.tiers[wanted.tier])
+            outcome = _claim_outcome(wanted, claim, self.store.tiers[wanted.tier], self.store)
             if with_usage:
                 outcome = dataclasses.replace(outcome, usage=await self.usage(wanted.tenant_id))
         except REDIS_DOWN as exc:
             return Outcome(Reason.REDIS_UNAVAILABLE, f"cannot reach Redis ({exc}); retrying")
+        except REDIS_REFUSING as exc:  # out of memory, a read-only replica: as an outage
+            return Outcome(Reason.REDIS_UNAVAILABLE, f"Redis refuses writes ({exc}); retrying")
         except InvalidQuota as exc:  # the store refused what parse_spec accepted: a bug
             return Outcome(Reason.INVALID_SPEC, exc.message)
         return outcome
+
+    async def _invalid(
+        self, ref: ResourceRef, spec: Mapping[str, Any], problem: InvalidSpec
+    ) -> Outcome:
+        """Nothing is written for a spec that cannot be applied; the status says what is in
+        force instead, when this resource owns the tenant. That is not always what was
+        applied before: a tier removed from ORCHESTRATOR_TIERS since leaves the tenant on the
+        default tier (the status kept showing the removed tier's limits as in force)."""
+        written = "nothing was written"
+        tenant_id = tenant_of(spec)
+        try:
+            if tenant_id is None or await self.claims.holder(tenant_id) != str(ref):
+                return Outcome(Reason.INVALID_SPEC, f"{problem}; {written}")
+            quota = await self.store.effective(tenant_id)
+        except (*REDIS_DOWN, *REDIS_REFUSING, InvalidQuota):
+            return Outcome(Reason.INVALID_SPEC, f"{problem}; {written}")
+        if quota is None:  # no record, and unknown tenants are refused
+            return Outcome(Reason.INVALID_SPEC, f"{problem}; {written}; the tenant is refused")
+        return Outcome(
+            Reason.INVALID_SPEC,
+            f"{problem}; {written}; in force: tier {quota.tier}",
+            effective=shown(quota.tier, quota.limits),
+        )
 
     async def release(self, ref: ResourceRef, spec: Mapping[str, Any]) -> bool:
         """Remove the tenant's record if this resource owns the tenant; stop contending.
@@ -258,6 +294,8 @@ class QuotaReconciler:
             await self.claims.release(tenant_id, claimant)
         except REDIS_DOWN as exc:
             raise StoreUnavailable(f"cannot reach Redis ({exc}); retrying") from None
+        except REDIS_REFUSING as exc:
+            raise StoreUnavailable(f"Redis refuses writes ({exc}); retrying") from None
         if removed:
             log.info("tier quota removed", extra={"resource": claimant, "tenant_id": tenant_id})
         return removed

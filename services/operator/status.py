@@ -92,6 +92,6 @@ def status_patch(
         patch["observedGeneration"] = generation
     if outcome.usage is not None:
         patch["usage"] = outcome.usage
-    if outcome.reason in (Reason.APPLIED, Reason.CONFLICT):
+    if outcome.reason in (Reason.APPLIED, Reason.CONFLICT) or outcome.effective is not None:
         patch["effective"] = outcome.effective  # None (a contender) removes it
     return patch

@@ -255,7 +255,9 @@ async def test_an_invalid_update_keeps_the_limits_applied_before(
 
     assert outcome.permanent
     assert "configured: free, pro, enterprise" in outcome.message
-    assert "stay in force" in outcome.message
+    assert "nothing was written; in force: tier enterprise" in outcome.message
+    assert outcome.effective is not None
+    assert outcome.effective["tier"] == "enterprise"
     record = await reconciler.store.get("acme")
     assert record is not None
     assert record.tier == "enterprise"
@@ -378,3 +380,83 @@ async def test_a_write_whose_announcement_failed_is_announced_by_the_retry(
     assert again.ready
     assert await pubsub.get_message(timeout=0.2) is None
     await pubsub.aclose()
+
+
+# -- found by the second review: what the status says is what the api applies --------------
+
+
+async def test_status_effective_max_message_chars_is_capped_like_the_store(redis: Redis) -> None:
+    """README: "the effective limits the CLI and the operator's status show are capped by
+    ORCHESTRATOR_MAX_MESSAGE_CHARS". The api refuses longer messages whatever the tier says."""
+    settings = load_settings(
+        tiers=None, tiers_file=None, default_tier="free", max_message_chars=4000
+    )
+    reconciler = make_reconciler(redis, settings=settings)
+    outcome = await reconciler.reconcile(
+        ResourceRef("tenants", "acme"), tier_quota("acme", "enterprise")
+    )
+    assert outcome.reason is Reason.APPLIED
+    in_force = await reconciler.store.effective("acme")
+    assert in_force is not None
+    assert in_force.limits.max_message_chars == 4000
+    assert outcome.effective is not None
+    assert outcome.effective["maxMessageChars"] == in_force.limits.max_message_chars
+
+
+async def test_redis_refusing_writes_is_an_outcome_not_an_exception(redis: Redis) -> None:
+    """Redis at maxmemory under noeviction answers every write with OOM (the api answers 503
+    like an outage, `REDIS_REFUSING`). The reconciler promises to never raise for a Redis
+    outage but to return an outcome the status shows; instead the OOM error escapes, so kopf
+    retries with its generic backoff and the TierQuota's Ready condition is never updated."""
+    reconciler = make_reconciler(redis)
+    policy = str((await redis.config_get("maxmemory-policy"))["maxmemory-policy"])
+    await redis.config_set("maxmemory-policy", "noeviction")
+    await redis.config_set("maxmemory", 1)
+    try:
+        try:
+            outcome = await reconciler.reconcile(
+                ResourceRef("tenants", "acme"), tier_quota("acme", "pro")
+            )
+        except Exception as exc:  # the defect: it escapes
+            raise AssertionError(
+                f"reconcile raised {exc!r} instead of returning an outcome"
+            ) from exc
+        assert not outcome.ready
+        assert outcome.temporary  # retried with backoff, and the status says why
+    finally:
+        await redis.config_set("maxmemory", 0)
+        await redis.config_set("maxmemory-policy", policy)
+
+
+GOLD = (
+    '{"gold": {"requestsPerMinutePerSession": 100, "requestsPerMinutePerTenant": 1000,'
+    ' "maxConnections": 300, "tokensPerDay": 5000000, "maxMessageChars": 9000,'
+    ' "streaming": true, "priority": "high", "taskTimeoutSeconds": 200}}'
+)
+
+
+async def test_a_tier_removed_from_the_table_is_not_reported_as_still_in_force(
+    redis: Redis,
+) -> None:
+    """A custom tier is dropped from ORCHESTRATOR_TIERS and the operator (and api) restarted.
+    The TierQuota's status says "nothing was written (limits applied before, if any, stay in
+    force)" and keeps `status.effective` at the gold limits, while every api pod serves the
+    tenant the default tier (`QuotaStore.effective` falls back to it for an unknown tier)."""
+    ref = ResourceRef("tenants", "acme")
+    with_gold = load_settings(tiers=GOLD, tiers_file=None, default_tier="free")
+    before = await make_reconciler(redis, settings=with_gold).reconcile(
+        ref, tier_quota("acme", "gold")
+    )
+    assert before.reason is Reason.APPLIED
+
+    without_gold = load_settings(tiers=None, tiers_file=None, default_tier="free")
+    reconciler = make_reconciler(redis, settings=without_gold)
+    after = await reconciler.reconcile(ref, tier_quota("acme", "gold"))
+    served = await reconciler.store.effective("acme")  # what the api pods apply now
+    assert served is not None
+    assert served.tier == "free"
+    assert after.reason is Reason.INVALID_SPEC
+    # The status must not claim that the gold limits are still in force.
+    assert "in force: tier free" in after.message, after.message
+    assert after.effective is not None
+    assert after.effective["tier"] == "free"
