@@ -42,7 +42,7 @@ from services.core.auth import TokenVerifier
 from services.core.errors import OrchestratorError
 from services.core.quotas import QuotaCache, QuotaStore
 from services.core.ratelimit import RateLimiter
-from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING, create_redis
+from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING, REFUSING_WORDS, create_redis
 from services.core.scripts import Scripts
 from services.core.settings import ConfigError, Settings, process_name
 from services.core.tasks import TaskStore
@@ -138,9 +138,7 @@ def _on_redis_down(_: AnyRequest, exc: Exception) -> Response[Any]:
 
 def _on_redis_refusing(_: AnyRequest, exc: Exception) -> Response[Any]:
     log.warning("redis refuses writes: %s", exc)
-    return _error(
-        503, "unavailable", "redis refuses writes (out of memory or read-only), retry later"
-    )
+    return _error(503, "unavailable", REFUSING_WORDS)
 
 
 def _on_unexpected(_: AnyRequest, exc: Exception) -> Response[Any]:

@@ -39,7 +39,7 @@ from services.api.session_log import DEFAULT_LOG_TTL_MS, read_since
 from services.core import keys, telemetry
 from services.core.delivery_lag import LagClock
 from services.core.events import ERROR, frame, frame_id, frame_with_id
-from services.core.redis_client import REDIS_DOWN, ClusterClient, as_lost_connection
+from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING, ClusterClient, as_lost_connection
 
 log = logging.getLogger(__name__)
 _LAG = LagClock("api")  # live events only: a replay from the log is not a delivery's lag
@@ -291,6 +291,12 @@ class SessionHub:
                 await asyncio.sleep(delay)
                 delay = min(RECONNECT_MAX_SECONDS, delay * 2)
                 continue
+            except REDIS_REFUSING:
+                # The watchdog's PING answered with an error (MISCONF: Redis refuses even a
+                # PING while its snapshots fail): the connection lives, and it raised out of
+                # here, killing the lane, so every new socket was refused 1013 for good.
+                lane.heard, lane.pinged = loop.time(), None
+                continue
             except Exception as exc:
                 if self._cluster is None:
                     raise
@@ -518,7 +524,11 @@ class SessionHub:
         and, per socket, a `websocket send` span that ends when the frame is written."""
         event_id = frame_id(text)
         with telemetry.consumer(
-            channel, {"traceparent": parent}, message_id=event_id, sockets=len(members)
+            channel,
+            {"traceparent": parent},
+            message_id=event_id,
+            template=keys.SESSION_CHANNEL_TEMPLATE,
+            sockets=len(members),
         ):
             _LAG.since(event_id, exemplar=telemetry.exemplar())
             for conn in members:

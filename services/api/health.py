@@ -14,11 +14,20 @@ from services.api.runtime import Runtime
 from services.core import keys
 from services.core.auth import Principal
 from services.core.errors import Unavailable
-from services.core.redis_client import REDIS_DOWN
+from services.core.redis_client import (
+    NEEDED_POLICY,
+    REDIS_DOWN,
+    REDIS_REFUSING,
+    eviction_policy,
+)
 from services.persistence.database import ping
 from services.persistence.writer import backlog as persistence_backlog
 
 AnyRequest = Request[Any, Any, Any]
+
+# The write probe of /health/detailed: one short-lived key per pod (README, "Redis keys").
+PROBE_KEY = "{health}:probe:"
+PROBE_TTL_MS = 1000
 
 
 def _runtime(request: AnyRequest) -> Runtime:
@@ -40,6 +49,9 @@ async def ready(request: AnyRequest) -> Response[dict[str, Any]]:
         await runtime.redis.ping()
     except REDIS_DOWN:
         return Response(Unavailable("redis unavailable").to_dict(), status_code=503)
+    except REDIS_REFUSING as exc:  # MISCONF: a failed snapshot makes Redis refuse PING too
+        refused = Unavailable(f"redis refuses writes: {_reason(exc)}")
+        return Response(refused.to_dict(), status_code=503)
     return Response({"status": "ready"}, status_code=200)
 
 
@@ -67,18 +79,43 @@ async def _database(runtime: Runtime) -> dict[str, Any]:
     return {"status": "up" if await ping(runtime.database) else "down"}
 
 
+def _reason(exc: Exception) -> str:
+    """Redis's refusal with its code (`OOM ...`): redis-py strips the code it recognised."""
+    text, code = str(exc), getattr(exc, "status_code", None)
+    return f"{code} {text}" if code and not text.startswith(code) else text
+
+
+async def _redis_state(runtime: Runtime) -> dict[str, Any]:
+    """Whether Redis answers and accepts writes, and its eviction policy.
+
+    A PING alone said "up" while Redis refused every write (out of memory, a failed snapshot,
+    no replica in sync): the one probe that tells is a write, here a SET of a key that expires
+    by itself. Two round trips plus CONFIG GET: bounded by the client's command timeout.
+    """
+    state: dict[str, Any]
+    try:
+        started = time.perf_counter()
+        await runtime.redis.ping()
+        latency_ms = round((time.perf_counter() - started) * 1000, 3)
+        await runtime.redis.set(PROBE_KEY + runtime.pod_id, b"1", px=PROBE_TTL_MS)
+        state = {"status": "up", "latency_ms": latency_ms}
+    except REDIS_REFUSING as exc:
+        state = {"status": "refusing_writes", "reason": _reason(exc)}
+    policy = await eviction_policy(runtime.redis)
+    state["maxmemory_policy"] = policy
+    if policy is not None and policy != NEEDED_POLICY:
+        state["warning"] = f"maxmemory-policy {policy} evicts the service's keys when full"
+    return state
+
+
 @get("/health/detailed", summary="Component states: redis, workers, queue lag")
 async def detailed(request: AnyRequest) -> Response[dict[str, Any]]:
     runtime = _runtime(request)
     components: dict[str, Any] = {"pod": runtime.pod_id, "draining": runtime.draining}
     healthy = not runtime.draining
     try:
-        started = time.perf_counter()
-        await runtime.redis.ping()
-        components["redis"] = {
-            "status": "up",
-            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
-        }
+        components["redis"] = await _redis_state(runtime)
+        healthy = healthy and components["redis"]["status"] == "up"
         now = time.time()
         # Live as the workers themselves count: a worker silent for a lease has lost its
         # leases (`Leases.live_workers`). Three leases showed a killed last worker as alive
@@ -91,11 +128,14 @@ async def detailed(request: AnyRequest) -> Response[dict[str, Any]]:
     except REDIS_DOWN:
         healthy = False
         components["redis"] = {"status": "down"}
+    except REDIS_REFUSING as exc:  # a read refused too (MISCONF refuses PING as well)
+        healthy = False
+        components["redis"] = {"status": "refusing_writes", "reason": _reason(exc)}
     components["database"] = await _database(runtime)
     if runtime.database is not None:
         try:
             components["persistence_backlog"] = await persistence_backlog(runtime.redis)
-        except REDIS_DOWN:
+        except (*REDIS_DOWN, *REDIS_REFUSING):
             components["persistence_backlog"] = None
     components["websockets"] = {"connections": runtime.hub.count()}
     body = {"status": "ok" if healthy else "degraded", "components": components}

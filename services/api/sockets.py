@@ -43,7 +43,7 @@ from services.core.auth import Principal
 from services.core.errors import BadRequest, OrchestratorError, Unauthorized
 from services.core.ids import is_valid_id, new_id
 from services.core.logs import log_context
-from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING
+from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING, REFUSING_WORDS
 
 log = logging.getLogger(__name__)
 
@@ -411,13 +411,7 @@ async def _handle_request(
     except REDIS_DOWN:
         _chat_error(conn, "unavailable", "redis unavailable, retry", {}, request_id)
     except REDIS_REFUSING:
-        _chat_error(
-            conn,
-            "unavailable",
-            "redis refuses writes (out of memory or read-only), retry later",
-            {},
-            request_id,
-        )
+        _chat_error(conn, "unavailable", REFUSING_WORDS, {}, request_id)
 
 
 class FrameBudget:

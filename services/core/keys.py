@@ -48,6 +48,10 @@ def session_channel(tenant_id: str, session_id: str) -> str:
     return f"{session_tag(tenant_id, session_id)}:events"
 
 
+SESSION_CHANNEL_TEMPLATE = "{s:TENANT:SESSION}:events"
+"""`session_channel` as span names give it: one name for every session."""
+
+
 def session_applied(tenant_id: str, session_id: str) -> str:
     """Hash: partition stream -> id of the session's last `websocket.send` applied from it (a
     redelivered entry at or below it is a duplicate). One key per session. (Not the name of

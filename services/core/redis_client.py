@@ -42,6 +42,7 @@ from collections.abc import Generator, Iterable
 from typing import Any, cast
 
 import hiredis
+from redis._parsers.base import BaseParser
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
@@ -79,9 +80,32 @@ REDIS_DOWN = (
     SlotNotCoveredError,
 )
 
+
+class WritesRefused(ResponseError):
+    """Redis answering but refusing writes for a state of its own that an operator ends:
+    `MISCONF` (an RDB snapshot failed and `stop-writes-on-bgsave-error` is on, the default;
+    Redis then refuses PING too) or `NOREPLICAS` (`min-replicas-to-write` unmet: no replica
+    keeps up). redis-py knows neither prefix: as a plain ResponseError they passed for a bug
+    (REST 500, the worker and the executor exiting) instead of an outage to wait out."""
+
+    def __str__(self) -> str:
+        # redis-py strips the prefix it matched from the message: put it back, it is the cause.
+        text = super().__str__()
+        return f"{self.status_code} {text}" if self.status_code else text
+
+
+# Registered in the map of redis-py's base parser, which both of its reply parsers (hiredis
+# and pure Python, sync and asyncio) consult for every error reply: no connection class of
+# ours needs to know, and an error raised inside a Lua script keeps its prefix (Redis 7+).
+for _prefix in ("MISCONF", "NOREPLICAS"):
+    BaseParser.EXCEPTION_CLASSES.setdefault(_prefix, WritesRefused)
+
 # Redis answering but refusing writes: out of memory under `noeviction`, a read-only replica
-# (a failover in progress). The api answers 503 like an outage: the client retries later.
-REDIS_REFUSING = (OutOfMemoryError, ReadOnlyError)
+# (a failover in progress), a failed snapshot or missing replicas (`WritesRefused`). The api
+# answers 503 like an outage: the client retries later.
+REDIS_REFUSING = (OutOfMemoryError, ReadOnlyError, WritesRefused)
+REFUSING_WORDS = "redis refuses writes (out of memory, a failover, a failed snapshot), retry later"
+"""What a client is told of any of them (the server's own message stays in the log)."""
 
 COMMAND_TIMEOUT_SECONDS = 2.0  # beyond the longest blocking read (XREADGROUP BLOCK)
 CONNECT_TIMEOUT_SECONDS = 2.0
@@ -568,6 +592,7 @@ async def _verify(settings: Settings) -> None:
                         "(cluster mode is not enabled); set ORCHESTRATOR_REDIS_MODE=standalone"
                     ) from None
                 raise
+            await warn_on_eviction(client)
             return
         info = await client.info("server")
         server_mode = str(info.get("redis_mode") or info.get("server_mode") or "standalone")
@@ -586,8 +611,42 @@ async def _verify(settings: Settings) -> None:
                 f"{name}: {mode.value}, but {where} is a Sentinel; set "
                 "ORCHESTRATOR_REDIS_MODE=sentinel and ORCHESTRATOR_REDIS_SENTINELS to it"
             )
+        await warn_on_eviction(client)
     finally:
         await client.aclose()
+
+
+NEEDED_POLICY = "noeviction"
+
+
+async def eviction_policy(redis: Redis) -> str | None:
+    """The server's `maxmemory-policy`, or None when it will not tell (managed Redis often
+    refuses CONFIG). On a cluster the first node's answer stands for all: one chart or one
+    provider configures them alike."""
+    try:
+        reply: Any = await redis.config_get("maxmemory-policy")
+    except ResponseError:
+        return None
+    values = list(reply.values()) if isinstance(reply, dict) else []
+    while values and isinstance(values[0], dict):  # one answer per node (cluster)
+        values = list(values[0].values())
+    policy = values[0] if values else None
+    return policy.decode() if isinstance(policy, bytes) else policy
+
+
+async def warn_on_eviction(redis: Redis) -> None:
+    """One warning line at start when Redis may evict keys: under any policy but
+    `noeviction` a full Redis deletes, without an error, task states, Idempotency-Keys,
+    leases, session logs, streams and consumer groups. Refusing writes (OOM) is what the
+    service rides out; losing its state silently is not."""
+    policy = await eviction_policy(redis)
+    if policy is not None and policy != NEEDED_POLICY:
+        log.warning(
+            "redis maxmemory-policy is %s: when full, Redis evicts the service's keys "
+            "(task states, streams, leases); run it with maxmemory-policy %s",
+            policy,
+            NEEDED_POLICY,
+        )
 
 
 async def _verify_sentinels(settings: Settings) -> None:

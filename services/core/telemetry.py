@@ -142,15 +142,20 @@ def consumer(
     *,
     message_id: str | None = None,
     group: str | None = None,
+    template: str | None = None,
     **attributes: Any,
 ) -> Iterator[Span]:
-    """A CONSUMER `process <stream>` span, child of the context the producer injected."""
+    """A CONSUMER `process <stream>` span, child of the context the producer injected. A
+    destination named after a tenant or session gives its `template` instead (OpenTelemetry:
+    span names are low-cardinality; the name itself stays in `messaging.destination.name`)."""
+    extra = {} if template is None else {"messaging.destination.template": template}
     with tracer().start_as_current_span(
-        f"process {stream}",
+        f"process {template or stream}",
         context=extract(carrier),
         kind=SpanKind.CONSUMER,
         attributes={
             **messaging_attributes(stream, "process", message_id=message_id, group=group),
+            **extra,
             **attributes,
         },
     ) as span:
@@ -165,7 +170,10 @@ def exemplar(span: Span | None = None) -> dict[str, str] | None:
     return {"trace_id": format(context.trace_id, "032x")}
 
 
-def fail(span: Span, description: str, **attributes: Any) -> None:
-    """Mark a span as an error with an event that says what happened."""
+def fail(span: Span, description: str, *, error_type: str, **attributes: Any) -> None:
+    """Mark a span as an error with an event that says what happened, and `error.type` (a
+    low-cardinality class of the error, OpenTelemetry's attribute for grouping failed spans:
+    the description alone differs from span to span)."""
     span.set_status(Status(StatusCode.ERROR, description))
+    span.set_attribute("error.type", error_type)
     span.add_event("error", {"message": description, **attributes})

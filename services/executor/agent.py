@@ -12,6 +12,7 @@ A message's `context.simulate` steers it, so tests and demos can ask for behavio
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,18 +38,30 @@ class Simulation:
             return cls()
 
         def number(name: str, default: float) -> float:
-            value = raw.get(name, default)
-            return float(value) if isinstance(value, int | float) else default
+            return _usable_number(raw.get(name), default)
 
-        chunk_delay = raw.get("chunk_delay_ms")
+        chunk_delay = _usable_number(raw.get("chunk_delay_ms"), math.inf)  # inf: absent
         return cls(
             fail_attempts=int(number("fail_attempts", 0)),
             retryable=bool(raw.get("retryable", True)),
             stall=bool(raw.get("stall", False)),
             delay_ms=max(0.0, number("delay_ms", 0.0)),
-            chunk_delay_ms=float(chunk_delay) if isinstance(chunk_delay, int | float) else None,
+            chunk_delay_ms=None if chunk_delay == math.inf else chunk_delay,
             repeat=max(1, min(MAX_REPEAT, int(number("repeat", 1)))),
         )
+
+
+def _usable_number(value: object, default: float) -> float:
+    """`value` as a finite float, or `default` when it is none: not a number, or an integer
+    beyond a double (JSON allows 10**400; `float()` of it raised OverflowError and the run
+    died, again at every reclaim). An unusable knob is treated like an absent one."""
+    if not isinstance(value, int | float):
+        return default
+    try:
+        number = float(value)
+    except OverflowError:
+        return default
+    return number if math.isfinite(number) else default
 
 
 def reply_for(agent_id: str, message: str, repeat: int = 1) -> str:

@@ -48,6 +48,7 @@ from services.core.metric_buckets import LATENCY_BUCKETS
 from services.core.redis_client import (
     COMMAND_TIMEOUT_SECONDS,
     REDIS_DOWN,
+    REDIS_REFUSING,
     create_redis,
     is_cluster,
 )
@@ -68,6 +69,9 @@ log = logging.getLogger(__name__)
 
 # First and longest pause before a task Redis failed under is answered again.
 OUTAGE_RETRY_SECONDS = (0.1, 2.0)
+# Redis not answering, or answering but refusing writes (out of memory, a failed snapshot,
+# no replica in sync, a demoted primary): both end by themselves, both are waited out.
+REDIS_UNUSABLE = (*REDIS_DOWN, *REDIS_REFUSING)
 
 executions = Counter("orchestrator_executor_tasks", "Tasks run by the executor", ["outcome"])
 queue_wait = Histogram(
@@ -106,12 +110,7 @@ class Executor:
         self.stopping = asyncio.Event()
 
     async def run(self) -> None:
-        for stream in self.streams:
-            await ensure_group(self.redis, stream, keys.AES_GROUP)
-        # The cancels already there are known before the first action is read: an executor
-        # started now may reclaim the entry of a task cancelled before it started (the
-        # executor running it died). The stream keeps the last CANCEL_STREAM_MAXLEN notices.
-        self._cancels_read = await self._take_cancels("0-0", block=None)
+        await self._prepare()
         helpers = [
             asyncio.create_task(_supervised("cancel listener", self._listen_for_cancels)),
             asyncio.create_task(_supervised("claim refresher", self._keep_claims_alive)),
@@ -125,10 +124,32 @@ class Executor:
             await self._finish_running()
             for helper in helpers:
                 helper.cancel()
-            with contextlib.suppress(*REDIS_DOWN, ResponseError):
+            with contextlib.suppress(*REDIS_UNUSABLE, ResponseError):
                 for stream in self.streams:  # what it still holds keeps it (reclaimed later)
                     await forget_consumers(self.redis, stream, keys.AES_GROUP, only=self.consumer)
             await self.redis.aclose()
+
+    async def _prepare(self) -> None:
+        """The groups, and the cancels already there, before the first action is read: an
+        executor started now may reclaim the entry of a task cancelled before it started (the
+        executor running it died; the stream keeps the last CANCEL_STREAM_MAXLEN notices).
+        Redis unusable at start is waited for, as at any time later."""
+        while not self.stopping.is_set():
+            try:
+                await self._make_groups()
+                self._cancels_read = await self._take_cancels("0-0", block=None)
+                return
+            except REDIS_UNUSABLE as exc:
+                log.warning("executor: redis unavailable at start (%s)", exc)
+                await self._pause()
+
+    async def _make_groups(self) -> None:
+        for stream in self.streams:
+            await ensure_group(self.redis, stream, keys.AES_GROUP)
+
+    async def _pause(self, seconds: float = 0.5) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
 
     async def _consume(self) -> None:
         reclaim_every = self.settings.executor_reclaim_idle_seconds / 2
@@ -156,16 +177,18 @@ class Executor:
                     # Let the new tasks send their answers before the next read is sent: an
                     # answer is the next hop of a message, the read only waits for new ones.
                     await asyncio.sleep(0)
-            except REDIS_DOWN as exc:
+            except REDIS_UNUSABLE as exc:
                 log.warning("executor: redis unavailable (%s)", exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), 0.5)
+                await self._pause()
             except ResponseError as exc:
                 if not is_missing_group(exc):
                     raise
                 log.warning("executor: consumer groups missing, recreating")
-                for stream in self.streams:
-                    await ensure_group(self.redis, stream, keys.AES_GROUP)
+                try:
+                    await self._make_groups()
+                except REDIS_UNUSABLE as again:  # recreated on the next NOGROUP
+                    log.warning("executor: groups not recreated, redis unavailable (%s)", again)
+                    await self._pause()
 
     async def _take(self, free: int) -> list[Entry]:
         """At most `free` new actions, high priority first, so that nothing is held that
@@ -256,6 +279,10 @@ class Executor:
         bound = log_context(
             tenant_id=action.tenant_id, session_id=action.session_id, task_id=action.task_id
         )
+        attributes: dict[str, Any] = {
+            "orchestrator.task_id": action.task_id,
+            "orchestrator.attempt": action.attempt,
+        }
         try:
             with (
                 bound,
@@ -264,10 +291,7 @@ class Executor:
                     action.trace_context,
                     message_id=entry.id,
                     group=keys.AES_GROUP,
-                    **{
-                        "orchestrator.task_id": action.task_id,
-                        "orchestrator.attempt": action.attempt,
-                    },
+                    **attributes,
                 ) as span,
             ):
                 left = (_deadline(action) - datetime.now(UTC)).total_seconds()
@@ -277,18 +301,48 @@ class Executor:
                 except TimeoutError:
                     outcome = "expired"  # the worker timed the task out: stop, answer nothing
                     await self.redis.xack(entry.stream, keys.AES_GROUP, entry.id)
+                except asyncio.CancelledError:
+                    # Said before the span ends: it looked like a run that had answered.
+                    span.set_attribute("orchestrator.outcome", "cancelled")
+                    raise
                 span.set_attribute("orchestrator.outcome", outcome)
         except asyncio.CancelledError:
             outcome = "cancelled"
             if action.task_id in self.cancelled:  # cancelled by the client: done with it
-                with contextlib.suppress(*REDIS_DOWN):
+                with contextlib.suppress(*REDIS_UNUSABLE):
                     await self.redis.xack(entry.stream, keys.AES_GROUP, entry.id)
-        except REDIS_DOWN:
+        except REDIS_UNUSABLE:
             outcome = "interrupted"  # left pending: reclaimed and run again later
+        except Exception as exc:
+            outcome = "error"
+            await self._fail_run(entry, action, exc)
         finally:
             executions.labels(outcome).inc()
             self.running.pop(action.task_id, None)
             self.slot_free.set()
+
+    async def _fail_run(self, entry: Entry, action: ChatProcess, exc: Exception) -> None:
+        """A run that raised what no outage explains (a bug, an input it cannot handle) is
+        answered `execution.failed`, not retryable (it would fail the same way), and its entry
+        acknowledged. Left pending, it was reclaimed and died again until the task's deadline,
+        with the client waiting for nothing."""
+        with log_context(
+            tenant_id=action.tenant_id, session_id=action.session_id, task_id=action.task_id
+        ):
+            log.error("executor: the run failed; answering execution.failed", exc_info=exc)
+        failure = ExecutionFailed(
+            tenant_id=action.tenant_id,
+            session_id=action.session_id,
+            task_id=action.task_id,
+            trace_context=action.trace_context,
+            attempt=action.attempt,
+            error=f"executor error: {type(exc).__name__}",
+            retryable=False,
+        )
+        try:
+            await self._callback(action, failure, done=entry)
+        except REDIS_UNUSABLE as again:  # left pending: reclaimed (and answered) later
+            log.warning("executor: the failure could not be answered (%s)", again)
 
     async def _answer_through_outages(self, action: ChatProcess, entry: Entry) -> str:
         """`_answer`, started again here when Redis fails under it (a reset, a silent
@@ -300,7 +354,7 @@ class Executor:
         while True:
             try:
                 return await self._answer(action, entry)  # acknowledges the entry
-            except REDIS_DOWN as exc:
+            except REDIS_UNUSABLE as exc:
                 if self.stopping.is_set():
                     raise  # left pending: the next executor reclaims it
                 log.warning("executor: redis failed under a task, answering again: %s", exc)
@@ -318,7 +372,11 @@ class Executor:
             raise asyncio.CancelledError
         if action.attempt <= simulation.fail_attempts:
             with telemetry.producer(action.callback_queue) as span:
-                telemetry.fail(span, f"simulated failure of attempt {action.attempt}")
+                telemetry.fail(
+                    span,
+                    f"simulated failure of attempt {action.attempt}",
+                    error_type="execution_failed",
+                )
                 failure = ExecutionFailed(
                     tenant_id=action.tenant_id,
                     session_id=action.session_id,
@@ -432,7 +490,7 @@ class Executor:
         while True:
             try:
                 self._cancels_read = await self._take_cancels(self._cancels_read, block=1000)
-            except REDIS_DOWN:
+            except REDIS_UNUSABLE:
                 await asyncio.sleep(0.5)
 
     async def _take_cancels(self, after: str, block: int | None) -> str:
@@ -471,7 +529,7 @@ class Executor:
                     await self.redis.xclaim(
                         stream, keys.AES_GROUP, self.consumer, 0, ids, justid=True
                     )
-                except REDIS_DOWN:
+                except REDIS_UNUSABLE:
                     continue
                 except ResponseError as exc:  # the group lost with Redis's data: the
                     if not is_missing_group(exc):  # consume loop makes it again

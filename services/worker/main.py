@@ -201,7 +201,7 @@ class Worker:
             ]
             try:
                 await fire_due_all(self.redis, schedules)
-            except REDIS_DOWN as exc:  # the consumers report the outage
+            except (*REDIS_DOWN, *REDIS_REFUSING) as exc:  # the consumers report the outage
                 log.debug("deadlines and retries not fired, redis unavailable: %s", exc)
             except Exception:
                 log.exception("firing deadlines and retries failed; trying again")
@@ -229,7 +229,7 @@ class Worker:
 
     async def run(self) -> None:
         interval = self.settings.partition_lease_seconds / 3
-        with contextlib.suppress(*REDIS_DOWN):  # else loaded on the first NOSCRIPT
+        with contextlib.suppress(*REDIS_DOWN, *REDIS_REFUSING):  # else loaded on first NOSCRIPT
             await self.scripts.load()
         log.info("worker %s started", self.worker_id)
         writer = None
@@ -248,7 +248,8 @@ class Worker:
                 await self._rebalance()
             except REDIS_DOWN as exc:
                 log.warning("rebalance failed, redis unavailable: %s", exc)
-            except REDIS_REFUSING as exc:  # a demoted primary (a failover caught mid-way)
+            except REDIS_REFUSING as exc:  # out of memory, a failed snapshot (MISCONF), no
+                # replica in sync (NOREPLICAS), a demoted primary (a failover caught mid-way)
                 log.warning("rebalance failed, redis refuses writes: %s", exc)
             await self._until_next_round(interval)
         # Everything told to stop at once, then waited for together (see `_stop_consumers`).
@@ -259,7 +260,7 @@ class Worker:
             *(task for task in (timers, trimming, lag, writing) if task is not None),
             return_exceptions=True,
         )
-        with contextlib.suppress(*REDIS_DOWN):
+        with contextlib.suppress(*REDIS_DOWN, *REDIS_REFUSING):
             await self.leases.leave()
         if self.joint_redis is not None:
             await self.joint_redis.aclose()

@@ -69,7 +69,7 @@ from services.worker import metrics
 if TYPE_CHECKING:
     from services.worker.joint import JointConsumer
 from services.worker.callbacks import CallbackEffects, FollowUp, Position, Retry, Spent
-from services.worker.schedule import PartitionSchedule
+from services.worker.schedule import PartitionSchedule, stored_trace
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class PartitionConsumer:
             try:
                 await ensure_group(self.redis, self.stream, keys.WORKER_GROUP)
                 break
-            except REDIS_DOWN as exc:
+            except (*REDIS_DOWN, *REDIS_REFUSING) as exc:
                 log.warning("partition %s: redis unavailable (%s)", self.partition, exc)
                 await self._pause()
         self.active = True
@@ -290,7 +290,9 @@ class PartitionConsumer:
                     await self._pause()
                 elif self._missed:
                     backlog = True
-            except REDIS_DOWN as exc:
+            except (*REDIS_DOWN, *REDIS_REFUSING) as exc:
+                # Refusing writes (out of memory, a failed snapshot, no replica in sync): as
+                # an outage, it ends by itself; the pending list is read again then.
                 log.warning("partition %s: redis unavailable (%s)", self.partition, exc)
                 backlog = True
                 await self._pause()
@@ -298,7 +300,17 @@ class PartitionConsumer:
                 if not is_missing_group(exc):
                     raise
                 log.warning("partition %s: consumer group missing, recreating", self.partition)
-                await ensure_group(self.redis, self.stream, keys.WORKER_GROUP)
+                await self._recreate_group()
+
+    async def _recreate_group(self) -> None:
+        """The group again; when Redis cannot make it now, the next read (NOGROUP) retries."""
+        try:
+            await ensure_group(self.redis, self.stream, keys.WORKER_GROUP)
+        except (*REDIS_DOWN, *REDIS_REFUSING) as exc:
+            log.warning(
+                "partition %s: group not recreated, redis unavailable (%s)", self.partition, exc
+            )
+            await self._pause()
 
     async def _pause(self) -> None:
         with contextlib.suppress(TimeoutError):
@@ -492,16 +504,40 @@ class PartitionConsumer:
                     decoded.append((entry, failure))
         if not decoded:
             return None
-        spans = [self._span_for(entry, action, len(entries)) for entry, action in decoded]
+        spans = [
+            self._span_for(
+                entry,
+                action,
+                len(entries),
+                await self._seed_carrier(action) if isinstance(action, ExecutionCallback) else None,
+            )
+            for entry, action in decoded
+        ]
         return Batch(decoded, spans)
 
-    def _span_for(self, entry: Entry, action: Callback, batch: int) -> Span | None:
+    async def _seed_carrier(self, action: ExecutionCallback) -> dict[str, str] | None:
+        """The trace context a seed AES's `execution.callback` continues: it carries none, but
+        its task's own `chat.process` (kept in the task's state) does. Without it the
+        answer's hops started a trace of their own, cut off from the message's (one read, on
+        a compatibility path only)."""
+        state = keys.task_state(action.tenant_id, action.session_id, action.task_id)
+        try:
+            kept = await self.redis.hget(state, "action")
+        except (*REDIS_DOWN, *REDIS_REFUSING):
+            return None
+        return stored_trace({"action": kept.decode() if isinstance(kept, bytes) else kept})
+
+    def _span_for(
+        self, entry: Entry, action: Callback, batch: int, seed_carrier: dict[str, str] | None
+    ) -> Span | None:
         """A CONSUMER span for the callbacks that end or retry a task; chunks get none (a
         stream is one span on the producer's side, not one span per chunk)."""
         if isinstance(action, ExecutionChunk | WebsocketSend | WebsocketBroadcast):
             return None
-        carrier = None if isinstance(action, ExecutionCallback) else action.trace_context
-        attempt = 0 if isinstance(action, ExecutionCallback) else action.attempt
+        if isinstance(action, ExecutionCallback):
+            carrier, attempt = seed_carrier, 0
+        else:
+            carrier, attempt = action.trace_context, action.attempt
         return telemetry.tracer().start_span(
             f"process {self.stream}",
             context=telemetry.extract(carrier),
@@ -593,7 +629,9 @@ class PartitionConsumer:
                 else:
                     failed.append((entry, result))
                 if span is not None:
-                    telemetry.fail(span, f"handler failed: {result}")
+                    telemetry.fail(
+                        span, f"handler failed: {result}", error_type=type(result).__name__
+                    )
                 continue
             done.append(entry.id)
             if self._untried:
@@ -660,5 +698,5 @@ class PartitionConsumer:
         with telemetry.consumer(
             self.stream, None, message_id=entry.id, group=keys.WORKER_GROUP
         ) as span:
-            telemetry.fail(span, "dead-lettered", reason=reason[:200])
+            telemetry.fail(span, "dead-lettered", error_type="dead_letter", reason=reason[:200])
             await dead_letter(self.redis, entry, keys.WORKER_GROUP, reason)

@@ -52,7 +52,7 @@ def _ref(member: bytes | str) -> TaskRef:
     return TaskRef(tenant_id, session_id, task_id)
 
 
-def _stored_trace(state: dict[str, str | None] | None) -> dict[str, str] | None:
+def stored_trace(state: dict[str, str | None] | None) -> dict[str, str] | None:
     """The trace context of the task's original `chat.process` (kept in its state)."""
     raw = (state or {}).get("action")
     if not raw:
@@ -143,7 +143,7 @@ class PartitionSchedule:
     async def _trace_timeout(self, ref: TaskRef) -> None:
         """Put the timeout on the message's trace (its context is in the stored action)."""
         state = await self.tasks.read(ref)
-        carrier = _stored_trace(state)
+        carrier = stored_trace(state)
         with telemetry.tracer().start_as_current_span(
             "task timed out",
             context=telemetry.extract(carrier),
@@ -152,7 +152,9 @@ class PartitionSchedule:
                 "orchestrator.attempt": int((state or {}).get("attempt") or 1),
             },
         ) as span:
-            telemetry.fail(span, "the task did not finish before its deadline")
+            telemetry.fail(
+                span, "the task did not finish before its deadline", error_type="timeout"
+            )
 
     async def _dispatch_retries(self, members: list[bytes], moment: float) -> None:
         for member in members:

@@ -10,6 +10,7 @@ import pytest
 from redis.asyncio import Redis
 
 from services.cli.embedded import LocalRedis, RedisServer
+from services.cli.otlp_sink import Receiver
 from services.cli.stack import Child, LocalStack
 from services.core.redis_client import create_redis
 from services.core.settings import load_settings
@@ -111,3 +112,23 @@ def two_apis(e2e_redis: RedisServer, tmp_path: Path) -> Iterator[tuple[LocalStac
         yield stack, a, b
     finally:
         stack.stop()
+
+
+@pytest.fixture(scope="module")
+def traced(
+    e2e_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[LocalStack, Child, Receiver]]:
+    """api, worker and executor exporting their spans to an OTLP sink (one per module)."""
+    receiver = Receiver().start()
+    stack = new_stack(e2e_redis, tmp_path_factory.mktemp("logs"), executor_chunk_delay_ms="1")
+    stack.env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint
+    stack.env["OTEL_BSP_SCHEDULE_DELAY"] = "100"
+    try:
+        api = stack.start_api()
+        stack.start("worker")
+        stack.start("executor")
+        stack.wait_ready(api)
+        yield stack, api, receiver
+    finally:
+        stack.stop()
+        receiver.stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -26,28 +25,8 @@ from tests.e2e.clients import (
     token,
     unique,
 )
-from tests.e2e.conftest import new_stack
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def traced(
-    e2e_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[LocalStack, Child, Receiver]]:
-    receiver = Receiver().start()
-    stack = new_stack(e2e_redis, tmp_path_factory.mktemp("logs"), executor_chunk_delay_ms="1")
-    stack.env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint
-    stack.env["OTEL_BSP_SCHEDULE_DELAY"] = "100"
-    try:
-        api = stack.start_api()
-        stack.start("worker")
-        stack.start("executor")
-        stack.wait_ready(api)
-        yield stack, api, receiver
-    finally:
-        stack.stop()
-        receiver.stop()
 
 
 async def trace_of(receiver: Receiver, task_id: str, until: set[str]) -> list[ReceivedSpan]:
