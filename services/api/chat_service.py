@@ -696,7 +696,8 @@ class ChatService:
                 for record in records:
                     await publish_record(pipe, record, maxlen=self.settings.persist_stream_maxlen)
                 await pipe.execute()
-        for ref, _ in erased.running:
+        for ref, state in erased.running:
+            metrics.tasks.labels("cancelled", state.get("tier") or "unknown").inc()
             await self._notify_aes(ref)
         return erased.tasks
 

@@ -268,8 +268,10 @@ class Executor:
         running = self.running.get(action.task_id)
         if running is not None and (running[0].stream, running[0].id) == (entry.stream, entry.id):
             return False  # already running here (read again after a reclaim)
-        waited = (datetime.now(UTC) - action.created_at).total_seconds()
-        queue_wait.labels(action.priority).observe(max(0.0, waited))
+        if action.attempt == 1:  # a retry keeps the message's created_at: its wait would
+            # include the failed attempt's run and the backoff, observed once per attempt
+            waited = (datetime.now(UTC) - action.created_at).total_seconds()
+            queue_wait.labels(action.priority).observe(max(0.0, waited))
         task = asyncio.create_task(self._execute(entry, action))
         self.running[action.task_id] = (entry, task)
         return True

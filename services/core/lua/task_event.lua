@@ -25,8 +25,9 @@
 -- "", or the action for dispatch), exists, unknown, final (detail: the status), stale (detail:
 -- the current attempt), duplicate, requeued (a replayed requeue: already done), pending (a
 -- dispatch handed out a moment ago and not confirmed yet). tier and
--- created_ms (when the task was accepted) feed the metrics; first_chunk is 1 for the first
--- chunk of an attempt; replay (with final only) is 1 when the event is the one that ended the
+-- created_ms (when the task was accepted) feed the metrics; first_chunk is 1 for the task's
+-- first chunk (of its first attempt that streamed: a retry's first chunk is not the first the
+-- client saw, and the time to first chunk was observed once per attempt); replay (with final only) is 1 when the event is the one that ended the
 -- task (same op, same attempt), delivered again: a redelivery, not a late callback.
 local task, log = KEYS[1], KEYS[2]
 local op, attempt, seq = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -52,7 +53,8 @@ if op == 'create' then
   extra = {'created_at', ARGV[9], 'attempt', '1', 'last_seq', '0'}
 else
   local state = redis.call(
-    'HMGET', task, 'status', 'attempt', 'last_seq', 'tier', 'created_ms', 'ended_by', 'stream')
+    'HMGET', task, 'status', 'attempt', 'last_seq', 'tier', 'created_ms', 'ended_by', 'stream',
+    'first_chunk_at')
   local status = state[1]
   tier, created_ms = state[4] or '', state[5] or '0'
   if not status then return {'unknown', ''} end
@@ -79,7 +81,7 @@ else
       return {'ok', '', tier, created_ms, 0}
     end
     extra = {'last_seq', ARGV[3], 'status', 'streaming'}
-    if tonumber(state[3]) == 0 then
+    if not state[8] then
       extra[#extra + 1] = 'first_chunk_at'
       extra[#extra + 1] = ARGV[9]
       first_chunk = 1
