@@ -84,15 +84,24 @@ def render(
     values: dict[str, Any] | None = None,
     api_versions: Sequence[str] = (),
     chart_dir: Path = CHART_DIR,
+    *,
+    release: str = RELEASE,
+    upgrade: bool = False,
 ) -> dict[str, str]:
-    """Render like `helm template ao CHART -n chat --api-versions ...`.
+    """Render like `helm template ao CHART -n chat --api-versions ...` (`--is-upgrade`).
 
     `Chart.render` has no API-versions argument; the native call it wraps takes the same options
     JSON with `api_versions` (Helm's `--api-versions`), which is how a CRD's presence is shown.
     """
     chart = Chart.load(chart_dir)
     try:
-        options = {"name": RELEASE, "namespace": NAMESPACE, "api_versions": list(api_versions)}
+        options: dict[str, Any] = {
+            "name": release,
+            "namespace": NAMESPACE,
+            "api_versions": list(api_versions),
+        }
+        if upgrade:
+            options.update(is_upgrade=True, is_install=False)
         text = _native.call_string(
             "helm_render", chart._raw(), json.dumps(values or {}), json.dumps(options)
         )

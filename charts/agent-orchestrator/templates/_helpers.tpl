@@ -7,22 +7,47 @@ component is rendered the same way (labels, security, env, volumes).
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/*
+The prefix of every object name. Service names must be DNS-1035 labels, but Helm accepts
+release names with dots (`chat.eu`) or a leading digit: dots become dashes, and a name that does
+not start with a letter gets an "ao-" prefix. fullnameOverride goes through the same rule.
+*/}}
 {{- define "ao.fullname" -}}
+{{- $full := "" -}}
 {{- if .Values.fullnameOverride -}}
-{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- $full = .Values.fullnameOverride -}}
 {{- else -}}
 {{- $name := default .Chart.Name .Values.nameOverride -}}
 {{- if contains $name .Release.Name -}}
-{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- $full = .Release.Name -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- $full = printf "%s-%s" .Release.Name $name -}}
 {{- end -}}
 {{- end -}}
+{{- $full = $full | lower | replace "." "-" | replace "_" "-" -}}
+{{- if not (regexMatch "^[a-z]" $full) -}}
+{{- $full = printf "ao-%s" $full -}}
+{{- end -}}
+{{- $full | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
-{{/* <fullname>-<component>, kept within 63 characters. Call with (dict "root" $ "component" "api"). */}}
+{{/*
+<fullname>-<component>, kept within 63 characters (or .max): the fullname is cut, never the
+component, so names stay unique. Call with (dict "root" $ "component" "api").
+*/}}
 {{- define "ao.componentName" -}}
-{{- printf "%s-%s" (include "ao.fullname" .root | trunc (int (sub 62 (len .component))) | trimSuffix "-") .component -}}
+{{- $max := int (default 63 .max) -}}
+{{- printf "%s-%s" (include "ao.fullname" .root | trunc (int (sub (sub $max 1) (len .component))) | trimSuffix "-") .component -}}
+{{- end -}}
+
+{{/*
+Name of an in-chart datastore's StatefulSet, and of its Service and Secret (one name for the
+three). The StatefulSet controller labels every pod controller-revision-hash=<name>-<hash of up
+to 10 characters>, a label value of at most 63: longer names give pods the API server refuses.
+Call with (dict "root" $ "component" "redis").
+*/}}
+{{- define "ao.statefulSetName" -}}
+{{- include "ao.componentName" (dict "root" .root "component" .component "max" 52) -}}
 {{- end -}}
 
 {{- define "ao.chart" -}}
@@ -146,7 +171,7 @@ securityContext:
 {{/* Where the URL of Redis comes from: a Secret name and key. */}}
 {{- define "ao.redisSecret" -}}
 {{- if .Values.redis.enabled -}}
-{{ include "ao.componentName" (dict "root" . "component" "redis") }}
+{{ include "ao.statefulSetName" (dict "root" . "component" "redis") }}
 {{- else if .Values.externalRedis.existingSecret -}}
 {{ .Values.externalRedis.existingSecret }}
 {{- else -}}
@@ -174,7 +199,7 @@ redis-url
 
 {{- define "ao.databaseSecret" -}}
 {{- if .Values.postgresql.enabled -}}
-{{ include "ao.componentName" (dict "root" . "component" "postgresql") }}
+{{ include "ao.statefulSetName" (dict "root" . "component" "postgresql") }}
 {{- else if .Values.externalDatabase.existingSecret -}}
 {{ .Values.externalDatabase.existingSecret }}
 {{- else -}}
@@ -280,7 +305,7 @@ Everything else comes from the settings ConfigMap through envFrom. Call with
 {{- if and (eq $v.autoscaling.mode "keda") $v.autoscaling.keda.redisPasswordSecret.name -}}
 {{ $v.autoscaling.keda.redisPasswordSecret.name }}/{{ required "autoscaling.keda.redisPasswordSecret.key is required with its name" $v.autoscaling.keda.redisPasswordSecret.key }}
 {{- else if and (eq $v.autoscaling.mode "keda") $v.redis.enabled -}}
-{{ include "ao.componentName" (dict "root" . "component" "redis") }}/redis-password
+{{ include "ao.statefulSetName" (dict "root" . "component" "redis") }}/redis-password
 {{- end -}}
 {{- end -}}
 
@@ -412,6 +437,32 @@ livenessProbe:
 {{- end -}}
 {{- if and (eq $v.autoscaling.mode "keda") (not $v.redis.enabled) (not $v.autoscaling.keda.redisAddress) -}}
 {{- fail "autoscaling.keda.redisAddress is required with an external Redis (KEDA reads the stream lag itself)" -}}
+{{- end -}}
+{{- /* The api pod serves HTTP on api.port and metrics on config.metricsPort (two servers:
+the second cannot bind), and its Service exposes api.service.port and config.metricsPort (the
+API server refuses two equal ports). */ -}}
+{{- if eq (int $v.api.port) (int $v.config.metricsPort) -}}
+{{- fail (printf "api.port and config.metricsPort must differ (both %d): the api's HTTP and metrics servers cannot share a port" (int $v.api.port)) -}}
+{{- end -}}
+{{- if eq (int $v.api.service.port) (int $v.config.metricsPort) -}}
+{{- fail (printf "api.service.port and config.metricsPort must differ (both %d): the api Service exposes both" (int $v.api.service.port)) -}}
+{{- end -}}
+{{- /* A new tier has no built-in limits to fall back on (services/core/tiers.py): every pod
+would exit at start on the tiers file. requestsPerMinutePerSession defaults to
+ORCHESTRATOR_MAX_REQUESTS_PER_SESSION, allowedAgents to every agent. */ -}}
+{{- $limits := list "requestsPerMinutePerTenant" "maxConnections" "tokensPerDay" "maxMessageChars" "streaming" "priority" "taskTimeoutSeconds" -}}
+{{- range $tier, $set := $v.tiers -}}
+{{- if not (has $tier (list "free" "pro" "enterprise")) -}}
+{{- $missing := list -}}
+{{- range $limits -}}
+{{- if not (hasKey (default dict $set) .) -}}
+{{- $missing = append $missing . -}}
+{{- end -}}
+{{- end -}}
+{{- if $missing -}}
+{{- fail (printf "tiers.%s is a new tier: it must set every limit (missing: %s)" $tier (join ", " $missing)) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- if and (eq $v.exposure.mode "gateway") (not $v.exposure.gateway.parentRefs) -}}
 {{- fail "exposure.gateway.parentRefs is required when exposure.mode is gateway" -}}
