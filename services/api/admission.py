@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from prometheus_client import Counter
 
 from services.api.models import SendRequest
-from services.core import keys
+from services.core import clock, keys
 from services.core.errors import Forbidden, InvalidInput, RateLimited
 from services.core.quotas import EffectiveQuota, QuotaCache
 from services.core.ratelimit import (
@@ -67,7 +67,7 @@ def check_message(message: str) -> None:
 
 
 def seconds_until_utc_midnight(now: datetime | None = None) -> int:
-    moment = now or datetime.now(UTC)
+    moment = now or clock.utcnow()
     tomorrow = (moment + timedelta(days=1)).date()
     midnight = datetime(tomorrow.year, tomorrow.month, tomorrow.day, tzinfo=UTC)
     return max(1, int((midnight - moment).total_seconds()) + 1)

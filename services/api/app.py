@@ -16,11 +16,11 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from litestar import Litestar, Request, Response
+from litestar import Litestar, Request, Response, Router
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.di import Provide
-from litestar.enums import ScopeType
+from litestar.enums import MediaType, ScopeType
 from litestar.exceptions import HTTPException, SerializationException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
@@ -36,8 +36,9 @@ from services.api.delivery import SessionHub
 from services.api.drain import drain
 from services.api.http_tracing import redact_query_tokens, span_details
 from services.api.internal import InternalServer
+from services.api.models import StrictStructSchemaPlugin
 from services.api.runtime import Runtime
-from services.core import telemetry
+from services.core import clock, telemetry
 from services.core.auth import TokenVerifier
 from services.core.errors import OrchestratorError
 from services.core.quotas import QuotaCache, QuotaStore
@@ -184,6 +185,40 @@ EXPOSED_HEADERS = [
 ]
 
 
+SCHEMA_PATH = "/schema"
+
+
+def _schema_not_found(response: Response[Any]) -> Response[Any]:
+    """Litestar answers an unknown path under /schema with an HTML page: the one error
+    shape instead, as for every other unknown path."""
+    if response.status_code != 404:
+        return response
+    refusal = _error(404, "not_found", "Not Found")
+    refusal.media_type = MediaType.JSON  # else the route's HTML, which a dict cannot be
+    return refusal
+
+
+def _openapi_config() -> OpenAPIConfig:
+    """The document: bearer tokens everywhere but where an operation says `security: []`."""
+    return OpenAPIConfig(
+        title="Agent Orchestrator",
+        version="1",
+        path=SCHEMA_PATH,
+        openapi_router=Router(
+            SCHEMA_PATH,
+            route_handlers=[],
+            include_in_schema=False,
+            after_request=_schema_not_found,
+        ),
+        components=Components(
+            security_schemes={
+                "bearer": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT")
+            }
+        ),
+        security=[{"bearer": []}],
+    )
+
+
 def _cors(settings: Settings) -> CORSConfig | None:
     """CORS for the pages of `ORCHESTRATOR_ALLOWED_ORIGINS`; none when the list is empty."""
     if not settings.allowed_origins:
@@ -298,6 +333,9 @@ def create_app(
             runtime.history = HistoryStore(engine, page_max=settings.history_page_max)
             runtime.database = engine
             runtime.chat.history = runtime.history
+        with contextlib.suppress(*REDIS_DOWN, *REDIS_REFUSING):
+            await clock.sync(redis)  # created_at and deadlines: on Redis's clock
+        syncing = asyncio.get_running_loop().create_task(clock.keep_synced(redis))
         heartbeat = asyncio.get_running_loop().create_task(keep_sockets_counted(runtime))
         app.state.runtime = runtime
         internal = None
@@ -315,6 +353,7 @@ def create_app(
             if internal is not None:
                 await internal.stop()
             heartbeat.cancel()
+            syncing.cancel()
             if engine is not None:
                 await engine.dispose()
             await quotas.stop()
@@ -353,19 +392,9 @@ def create_app(
         lifespan=[lifespan],
         exception_handlers=exception_handlers,
         cors_config=_cors(settings),
-        openapi_config=OpenAPIConfig(
-            title="Agent Orchestrator",
-            version="1",
-            path="/schema",
-            components=Components(
-                security_schemes={
-                    "bearer": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT")
-                }
-            ),
-            security=[{"bearer": []}],
-        ),
+        openapi_config=_openapi_config(),
         request_max_body_size=settings.max_body_bytes,
-        plugins=_tracing_plugins(),
+        plugins=[StrictStructSchemaPlugin(), *_tracing_plugins()],
         middleware=[
             PrometheusConfig(
                 app_name="agent-orchestrator",

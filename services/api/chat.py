@@ -7,7 +7,6 @@ from typing import Annotated, Any
 
 from litestar import Request, Response, get, post
 from litestar.di import NamedDependency
-from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import OpenAPIHeader, OpenAPIResponse, OpenAPIType, Operation, Schema
 from litestar.openapi.spec import Parameter as HeaderParameter
 from litestar.params import JSONBody, Parameter
@@ -16,22 +15,31 @@ from services.api.auth import header_id, pick
 from services.api.models import (
     Accepted,
     Cancelled,
-    ErrorBody,
     SendRequest,
     TaskRequest,
     TaskView,
+    refusals,
 )
 from services.api.runtime import Runtime
 from services.core.auth import Principal
 from services.core.errors import BadRequest
-from services.core.ids import ID_PATTERN
+from services.core.ids import ID_PATTERN, PORTABLE_ID_PATTERN
 
 AnyRequest = Request[Any, Any, Any]
 
 
 MAX_IDEMPOTENCY_KEY = 255
 
-_ID = Schema(type=OpenAPIType.STRING, pattern=ID_PATTERN)
+# The document shows the portable pattern; our code checks the strict one (`is_valid_id`).
+_ID = Schema(type=OpenAPIType.STRING, pattern=PORTABLE_ID_PATTERN)
+TENANT_HEADER = HeaderParameter(
+    name="X-Tenant-ID",
+    param_in="header",
+    schema=_ID,
+    description="if given, must be the token's tenant (403 otherwise)",
+)
+# For a path parameter: Litestar checks `ID_PATTERN`, the document shows the portable one.
+PORTABLE: dict[str, Any] = {"pattern": PORTABLE_ID_PATTERN}
 _SECONDS = Schema(type=OpenAPIType.INTEGER, minimum=0)
 # The send's optional request headers: read and checked by our own code (`header_id`,
 # `idempotency_key`), so that a bad value gets our error body, and documented here.
@@ -55,22 +63,40 @@ SEND_HEADERS = [
         schema=_ID,
         description="the agent, when the body has no `agent_id` (they must agree)",
     ),
-    HeaderParameter(
-        name="X-Tenant-ID",
-        param_in="header",
-        schema=_ID,
-        description="if given, must be the token's tenant (403 otherwise)",
-    ),
+    TENANT_HEADER,
 ]
 RATE_HEADERS = {
     "RateLimit-Limit": OpenAPIHeader(
-        schema=_SECONDS, description="requests per minute of the limit nearest exhaustion"
+        schema=_SECONDS,
+        description="the limit nearest exhaustion: its requests per window, or, on a 429 "
+        "`token_budget_exhausted`, the tenant's tokens per UTC day",
     ),
     "RateLimit-Remaining": OpenAPIHeader(
-        schema=_SECONDS, description="requests left in its window"
+        schema=_SECONDS,
+        description="requests left in its window (tokens left today: 0, for the budget)",
     ),
     "RateLimit-Reset": OpenAPIHeader(schema=_SECONDS, description="seconds until it resets"),
 }
+
+
+# What every operation behind a token may answer besides its own refusals.
+UNAUTHORIZED = "no token, or an expired or forged one (`WWW-Authenticate: Bearer`)"
+WRONG_TENANT = "X-Tenant-ID is not the token's tenant"
+NOT_FOUND = "no such task of the caller's tenant"
+INVALID_ID = "an id does not match [A-Za-z0-9_-]{1,64}"
+MALFORMED = "the body is not JSON (`malformed_json`)"
+TOO_LARGE = "body over ORCHESTRATOR_MAX_BODY_BYTES"
+REDIS_DOWN = "Redis unreachable or refusing writes: retry"
+BAD_REQUEST = "a request the api cannot read (`bad_request`)"
+
+
+@dataclass
+class AuthenticatedOperation(Operation):
+    """An operation behind the token: it documents `X-Tenant-ID`, which `provide_principal`
+    reads on every such route (a mismatch is 403), unseen by Litestar."""
+
+    def __post_init__(self) -> None:
+        self.parameters = [*(self.parameters or []), TENANT_HEADER]
 
 
 @dataclass
@@ -112,31 +138,26 @@ def idempotency_key(request: AnyRequest) -> str | None:
     "/api/chat/send",
     status_code=202,
     summary="Send a chat message",
-    responses={
-        401: ResponseSpec(ErrorBody, description="no token, or an expired or forged one"),
-        403: ResponseSpec(
-            ErrorBody,
-            description=(
-                "X-Tenant-ID is not the token's tenant, an unknown tenant (`unknown_tenant`), an "
-                "agent the tier does not allow (`agent_not_allowed`), or streaming asked on a "
-                "tier without it (`streaming_not_allowed`)"
-            ),
-        ),
-        409: ResponseSpec(
-            ErrorBody,
-            description="the Idempotency-Key is being taken over by another request "
-            "(`idempotency_conflict`): retry",
-        ),
-        413: ResponseSpec(ErrorBody, description="body over ORCHESTRATOR_MAX_BODY_BYTES"),
-        422: ResponseSpec(
-            ErrorBody,
-            description="a field is missing, unknown or invalid (a message holding U+0000 "
-            "included), the message is too long (`message_too_long`), or the Idempotency-Key "
-            "was used for another request (`idempotency_key_reused`)",
-        ),
-        429: ResponseSpec(ErrorBody, description="rate limited or over budget"),
-        503: ResponseSpec(ErrorBody, description="Redis unreachable or refusing writes: retry"),
-    },
+    responses=refusals(
+        {
+            400: "the body is not JSON (`malformed_json`), or a bad X-Session-ID, X-Agent-ID or "
+            "Idempotency-Key, or body and header name different ids (`bad_request`)",
+            401: UNAUTHORIZED,
+            403: "X-Tenant-ID is not the token's tenant, an unknown tenant (`unknown_tenant`), "
+            "an agent the tier does not allow (`agent_not_allowed`), or streaming asked on a "
+            "tier without it (`streaming_not_allowed`)",
+            409: "the Idempotency-Key is being taken over by another request "
+            "(`idempotency_conflict`): retry; or its task was erased with its session "
+            "(`conflict`)",
+            413: TOO_LARGE,
+            422: "a field is missing, unknown or invalid (a message holding U+0000 included), "
+            "the message is too long (`message_too_long`), or the Idempotency-Key was used "
+            "for another request (`idempotency_key_reused`)",
+            429: "rate limited (`rate_limited`) or over the token budget "
+            "(`token_budget_exhausted`)",
+            503: REDIS_DOWN,
+        }
+    ),
     operation_class=SendOperation,
 )
 async def send_message(
@@ -165,7 +186,23 @@ async def send_message(
     return Response(sent.accepted, status_code=202, headers=headers)
 
 
-@post("/api/chat/status", status_code=200, summary="Status of a task")
+@post(
+    "/api/chat/status",
+    status_code=200,
+    summary="Status of a task",
+    responses=refusals(
+        {
+            400: MALFORMED,
+            401: UNAUTHORIZED,
+            403: WRONG_TENANT,
+            404: NOT_FOUND,
+            413: TOO_LARGE,
+            422: "task_id is missing, unknown fields, or " + INVALID_ID,
+            503: REDIS_DOWN,
+        }
+    ),
+    operation_class=AuthenticatedOperation,
+)
 async def task_status(
     data: JSONBody[TaskRequest],
     principal: NamedDependency[Principal],
@@ -174,16 +211,49 @@ async def task_status(
     return await runtime.chat.status(principal, data.task_id)
 
 
-@get("/api/chat/tasks/{task_id:str}", summary="Status of a task")
+@get(
+    "/api/chat/tasks/{task_id:str}",
+    summary="Status of a task",
+    responses=refusals(
+        {
+            400: BAD_REQUEST,
+            401: UNAUTHORIZED,
+            403: WRONG_TENANT,
+            404: NOT_FOUND,
+            422: INVALID_ID,
+            503: REDIS_DOWN,
+        }
+    ),
+    operation_class=AuthenticatedOperation,
+)
 async def get_task(
-    task_id: Annotated[str, Parameter(pattern=ID_PATTERN, description="task id")],
+    task_id: Annotated[
+        str, Parameter(pattern=ID_PATTERN, description="task id", schema_extra=PORTABLE)
+    ],
     principal: NamedDependency[Principal],
     runtime: NamedDependency[Runtime],
 ) -> TaskView:
     return await runtime.chat.status(principal, task_id)
 
 
-@post("/api/chat/cancel", status_code=200, summary="Cancel a task")
+@post(
+    "/api/chat/cancel",
+    status_code=200,
+    summary="Cancel a task",
+    responses=refusals(
+        {
+            400: MALFORMED,
+            401: UNAUTHORIZED,
+            403: WRONG_TENANT,
+            404: NOT_FOUND,
+            409: "the task is already final (`conflict`)",
+            413: TOO_LARGE,
+            422: "task_id is missing, unknown fields, or " + INVALID_ID,
+            503: REDIS_DOWN,
+        }
+    ),
+    operation_class=AuthenticatedOperation,
+)
 async def cancel_task(
     data: JSONBody[TaskRequest],
     principal: NamedDependency[Principal],

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from litestar import Request, get
 from litestar.di import NamedDependency
+from litestar.openapi import ResponseSpec
+from litestar.openapi.spec import Operation
 from litestar.response import Response
 from redis.exceptions import ResponseError
 
+from services.api.chat import UNAUTHORIZED, WRONG_TENANT, AuthenticatedOperation
+from services.api.models import refusal, refusals
 from services.api.runtime import Runtime
 from services.core import keys
 from services.core.auth import Principal
@@ -30,17 +35,31 @@ PROBE_KEY = "{health}:probe:"
 PROBE_TTL_MS = 1000
 
 
+@dataclass
+class ProbeOperation(Operation):
+    """A probe answers without a token (kubelet has none): `security: []` overrides the
+    document's global bearer requirement, so that no SDK sends or demands one."""
+
+    def __post_init__(self) -> None:
+        self.security = []
+
+
 def _runtime(request: AnyRequest) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
 
-@get("/health", summary="Liveness", include_in_schema=True)
+@get("/health", summary="Liveness", operation_class=ProbeOperation)
 async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/health/ready", summary="Readiness: Redis answers and the pod is not draining")
+@get(
+    "/health/ready",
+    summary="Readiness: Redis answers and the pod is not draining",
+    responses={503: refusal(503, "draining, or Redis unreachable or refusing writes")},
+    operation_class=ProbeOperation,
+)
 async def ready(request: AnyRequest) -> Response[dict[str, Any]]:
     runtime = _runtime(request)
     if runtime.draining:
@@ -108,7 +127,19 @@ async def _redis_state(runtime: Runtime) -> dict[str, Any]:
     return state
 
 
-@get("/health/detailed", summary="Component states: redis, workers, queue lag")
+@get(
+    "/health/detailed",
+    summary="Component states: redis, workers, queue lag",
+    responses={
+        503: ResponseSpec(
+            dict[str, Any],
+            generate_examples=False,
+            description='`{"status": "degraded", "components"}`: draining, or Redis '
+            "down or refusing writes (PostgreSQL's state is reported, never a reason)",
+        )
+    },
+    operation_class=ProbeOperation,
+)
 async def detailed(request: AnyRequest) -> Response[dict[str, Any]]:
     runtime = _runtime(request)
     components: dict[str, Any] = {"pod": runtime.pod_id, "draining": runtime.draining}
@@ -142,7 +173,12 @@ async def detailed(request: AnyRequest) -> Response[dict[str, Any]]:
     return Response(body, status_code=200 if healthy else 503)
 
 
-@get("/ws/stats", summary="Sockets on this pod: totals and the caller's tenant")
+@get(
+    "/ws/stats",
+    summary="Sockets on this pod: totals and the caller's tenant",
+    responses=refusals({401: UNAUTHORIZED, 403: WRONG_TENANT}),
+    operation_class=AuthenticatedOperation,
+)
 async def socket_stats(
     request: AnyRequest, principal: NamedDependency[Principal]
 ) -> dict[str, Any]:

@@ -7,6 +7,7 @@ fetches exactly what it missed.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any
 
@@ -14,15 +15,34 @@ from litestar import delete, get
 from litestar.di import NamedDependency
 from litestar.params import Parameter, QueryParameter
 
+from services.api.chat import (
+    BAD_REQUEST,
+    PORTABLE,
+    REDIS_DOWN,
+    UNAUTHORIZED,
+    WRONG_TENANT,
+    AuthenticatedOperation,
+)
+from services.api.models import refusals
 from services.api.runtime import Runtime
-from services.core import keys
+from services.core import clock, keys
 from services.core.auth import Principal
 from services.core.errors import NotFound, Unavailable
 from services.core.ids import ID_PATTERN
+from services.core.redis_client import REDIS_DOWN as REDIS_DOWN_ERRORS
+from services.core.redis_client import REDIS_REFUSING
 from services.persistence.history import HistoryStore, parse_day
 
-SessionId = Annotated[str, Parameter(pattern=ID_PATTERN, description="session id")]
+SessionId = Annotated[
+    str, Parameter(pattern=ID_PATTERN, description="session id", schema_extra=PORTABLE)
+]
 DEFAULT_USAGE_DAYS = 30
+UNWRITTEN_WAIT_SECONDS = 2.0
+UNWRITTEN_POLL_SECONDS = 0.05
+NO_HISTORY = (
+    "PostgreSQL unreachable, or not configured (`persistence_not_configured`); " + REDIS_DOWN
+)
+NO_SESSION = "the tenant has no such session"
 
 
 def _history(runtime: Runtime) -> HistoryStore:
@@ -34,7 +54,21 @@ def _history(runtime: Runtime) -> HistoryStore:
     return runtime.history
 
 
-@get("/api/sessions/{session_id:str}/messages", summary="A session's history, newest last")
+@get(
+    "/api/sessions/{session_id:str}/messages",
+    summary="A session's history, newest last",
+    responses=refusals(
+        {
+            400: "a cursor or after_event_id this api did not give (`bad_request`)",
+            401: UNAUTHORIZED,
+            403: WRONG_TENANT,
+            404: NO_SESSION,
+            422: "a bad session id, or limit out of range",
+            503: NO_HISTORY,
+        }
+    ),
+    operation_class=AuthenticatedOperation,
+)
 async def session_messages(
     session_id: SessionId,
     principal: NamedDependency[Principal],
@@ -48,15 +82,55 @@ async def session_messages(
     ] = None,
 ) -> dict[str, Any]:
     history = _history(runtime)
+    pending = await _unwritten(runtime, principal.tenant_id, session_id)
     page = await history.messages(
         principal.tenant_id, session_id, limit=limit, cursor=cursor, after_event_id=after_event_id
     )
-    if not page.messages and not await history.session_exists(principal.tenant_id, session_id):
+    if (
+        not page.messages
+        and not pending
+        and not await history.session_exists(principal.tenant_id, session_id)
+    ):
         raise NotFound(f"session {session_id} not found")
-    return page.to_dict()
+    return {**page.to_dict(), "pending": pending}
 
 
-@delete("/api/sessions/{session_id:str}", status_code=200, summary="Erase a session's history")
+async def _unwritten(runtime: Runtime, tenant_id: str, session_id: str) -> int:
+    """How many of the session's ended tasks are still on their way to PostgreSQL, after
+    waiting up to UNWRITTEN_WAIT_SECONDS for them (the writer is usually within a second).
+
+    History is written after the fact, so a page read while a record was on its way left its
+    task out, and a cursor already past the task's place never returned it: a client told
+    `resumed: false` got 200 with none of its missed tasks. Read once none is on its way,
+    every task that had ended is in the page; `pending` says when some still were."""
+    unwritten = keys.session_unwritten(tenant_id, session_id)
+    deadline = asyncio.get_running_loop().time() + UNWRITTEN_WAIT_SECONDS
+    while True:
+        try:
+            pending = int(await runtime.redis.scard(unwritten))
+        except (*REDIS_DOWN_ERRORS, *REDIS_REFUSING):
+            return 0  # the history can still be read; only the wait is skipped
+        if not pending or asyncio.get_running_loop().time() >= deadline:
+            return pending
+        await asyncio.sleep(UNWRITTEN_POLL_SECONDS)  # a writer's commit has no event to await
+
+
+@delete(
+    "/api/sessions/{session_id:str}",
+    status_code=200,
+    summary="Erase a session's history",
+    responses=refusals(
+        {
+            400: BAD_REQUEST,
+            401: UNAUTHORIZED,
+            403: WRONG_TENANT,
+            404: NO_SESSION + " (nothing left to erase)",
+            422: "a bad session id",
+            503: NO_HISTORY,
+        }
+    ),
+    operation_class=AuthenticatedOperation,
+)
 async def erase_session(
     session_id: SessionId,
     principal: NamedDependency[Principal],
@@ -65,17 +139,34 @@ async def erase_session(
     """Deletes the persisted messages and the live event log, so a resume cannot replay
     what was erased; the tenant's usage stays counted."""
     history = _history(runtime)
-    deleted = await history.delete_session(principal.tenant_id, session_id)
+    tenant_id = principal.tenant_id
+    deleted = await history.delete_session(tenant_id, session_id, at=clock.utcnow())
     # The task states before the log: an erased task's later chunks are dropped, while one
     # applied between the log's delete and its task's would bring the log back.
-    erased = await runtime.chat.erase_session(principal.tenant_id, session_id)
-    logged = await runtime.redis.delete(keys.session_log(principal.tenant_id, session_id))
+    erased = await runtime.chat.erase_session(tenant_id, session_id)
+    logged = await runtime.redis.delete(keys.session_log(tenant_id, session_id))
+    # Once more now: a task sent while the steps above ran, created after the first
+    # tombstone, had its state erased by the second step but its history kept.
+    deleted += await history.delete_session(tenant_id, session_id, at=clock.utcnow())
     if not deleted and not logged and not erased:
         raise NotFound(f"session {session_id} not found")
     return {"session_id": session_id, "deleted_messages": deleted}
 
 
-@get("/api/usage", summary="The tenant's usage and cost per UTC day")
+@get(
+    "/api/usage",
+    summary="The tenant's usage and cost per UTC day",
+    responses=refusals(
+        {
+            400: BAD_REQUEST,
+            401: UNAUTHORIZED,
+            403: WRONG_TENANT,
+            422: "from or to is not a YYYY-MM-DD day, or from is after to",
+            503: NO_HISTORY,
+        }
+    ),
+    operation_class=AuthenticatedOperation,
+)
 async def tenant_usage(
     principal: NamedDependency[Principal],
     runtime: NamedDependency[Runtime],

@@ -5,8 +5,13 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import msgspec
+from litestar._openapi.schema_generation import SchemaCreator
+from litestar._openapi.schema_generation.plugins.struct import StructSchemaPlugin
+from litestar.openapi import ResponseSpec
+from litestar.openapi.spec import Example, Schema
+from litestar.typing import FieldDefinition
 
-from services.core.ids import Id
+from services.core.ids import ID_PATTERN, PORTABLE_ID_PATTERN, Id
 
 Message = Annotated[str, msgspec.Meta(min_length=1, description="the user's message")]
 
@@ -58,3 +63,63 @@ class ErrorDetail(msgspec.Struct, kw_only=True):
 
 class ErrorBody(msgspec.Struct, kw_only=True):
     error: ErrorDetail
+
+
+# The codes a client matches on, one per refusal status (README's error table): the examples
+# the document shows for them. Litestar's generated ones were random strings.
+STATUS_CODES = {
+    400: "malformed_json",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    409: "conflict",
+    413: "payload_too_large",
+    422: "validation_error",
+    429: "rate_limited",
+    503: "unavailable",
+}
+
+
+def refusal(status: int, description: str) -> ResponseSpec:
+    """One refusal as the api answers it: the one error shape, with a real code as example."""
+    body = {"error": {"code": STATUS_CODES[status], "message": description, "details": {}}}
+    return ResponseSpec(
+        ErrorBody,
+        description=description,
+        generate_examples=False,
+        examples=[Example(summary=STATUS_CODES[status], value=body)],
+    )
+
+
+def refusals(descriptions: dict[int, str]) -> dict[int, ResponseSpec]:
+    """The `responses=` of an operation: every refusal it really sends, each in ErrorBody
+    (Litestar's default 400 is `{status_code, detail, extra}`, a shape the api never sends)."""
+    return {status: refusal(status, text) for status, text in descriptions.items()}
+
+
+class StrictStructSchemaPlugin(StructSchemaPlugin):
+    """The API's structs as the document must show them: a struct that refuses unknown fields
+    (422) says `additionalProperties: false`, and an id says the pattern every regex dialect
+    reads (`PORTABLE_ID_PATTERN`: RE2 and Rust have no lookahead), while msgspec keeps
+    checking the strict `ID_PATTERN` at runtime."""
+
+    def to_openapi_schema(
+        self, field_definition: FieldDefinition, schema_creator: SchemaCreator
+    ) -> Schema:
+        schema = super().to_openapi_schema(field_definition, schema_creator)
+        if field_definition.type_.__struct_config__.forbid_unknown_fields:
+            schema.additional_properties = False
+        for prop in (schema.properties or {}).values():
+            if isinstance(prop, Schema):
+                portable_pattern(prop)
+        return schema
+
+
+def portable_pattern(schema: Schema) -> Schema:
+    """`schema` with `ID_PATTERN` replaced by `PORTABLE_ID_PATTERN` (its `oneOf` arms too)."""
+    if schema.pattern == ID_PATTERN:
+        schema.pattern = PORTABLE_ID_PATTERN
+    for arm in schema.one_of or []:
+        if isinstance(arm, Schema):
+            portable_pattern(arm)
+    return schema

@@ -12,11 +12,12 @@ int), or a schema-valid answer was dead-lettered and its task left to time out.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
 
+from services.core import clock
 from services.core.ids import Id, new_id
 from services.core.keys import Priority
 
@@ -33,7 +34,9 @@ Timestamp = Annotated[
 
 
 def utcnow() -> datetime:
-    return datetime.now(UTC)
+    """Now on Redis's clock (`services.core.clock`): created_at and deadlines are compared by
+    other processes."""
+    return clock.utcnow()
 
 
 class MalformedAction(ValueError):

@@ -19,10 +19,9 @@ counted.
 
 from __future__ import annotations
 
-import time
-
 from prometheus_client import Histogram
 
+from services.core import clock
 from services.core.metric_buckets import LATENCY_BUCKETS
 
 DELIVERY_LAG_METRIC = "orchestrator_delivery_lag_seconds"
@@ -55,5 +54,5 @@ class LagClock:
         millis, _, _ = stream_id.partition("-")
         if not millis.isdigit():
             return
-        lag = (time.time() if now is None else now) - int(millis) / 1000
+        lag = (clock.now() if now is None else now) - int(millis) / 1000
         self._observe(lag if lag > 0 else 0.0, exemplar)

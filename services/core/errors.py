@@ -38,8 +38,37 @@ class InvalidInput(OrchestratorError):
     code, status = "validation_error", 422
 
 
+# RFC 9110 15.5.2: a 401 names the scheme to authenticate with; RFC 6750 3: a bearer token
+# that was given and refused adds `error="invalid_token"` (none when no token came).
+BEARER_CHALLENGE = "Bearer"
+INVALID_TOKEN_CHALLENGE = 'Bearer error="invalid_token"'  # noqa: S105 (a scheme, no secret)
+
+
 class Unauthorized(OrchestratorError):
+    """A 401 carrying `WWW-Authenticate`, so that clients and proxies that act on the challenge
+    (re-authenticate, refresh a token) do."""
+
     code, status = "unauthorized", 401
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(
+            message,
+            details=details,
+            headers={"WWW-Authenticate": BEARER_CHALLENGE, **(headers or {})},
+            code=code,
+        )
+
+    def of_a_token(self) -> Unauthorized:
+        """The refusal of a token that was given: `error="invalid_token"` (RFC 6750 3.1)."""
+        self.headers["WWW-Authenticate"] = INVALID_TOKEN_CHALLENGE
+        return self
 
 
 class Forbidden(OrchestratorError):

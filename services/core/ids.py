@@ -11,8 +11,9 @@ import msgspec
 # Python's `$` also matches before a final newline, so "s1\n" would pass and reach a key;
 # `(?!\n)` closes that. Valid ECMA-262 too (OpenAPI, browsers), where `$` is the end already.
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$(?!\n)"
-# What the AES schemas (schemas/*.json) publish: the same set in every regex dialect,
-# including RE2 (Go), which has no lookahead.
+# What the AES schemas (schemas/*.json) and the OpenAPI document publish, while the runtime
+# checks ID_PATTERN: the same set in every regex dialect, including RE2 (Go), which has no
+# lookahead.
 PORTABLE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 _ID_RE = re.compile(ID_PATTERN)
 

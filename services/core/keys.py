@@ -44,6 +44,12 @@ def session_log(tenant_id: str, session_id: str) -> str:
     return f"{session_tag(tenant_id, session_id)}:log"
 
 
+def session_unwritten(tenant_id: str, session_id: str) -> str:
+    """Set: ids of the session's tasks whose history records are on their way to PostgreSQL
+    (a history read waits for them, or says how many)."""
+    return f"{session_tag(tenant_id, session_id)}:unwritten"
+
+
 def session_channel(tenant_id: str, session_id: str) -> str:
     return f"{session_tag(tenant_id, session_id)}:events"
 

@@ -128,6 +128,9 @@ class TaskStore:
             keys.task_state(ref.tenant_id, ref.session_id, ref.task_id),
             keys.session_log(ref.tenant_id, ref.session_id),
         ]
+        if settings.database_url and op != "create":  # (send.lua composes `create` with
+            # two keys) a history to wait for: see `keys.session_unwritten`
+            script_keys.append(keys.session_unwritten(ref.tenant_id, ref.session_id))
         args: list[str | int] = [
             op,
             attempt,
@@ -209,6 +212,7 @@ class TaskStore:
         found = [str(_text(key)) async for key in self.redis.scan_iter(match=pattern, count=1000)]
         marked = f"{tenant_id}/{session_id}{ERASED_MARK}"
         running: list[tuple[TaskRef, dict[str, str]]] = []
+        erased = len(found)
         for start in range(0, len(found), 500):
             chunk = found[start : start + 500]
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -218,11 +222,13 @@ class TaskStore:
                     pipe.set(keys.task_location(key[prefix:]), marked, xx=True, keepttl=True)
                 replies = await pipe.execute()
             for key, reply in zip(chunk, replies[::2], strict=True):
-                if int(reply[0]) == 2:
+                if int(reply[0]) in (0, 3):  # gone meanwhile, or kept by an earlier erasure
+                    erased -= 1
+                elif int(reply[0]) == 2:
                     pairs = [str(_text(item)) for item in reply[1:]]
                     state = dict(zip(pairs[::2], pairs[1::2], strict=True))
                     running.append((TaskRef(tenant_id, session_id, key[prefix:]), state))
-        return Erased(len(found), running)
+        return Erased(erased, running)
 
     def location_value(self, ref: TaskRef) -> str:
         return f"{ref.tenant_id}/{ref.session_id}"

@@ -20,7 +20,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from services.core import keys
+from services.core import clock, keys
 from services.core.ids import is_valid_id
 from services.core.ratelimit import Budget
 
@@ -29,7 +29,7 @@ COUNTED_TTL_SECONDS = 2 * 86_400  # longer than any redelivery of a completion c
 
 
 def _utcnow() -> datetime:
-    return datetime.now(UTC)
+    return clock.utcnow()  # the day of a budget: the same for every pod
 
 
 def _require_id(kind: str, value: str) -> None:

@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 from redis.typing import KeyT, StreamIdT
 
-from services.core import keys, telemetry
+from services.core import clock, keys, telemetry
 from services.core.actions import (
     ACTION_FIELD,
     ChatCancel,
@@ -111,9 +111,12 @@ class Executor:
 
     async def run(self) -> None:
         await self._prepare()
+        with contextlib.suppress(*REDIS_UNUSABLE):
+            await clock.sync(self.redis)  # deadlines were set on Redis's clock by the api
         helpers = [
             asyncio.create_task(_supervised("cancel listener", self._listen_for_cancels)),
             asyncio.create_task(_supervised("claim refresher", self._keep_claims_alive)),
+            asyncio.create_task(clock.keep_synced(self.redis)),
         ]
         log.info("executor %s started", self.consumer)
         try:
@@ -261,7 +264,7 @@ class Executor:
             await self.redis.xack(entry.stream, keys.AES_GROUP, entry.id)
             executions.labels("cancelled").inc()
             return False
-        if _deadline(action) <= datetime.now(UTC):  # timed out while it waited: nobody waits
+        if _deadline(action) <= clock.utcnow():  # timed out while it waited: nobody waits
             await self.redis.xack(entry.stream, keys.AES_GROUP, entry.id)
             executions.labels("expired").inc()
             return False
@@ -270,7 +273,7 @@ class Executor:
             return False  # already running here (read again after a reclaim)
         if action.attempt == 1:  # a retry keeps the message's created_at: its wait would
             # include the failed attempt's run and the backoff, observed once per attempt
-            waited = (datetime.now(UTC) - action.created_at).total_seconds()
+            waited = (clock.utcnow() - action.created_at).total_seconds()
             queue_wait.labels(action.priority).observe(max(0.0, waited))
         task = asyncio.create_task(self._execute(entry, action))
         self.running[action.task_id] = (entry, task)
@@ -296,7 +299,7 @@ class Executor:
                     **attributes,
                 ) as span,
             ):
-                left = (_deadline(action) - datetime.now(UTC)).total_seconds()
+                left = (_deadline(action) - clock.utcnow()).total_seconds()
                 try:
                     async with asyncio.timeout(max(0.0, left)):
                         outcome = await self._answer_through_outages(action, entry)

@@ -323,17 +323,22 @@ class HistoryStore:
         async with _reachable(), self.engine.connect() as conn:
             return bool(await conn.scalar(query))
 
-    async def delete_session(self, tenant_id: str, session_id: str) -> int:
+    async def delete_session(
+        self, tenant_id: str, session_id: str, *, at: datetime | None = None
+    ) -> int:
         """Erase the tenant's session history; returns the messages deleted (0: none existed).
 
         The session keeps a tombstone (`erased_at`): a record of a task created before the
         erasure that is still on its way to the writer writes no history. The erasure counts
         as the session's last activity, so retention keeps the tombstone as long as any other
-        recent session row. Usage stays counted.
+        recent session row. Usage stays counted. `at`: the erasure's moment on the clock the
+        tasks' `created_at` were taken on (Redis's, `services.core.clock`); PostgreSQL's own
+        `now()` differed from it by the pods' skew, and an api 60 s ahead let an erased
+        conversation back into the history.
         """
         _require_id("tenant_id", tenant_id)
         _require_id("session_id", session_id)
-        now = func.now()
+        now: Any = func.now() if at is None else at
         tombstone = insert(sessions).values(
             tenant_id=tenant_id,
             session_id=session_id,

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline
 
 from services.core import keys
 from services.core.actions import ACTION_FIELD, MAX_COST
@@ -96,13 +97,19 @@ def decode_record(raw: bytes | str) -> PersistRecord:
         raise MalformedRecord(f"not JSON: {exc}") from None
 
 
+UNWRITTEN_TTL_SECONDS = 3600
+"""How long a session's list of records on their way outlives its last addition: a record
+trimmed from the stream (PERSIST_STREAM_MAXLEN) or dead-lettered unreadable never leaves it."""
+
+
 async def publish_record(
-    target: Redis | Pipeline,
+    target: Redis | Pipeline | ClusterPipeline,
     record: PersistRecord,
     *,
     maxlen: int | None = None,
 ) -> None:
-    """Add `record` to the persistence stream; on a pipeline it is only queued.
+    """Add `record` to the persistence stream, and its task to the session's records on their
+    way (`keys.session_unwritten`); on a pipeline it is only queued.
 
     `maxlen` (the `persist_stream_maxlen` setting) bounds the stream while PostgreSQL is
     down: beyond it the oldest records not yet written are dropped (approximate trimming),
@@ -110,10 +117,15 @@ async def publish_record(
     """
     fields: dict[str | bytes, bytes] = {ACTION_FIELD: encode_record(record)}
     stream = keys.PERSIST_RECORDS
-    if isinstance(target, Pipeline):
+    unwritten = keys.session_unwritten(record.tenant_id, record.session_id)
+    if isinstance(target, Pipeline | ClusterPipeline):
         target.xadd(stream, fields, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
+        target.sadd(unwritten, record.task_id)
+        target.expire(unwritten, UNWRITTEN_TTL_SECONDS)
     else:
-        await target.xadd(stream, fields, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
+        async with target.pipeline(transaction=False) as pipe:
+            await publish_record(pipe, record, maxlen=maxlen)
+            await pipe.execute()
 
 
 class _ProcessAction(msgspec.Struct):

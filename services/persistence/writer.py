@@ -236,12 +236,12 @@ class PersistenceWriter:
                         "persistence writer: record of task %s (%s) is past the history "
                         "retention, not written", record.task_id, usage_day(record),
                     )  # fmt: skip
-                    await self._done([entry.id])
+                    await self._done([entry.id], [record])
                     records_written.labels("expired").inc()
                 else:
                     decoded.append((entry, record))
         if decoded and await self._write_until_done(decoded):
-            await self._done([entry.id for entry, _ in decoded])
+            await self._done([entry.id for entry, _ in decoded], [r for _, r in decoded])
 
     async def _write_until_done(self, batch: Sequence[tuple[Entry, PersistRecord]]) -> bool:
         """True once the batch is written (its refused records dead-lettered); False on stop."""
@@ -301,11 +301,16 @@ class PersistenceWriter:
         for table, count in written.rows.items():
             rows_written.labels(table).inc(count)
 
-    async def _done(self, ids: list[str]) -> None:
-        """Acknowledge and delete: the stream keeps only what is still to be written."""
+    async def _done(self, ids: list[str], records: Sequence[PersistRecord] = ()) -> None:
+        """Acknowledge and delete: the stream keeps only what is still to be written. The
+        records' tasks leave their sessions' lists of records on their way (written, or
+        dead-lettered: a history read no longer waits for them)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xack(self.stream, keys.PERSIST_GROUP, *ids)
             pipe.xdel(self.stream, *ids)
+            for record in records:
+                unwritten = keys.session_unwritten(record.tenant_id, record.session_id)
+                pipe.srem(unwritten, record.task_id)
             await pipe.execute()
 
     async def _dead_letter(self, entry: Entry, reason: str) -> None:

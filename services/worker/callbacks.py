@@ -8,13 +8,12 @@ second final answer, or a callback of a superseded attempt changes nothing and i
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio.client import Pipeline
 
-from services.core import events, keys
+from services.core import clock, events, keys
 from services.core.actions import (
     Callback,
     ExecutionCallback,
@@ -199,7 +198,7 @@ class CallbackEffects:
         return Retry(
             keys.partition_of(ref.tenant_id, ref.session_id, settings.callback_partitions),
             keys.task_member(ref.tenant_id, ref.session_id, ref.task_id),
-            time.time() + delay,
+            clock.now() + delay,  # fired by whichever worker owns the partition then
         )
 
     async def _failed(

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
-from services.core import keys
+from services.core import clock, keys
 from services.core.lean_pipeline import round_trip, run_pipeline
 from services.core.redis_client import COMMAND_TIMEOUT_SECONDS, REDIS_DOWN
 from services.core.settings import Settings
@@ -212,7 +211,7 @@ class JointConsumer:
                 staying = self._staying()
                 counts = [member.queue_acks(pipe, lazy=True) for member in staying]
                 self._queue_read(pipe, staying, block=True)
-                applied_at = time.time()
+                applied_at = clock.now()  # compared with Redis's stream ids (lag)
                 for _, batch in batches:
                     batch.applied_at = applied_at
                 effects = sum(len(batch.decoded) for _, batch in batches)

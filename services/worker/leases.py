@@ -16,7 +16,7 @@ import zlib
 
 from redis.asyncio import Redis
 
-from services.core import keys
+from services.core import clock, keys
 from services.core.scripts import Scripts, missing_script
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class PartitionLeases:
         self._offset = zlib.crc32(worker_id.encode()) % partitions
 
     async def live_workers(self) -> int:
-        now = time.time()
+        now = clock.now()  # compared with other workers' heartbeats: one clock for all
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zadd(keys.WORKER_HEARTBEATS, {self.worker_id: now})
             # A worker silent for a lease's ttl has lost its leases (the same round renews

@@ -17,7 +17,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from services.core import keys
+from services.core import clock, keys
 from services.core.heap import freeze_startup_heap
 from services.core.listening import serve_metrics
 from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING, create_redis
@@ -231,6 +231,9 @@ class Worker:
         interval = self.settings.partition_lease_seconds / 3
         with contextlib.suppress(*REDIS_DOWN, *REDIS_REFUSING):  # else loaded on first NOSCRIPT
             await self.scripts.load()
+        with contextlib.suppress(*REDIS_DOWN, *REDIS_REFUSING):
+            await clock.sync(self.redis)  # before the first heartbeat (else: the local clock)
+        syncing = asyncio.get_running_loop().create_task(clock.keep_synced(self.redis))
         log.info("worker %s started", self.worker_id)
         writer = None
         writing: asyncio.Task[None] | None = None
@@ -262,6 +265,7 @@ class Worker:
         )
         with contextlib.suppress(*REDIS_DOWN, *REDIS_REFUSING):
             await self.leases.leave()
+        syncing.cancel()
         if self.joint_redis is not None:
             await self.joint_redis.aclose()
         await self.redis.aclose()

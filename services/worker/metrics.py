@@ -7,11 +7,9 @@ cannot blow up the series count.
 
 from __future__ import annotations
 
-import time
-
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.core import task_metrics
+from services.core import clock, task_metrics
 from services.core.actions import (
     Callback,
     ExecutionCallback,
@@ -96,7 +94,7 @@ def observe(
     if outcome.verdict is not Verdict.ok:
         return
     tier = outcome.tier or "unknown"
-    now = time.time() if applied_at is None else applied_at
+    now = clock.now() if applied_at is None else applied_at
     elapsed = now - outcome.created_ms / 1000 if outcome.created_ms else None
     if isinstance(action, ExecutionChunk):
         if outcome.first_chunk and elapsed is not None:

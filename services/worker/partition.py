@@ -33,7 +33,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
-from services.core import keys, telemetry
+from services.core import clock, keys, telemetry
 from services.core.actions import (
     Callback,
     ExecutionCallback,
@@ -565,7 +565,7 @@ class PartitionConsumer:
             if read_ahead:
                 self.queue_acks(pipe)
                 self._queue_read_ahead(pipe, len(decoded), block=batch.quiet())
-            batch.applied_at = time.time()
+            batch.applied_at = clock.now()  # compared with Redis's stream ids (lag)
             results = await pipe.execute(raise_on_error=False)
         if read_ahead:
             self._read_ahead(results[len(decoded) :], [entry.id for entry, _ in decoded])

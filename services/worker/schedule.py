@@ -12,7 +12,6 @@ The worker looks for due timers of all its partitions at once, in one round trip
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from typing import cast
 
@@ -20,7 +19,7 @@ import msgspec
 from opentelemetry.trace import SpanKind
 from redis.asyncio import Redis
 
-from services.core import events, keys, telemetry
+from services.core import clock, events, keys, telemetry
 from services.core.actions import (
     ACTION_FIELD,
     ChatCancel,
@@ -228,7 +227,7 @@ async def fire_due_all(
     """Fire what is due in every partition of `schedules`: one round trip finds it all."""
     if not schedules:
         return
-    moment = time.time() if now is None else now
+    moment = clock.now() if now is None else now  # the api set the deadlines on this clock
     async with redis.pipeline(transaction=False) as pipe:
         for schedule in schedules:
             pipe.zrangebyscore(schedule.deadlines, "-inf", moment, start=0, num=BATCH)

@@ -208,7 +208,11 @@ async def test_api_usage_counts_the_request_of_a_task_erased_while_running(
     stream, entry, action = await aes.take(task_b)
     async with httpx.AsyncClient(base_url=api.url, timeout=10) as http:
         erased = await http.delete(f"/api/sessions/{gone}", headers=auth(tenant))
+        again = await http.delete(f"/api/sessions/{gone}", headers=auth(tenant))
     assert erased.status_code == 200, erased.text
+    # What the erasure kept of the running task is not a session left to erase (it answered
+    # 200 and deleted it, and the late completion's usage went uncounted again).
+    assert again.status_code == 404, again.text
     await aes.ack(stream, entry)
     # A third task after the erase: once it is in /api/usage, the writer is past the erase.
     task_c = await _start(api, tenant, kept)

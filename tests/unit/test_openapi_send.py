@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from services.api.app import EXPOSED_HEADERS, create_app
-from services.core.ids import ID_PATTERN
+from services.core.ids import PORTABLE_ID_PATTERN
 from services.core.settings import load_settings
 
 
@@ -21,7 +21,7 @@ def test_the_optional_request_headers_are_documented() -> None:
     assert set(headers) == {"Idempotency-Key", "X-Session-ID", "X-Agent-ID", "X-Tenant-ID"}
     assert not any(p["required"] for p in headers.values())
     assert headers["Idempotency-Key"]["schema"]["maxLength"] == 255
-    assert headers["X-Session-ID"]["schema"]["pattern"] == ID_PATTERN
+    assert headers["X-Session-ID"]["schema"]["pattern"] == PORTABLE_ID_PATTERN
 
 
 def test_every_header_a_page_may_read_is_documented_on_the_answers() -> None:

@@ -4,12 +4,18 @@
 -- task and its usage is counted once, as for one crossing a cancel. (Deleted, it found no
 -- task, and erasing the session at the last chunk dodged the token budget.)
 -- Returns {0}: nothing there; {1}: it was final; {2, field, value, ...}: it was running,
--- with its state as it was (for its record: the request counts in the tenant's usage).
+-- with its state as it was (for its record: the request counts in the tenant's usage); {3}:
+-- kept by an earlier erasure.
 local task = KEYS[1]
 local state = redis.call('HGETALL', task)
 if #state == 0 then return {0} end
 local fields = {}
 for i = 1, #state, 2 do fields[state[i]] = state[i + 1] end
+if fields.ended_by == 'erase:0' then
+  -- What an earlier erasure kept: kept again (deleted, the budget dodge is back), not counted
+  -- (a second DELETE of the session answers 404: nothing was left to erase).
+  return {3}
+end
 local finals = {completed = true, failed = true, cancelled = true, timed_out = true}
 if finals[fields.status] then
   redis.call('DEL', task)

@@ -7,6 +7,9 @@
 -- hash that HMGET has already read.
 --
 -- KEYS[1] task state hash    KEYS[2] session log stream
+-- KEYS[3] (with persistence) the session's set of tasks whose history records are on their
+--         way: a task that ends joins it in the same step, so a history read never misses a
+--         task that has ended (the writer takes it out once its record is written)
 -- ARGV[1] op: create | chunk | completed | failed | cancel | requeue | dispatch | timeout
 -- ARGV[2] attempt the event answers (0: whatever the current attempt is)
 -- ARGV[3] chunk seq (chunk); for dispatch: ms after which a dispatch not confirmed yet (its
@@ -35,6 +38,13 @@ local finals = {completed = true, failed = true, cancelled = true, timed_out = t
 local final_ops = {completed = true, failed = true, cancel = true, timeout = true}
 local tier, created_ms, first_chunk = '', '0', 0
 local extra = {}  -- the transition's fields, set once the event is in the log
+
+local function mark_unwritten()
+  if KEYS[3] and final_ops[op] then
+    redis.call('SADD', KEYS[3], string.match(task, ':task:(.*)$'))
+    redis.call('EXPIRE', KEYS[3], 3600)
+  end
+end
 
 local function set_fields(extra)
   local fields = {'updated_at', ARGV[9]}
@@ -113,6 +123,7 @@ if ARGV[4] == '' then
     extra[#extra + 1] = op .. ':' .. ARGV[2]
   end
   set_fields(extra)
+  mark_unwritten()
   return {'ok', '', tier, created_ms, first_chunk}
 end
 local id = redis.call('XADD', log, 'MAXLEN', '~', ARGV[5], '*', 'e', ARGV[4])
@@ -126,4 +137,5 @@ if final_ops[op] then
   extra[#extra + 1] = op .. ':' .. ARGV[2]
 end
 set_fields(extra)
+mark_unwritten()
 return {'ok', id, tier, created_ms, first_chunk}
