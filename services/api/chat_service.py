@@ -699,6 +699,8 @@ class ChatService:
         for ref, state in erased.running:
             metrics.tasks.labels("cancelled", state.get("tier") or "unknown").inc()
             await self._notify_aes(ref)
+        for ref in erased.kept:  # an earlier erasure may have failed before telling its AES
+            await self._notify_aes(ref)
         return erased.tasks
 
     async def _publish_cancelled(self, ref: TaskRef, event_id: str | None) -> None:

@@ -24,6 +24,7 @@ from services.core.redis_client import (
     REDIS_DOWN,
     REDIS_REFUSING,
     eviction_policy,
+    is_cluster,
 )
 from services.persistence.database import ping
 from services.persistence.writer import backlog as persistence_backlog
@@ -33,6 +34,7 @@ AnyRequest = Request[Any, Any, Any]
 # The write probe of /health/detailed: one short-lived key per pod (README, "Redis keys").
 PROBE_KEY = "{health}:probe:"
 PROBE_TTL_MS = 1000
+PROBE_TAG_TRIES = 4096  # hash tags tried to find a slot on every primary (about 3 each)
 
 
 @dataclass
@@ -104,6 +106,23 @@ def _reason(exc: Exception) -> str:
     return f"{code} {text}" if code and not text.startswith(code) else text
 
 
+def _probe_keys(redis: Any, pod_id: str) -> list[str]:
+    """One probe key on each primary: on a cluster, one key wrote to one node of three, and
+    another node refusing writes (NOREPLICAS) went unseen while its sessions' sends got 503."""
+    if not is_cluster(redis):
+        return [PROBE_KEY + pod_id]
+    probes: dict[str, str] = {}
+    primaries = {node.name for node in redis.get_primaries()}
+    for tag in range(PROBE_TAG_TRIES):
+        key = f"{{health:{tag}}}:probe:{pod_id}"
+        node = redis.get_node_from_key(key)
+        if node is not None and node.name in primaries:
+            probes.setdefault(node.name, key)
+        if len(probes) == len(primaries):
+            break
+    return list(probes.values())
+
+
 async def _redis_state(runtime: Runtime) -> dict[str, Any]:
     """Whether Redis answers and accepts writes, and its eviction policy.
 
@@ -116,7 +135,10 @@ async def _redis_state(runtime: Runtime) -> dict[str, Any]:
         started = time.perf_counter()
         await runtime.redis.ping()
         latency_ms = round((time.perf_counter() - started) * 1000, 3)
-        await runtime.redis.set(PROBE_KEY + runtime.pod_id, b"1", px=PROBE_TTL_MS)
+        async with runtime.redis.pipeline(transaction=False) as pipe:
+            for key in _probe_keys(runtime.redis, runtime.pod_id):
+                pipe.set(key, b"1", px=PROBE_TTL_MS)
+            await pipe.execute()
         state = {"status": "up", "latency_ms": latency_ms}
     except REDIS_REFUSING as exc:
         state = {"status": "refusing_writes", "reason": _reason(exc)}

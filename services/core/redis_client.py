@@ -620,18 +620,35 @@ NEEDED_POLICY = "noeviction"
 
 
 async def eviction_policy(redis: Redis) -> str | None:
-    """The server's `maxmemory-policy`, or None when it will not tell (managed Redis often
-    refuses CONFIG). On a cluster the first node's answer stands for all: one chart or one
-    provider configures them alike."""
+    """The servers' `maxmemory-policy` (on a cluster every primary's: the first one that
+    evicts, else `noeviction`; one node of three set to `allkeys-lru` went unseen), or None
+    when Redis will not tell (managed Redis often refuses CONFIG)."""
     try:
-        reply: Any = await redis.config_get("maxmemory-policy")
+        if is_cluster(redis):
+            reply: Any = await redis.config_get(
+                "maxmemory-policy",
+                target_nodes=RedisCluster.PRIMARIES,
+            )
+        else:
+            reply = await redis.config_get("maxmemory-policy")
     except ResponseError:
         return None
-    values = list(reply.values()) if isinstance(reply, dict) else []
-    while values and isinstance(values[0], dict):  # one answer per node (cluster)
-        values = list(values[0].values())
-    policy = values[0] if values else None
-    return policy.decode() if isinstance(policy, bytes) else policy
+    policies = sorted(set(_policy_values(reply)))
+    evicting = [policy for policy in policies if policy != NEEDED_POLICY]
+    return evicting[0] if evicting else (policies[0] if policies else None)
+
+
+def _policy_values(reply: Any) -> list[str]:
+    """The values of a CONFIG GET reply: one dict, or one per node (a cluster)."""
+    if not isinstance(reply, dict):
+        return []
+    found: list[str] = []
+    for value in reply.values():
+        if isinstance(value, dict):
+            found.extend(_policy_values(value))
+        else:
+            found.append(value.decode() if isinstance(value, bytes) else str(value))
+    return found
 
 
 async def warn_on_eviction(redis: Redis) -> None:

@@ -7,7 +7,7 @@ after `chat.cancelled`, a duplicate chunk, or an event of a superseded attempt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from importlib.resources import files
@@ -62,6 +62,8 @@ class Erased:
 
     tasks: int
     running: list[tuple[TaskRef, dict[str, str]]]
+    # Ended by an earlier erasure that may have failed before telling their AES (a retry).
+    kept: list[TaskRef] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,23 +214,34 @@ class TaskStore:
         found = [str(_text(key)) async for key in self.redis.scan_iter(match=pattern, count=1000)]
         marked = f"{tenant_id}/{session_id}{ERASED_MARK}"
         running: list[tuple[TaskRef, dict[str, str]]] = []
+        kept: list[TaskRef] = []
         erased = len(found)
         for start in range(0, len(found), 500):
             chunk = found[start : start + 500]
+            # The locations first, then the states, in two round trips: on a cluster they
+            # are on other nodes, and a state erased while its location's node refused the
+            # mark was never marked by a retry (it found no state): the erased message was
+            # sent again under its Idempotency-Key. Marked first, a retry finds the state.
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in chunk:
+                    pipe.set(keys.task_location(key[prefix:]), marked, xx=True, keepttl=True)
+                await pipe.execute()
             async with self.redis.pipeline(transaction=False) as pipe:
                 for key in chunk:
                     # EVAL, not a cached script: rare, and safe from a flushed script cache.
                     pipe.eval(_ERASE_TASK, 1, key, isoformat())
-                    pipe.set(keys.task_location(key[prefix:]), marked, xx=True, keepttl=True)
                 replies = await pipe.execute()
-            for key, reply in zip(chunk, replies[::2], strict=True):
+            for key, reply in zip(chunk, replies, strict=True):
+                ref = TaskRef(tenant_id, session_id, key[prefix:])
                 if int(reply[0]) in (0, 3):  # gone meanwhile, or kept by an earlier erasure
                     erased -= 1
+                    if int(reply[0]) == 3:
+                        kept.append(ref)
                 elif int(reply[0]) == 2:
                     pairs = [str(_text(item)) for item in reply[1:]]
                     state = dict(zip(pairs[::2], pairs[1::2], strict=True))
-                    running.append((TaskRef(tenant_id, session_id, key[prefix:]), state))
-        return Erased(erased, running)
+                    running.append((ref, state))
+        return Erased(erased, running, kept)
 
     def location_value(self, ref: TaskRef) -> str:
         return f"{ref.tenant_id}/{ref.session_id}"
