@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from services.api import metrics
 from services.api.admission import Admission, SendRules, check_message
 from services.api.models import Accepted, Cancelled, SendRequest, TaskView
-from services.core import events, keys, telemetry
+from services.core import clock, events, keys, telemetry
 from services.core.actions import (
     ACTION_FIELD,
     ChatCancel,
@@ -177,6 +177,7 @@ class ChatService:
         asked = _Asked(session_id, agent_id, request)
         session_id = session_id or new_id()
         bind_for_this_task(session_id=session_id)  # the request's later lines name it
+        await clock.ensure_synced(self.redis)  # created_at and the deadline: Redis's clock
         idempotency = None
         if idempotency_key is not None:
             idempotency = keys.tenant_idempotency(tenant_id, _digest(idempotency_key))

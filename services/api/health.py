@@ -16,7 +16,7 @@ from redis.exceptions import ResponseError
 from services.api.chat import UNAUTHORIZED, WRONG_TENANT, AuthenticatedOperation
 from services.api.models import refusal, refusals
 from services.api.runtime import Runtime
-from services.core import keys
+from services.core import clock, keys
 from services.core.auth import Principal
 from services.core.errors import Unavailable
 from services.core.redis_client import (
@@ -169,7 +169,7 @@ async def detailed(request: AnyRequest) -> Response[dict[str, Any]]:
     try:
         components["redis"] = await _redis_state(runtime)
         healthy = healthy and components["redis"]["status"] == "up"
-        now = time.time()
+        now = clock.now()  # the workers' heartbeats are on Redis's clock
         # Live as the workers themselves count: a worker silent for a lease has lost its
         # leases (`Leases.live_workers`). Three leases showed a killed last worker as alive
         # for 30 s, exactly when an operator looks because nothing is consumed.

@@ -38,6 +38,8 @@ SessionId = Annotated[
 ]
 DEFAULT_USAGE_DAYS = 30
 UNWRITTEN_WAIT_SECONDS = 2.0
+UNWRITTEN_STALE_SECONDS = 60.0
+UNWRITTEN_PUBLISH_SECONDS = 5.0
 UNWRITTEN_POLL_SECONDS = 0.05
 NO_HISTORY = (
     "PostgreSQL unreachable, or not configured (`persistence_not_configured`); " + REDIS_DOWN
@@ -107,12 +109,32 @@ async def _unwritten(runtime: Runtime, tenant_id: str, session_id: str) -> int:
     deadline = asyncio.get_running_loop().time() + UNWRITTEN_WAIT_SECONDS
     while True:
         try:
-            pending = int(await runtime.redis.scard(unwritten))
+            lost_before = await _lost_before(runtime)
+            async with runtime.redis.pipeline(transaction=False) as pipe:
+                pipe.zremrangebyscore(unwritten, "-inf", lost_before)
+                pipe.zcard(unwritten)
+                _, pending = await pipe.execute()
         except (*REDIS_DOWN_ERRORS, *REDIS_REFUSING):
             return 0  # the history can still be read; only the wait is skipped
         if not pending or asyncio.get_running_loop().time() >= deadline:
-            return pending
+            return int(pending)
         await asyncio.sleep(UNWRITTEN_POLL_SECONDS)  # a writer's commit has no event to await
+
+
+async def _lost_before(runtime: Runtime) -> int:
+    """The end time (ms, Redis's clock) before which a task still listed as on its way has
+    lost its record (trimmed from the stream by PERSIST_STREAM_MAXLEN, dead-lettered
+    unreadable, never published): every read waited 2 s for such a task, for an hour. A
+    record is added to the stream right after its task's end: one that ended more than
+    UNWRITTEN_PUBLISH_SECONDS before the oldest record still in the stream (or before now,
+    when the stream is empty) is not coming; nor is one older than UNWRITTEN_STALE_SECONDS."""
+    now_ms = int(clock.now() * 1000)
+    oldest = await runtime.redis.xrange(keys.PERSIST_RECORDS, "-", "+", count=1)
+    first: Any = oldest[0][0] if oldest else None
+    text = first.decode() if isinstance(first, bytes) else str(first or "")
+    horizon = int(text.split("-")[0]) if text else now_ms
+    publish_ms = int(UNWRITTEN_PUBLISH_SECONDS * 1000)
+    return max(now_ms - int(UNWRITTEN_STALE_SECONDS * 1000), min(horizon, now_ms) - publish_ms)
 
 
 @delete(
@@ -144,7 +166,9 @@ async def erase_session(
     # The task states before the log: an erased task's later chunks are dropped, while one
     # applied between the log's delete and its task's would bring the log back.
     erased = await runtime.chat.erase_session(tenant_id, session_id)
-    logged = await runtime.redis.delete(keys.session_log(tenant_id, session_id))
+    logged = await runtime.redis.delete(
+        keys.session_log(tenant_id, session_id), keys.session_unwritten(tenant_id, session_id)
+    )
     # Once more now: a task sent while the steps above ran, created after the first
     # tombstone, had its state erased by the second step but its history kept.
     deleted += await history.delete_session(tenant_id, session_id, at=clock.utcnow())

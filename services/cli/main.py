@@ -324,14 +324,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace, Settings], int] = args.handler
     try:
         settings = load_settings()
-        if args.command in REDIS_COMMANDS:
-            _verify_redis(settings)
         if args.command in ("api", "worker", "executor"):
+            # Before Redis is verified: its warnings (an evicting policy) are JSON lines too.
             from services.core.logs import configure_logging
             from services.core.telemetry import configure_tracing
 
             configure_logging(settings.log_level, args.command)
             configure_tracing(args.command)
+        if args.command in REDIS_COMMANDS:
+            _verify_redis(settings)
         return handler(args, settings)
     except ConfigError as exc:
         print(f"orchestrator: configuration error: {exc}", file=sys.stderr)

@@ -24,10 +24,12 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 SYNC_SECONDS = 30.0
+UNSYNCED_RETRY_SECONDS = 0.5
 SKEW_WARNING_SECONDS = 5.0  # logged: a pod this far from Redis has an unsynchronised clock
 _SAMPLES = 3  # the sample with the shortest round trip is the least wrong
 
 _offset = 0.0
+_synced = False
 
 
 def now() -> float:
@@ -63,14 +65,29 @@ async def sync(redis: Any) -> float:
             "this pod's clock is %.1f s off Redis's: timestamps use Redis's (check NTP)",
             -best[1],
         )
-    _offset = best[1]
+    global _synced
+    _offset, _synced = best[1], True
     return _offset
+
+
+async def ensure_synced(redis: Any) -> None:
+    """Sync now if no sync has succeeded yet (a pod started before Redis answered): called
+    before a timestamp other processes compare is taken, one round trip until then."""
+    if not _synced:
+        with contextlib.suppress(Exception):  # the caller's own Redis call will tell
+            await sync(redis)
 
 
 async def keep_synced(redis: Any, every: float = SYNC_SECONDS) -> None:
     """Sync now and every `every` seconds until cancelled; a failed sync keeps the last offset
-    (Redis down: nothing is compared meanwhile that would not fail anyway)."""
+    (Redis down: nothing is compared meanwhile that would not fail anyway). Until one has
+    succeeded (a pod started before Redis answered), every `UNSYNCED_RETRY_SECONDS`: it
+    stamped its tasks on its own clock for up to `every` after Redis came up."""
+    synced = False
     while True:
-        with contextlib.suppress(Exception):
+        try:
             await sync(redis)
-        await asyncio.sleep(every)
+            synced = True
+        except Exception:
+            log.debug("clock sync with Redis failed", exc_info=True)
+        await asyncio.sleep(every if synced else UNSYNCED_RETRY_SECONDS)

@@ -45,8 +45,8 @@ def session_log(tenant_id: str, session_id: str) -> str:
 
 
 def session_unwritten(tenant_id: str, session_id: str) -> str:
-    """Set: ids of the session's tasks whose history records are on their way to PostgreSQL
-    (a history read waits for them, or says how many)."""
+    """Sorted set: ids of the session's tasks whose history records are on their way to
+    PostgreSQL, by when they ended (ms); a history read waits for them, or says how many."""
     return f"{session_tag(tenant_id, session_id)}:unwritten"
 
 

@@ -171,16 +171,25 @@ class Settings(BaseSettings):
     def _origins(cls, value: list[str]) -> list[str]:
         # A browser's Origin is `scheme://host[:port]` and nothing else: an entry with a path,
         # a trailing slash or no scheme matched no page, and every socket and CORS request of
-        # the intended site was refused with nothing saying why.
+        # the intended site was refused with nothing saying why. Written as a browser sends
+        # it: lower case, without the scheme's default port (`https://App.example.com:443`
+        # matched no page either).
+        normalised = []
         for origin in value:
             if origin == "*":
+                normalised.append(origin)
                 continue
             scheme, separator, rest = origin.partition("://")
             if not separator or not scheme or not rest or any(c in rest for c in "/?#"):
                 raise ValueError(
                     f"{origin!r} is not an origin: scheme://host[:port], no path or trailing /"
                 )
-        return value
+            scheme, rest = scheme.lower(), rest.lower()
+            default = {"https": ":443", "http": ":80"}.get(scheme)
+            if default and rest.endswith(default):
+                rest = rest.removesuffix(default)
+            normalised.append(f"{scheme}://{rest}")
+        return normalised
 
     @field_validator("log_level", mode="before")
     @classmethod

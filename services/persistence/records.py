@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline
 
-from services.core import keys
+from services.core import clock, keys
 from services.core.actions import ACTION_FIELD, MAX_COST
 from services.core.ids import Id
 from services.core.tasks import FINAL_STATUSES, TaskRef
@@ -98,8 +98,10 @@ def decode_record(raw: bytes | str) -> PersistRecord:
 
 
 UNWRITTEN_TTL_SECONDS = 3600
-"""How long a session's list of records on their way outlives its last addition: a record
-trimmed from the stream (PERSIST_STREAM_MAXLEN) or dead-lettered unreadable never leaves it."""
+"""How long a session's list of records on their way outlives its last addition. A member
+whose record is lost (trimmed from the stream by PERSIST_STREAM_MAXLEN, dead-lettered
+unreadable, never published) is ignored by readers after `UNWRITTEN_STALE_SECONDS` (see
+`services.api.history`)."""
 
 
 async def publish_record(
@@ -120,7 +122,7 @@ async def publish_record(
     unwritten = keys.session_unwritten(record.tenant_id, record.session_id)
     if isinstance(target, Pipeline | ClusterPipeline):
         target.xadd(stream, fields, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
-        target.sadd(unwritten, record.task_id)
+        target.zadd(unwritten, {record.task_id: int(clock.now() * 1000)})
         target.expire(unwritten, UNWRITTEN_TTL_SECONDS)
     else:
         async with target.pipeline(transaction=False) as pipe:

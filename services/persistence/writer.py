@@ -310,7 +310,7 @@ class PersistenceWriter:
             pipe.xdel(self.stream, *ids)
             for record in records:
                 unwritten = keys.session_unwritten(record.tenant_id, record.session_id)
-                pipe.srem(unwritten, record.task_id)
+                pipe.zrem(unwritten, record.task_id)
             await pipe.execute()
 
     async def _dead_letter(self, entry: Entry, reason: str) -> None:

@@ -7,9 +7,10 @@
 -- hash that HMGET has already read.
 --
 -- KEYS[1] task state hash    KEYS[2] session log stream
--- KEYS[3] (with persistence) the session's set of tasks whose history records are on their
---         way: a task that ends joins it in the same step, so a history read never misses a
---         task that has ended (the writer takes it out once its record is written)
+-- KEYS[3] (with persistence) the session's tasks whose history records are on their way (a
+--         sorted set, by when they ended): a task that ends joins it in the same step, so a
+--         history read never misses a task that has ended (the writer takes it out once its
+--         record is written)
 -- ARGV[1] op: create | chunk | completed | failed | cancel | requeue | dispatch | timeout
 -- ARGV[2] attempt the event answers (0: whatever the current attempt is)
 -- ARGV[3] chunk seq (chunk); for dispatch: ms after which a dispatch not confirmed yet (its
@@ -41,7 +42,9 @@ local extra = {}  -- the transition's fields, set once the event is in the log
 
 local function mark_unwritten()
   if KEYS[3] and final_ops[op] then
-    redis.call('SADD', KEYS[3], string.match(task, ':task:(.*)$'))
+    local now = redis.call('TIME')
+    local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+    redis.call('ZADD', KEYS[3], now_ms, string.match(task, ':task:(.*)$'))
     redis.call('EXPIRE', KEYS[3], 3600)
   end
 end
