@@ -45,7 +45,9 @@ WRITES = {
 
 # Every key the product writes has one of these shapes (README, "Redis keys").
 FAMILIES = {
-    "session": re.compile(r"^\{s:[\w-]+:[\w-]+\}:(log|events|rl|task:[\w-]+|applied:marks)$"),
+    "session": re.compile(
+        r"^\{s:[\w-]+:[\w-]+\}:(log|events|rl|task:[\w-]+|applied:marks|unwritten)$"
+    ),
     "task location": re.compile(r"^\{t:[\w-]+\}:(where|recancel)$"),
     "tenant": re.compile(
         r"^\{tn:[\w-]+\}:(broadcast|sockets|quota|quota-owner|quota-contenders|rl"
@@ -59,6 +61,7 @@ FAMILIES = {
     "quota index": re.compile(r"^\{quota\}:(tenants|changes)$"),
     "persistence": re.compile(r"^\{persist\}:records$"),
     "pod": re.compile(r"^\{pod:[\w-]+\}:control$"),
+    "health probes": re.compile(r"^\{health(:\d+)?\}:probe:[\w.-]+$"),
 }
 
 
