@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,10 +11,12 @@ import pytest
 from redis.asyncio import Redis
 
 from services.cli.embedded import LocalRedis, RedisServer
+from services.cli.embedded_postgres import PostgresServer
 from services.cli.otlp_sink import Receiver
 from services.cli.stack import Child, LocalStack
 from services.core.redis_client import create_redis
 from services.core.settings import load_settings
+from services.persistence.migrate import migrate
 from tests.e2e.clients import SECRET
 
 FAST_EXECUTOR = {"executor_chunk_delay_ms": "2"}
@@ -132,3 +135,37 @@ def traced(
     finally:
         stack.stop()
         receiver.stop()
+
+
+@pytest.fixture(scope="module")
+def own_redis() -> Iterator[RedisServer]:
+    """A Valkey of the module's own (its tests read whole streams or counters)."""
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def aes_less_stack(
+    own_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[LocalStack, Child, Child]]:
+    """api and worker (with its persistence writer) on the module's own Valkey and PostgreSQL,
+    no executor: the tests answer as an external AES (tests/e2e/external_aes.py), so usage
+    figures and their timing are exact. Yields (stack, api, worker)."""
+    postgres = PostgresServer(durable=False).start()
+    stack = new_stack(
+        own_redis,
+        tmp_path_factory.mktemp("logs"),
+        database_url=postgres.url(),
+        retry_backoff_seconds="0.05",
+        retry_backoff_max_seconds="0.1",
+    )
+    try:
+        asyncio.run(migrate(postgres.url()))
+        api = stack.start_api()
+        worker = stack.start("worker")
+        stack.wait_ready(api)
+        yield stack, api, worker
+    finally:
+        stack.stop()
+        postgres.cleanup()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,51 +16,12 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from services.cli.embedded import RedisServer
-from services.cli.embedded_postgres import PostgresServer
 from services.cli.stack import Child, LocalStack
 from services.core import keys
-from services.persistence.migrate import migrate
 from tests.e2e.clients import auth, connect, events_until, unique
-from tests.e2e.conftest import new_stack
 from tests.e2e.external_aes import Aes
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def usage_redis() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    yield server
-    server.cleanup()
-
-
-@pytest.fixture(scope="module")
-def usage_pg() -> Iterator[PostgresServer]:
-    server = PostgresServer(durable=False).start()
-    asyncio.run(migrate(server.url()))
-    yield server
-    server.cleanup()
-
-
-@pytest.fixture(scope="module")
-def usage_stack(
-    usage_redis: RedisServer, usage_pg: PostgresServer, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[LocalStack, Child]]:
-    stack = new_stack(
-        usage_redis,
-        tmp_path_factory.mktemp("usage-logs"),
-        database_url=usage_pg.url(),
-        retry_backoff_seconds="0.05",
-        retry_backoff_max_seconds="0.1",
-    )
-    try:
-        api = stack.start_api()
-        stack.start("worker")
-        stack.wait_ready(api)
-        yield stack, api
-    finally:
-        stack.stop()
 
 
 def client_redis(stack: LocalStack) -> Redis:
@@ -135,9 +95,9 @@ async def _start(api: Child, tenant: str, session: str) -> str:
 
 
 async def test_completion_crossing_a_session_erase_counts_like_one_crossing_a_cancel(
-    usage_stack: tuple[LocalStack, Child],
+    aes_less_stack: tuple[LocalStack, Child, Child],
 ) -> None:
-    stack, api = usage_stack
+    stack, api, _ = aes_less_stack
     redis = client_redis(stack)
     aes = Aes(redis, "aes-erase")
     await aes.ensure_group()
@@ -187,9 +147,9 @@ async def test_completion_crossing_a_session_erase_counts_like_one_crossing_a_ca
 
 
 async def test_api_usage_counts_the_request_of_a_task_erased_while_running(
-    usage_stack: tuple[LocalStack, Child],
+    aes_less_stack: tuple[LocalStack, Child, Child],
 ) -> None:
-    stack, api = usage_stack
+    stack, api, _ = aes_less_stack
     redis = client_redis(stack)
     aes = Aes(redis, "aes-erase2")
     await aes.ensure_group()

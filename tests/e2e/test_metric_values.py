@@ -3,59 +3,18 @@ worker on Valkey and PostgreSQL; the test answers as an external AES, so timing 
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterator
-
 import httpx
 import pytest
 from redis.asyncio import Redis
 
 from services.cli.embedded import RedisServer
-from services.cli.embedded_postgres import PostgresServer
 from services.cli.stack import Child, LocalStack
-from services.persistence.migrate import migrate
 from tests.e2e.clients import auth, connect, events_until, final_of, unique
-from tests.e2e.conftest import new_stack
 from tests.e2e.external_aes import Aes
 from tests.e2e.test_erasure_usage import callback_consumed
 from tests.e2e.test_metrics import scrape, total
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def m_redis() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    yield server
-    server.cleanup()
-
-
-@pytest.fixture(scope="module")
-def m_pg() -> Iterator[PostgresServer]:
-    server = PostgresServer(durable=False).start()
-    asyncio.run(migrate(server.url()))
-    yield server
-    server.cleanup()
-
-
-@pytest.fixture(scope="module")
-def m_stack(
-    m_redis: RedisServer, m_pg: PostgresServer, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[LocalStack, Child, Child]]:
-    stack = new_stack(
-        m_redis,
-        tmp_path_factory.mktemp("metrics-logs"),
-        database_url=m_pg.url(),
-        retry_backoff_seconds="0.05",
-        retry_backoff_max_seconds="0.1",
-    )
-    try:
-        api = stack.start_api()
-        worker = stack.start("worker")
-        stack.wait_ready(api)
-        yield stack, api, worker
-    finally:
-        stack.stop()
 
 
 async def _start(api: Child, tenant: str, session: str) -> str:
@@ -70,12 +29,12 @@ async def _start(api: Child, tenant: str, session: str) -> str:
 
 
 async def test_a_task_ended_by_erasing_its_session_is_counted_as_cancelled(
-    m_stack: tuple[LocalStack, Child, Child],
+    aes_less_stack: tuple[LocalStack, Child, Child],
 ) -> None:
     """`DELETE /api/sessions/{id}` ends a running task as cancelled (its record says so, a late
     completion is dropped as final): `orchestrator_tasks_total{status="cancelled"}` must count
     it, or an accepted task never reaches any final status on the dashboard."""
-    stack, api, worker = m_stack
+    stack, api, worker = aes_less_stack
     redis = Redis.from_url(stack.env["ORCHESTRATOR_REDIS_URL"])
     aes = Aes(redis, "aes-m1")
     await aes.ensure_group()
@@ -110,12 +69,12 @@ async def test_a_task_ended_by_erasing_its_session_is_counted_as_cancelled(
 
 
 async def test_time_to_first_chunk_is_observed_once_for_a_retried_task(
-    m_stack: tuple[LocalStack, Child, Child],
+    aes_less_stack: tuple[LocalStack, Child, Child],
 ) -> None:
     """The first attempt streams a chunk and fails (retryable); the second streams and
     completes. One task, one answer: `orchestrator_time_to_first_chunk_seconds` (DESIGN §7: "time
     to first chunk") observes it once, the time the client saw its first chunk."""
-    stack, api, worker = m_stack
+    stack, api, worker = aes_less_stack
     redis = Redis.from_url(stack.env["ORCHESTRATOR_REDIS_URL"])
     aes = Aes(redis, "aes-m2")
     await aes.ensure_group()
@@ -149,7 +108,7 @@ async def test_time_to_first_chunk_is_observed_once_for_a_retried_task(
 
 
 async def test_queue_wait_is_observed_once_per_task_not_per_attempt(
-    m_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
+    own_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """A task whose first attempt fails (retryable) and second completes waited in the queue
     once, a few ms. The reference executor observes `orchestrator_queue_wait_seconds` again for
@@ -160,7 +119,7 @@ async def test_queue_wait_is_observed_once_per_task_not_per_attempt(
 
     backoff = 1.0
     with deploy(
-        m_redis,
+        own_redis,
         tmp_path_factory.mktemp("qw-logs"),
         executor_chunk_delay_ms="1",
         retry_backoff_seconds=str(backoff),
