@@ -20,12 +20,9 @@ from services.cli.stack import Child, LocalStack
 from services.core import keys
 from tests.e2e.clients import auth, connect, events_until, unique
 from tests.e2e.external_aes import Aes
+from tests.e2e.test_external_aes import client_redis, start_task
 
 pytestmark = pytest.mark.e2e
-
-
-def client_redis(stack: LocalStack) -> Redis:
-    return Redis.from_url(stack.env["ORCHESTRATOR_REDIS_URL"])
 
 
 def today() -> str:
@@ -83,17 +80,6 @@ async def api_usage_when(
 USAGE = {"input_tokens": 1000, "output_tokens": 2000, "model": "m", "cost": 0.25}
 
 
-async def _start(api: Child, tenant: str, session: str) -> str:
-    async with httpx.AsyncClient(base_url=api.url, timeout=10) as http:
-        reply = await http.post(
-            "/api/chat/send",
-            json={"message": "hello", "session_id": session, "stream": True},
-            headers=auth(tenant),
-        )
-    assert reply.status_code == 202, reply.text
-    return str(reply.json()["task_id"])
-
-
 async def test_completion_crossing_a_session_erase_counts_like_one_crossing_a_cancel(
     aes_less_stack: tuple[LocalStack, Child, Child],
 ) -> None:
@@ -105,7 +91,7 @@ async def test_completion_crossing_a_session_erase_counts_like_one_crossing_a_ca
 
     # Control: cancel at the last chunk, then the completion arrives: counted (README).
     cancelled_session = unique("s")
-    task_a = await _start(api, tenant, cancelled_session)
+    task_a = await start_task(api, tenant, cancelled_session)
     stream, entry, action = await aes.take(task_a)
     await aes.answer(action, {"action_type": "execution.chunk", "seq": 1, "delta": "almost"})
     async with httpx.AsyncClient(base_url=api.url, timeout=10) as http:
@@ -122,7 +108,7 @@ async def test_completion_crossing_a_session_erase_counts_like_one_crossing_a_ca
     # The same race with the session erased instead of the task cancelled.
     erased_session = unique("s")
     ws, _ = await connect(api.ws_url, tenant, erased_session)
-    task_b = await _start(api, tenant, erased_session)
+    task_b = await start_task(api, tenant, erased_session)
     stream, entry, action = await aes.take(task_b)
     chunk = await aes.answer(
         action, {"action_type": "execution.chunk", "seq": 1, "delta": "almost"}
@@ -156,7 +142,7 @@ async def test_api_usage_counts_the_request_of_a_task_erased_while_running(
     tenant = unique("t")
     # One ordinary task that completes, so /api/usage has something for the day.
     kept = unique("s")
-    task_a = await _start(api, tenant, kept)
+    task_a = await start_task(api, tenant, kept)
     stream, entry, action = await aes.take(task_a)
     await aes.answer(
         action, {"action_type": "execution.completed", "content": "ok", "usage": USAGE}
@@ -164,7 +150,7 @@ async def test_api_usage_counts_the_request_of_a_task_erased_while_running(
     await aes.ack(stream, entry)
     # One erased while its AES runs it; the AES was told to stop and answers nothing more.
     gone = unique("s")
-    task_b = await _start(api, tenant, gone)
+    task_b = await start_task(api, tenant, gone)
     stream, entry, action = await aes.take(task_b)
     async with httpx.AsyncClient(base_url=api.url, timeout=10) as http:
         erased = await http.delete(f"/api/sessions/{gone}", headers=auth(tenant))
@@ -175,7 +161,7 @@ async def test_api_usage_counts_the_request_of_a_task_erased_while_running(
     assert again.status_code == 404, again.text
     await aes.ack(stream, entry)
     # A third task after the erase: once it is in /api/usage, the writer is past the erase.
-    task_c = await _start(api, tenant, kept)
+    task_c = await start_task(api, tenant, kept)
     stream, entry, action = await aes.take(task_c)
     await aes.answer(
         action, {"action_type": "execution.completed", "content": "ok", "usage": USAGE}

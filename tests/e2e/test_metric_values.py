@@ -12,20 +12,10 @@ from services.cli.stack import Child, LocalStack
 from tests.e2e.clients import auth, connect, events_until, final_of, unique
 from tests.e2e.external_aes import Aes
 from tests.e2e.test_erasure_usage import callback_consumed
+from tests.e2e.test_external_aes import start_task
 from tests.e2e.test_metrics import scrape, total
 
 pytestmark = pytest.mark.e2e
-
-
-async def _start(api: Child, tenant: str, session: str) -> str:
-    async with httpx.AsyncClient(base_url=api.url, timeout=10) as http:
-        reply = await http.post(
-            "/api/chat/send",
-            json={"message": "hello", "session_id": session, "stream": True},
-            headers=auth(tenant),
-        )
-    assert reply.status_code == 202, reply.text
-    return str(reply.json()["task_id"])
 
 
 async def test_a_task_ended_by_erasing_its_session_is_counted_as_cancelled(
@@ -41,7 +31,7 @@ async def test_a_task_ended_by_erasing_its_session_is_counted_as_cancelled(
     tenant, session = unique("t"), unique("s")
     before_api = scrape(api.metrics_port)
     before_worker = scrape(worker.metrics_port)
-    task = await _start(api, tenant, session)
+    task = await start_task(api, tenant, session)
     stream, entry, action = await aes.take(task)
     async with httpx.AsyncClient(base_url=api.url, timeout=10) as http:
         erased = await http.delete(f"/api/sessions/{session}", headers=auth(tenant))
@@ -83,7 +73,7 @@ async def test_time_to_first_chunk_is_observed_once_for_a_retried_task(
     before = total(scrape(worker.metrics_port), name)
     answers_before = total(scrape(worker.metrics_port), "orchestrator_answer_seconds_count")
     ws, _ = await connect(api.ws_url, tenant, session)
-    task = await _start(api, tenant, session)
+    task = await start_task(api, tenant, session)
     stream, entry, action = await aes.take(task)
     await aes.answer(action, {"action_type": "execution.chunk", "seq": 1, "delta": "first "})
     await aes.answer(

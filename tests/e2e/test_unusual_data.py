@@ -27,6 +27,7 @@ from tests.e2e.clients import SECRET, auth, connect, events_until, final_of, nex
 from tests.e2e.conftest import new_stack
 from tests.e2e.external_aes import Aes
 from tests.e2e.test_auth_and_input import close_code_of
+from tests.e2e.test_external_aes import client_redis
 
 pytestmark = pytest.mark.e2e
 
@@ -56,10 +57,6 @@ def stack(
         yield stack, api
     finally:
         stack.stop()
-
-
-def client_redis(stack: LocalStack) -> Redis:
-    return Redis.from_url(stack.env["ORCHESTRATOR_REDIS_URL"])
 
 
 async def post_send(api: Child, headers: dict[str, str], **body: Any) -> httpx.Response:
