@@ -161,11 +161,15 @@ async def keep_sockets_counted(runtime: Runtime) -> None:
                 await sockets.refresh(tenant_id, ids)
             except REDIS_DOWN:
                 pass  # counted again at the next refresh once Redis is back
-            except Exception as exc:
+            except Exception:
                 # Whatever it is (a read-only replica after a failover, out of memory), this
                 # task must not end: nothing awaits it, and the pod's sockets would silently
                 # drop out of every tenant's count for good.
-                log.warning("refreshing the socket count of a tenant failed: %r", exc)
+                log.warning(
+                    "refreshing the socket count of a tenant failed",
+                    exc_info=True,
+                    extra={"tenant_id": tenant_id},
+                )
 
 
 def provide_runtime(request: AnyRequest) -> Runtime:

@@ -496,7 +496,10 @@ class SessionHub:
                 delay = min(RECONNECT_MAX_SECONDS, delay * 2)
                 continue
             except Exception:  # never leave a socket held in silence: it reconnects and resumes
-                log.exception("catch-up of a socket failed; closing it")
+                log.exception(
+                    "catch-up of a socket failed; closing it",
+                    extra={"tenant_id": conn.tenant_id, "session_id": conn.session_id},
+                )
                 conn.close_soon(CLOSE_INTERNAL, "internal error: reconnect")
                 self._stalled.discard(conn)
                 continue
@@ -508,8 +511,8 @@ class SessionHub:
                 conn.push(frame(conn.last_event_id, ERROR, gap))
                 log.warning(
                     "events lost for a socket after an outage",
-                    extra={"session_id": conn.session_id, "after": conn.last_event_id,
-                           "log_cursor": replay.cursor},
+                    extra={"tenant_id": conn.tenant_id, "session_id": conn.session_id,
+                           "after": conn.last_event_id, "log_cursor": replay.cursor},
                 )  # fmt: skip
             for event_id, body in replay.events:
                 conn.push(frame_with_id(event_id, body))

@@ -3,7 +3,9 @@ name (DESIGN §7: JSON lines with the tenant and session where known)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,8 +15,9 @@ import pytest
 
 from services.cli.embedded import RedisServer
 from services.cli.stack import Child
-from tests.e2e.clients import auth, unique
-from tests.e2e.conftest import lone_api, new_stack
+from services.core import keys
+from tests.e2e.clients import auth, connect, events_until, final_of, next_event, send, unique
+from tests.e2e.conftest import FAST_EXECUTOR, lone_api, new_stack, redis_client
 from tests.e2e.test_http_error_shape import exchange
 
 pytestmark = pytest.mark.e2e
@@ -91,3 +94,69 @@ def test_a_refused_send_names_its_tenant_and_session(tmp_path: Path) -> None:
     finally:
         stack.stop()
         redis.cleanup()
+
+
+async def test_a_socket_told_its_events_were_lost_is_logged_with_its_tenant(
+    tmp_path: Path,
+) -> None:
+    """Redis comes back empty under an open socket: the client gets `resume_gap` and the api
+    warns. The warning named the session but not the tenant (ids are unique per tenant
+    only, so an SRE could not tell whose events were lost)."""
+    redis = RedisServer().start()
+    stack = new_stack(redis, tmp_path / "logs", **FAST_EXECUTOR)
+    try:
+        child = stack.start_api()
+        stack.start("worker")
+        stack.start("executor")
+        stack.wait_ready(child)
+        tenant, session = unique("t"), unique("s")
+        ws, _ = await connect(child.ws_url, tenant, session)
+        async with httpx.AsyncClient(timeout=15) as http:
+            reply = await send(http, child.url, tenant, {"message": "hi", "session_id": session})
+        assert reply.status_code == 202, reply.text
+        await events_until(ws, final_of(reply.json()["task_id"]))
+        redis.stop()
+        notice = await next_event(ws, timeout=15)
+        assert notice["data"]["code"] == "unavailable", notice
+        redis.start()  # empty: the session's log is gone
+        gap = await next_event(ws, timeout=30)
+        assert gap["data"]["code"] == "resume_gap", gap
+        await ws.close()
+        [line] = [line for line in log_lines(child) if "events lost for a socket" in line]
+        record = json.loads(line)
+        assert (record.get("tenant_id"), record.get("session_id")) == (tenant, session), record
+    finally:
+        stack.stop()
+        redis.cleanup()
+
+
+async def test_a_failed_socket_count_refresh_names_its_tenant_and_keeps_its_stack(
+    tmp_path: Path,
+) -> None:
+    """The refresh of a tenant's socket count fails in a way nobody foresaw (here: its key
+    holds another type): the warning was the exception's repr alone, neither whose count nor
+    where it failed."""
+    redis = RedisServer().start()
+    stack = new_stack(redis, tmp_path / "logs", connection_ttl_seconds="3")
+    try:
+        child = stack.start_api()
+        stack.wait_ready(child)
+        tenant = unique("t")
+        ws, _ = await connect(child.ws_url, tenant, unique("s"))
+        async with redis_client(redis) as admin:
+            await admin.set(keys.tenant_sockets(tenant), "not a sorted set")
+            deadline = time.monotonic() + 15  # refreshed every second (a third of the ttl)
+            while not (found := _lines_about(child, "refreshing the socket count")):
+                assert time.monotonic() < deadline, log_lines(child)
+                await asyncio.sleep(0.1)
+        await ws.close()
+        record = json.loads(found[0])
+        assert record.get("tenant_id") == tenant, record
+        assert "WRONGTYPE" in record.get("exc", ""), record
+    finally:
+        stack.stop()
+        redis.cleanup()
+
+
+def _lines_about(child: Child, words: str) -> list[str]:
+    return [line for line in log_lines(child) if words in line]
