@@ -38,6 +38,7 @@ from services.api.http_tracing import redact_query_tokens, span_details
 from services.api.internal import InternalServer
 from services.api.models import StrictStructSchemaPlugin
 from services.api.runtime import Runtime
+from services.api.unrouted import UnroutedRequests
 from services.core import clock, telemetry
 from services.core.auth import TokenVerifier
 from services.core.errors import OrchestratorError
@@ -270,10 +271,11 @@ class Api:
     holds no frame of this dispatcher (uvicorn is told the interface is ASGI 3).
     """
 
-    __slots__ = ("litestar",)
+    __slots__ = ("http", "litestar")
 
-    def __init__(self, litestar: Litestar) -> None:
+    def __init__(self, litestar: Litestar, prometheus: PrometheusConfig) -> None:
         self.litestar = litestar
+        self.http = UnroutedRequests(litestar, prometheus)  # type: ignore[arg-type]
 
     @property
     def state(self) -> State:
@@ -287,6 +289,8 @@ class Api:
             if ids is not None:
                 runtime: Runtime = self.litestar.state.runtime
                 return sockets.session_socket(runtime, scope, receive, send, *ids)
+        elif scope["type"] == "http":
+            return self.http(scope, receive, send)
         return self.litestar(scope, receive, send)  # type: ignore[arg-type]
 
 
@@ -375,6 +379,15 @@ def create_app(
         **dict.fromkeys(REDIS_REFUSING, _on_redis_refusing),
         Exception: _on_unexpected,
     }
+    prometheus = PrometheusConfig(
+        app_name="agent-orchestrator",
+        prefix=metrics.HTTP_METRICS_PREFIX,
+        group_path=True,
+        scopes={ScopeType.HTTP},
+        buckets=list(metrics.HTTP_BUCKETS),
+        exclude=["^/health$", "^/health/ready$"],  # the probes, not /health/detailed
+        exemplars=lambda _: telemetry.exemplar() or {},
+    )
     litestar = Litestar(
         route_handlers=[
             chat.send_message,
@@ -399,18 +412,8 @@ def create_app(
         openapi_config=_openapi_config(),
         request_max_body_size=settings.max_body_bytes,
         plugins=[StrictStructSchemaPlugin(), *_tracing_plugins()],
-        middleware=[
-            PrometheusConfig(
-                app_name="agent-orchestrator",
-                prefix=metrics.HTTP_METRICS_PREFIX,
-                group_path=True,
-                scopes={ScopeType.HTTP},
-                buckets=list(metrics.HTTP_BUCKETS),
-                exclude=["^/health$", "^/health/ready$"],  # the probes, not /health/detailed
-                exemplars=lambda _: telemetry.exemplar() or {},
-            ).middleware
-        ],
+        middleware=[prometheus.middleware],
         logging_config=None,
         debug=False,
     )
-    return Api(litestar)
+    return Api(litestar, prometheus)

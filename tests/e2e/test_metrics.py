@@ -189,3 +189,30 @@ async def test_probes_are_not_counted_but_the_detailed_health_is(
     assert total(api_metrics, "orchestrator_http_requests_total", path="/health/detailed") == 1
     assert total(api_metrics, "orchestrator_http_requests_total", path="/health") == 0
     assert total(api_metrics, "orchestrator_http_requests_total", path="/health/ready") == 0
+
+
+async def test_requests_no_route_takes_are_counted_under_one_path(
+    metered: tuple[LocalStack, Child, Child, Child],
+) -> None:
+    """Litestar's middleware runs inside a route: a 404 for an unknown path and a 405 for a
+    wrong method were in no metric (a scan, or a frontend calling a wrong method, never showed
+    on the dashboard). Counted now, under one path label whatever the path, so a client cannot
+    create series; a 404 a route answers stays under its template."""
+    _, api, _, _ = metered
+    tenant = unique("t")
+    async with httpx.AsyncClient(base_url=api.url) as http:
+        for path in ("/no/such/path", f"/{unique('random')}"):
+            assert (await http.get(path)).status_code == 404
+        assert (await http.put("/api/chat/send", json={})).status_code == 405
+        missing = await http.get("/api/chat/tasks/no-such-task", headers=auth(tenant))
+        assert missing.status_code == 404, missing.text
+    samples = scrape(api.metrics_port)
+    unrouted = {"path": "<unrouted>", "app_name": "agent-orchestrator"}
+    name = "orchestrator_http_requests_total"
+    assert total(samples, name, method="GET", status_code="404", **unrouted) == 2
+    assert total(samples, name, method="PUT", status_code="405", **unrouted) == 1
+    assert total(samples, "orchestrator_http_request_duration_seconds_count", **unrouted) == 3
+    assert not [
+        labels for (n, labels) in samples if n == name and ("path", "/no/such/path") in labels
+    ]
+    assert total(samples, name, path="/api/chat/tasks/{task_id}", status_code="404") == 1
