@@ -28,8 +28,15 @@ log = logging.getLogger(__name__)
 # Counted where every consumer (worker, executor, persistence writer) dead-letters, so the
 # `OrchestratorDeadLetters` alert sees them all.
 dead_letters = Counter("orchestrator_dead_letters", "Entries moved to the dead-letter stream")
+dead_letters_dropped = Counter(
+    "orchestrator_dead_letters_dropped",
+    "Oldest dead letters deleted, never replayed nor discarded, to keep the stream at its cap",
+)
 
 DEAD_LETTER_MAXLEN = 100_000
+"""The dead-letter stream's cap: a bug dead-lettering every action must not fill Redis's
+memory (and refuse every write) before anyone looks. What goes past it is counted and logged:
+it is lost for good."""
 # A consumer of a competing group (executors, writers) idle this long with nothing pending
 # belongs to a process that is gone: a live one reads every few seconds.
 GONE_CONSUMER_IDLE_SECONDS = 600.0
@@ -174,13 +181,25 @@ async def dead_letter(redis: Redis, entry: Entry, group: str, reason: str) -> No
     }
     raw = entry.raw_action
     record[ACTION_FIELD] = raw if raw is not None else b""
-    await redis.xadd(keys.DEAD_LETTERS, record, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
+    # XTRIM apart from the XADD: it says how many it deleted, and those were never handled.
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.xadd(keys.DEAD_LETTERS, record)
+        pipe.xtrim(keys.DEAD_LETTERS, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
+        _, dropped = await pipe.execute()
     await redis.xack(entry.stream, group, entry.id)
     dead_letters.inc()
     log.warning(
         "dead-lettered entry",
         extra={"stream": entry.stream, "entry_id": entry.id, "reason": reason[:200]},
     )
+    if dropped:
+        dead_letters_dropped.inc(int(dropped))
+        log.error(
+            "dead-letter stream full: its %d oldest dead letters were deleted unhandled; "
+            "replay or discard dead letters (orchestrator deadletters list)",
+            int(dropped),
+            extra={"cap": DEAD_LETTER_MAXLEN},
+        )
 
 
 _TRIM_CONSUMED = (files("services.core") / "lua" / "trim_consumed.lua").read_text()
