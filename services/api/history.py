@@ -11,8 +11,10 @@ import asyncio
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any
 
+import msgspec
 from litestar import delete, get
 from litestar.di import NamedDependency
+from litestar.openapi.spec import OpenAPIType
 from litestar.params import Parameter, QueryParameter
 
 from services.api.chat import (
@@ -23,7 +25,7 @@ from services.api.chat import (
     WRONG_TENANT,
     AuthenticatedOperation,
 )
-from services.api.models import refusals
+from services.api.models import MessagePage, SessionErased, TenantUsage, refusals
 from services.api.runtime import Runtime
 from services.core import clock, keys
 from services.core.auth import Principal
@@ -31,7 +33,8 @@ from services.core.errors import NotFound, Unavailable
 from services.core.ids import ID_PATTERN
 from services.core.redis_client import REDIS_DOWN as REDIS_DOWN_ERRORS
 from services.core.redis_client import REDIS_REFUSING
-from services.persistence.history import HistoryStore, parse_day
+from services.core.settings import Settings
+from services.persistence.history import DEFAULT_PAGE, HistoryStore, parse_day
 
 SessionId = Annotated[
     str, Parameter(pattern=ID_PATTERN, description="session id", schema_extra=PORTABLE)
@@ -45,6 +48,26 @@ NO_HISTORY = (
     "PostgreSQL unreachable, or not configured (`persistence_not_configured`); " + REDIS_DOWN
 )
 NO_SESSION = "the tenant has no such session"
+# The page max the document shows: ORCHESTRATOR_HISTORY_PAGE_MAX's default. The api refuses
+# (422) a limit over the configured value, which the document cannot know at import.
+HISTORY_PAGE_MAX = int(Settings.model_fields["history_page_max"].default)
+# `limit` as the document shows it. Its bounds are not Litestar constraints (`le=`) but the
+# store's check, so that a limit over the page max keeps its own 422 (details `max`); a query
+# value is never null, hence `integer` instead of Litestar's integer-or-null `oneOf`.
+PageLimit = Annotated[
+    int | None,
+    Parameter(
+        ge=1,
+        description=f"page size: from 1 to ORCHESTRATOR_HISTORY_PAGE_MAX (default "
+        f"{HISTORY_PAGE_MAX}); without it {DEFAULT_PAGE}, or the page max if smaller",
+        schema_extra={
+            "one_of": None,
+            "type": OpenAPIType.INTEGER,
+            "maximum": HISTORY_PAGE_MAX,
+            "default": DEFAULT_PAGE,
+        },
+    ),
+]
 
 
 def _history(runtime: Runtime) -> HistoryStore:
@@ -75,14 +98,12 @@ async def session_messages(
     session_id: SessionId,
     principal: NamedDependency[Principal],
     runtime: NamedDependency[Runtime],
-    limit: Annotated[
-        int | None, Parameter(ge=1, description="page size (default 50, at most the page max)")
-    ] = None,
+    limit: PageLimit = None,
     cursor: Annotated[str | None, Parameter(description="next_cursor of a page")] = None,
     after_event_id: Annotated[
         str | None, Parameter(description="only messages finished after this event id")
     ] = None,
-) -> dict[str, Any]:
+) -> MessagePage:
     history = _history(runtime)
     pending = await _unwritten(runtime, principal.tenant_id, session_id)
     page = await history.messages(
@@ -94,7 +115,8 @@ async def session_messages(
         and not await history.session_exists(principal.tenant_id, session_id)
     ):
         raise NotFound(f"session {session_id} not found")
-    return {**page.to_dict(), "pending": pending}
+    # The store's dict is the wire shape; converting it checks it against the declared one.
+    return msgspec.convert({**page.to_dict(), "pending": pending}, MessagePage)
 
 
 async def _unwritten(runtime: Runtime, tenant_id: str, session_id: str) -> int:
@@ -157,7 +179,7 @@ async def erase_session(
     session_id: SessionId,
     principal: NamedDependency[Principal],
     runtime: NamedDependency[Runtime],
-) -> dict[str, Any]:
+) -> SessionErased:
     """Deletes the persisted messages and the live event log, so a resume cannot replay
     what was erased; the tenant's usage stays counted."""
     history = _history(runtime)
@@ -174,7 +196,7 @@ async def erase_session(
     deleted += await history.delete_session(tenant_id, session_id, at=clock.utcnow())
     if not deleted and not logged and not erased:
         raise NotFound(f"session {session_id} not found")
-    return {"session_id": session_id, "deleted_messages": deleted}
+    return SessionErased(session_id=session_id, deleted_messages=deleted)
 
 
 @get(
@@ -196,7 +218,7 @@ async def tenant_usage(
     runtime: NamedDependency[Runtime],
     day_from: Annotated[str | None, QueryParameter(name="from", description="YYYY-MM-DD")] = None,
     day_to: Annotated[str | None, QueryParameter(name="to", description="YYYY-MM-DD")] = None,
-) -> dict[str, Any]:
+) -> TenantUsage:
     history = _history(runtime)
     today = datetime.now(UTC).date()
     last = parse_day(day_to, "to") if day_to else today
@@ -204,9 +226,12 @@ async def tenant_usage(
     # (`last - span` would overflow for a `to` in the calendar's first month: a 500)
     first = parse_day(day_from, "from") if day_from else max(date.min + span, last) - span
     days = await history.usage(principal.tenant_id, first, last)
-    return {
-        "tenant_id": principal.tenant_id,
-        "from": first.isoformat(),
-        "to": last.isoformat(),
-        "days": [day.to_dict() for day in days],
-    }
+    return msgspec.convert(
+        {
+            "tenant_id": principal.tenant_id,
+            "from": first.isoformat(),
+            "to": last.isoformat(),
+            "days": [day.to_dict() for day in days],
+        },
+        TenantUsage,
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar._openapi.schema_generation import SchemaCreator
@@ -53,6 +53,74 @@ class TaskView(msgspec.Struct, kw_only=True, omit_defaults=True):
 class Cancelled(msgspec.Struct, kw_only=True):
     task_id: str
     status: str
+
+
+# The read side's answers (services/api/history.py). Every field is always sent, `null` when
+# it has no value, so none has a default: the document marks them all required (nullable
+# where they can be null), and a generated client gets every field typed instead of `any`.
+# The wire shape itself is made by `services.persistence.history` (`to_dict`); the field
+# order here is its key order, so the bytes are what they were when the answers were dicts.
+
+
+class MessageUsage(msgspec.Struct, kw_only=True):
+    """What an answered task used; the user's message of a task carries none (`null`)."""
+
+    input_tokens: int
+    output_tokens: int
+    model: str | None
+    cost: float
+
+
+class SessionMessage(msgspec.Struct, kw_only=True):
+    """One message of a session's history: a task has a user message and, once answered,
+    an assistant one (`message_id` is `<task_id>:<role>`). Times are ISO 8601 UTC."""
+
+    message_id: str
+    task_id: str
+    role: Literal["user", "assistant"]
+    agent_id: str
+    user_id: str | None
+    content: str
+    status: Literal["completed", "failed", "cancelled", "timed_out"]
+    final_event_id: str | None
+    usage: MessageUsage | None
+    created_at: str
+    completed_at: str
+    first_chunk_at: str | None
+
+
+class MessagePage(msgspec.Struct, kw_only=True):
+    """A page of history, newest last; `next_cursor` pages on (null: no more), `pending`
+    counts the session's ended tasks still on their way to PostgreSQL."""
+
+    messages: list[SessionMessage]
+    next_cursor: str | None
+    pending: int
+
+
+class SessionErased(msgspec.Struct, kw_only=True):
+    session_id: str
+    deleted_messages: int
+
+
+class DayUsage(msgspec.Struct, kw_only=True):
+    """One UTC day of a tenant's use (`tokens` = input + output); days without use are absent."""
+
+    day: str
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    tokens: int
+    cost: float
+
+
+class TenantUsage(msgspec.Struct, kw_only=True):
+    """The tenant's usage per day in [from, to] (YYYY-MM-DD, UTC)."""
+
+    tenant_id: str
+    day_from: str = msgspec.field(name="from")
+    day_to: str = msgspec.field(name="to")
+    days: list[DayUsage]
 
 
 class ErrorDetail(msgspec.Struct, kw_only=True):
