@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 from opentelemetry.trace import Span
 from redis.asyncio import Redis
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.api import metrics
 from services.api.admission import Admission, SendRules, check_message
@@ -36,7 +37,7 @@ from services.core.actions import (
     utcnow,
 )
 from services.core.auth import Principal
-from services.core.errors import Conflict, InvalidInput, NotFound
+from services.core.errors import Conflict, InvalidInput, NotFound, Unavailable
 from services.core.ids import new_id
 from services.core.logs import bind_for_this_task
 from services.core.ratelimit import (
@@ -244,7 +245,7 @@ class ChatService:
         """On one server: limits, budget and enqueue in one script; raises the refusal."""
         with self._producer(ref, rules) as span:
             task = self._new_task(ref, agent_id, principal, request, rules, span)
-            decisions, outcome = await self._admit_and_enqueue(task, rules)
+            decisions, outcome = await self._admit_and_enqueue_once(task, rules)
             if outcome is None:
                 span.set_attribute("orchestrator.refused", True)
         if decisions is None:  # a retried call whose first run created the task
@@ -253,6 +254,32 @@ class ChatService:
         admitted = self.admission.judge(rules, decisions)  # a refusal: raised after the span
         assert outcome is not None  # None only with a refusal
         return outcome, rate_limit_headers(admitted.decision)
+
+    async def _admit_and_enqueue_once(
+        self, task: _NewTask, rules: SendRules
+    ) -> tuple[list[RateDecision] | None, Outcome | None]:
+        """`_admit_and_enqueue`, sent again once if Redis did not answer in time.
+
+        A timeout is not a refusal: Redis may be busy (a big command, a stall) and run the
+        script when it gets to it. Answered 503 "retry", the client sent the message again and
+        both ran: the message answered (and billed) twice. Sent again, the script runs after
+        the first one and answers `exists` (the task id is the same), or creates the task if
+        the first never ran: once either way. If Redis stays silent, the 503 says the message
+        may still be queued, and as which task."""
+        try:
+            return await self._admit_and_enqueue(task, rules)
+        except RedisTimeoutError:
+            pass
+        try:
+            return await self._admit_and_enqueue(task, rules)
+        except RedisTimeoutError as exc:
+            task_id = task.ref.task_id
+            raise Unavailable(
+                f"redis did not answer in time; the message may still be queued as task "
+                f"{task_id}: check GET /api/chat/tasks/{task_id} before sending it again "
+                "(or send with an Idempotency-Key)",
+                details={"task_id": task_id, "queued": "unknown"},
+            ) from exc
 
     async def _send_in_two_steps(
         self,
