@@ -4,6 +4,9 @@ Starts an embedded Redis (one server; with `--redis-mode cluster` a local 3-mast
 with `sentinel` a primary, a replica and 3 sentinels) and PostgreSQL (migrated), then the api,
 the worker and the reference executor as child processes, prints the URL and a ready-to-use
 token, and stops every child on Ctrl-C (or when one of them dies), leaving nothing running.
+Killed without that cleanup (SIGKILL, the OOM killer), it still leaves nothing on Linux: every
+server and child is started from this main thread and is signalled when we die
+(`services.cli.parent_watch`).
 """
 
 from __future__ import annotations

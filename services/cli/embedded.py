@@ -22,6 +22,8 @@ from typing import Any
 
 import redis
 
+from services.cli import parent_watch
+
 STARTUP_TIMEOUT_SECONDS = 10.0
 CLUSTER_READY_SECONDS = 30.0
 SENTINEL_READY_SECONDS = 30.0
@@ -188,8 +190,8 @@ class RedisServer:
         ]  # fmt: skip
         log_file = (self.directory / "server.log").open("wb")
         # Its own session: a Ctrl-C meant for `orchestrator dev` must not stop Redis before
-        # the processes using it have drained.
-        self.process = subprocess.Popen(
+        # the processes using it have drained; and SIGTERM when we die without stopping it.
+        self.process = parent_watch.popen(
             args, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
         )
         deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
@@ -282,7 +284,7 @@ class LocalCluster:
                 *(f"127.0.0.1:{port}" for port in self.ports),
                 "--cluster-replicas", str(self.replicas), "--cluster-yes",
             ]  # fmt: skip
-            formed = subprocess.run(create, capture_output=True, text=True, timeout=60, check=False)
+            formed = parent_watch.run(create, text=True, timeout=60)
             if formed.returncode != 0:
                 raise RuntimeError(f"cluster create failed:\n{formed.stdout}\n{formed.stderr}")
             self.wait_ready()

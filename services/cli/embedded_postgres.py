@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from services.cli import parent_watch
 from services.cli.embedded import free_port
 
 STARTUP_TIMEOUT_SECONDS = 30.0
@@ -126,9 +127,12 @@ class PostgresServer:
             args += ["-c", "full_page_writes=off"]
         with self.log_path.open("ab") as log_file:
             # Its own session: a Ctrl-C meant for `orchestrator dev` must not stop PostgreSQL
-            # before the processes using it have drained.
-            self.process = subprocess.Popen(
+            # before the processes using it have drained. When we die without stopping it, a
+            # fast shutdown (SIGINT, as `stop()`): a smart one (SIGTERM) would wait for
+            # sessions of clients that may never end.
+            self.process = parent_watch.popen(
                 args,
+                death_signal=signal.SIGINT,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -169,10 +173,8 @@ class PostgresServer:
             "--locale=C",
             "--no-sync",
         ]  # fmt: skip
-        result = subprocess.run(
+        result = parent_watch.run(
             args,
-            capture_output=True,
-            check=False,
             timeout=120,
             user=self._uid,
             group=self._gid,

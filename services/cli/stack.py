@@ -16,6 +16,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.cli import parent_watch
 from services.cli.embedded import free_port
 
 READY_TIMEOUT_SECONDS = 30.0
@@ -49,7 +50,8 @@ class Child:
 
 @dataclass
 class LocalStack:
-    """Child processes sharing one environment; `stop()` ends every one of them.
+    """Child processes sharing one environment; `stop()` ends every one of them, and each
+    gets SIGTERM (a drain) if we die without stopping it (`parent_watch`).
 
     `own_sessions`: each child in a session of its own. On Linux with autogroup scheduling
     (`/proc/sys/kernel/sched_autogroup_enabled`), a session is a scheduling group that gets
@@ -82,7 +84,7 @@ class LocalStack:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             log_path = Path(tempfile.mkstemp(prefix=f"{role}-", suffix=".log", dir=self.log_dir)[1])
             with log_path.open("wb") as sink:
-                process = subprocess.Popen(
+                process = parent_watch.popen(
                     [sys.executable, "-m", "services.cli.main", *args],
                     env=env,
                     stdout=sink,
@@ -90,7 +92,7 @@ class LocalStack:
                     start_new_session=self.own_sessions,
                 )
         else:
-            process = subprocess.Popen(
+            process = parent_watch.popen(
                 [sys.executable, "-m", "services.cli.main", *args],
                 env=env,
                 start_new_session=self.own_sessions,
