@@ -35,7 +35,7 @@ from redis.exceptions import RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.api.connections import CLOSE_INTERNAL, ClientConnection, traced_frame
-from services.api.session_log import DEFAULT_LOG_TTL_MS, read_since
+from services.api.session_log import DEFAULT_LOG_TTL_MS, RESUME_GAP, read_since
 from services.core import keys, telemetry
 from services.core.delivery_lag import LagClock
 from services.core.events import ERROR, frame, frame_id, frame_with_id
@@ -507,8 +507,7 @@ class SessionHub:
             if replay.resumed is False:
                 # Events were trimmed, expired or lost with Redis's data: say so, then deliver
                 # what remains (newer than the socket's cursor, in log order).
-                gap = {"code": "resume_gap", "message": "events were lost; fetch the task state"}
-                conn.push(frame(conn.last_event_id, ERROR, gap))
+                conn.push(frame(conn.last_event_id, ERROR, RESUME_GAP))
                 log.warning(
                     "events lost for a socket after an outage",
                     extra={"tenant_id": conn.tenant_id, "session_id": conn.session_id,

@@ -54,11 +54,29 @@ async def _now_ms(redis: Redis) -> int:
     return int(seconds) * 1000 + int(micros) // 1000
 
 
+REPLAY_PAGE = 1000
+"""Events a resume reads and queues at a time. In one read, a resume far back in a long log
+(`SESSION_LOG_MAXLEN` allows millions) held the api's event loop for every other client of the
+pod while its reply was parsed and queued: 1-2.5 s at 100 000-200 000 events."""
+
+
+RESUME_GAP = {"code": "resume_gap", "message": "events were lost; fetch the task state"}
+"""The `error` event's data when events a socket was owed are gone from the log."""
+
+
 @dataclass(frozen=True, slots=True)
 class Replay:
     resumed: bool | None
     cursor: str
     events: list[tuple[str, str]] = field(default_factory=list)
+    more: bool = False  # a full page: the log may hold more after `cursor` (`read_page`)
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    events: list[tuple[str, str]]
+    more: bool
+    gap: bool  # events after the cursor were trimmed, deleted or expired since the last page
 
 
 def _text(value: bytes | str) -> str:
@@ -150,6 +168,7 @@ async def read_since(
     *,
     partial: bool = False,
     log_ttl_ms: int = DEFAULT_LOG_TTL_MS,
+    page: int | None = None,
 ) -> Replay:
     """The events after `last_event_id` (None: just the cursor of a fresh join).
 
@@ -157,6 +176,7 @@ async def read_since(
     then it carries what the log still holds after `last_event_id` (a live socket that lost
     its subscription is told of the gap, then given everything that can still be given).
     `log_ttl_ms`: how long the log lives after its last event (ORCHESTRATOR_SESSION_LOG_TTL).
+    `page`: at most that many events; `more` says whether `read_page` should go on.
     """
     log_key = keys.session_log(tenant_id, session_id)
     now_ms, info = await _time_then_info(redis, log_key)
@@ -178,7 +198,7 @@ async def read_since(
     low = "-" if last_event_id == NO_EVENT_ID else f"({last_event_id}"
     async with redis.pipeline(transaction=True) as pipe:
         pipe.execute_command("XINFO", "STREAM", log_key)
-        pipe.xrange(log_key, min=low, max="+")
+        pipe.xrange(log_key, min=low, max="+", count=page)
         info, entries = await pipe.execute(raise_on_error=False)
     if isinstance(entries, Exception):
         raise entries
@@ -194,4 +214,33 @@ async def read_since(
     # Nothing after it: an exact resume stays where it was; a refused one starts from the newest.
     unchanged = last_event_id if exact else newest
     cursor = replayed[-1][0] if replayed else unchanged
-    return Replay(exact, cursor, replayed)
+    return Replay(exact, cursor, replayed, more=page is not None and len(replayed) == page)
+
+
+async def read_page(
+    redis: Redis, tenant_id: str, session_id: str, cursor: str, *, page: int = REPLAY_PAGE
+) -> Page:
+    """The next page of a resume after `cursor`, the id of the last event sent.
+
+    Read with `XINFO` in one transaction, as the first page: a trim that reached past
+    `cursor` between two pages (a log at its cap while the session is busy) is a `gap`, told
+    to the client as after an outage, and the replay goes on with what the log still holds.
+    """
+    log_key = keys.session_log(tenant_id, session_id)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.execute_command("XINFO", "STREAM", log_key)
+        pipe.xrange(log_key, min=f"({cursor}", max="+", count=page)
+        info, entries = await pipe.execute(raise_on_error=False)
+    if isinstance(entries, Exception):
+        raise entries
+    if isinstance(info, ResponseError):  # expired or erased in between
+        return Page([], more=False, gap=True)
+    if isinstance(info, Exception):
+        raise info
+    newest = _info_field(info, "last-generated-id") or NO_EVENT_ID
+    events = [(_text(entry_id), _text(fields[b"e"])) for entry_id, fields in entries or []]
+    return Page(
+        events,
+        more=len(events) == page,
+        gap=not _nothing_missing(info, cursor, newest, None),
+    )

@@ -37,7 +37,7 @@ from services.api.connections import (
 )
 from services.api.models import SendRequest, TaskRequest
 from services.api.runtime import Runtime
-from services.api.session_log import read_since
+from services.api.session_log import REPLAY_PAGE, RESUME_GAP, read_page, read_since
 from services.core import events, telemetry
 from services.core.auth import Principal
 from services.core.errors import BadRequest, OrchestratorError, Unauthorized
@@ -322,6 +322,7 @@ async def _set_up(runtime: Runtime, conn: ClientConnection, last_event_id: str |
         conn.session_id,
         last_event_id,
         log_ttl_ms=runtime.settings.session_log_ttl_seconds * 1000,
+        page=REPLAY_PAGE,
     )
     # The ack goes out before the replayed events, so its id is where the client stands
     # before them: a client keeping `lastId = frame.id` whose socket drops between the ack
@@ -344,6 +345,15 @@ async def _set_up(runtime: Runtime, conn: ClientConnection, last_event_id: str |
     for event_id, body in replay.events:
         conn.push(events.frame_with_id(event_id, body))
         sent_up_to = event_id
+    more = replay.more
+    while more and not conn.closed:
+        page = await read_page(runtime.redis, conn.tenant_id, conn.session_id, sent_up_to)
+        if page.gap:
+            conn.push(events.frame(sent_up_to, events.ERROR, RESUME_GAP))
+        for event_id, body in page.events:
+            conn.push(events.frame_with_id(event_id, body))
+            sent_up_to = event_id
+        more = page.more
     runtime.hub.go_live(conn, sent_up_to)
 
 
