@@ -65,13 +65,22 @@ def format_table(letters: Sequence[DeadLetter]) -> list[str]:
 
 
 async def list_command(
-    settings: Settings, *, limit: int, as_json: bool, out: TextIO = sys.stdout
+    settings: Settings,
+    *,
+    limit: int,
+    as_json: bool,
+    after: str | None = None,
+    out: TextIO = sys.stdout,
 ) -> int:
+    """`after`: the last id of the previous page. Without it, past `--limit` dead letters
+    nobody could see the rest but by listing everything at once."""
     if limit < 1:
         raise ConfigError("--limit: must be at least 1")
+    if after is not None and not is_entry_id(after):
+        raise ConfigError(f"--after: {after[:80]!r} is not a dead letter id (like 1764-0)")
     try:
         async with create_redis(settings) as redis:
-            letters = await list_dead_letters(redis, limit=limit)
+            letters = await list_dead_letters(redis, limit=limit, after=after)
             total = await count_dead_letters(redis)
     except REDIS_DOWN as exc:
         print(f"orchestrator: cannot reach Redis: {exc}", file=sys.stderr)
@@ -86,6 +95,8 @@ async def list_command(
         print(line, file=out)
     shown = f"{len(letters)} of {total}" if total > len(letters) else str(len(letters))
     print(f"{shown} dead letter(s); oldest first", file=out)
+    if len(letters) == limit and total > limit:
+        print(f"next page: orchestrator deadletters list --after {letters[-1].id}", file=out)
     return 0
 
 

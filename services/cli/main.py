@@ -111,7 +111,11 @@ def _run_deadletters(args: argparse.Namespace, settings: Settings) -> int:
     from services.cli import deadletters
 
     if args.action == "list":
-        return asyncio.run(deadletters.list_command(settings, limit=args.limit, as_json=args.json))
+        return asyncio.run(
+            deadletters.list_command(
+                settings, limit=args.limit, after=args.after, as_json=args.json
+            )
+        )
     if args.action == "discard":
         return asyncio.run(deadletters.discard_command(settings, args.ids))
     return asyncio.run(
@@ -274,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     dead_actions = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
     dead_list = dead_actions.add_parser("list", help="the dead letters, oldest first")
     dead_list.add_argument("--limit", type=int, default=100, help="at most N (default 100)")
+    dead_list.add_argument(
+        "--after",
+        metavar="ID",
+        help="only dead letters after this id (the last one shown): the next page",
+    )
     dead_list.add_argument("--json", action="store_true", help="a JSON array instead of a table")
     dead_replay = dead_actions.add_parser("replay", help="re-add dead letters to their stream")
     dead_replay.add_argument("ids", nargs="*", metavar="ID")

@@ -4,6 +4,7 @@ review of stored data at scale: 100 500 dead letters and one more lost 493 of th
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -13,6 +14,7 @@ from redis.asyncio import Redis
 from services.core import keys, streams
 from services.core.actions import ACTION_FIELD
 from services.core.streams import DEAD_LETTER_MAXLEN, Entry, dead_letter
+from tests.integration.test_worker_deadletter_flow import cli
 
 
 def dropped_so_far() -> float:
@@ -66,3 +68,24 @@ async def test_below_the_cap_nothing_is_dropped(
     assert dropped_so_far() == before
     assert not [r for r in caplog.records if "dead-letter stream full" in r.getMessage()]
     await redis.delete(keys.DEAD_LETTERS)
+
+
+async def test_dead_letters_beyond_the_limit_can_be_listed_page_by_page(
+    redis: Redis, redis_url: str
+) -> None:
+    """`deadletters list` showed the oldest `--limit` and no way on: the rest could only be
+    seen by listing everything at once (100 000 at the cap)."""
+    await fill(redis, 5)
+    ids = [entry_id.decode() for entry_id, _ in await redis.xrange(keys.DEAD_LETTERS)]
+    first = cli(redis_url, "list", "--limit", "2")
+    assert first.returncode == 0, first.stderr
+    assert f"next page: orchestrator deadletters list --after {ids[1]}" in first.stdout
+    second = cli(redis_url, "list", "--limit", "2", "--after", ids[1], "--json")
+    assert second.returncode == 0, second.stderr
+    assert [letter["id"] for letter in json.loads(second.stdout)] == ids[2:4]
+    last = cli(redis_url, "list", "--limit", "2", "--after", ids[3])
+    assert ids[4] in last.stdout
+    assert "next page" not in last.stdout
+    bad = cli(redis_url, "list", "--after", "yesterday")
+    assert bad.returncode != 0
+    assert "--after" in bad.stderr
