@@ -53,6 +53,7 @@ from services.core.tiers import load_tiers
 from services.core.usage import UsageCounter
 from services.persistence.database import asyncpg_target, create_engine
 from services.persistence.history import HistoryStore
+from services.persistence.pool_share import PoolShare
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +339,10 @@ def create_app(
         engine = None
         if settings.database_url:
             engine = create_engine(settings)
-            runtime.history = HistoryStore(engine, page_max=settings.history_page_max)
+            share = PoolShare(
+                settings.database_pool_size, settings.database_connect_timeout_seconds
+            )
+            runtime.history = HistoryStore(engine, page_max=settings.history_page_max, share=share)
             runtime.database = engine
             runtime.chat.history = runtime.history
         with contextlib.suppress(*REDIS_DOWN, *REDIS_REFUSING):

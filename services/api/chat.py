@@ -88,6 +88,11 @@ MALFORMED = "the body is not JSON (`malformed_json`)"
 TOO_LARGE = "body over ORCHESTRATOR_MAX_BODY_BYTES"
 REDIS_DOWN = "Redis unreachable or refusing writes: retry"
 BAD_REQUEST = "a request the api cannot read (`bad_request`)"
+TENANT_READS = (
+    "the tenant's reads of persisted tasks, history and usage already hold their share of "
+    "this server's database connections (`rate_limited`, `details.scope` `tenant_reads`): "
+    "retry after `Retry-After`"
+)
 
 
 @dataclass
@@ -196,6 +201,7 @@ async def send_message(
             401: UNAUTHORIZED,
             403: WRONG_TENANT,
             404: NOT_FOUND,
+            429: TENANT_READS,
             413: TOO_LARGE,
             422: "task_id is missing, unknown fields, or " + INVALID_ID,
             503: REDIS_DOWN,
@@ -220,6 +226,7 @@ async def task_status(
             401: UNAUTHORIZED,
             403: WRONG_TENANT,
             404: NOT_FOUND,
+            429: TENANT_READS,
             422: INVALID_ID,
             503: REDIS_DOWN,
         }
@@ -246,6 +253,7 @@ async def get_task(
             401: UNAUTHORIZED,
             403: WRONG_TENANT,
             404: NOT_FOUND,
+            429: TENANT_READS,
             409: "the task is already final (`conflict`)",
             413: TOO_LARGE,
             422: "task_id is missing, unknown fields, or " + INVALID_ID,

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
@@ -36,6 +37,7 @@ from services.persistence.cursor import (
     decode_cursor,
     encode_cursor,
 )
+from services.persistence.pool_share import PoolShare
 from services.persistence.schema import messages, sessions, tasks, usage_daily
 
 log = logging.getLogger(__name__)
@@ -240,9 +242,22 @@ def _refusing(exc: DBAPIError) -> bool:
 class HistoryStore:
     """Tenant-scoped reads (and erasure) of the persisted history."""
 
-    def __init__(self, engine: AsyncEngine, *, page_max: int = 200) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, page_max: int = 200, share: PoolShare | None = None
+    ) -> None:
         self.engine = engine
         self.page_max = page_max
+        self.share = share
+
+    @asynccontextmanager
+    async def _connection(self, tenant_id: str, *, begin: bool = False) -> AsyncIterator[Any]:
+        """A connection of the pool within the tenant's share of it (`PoolShare`)."""
+        async with contextlib.AsyncExitStack() as stack:
+            if self.share is not None:
+                await stack.enter_async_context(self.share.hold(tenant_id))
+            await stack.enter_async_context(_reachable())
+            opened = self.engine.begin() if begin else self.engine.connect()
+            yield await stack.enter_async_context(opened)
 
     def _position(
         self, session_id: str, cursor: str | None, after_event_id: str | None
@@ -297,7 +312,7 @@ class HistoryStore:
             query = query.where(_beyond(position, forward))
         order = (messages.c.event_ms, messages.c.event_seq, messages.c.task_id, messages.c.part)
         query = query.order_by(*(order if forward else (c.desc() for c in order)))
-        async with _reachable(), self.engine.connect() as conn:
+        async with self._connection(tenant_id) as conn:
             rows = (await conn.execute(query.limit(limit + 1))).all()
         found = [_message(row) for row in rows[:limit]]
         next_cursor = None
@@ -320,7 +335,7 @@ class HistoryStore:
         query = select(
             exists().where(messages.c.tenant_id == tenant_id, messages.c.session_id == session_id)
         )
-        async with _reachable(), self.engine.connect() as conn:
+        async with self._connection(tenant_id) as conn:
             return bool(await conn.scalar(query))
 
     async def delete_session(
@@ -353,7 +368,7 @@ class HistoryStore:
                 "last_activity_at": func.greatest(sessions.c.last_activity_at, now),
             },
         )
-        async with _reachable(), self.engine.begin() as conn:
+        async with self._connection(tenant_id, begin=True) as conn:
             await conn.execute(tombstone)
             deleted = await conn.execute(
                 delete(messages).where(
@@ -389,7 +404,7 @@ class HistoryStore:
             )
             .order_by(usage_daily.c.day)
         )
-        async with _reachable(), self.engine.connect() as conn:
+        async with self._connection(tenant_id) as conn:
             rows = (await conn.execute(query)).all()
         return [
             DayUsage(row.day, row.requests, row.input_tokens, row.output_tokens, float(row.cost))
@@ -401,7 +416,7 @@ class HistoryStore:
         _require_id("tenant_id", tenant_id)
         _require_id("task_id", task_id)
         query = select(tasks).where(tasks.c.tenant_id == tenant_id, tasks.c.task_id == task_id)
-        async with _reachable(), self.engine.connect() as conn:
+        async with self._connection(tenant_id) as conn:
             row = (await conn.execute(query)).first()
         if row is None:
             return None
