@@ -180,6 +180,9 @@ async def test_a_record_that_cannot_be_written_is_dead_lettered_alone(
     assert await count(engine, tasks) == 4
     [letter] = await list_dead_letters(redis)
     assert letter.reason.startswith("refused by the database")
+    # Not awaited by its session's history reads any more (they waited 2 s, said `pending`).
+    unwritten = keys.session_unwritten(poison.tenant_id, poison.session_id)
+    assert await redis.zscore(unwritten, poison.task_id) is None
 
 
 @pytest.mark.parametrize("status", ["failed", "cancelled", "timed_out"])
