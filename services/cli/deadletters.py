@@ -70,17 +70,21 @@ async def list_command(
     limit: int,
     as_json: bool,
     after: str | None = None,
+    newest: bool = False,
     out: TextIO = sys.stdout,
 ) -> int:
     """`after`: the last id of the previous page. Without it, past `--limit` dead letters
-    nobody could see the rest but by listing everything at once."""
+    nobody could see the rest but by listing everything at once. `newest`: the last page,
+    what keeps failing now (at the stream's cap, 1 000 pages away from the oldest)."""
     if limit < 1:
         raise ConfigError("--limit: must be at least 1")
     if after is not None and not is_entry_id(after):
         raise ConfigError(f"--after: {after[:80]!r} is not a dead letter id (like 1764-0)")
+    if after is not None and newest:
+        raise ConfigError("--after and --newest: pass one of them")
     try:
         async with create_redis(settings) as redis:
-            letters = await list_dead_letters(redis, limit=limit, after=after)
+            letters = await list_dead_letters(redis, limit=limit, after=after, newest=newest)
             total = await count_dead_letters(redis)
     except REDIS_DOWN as exc:
         print(f"orchestrator: cannot reach Redis: {exc}", file=sys.stderr)
@@ -94,8 +98,9 @@ async def list_command(
     for line in format_table(letters):
         print(line, file=out)
     shown = f"{len(letters)} of {total}" if total > len(letters) else str(len(letters))
-    print(f"{shown} dead letter(s); oldest first", file=out)
-    if len(letters) == limit and total > limit:
+    order = "the newest, oldest first" if newest else "oldest first"
+    print(f"{shown} dead letter(s); {order}", file=out)
+    if len(letters) == limit and total > limit and not newest:
         print(f"next page: orchestrator deadletters list --after {letters[-1].id}", file=out)
     return 0
 

@@ -113,7 +113,11 @@ def _run_deadletters(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "list":
         return asyncio.run(
             deadletters.list_command(
-                settings, limit=args.limit, after=args.after, as_json=args.json
+                settings,
+                limit=args.limit,
+                after=args.after,
+                newest=args.newest,
+                as_json=args.json,
             )
         )
     if args.action == "discard":
@@ -282,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--after",
         metavar="ID",
         help="only dead letters after this id (the last one shown): the next page",
+    )
+    dead_list.add_argument(
+        "--newest",
+        action="store_true",
+        help="the --limit newest dead letters (what keeps failing now) instead of the oldest",
     )
     dead_list.add_argument("--json", action="store_true", help="a JSON array instead of a table")
     dead_replay = dead_actions.add_parser("replay", help="re-add dead letters to their stream")

@@ -89,3 +89,24 @@ async def test_dead_letters_beyond_the_limit_can_be_listed_page_by_page(
     bad = cli(redis_url, "list", "--after", "yesterday")
     assert bad.returncode != 0
     assert "--after" in bad.stderr
+
+
+async def test_the_newest_dead_letters_are_one_command_away(redis: Redis, redis_url: str) -> None:
+    """At the cap the stream holds 100 000 dead letters: `list` showed the 100 oldest (the
+    ones being dropped) and what keeps failing now was 1 000 pages of `--after` away."""
+    await fill(redis, 5)
+    await redis.xadd(
+        keys.DEAD_LETTERS,
+        {"stream": "s", "entry_id": "1-0", "group": "g", "reason": "what fails now",
+         "at": "t", ACTION_FIELD: b"{}"},
+    )  # fmt: skip
+    ids = [entry_id.decode() for entry_id, _ in await redis.xrange(keys.DEAD_LETTERS)]
+    newest = cli(redis_url, "list", "--newest", "--limit", "2", "--json")
+    assert newest.returncode == 0, newest.stderr
+    assert [letter["id"] for letter in json.loads(newest.stdout)] == ids[-2:]  # oldest first
+    table = cli(redis_url, "list", "--newest", "--limit", "2")
+    assert "what fails now" in table.stdout
+    assert "next page" not in table.stdout
+    both = cli(redis_url, "list", "--newest", "--after", ids[0])
+    assert both.returncode != 0
+    assert "--newest" in both.stderr
