@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.async_api import Browser, Page
+from playwright.async_api import Browser, Page, Route
 
 from services.cli.embedded import RedisServer
 from services.cli.embedded_postgres import PostgresServer
@@ -215,3 +215,46 @@ async def test_a_page_reconnecting_with_a_fresh_token_holds_one_socket(
     assert seen["open"] == 1, seen
     assert seen["closed"], seen  # the first socket was closed by connect(), not left open
     assert len(seen["ids"]) == len(set(seen["ids"])), seen
+
+
+async def test_a_page_catching_up_from_history_does_not_show_a_live_answer_twice(
+    persisted: Deployment, browser: Browser, page_port: int, ingress: Proxy
+) -> None:
+    """README's `missed` asked history for every task that ended after the page's last id,
+    while the new socket was already live: an answer that ended meanwhile came on the socket
+    and again from history (shown twice). It keeps to what ended by the ack's id. Here the
+    page's history request is held until such an answer was shown live and persisted."""
+    tenant, session = unique("t"), unique("s")
+    api = persisted.api
+    ingress.up(api.port or 0)
+    page = await readme_page(browser, page_port, ingress.url, ingress.ws_url, tenant, session)
+    await page.evaluate("(t) => { connect(t); return until(() => acks().length === 1); }",
+                        token(tenant))  # fmt: skip
+    release = asyncio.Event()
+
+    async def hold(route: Route) -> None:
+        await release.wait()
+        await route.continue_()
+
+    await page.route("**/api/sessions/**", hold)
+    ingress.down()
+    assert await page.evaluate("until(() => sockets[0].readyState === WebSocket.CLOSED)")
+    missed = await chat_elsewhere(api.url, api.ws_url, tenant, session)
+    ingress.up(api.port or 0)
+    resumed = await page.evaluate("until(() => acks().length === 2).then(() => acks()[1])")
+    assert resumed["data"]["resumed"] is False  # so `missed` asks history (held for now)
+    live = await chat_elsewhere(api.url, api.ws_url, tenant, session)
+    assert await page.evaluate(
+        "(task) => until(() => events.some("
+        "(e) => e.type === 'chat.response' && e.task_id === task))",
+        live,
+    )
+    release.set()
+    tasks = await page.evaluate(
+        """async (task) => {
+          await until(() => messages.filter((m) => m.task_id === task).length === 2);
+          return [...new Set(messages.map((m) => m.task_id))];
+        }""",
+        missed,
+    )
+    assert tasks == [missed], {"missed": missed, "live": live, "shown from history": tasks}
