@@ -81,6 +81,7 @@ REPLAY_POLL_SECONDS = 0.01
 # again and again means requests keep abandoning the key's tasks.
 RESERVE_ATTEMPTS = 3
 
+ERASED_NOTICE_SECONDS = 60  # an erasure retried within this does not notify twice
 log = logging.getLogger(__name__)
 
 
@@ -726,10 +727,33 @@ class ChatService:
                 await pipe.execute()
         for ref, state in erased.running:
             metrics.tasks.labels("cancelled", state.get("tier") or "unknown").inc()
+            await self._tell_sockets_erased(ref)
             await self._notify_aes(ref)
         for ref in erased.kept:  # an earlier erasure may have failed before telling its AES
             await self._notify_aes(ref)
         return erased.tasks
+
+    async def _tell_sockets_erased(self, ref: TaskRef) -> None:
+        """`chat.cancelled` (reason `session_erased`) to the sockets open on the session: a
+        task ended by the erasure got no final event, and a page showing its streamed answer
+        waited for one for ever. Appended to the log and published, as every event, so the
+        sockets' cursors stay in order; the caller deletes the log right after."""
+        settings = self.settings
+        tenant, session = ref.tenant_id, ref.session_id
+        data = {"status": TaskStatus.cancelled, "reason": "session_erased"}
+        await self.tasks.scripts.session_event(
+            keys=[
+                keys.session_dedupe(tenant, session, f"erased:{ref.task_id}"),
+                keys.session_log(tenant, session),
+            ],
+            args=[
+                events.event_body(events.CHAT_CANCELLED, data, ref.task_id),
+                settings.session_log_maxlen,
+                settings.session_log_ttl_seconds * 1000,
+                keys.session_channel(tenant, session),
+                ERASED_NOTICE_SECONDS,
+            ],
+        )
 
     async def _publish_cancelled(self, ref: TaskRef, event_id: str | None) -> None:
         """The cancelled task's record for PostgreSQL (history is written when a task ends)."""

@@ -46,7 +46,8 @@ WRITES = {
 # Every key the product writes has one of these shapes (README, "Redis keys").
 FAMILIES = {
     "session": re.compile(
-        r"^\{s:[\w-]+:[\w-]+\}:(log|events|rl|task:[\w-]+|applied:marks|unwritten)$"
+        r"^\{s:[\w-]+:[\w-]+\}:(log|events|rl|task:[\w-]+|applied:marks|applied:erased:[\w-]+"
+        r"|unwritten)$"
     ),
     "task location": re.compile(r"^\{t:[\w-]+\}:(where|recancel)$"),
     "tenant": re.compile(

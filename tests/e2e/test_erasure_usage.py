@@ -178,3 +178,28 @@ async def test_api_usage_counts_the_request_of_a_task_erased_while_running(
         f"3 requests accepted (Redis budget hash counts {redis_requests}); /api/usage reports "
         f"{requests}: the erased running task is missing ({days})"
     )
+
+
+async def test_a_socket_open_on_an_erased_session_is_told_its_running_task_ended(
+    aes_less_stack: tuple[LocalStack, Child, Child],
+) -> None:
+    """The erasure ends a running task as cancelled, but its sockets got no final event: a
+    page showing the streamed answer waited for its end for ever."""
+    stack, api, _ = aes_less_stack
+    redis = client_redis(stack)
+    aes = Aes(redis, "aes-erase-notice")
+    await aes.ensure_group()
+    tenant, session = unique("t"), unique("s")
+    ws, _ = await connect(api.ws_url, tenant, session)
+    task = await start_task(api, tenant, session)
+    _, _, action = await aes.take(task)
+    await aes.answer(action, {"action_type": "execution.chunk", "seq": 1, "delta": "half"})
+    await events_until(ws, lambda e: e.get("task_id") == task and e["type"] == "chat.chunk")
+    async with httpx.AsyncClient(base_url=api.url, timeout=10) as http:
+        erased = await http.delete(f"/api/sessions/{session}", headers=auth(tenant))
+    assert erased.status_code == 200, erased.text
+    seen = await events_until(ws, lambda e: e.get("task_id") == task and e["type"] != "chat.chunk")
+    await ws.close()
+    await redis.aclose()
+    assert seen[-1]["type"] == "chat.cancelled", seen
+    assert seen[-1]["data"] == {"status": "cancelled", "reason": "session_erased"}
