@@ -43,6 +43,10 @@ from services.persistence.schema import messages, sessions, tasks, usage_daily
 log = logging.getLogger(__name__)
 
 DEFAULT_PAGE = 50
+PAGE_CHARS = 1_000_000
+"""A page also ends once its messages' contents hold this many characters (it always has
+one message): 200 answers of 32 000 CJK characters made one page of 19 MB, 0.13 s of the
+api's event loop for a request of 300 bytes. The next page starts after the last one given."""
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
 MAX_USAGE_DAYS = 366
 
@@ -239,6 +243,16 @@ def _refusing(exc: DBAPIError) -> bool:
     return isinstance(sqlstate, str) and sqlstate[:2] in _UNAVAILABLE_CLASSES
 
 
+def _within_chars(found: list[HistoryMessage]) -> list[HistoryMessage]:
+    """The first messages (in reading order) whose contents fit in `PAGE_CHARS`, at least one."""
+    total = 0
+    for count, message in enumerate(found):
+        total += len(message.content)
+        if total > PAGE_CHARS and count:
+            return found[:count]
+    return found
+
+
 class HistoryStore:
     """Tenant-scoped reads (and erasure) of the persisted history."""
 
@@ -314,9 +328,9 @@ class HistoryStore:
         query = query.order_by(*(order if forward else (c.desc() for c in order)))
         async with self._connection(tenant_id) as conn:
             rows = (await conn.execute(query.limit(limit + 1))).all()
-        found = [_message(row) for row in rows[:limit]]
+        found = _within_chars([_message(row) for row in rows[:limit]])
         next_cursor = None
-        if len(rows) > limit:
+        if len(rows) > len(found):
             last = found[-1]
             event_ms, event_seq, part = last.key
             direction: Direction = "after" if forward else "before"
