@@ -138,6 +138,17 @@ def _digest(idempotency_key: str) -> str:
 _json_decoder = msgspec.json.Decoder()
 
 
+def _maybe_queued(ref: TaskRef) -> Unavailable:
+    """The 503 of a send whose Redis did not answer in time: it may yet run, as this task."""
+    task_id = ref.task_id
+    return Unavailable(
+        f"redis did not answer in time; the message may still be queued as task {task_id}: "
+        f"check GET /api/chat/tasks/{task_id} before sending it again "
+        "(or send with an Idempotency-Key)",
+        details={"task_id": task_id, "queued": "unknown"},
+    )
+
+
 class ChatService:
     def __init__(
         self, redis: Redis, tasks: TaskStore, admission: Admission, settings: Settings
@@ -274,13 +285,7 @@ class ChatService:
         try:
             return await self._admit_and_enqueue(task, rules)
         except RedisTimeoutError as exc:
-            task_id = task.ref.task_id
-            raise Unavailable(
-                f"redis did not answer in time; the message may still be queued as task "
-                f"{task_id}: check GET /api/chat/tasks/{task_id} before sending it again "
-                "(or send with an Idempotency-Key)",
-                details={"task_id": task_id, "queued": "unknown"},
-            ) from exc
+            raise _maybe_queued(task.ref) from exc
 
     async def _send_in_two_steps(
         self,
