@@ -64,13 +64,20 @@ class Rendered:
         """Deployments, StatefulSets and Jobs (hooks included)."""
         return [o for o in self.objects if o["kind"] in ("Deployment", "StatefulSet", "Job")]
 
-    def pod_specs(self) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-        """(object, pod spec) of every workload and bare Pod."""
+    def pod_templates(self) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        """(object, pod template) of every workload, CronJobs (their Jobs' template) included."""
         for obj in self.objects:
             if obj["kind"] in ("Deployment", "StatefulSet", "Job"):
-                yield obj, obj["spec"]["template"]["spec"]
-            elif obj["kind"] == "Pod":
-                yield obj, obj["spec"]
+                yield obj, obj["spec"]["template"]
+            elif obj["kind"] == "CronJob":
+                yield obj, obj["spec"]["jobTemplate"]["spec"]["template"]
+
+    def pod_specs(self) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        """(object, pod spec) of every workload, CronJob and bare Pod."""
+        for obj, template in self.pod_templates():
+            yield obj, template["spec"]
+        for obj in self.of_kind("Pod"):
+            yield obj, obj["spec"]
 
 
 def load_values(filename: str | None) -> dict[str, Any]:

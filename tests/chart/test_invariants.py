@@ -172,7 +172,7 @@ def test_selectors_use_only_name_instance_component(rendered: Rendered) -> None:
 
 
 def _pod_labels(rendered: Rendered) -> list[dict[str, str]]:
-    return [o["spec"]["template"]["metadata"]["labels"] for o in rendered.workloads()] + [
+    return [t["metadata"]["labels"] for _, t in rendered.pod_templates()] + [
         o["metadata"]["labels"] for o in rendered.of_kind("Pod")
     ]
 

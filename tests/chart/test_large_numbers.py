@@ -21,14 +21,15 @@ from tests.chart.conftest import KEDA_APIS, Rendered, parse, render
 
 SECRET = "chart-test-secret-0123456789abcdef0123"
 
-# Every number of values that the chart writes into an env var or a config file, set large.
+# Every number of values that the chart writes into an env var or a config file, set large: at
+# least 10**6 where the schema allows it, else at the schema's maximum (the Settings' bound).
 LARGE: dict[str, Any] = {
     "config": {
         "maxWebsocketConnections": 3_000_000,
-        "websocketPingInterval": 1_500_000,
+        "websocketPingInterval": 3600,
         "websocketPingTimeout": 0.5,
-        "historyRetentionDays": 1_000_000,
-        "validationCacheTtl": 2_500_000,
+        "historyRetentionDays": 36_500,
+        "validationCacheTtl": 86_400,
         "extraEnv": {
             "ORCHESTRATOR_PERSIST_STREAM_MAXLEN": 2_000_000,
             "A_FRACTION": 0.25,
@@ -37,27 +38,27 @@ LARGE: dict[str, Any] = {
             "A_STRING": "1e+06",
         },
     },
-    "externalRedis": {"maxConnections": 1_000_000},
+    "externalRedis": {"maxConnections": 100_000},
     "api": {
-        "drain": {"seconds": 1_000_000},
+        "drain": {"seconds": 3600},
         "autoscaling": {"targetConnectionsPerPod": 1_000_000},
     },
     "worker": {"autoscaling": {"targetLagPerPod": 5_000_000, "activationLag": 1_000_000}},
-    "executor": {"concurrency": 1_000_000, "chunkDelayMs": 1_234_567.5},
+    "executor": {"concurrency": 100_000, "chunkDelayMs": 59_999.5},
     "operator": {"enabled": True, "refreshSeconds": 86_400_000},
     "monitoring": {"prometheusRule": {"force": True, "streamLag": 2_000_000}},
 }
 
 EXPECTED_SETTINGS = {
     "ORCHESTRATOR_MAX_WEBSOCKET_CONNECTIONS": "3000000",
-    "ORCHESTRATOR_WEBSOCKET_PING_INTERVAL": "1500000",
+    "ORCHESTRATOR_WEBSOCKET_PING_INTERVAL": "3600",
     "ORCHESTRATOR_WEBSOCKET_PING_TIMEOUT": "0.5",
-    "ORCHESTRATOR_HISTORY_RETENTION_DAYS": "1000000",
-    "ORCHESTRATOR_VALIDATION_CACHE_TTL": "2500000",
-    "ORCHESTRATOR_DRAIN_SECONDS": "1000000",
-    "ORCHESTRATOR_EXECUTOR_CONCURRENCY": "1000000",
-    "ORCHESTRATOR_EXECUTOR_CHUNK_DELAY_MS": "1234567.5",
-    "ORCHESTRATOR_REDIS_MAX_CONNECTIONS": "1000000",
+    "ORCHESTRATOR_HISTORY_RETENTION_DAYS": "36500",
+    "ORCHESTRATOR_VALIDATION_CACHE_TTL": "86400",
+    "ORCHESTRATOR_DRAIN_SECONDS": "3600",
+    "ORCHESTRATOR_EXECUTOR_CONCURRENCY": "100000",
+    "ORCHESTRATOR_EXECUTOR_CHUNK_DELAY_MS": "59999.5",
+    "ORCHESTRATOR_REDIS_MAX_CONNECTIONS": "100000",
     "ORCHESTRATOR_PERSIST_STREAM_MAXLEN": "2000000",
     "A_FRACTION": "0.25",
     "A_LARGE_FRACTION": "1234567.5",

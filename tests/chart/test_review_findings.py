@@ -31,7 +31,7 @@ def test_documented_evaluation_install_renders() -> None:
     """docs/kubernetes.md "Install" sets `exposure.ingress.hosts[0].host=...` with --set, which
     replaces the whole hosts list: the item has no `paths`, and "/" is meant."""
     doc = (ROOT / "docs" / "kubernetes.md").read_text()
-    assert "--set exposure.ingress.hosts[0].host=chat.example.local" in doc
+    assert "--set 'exposure.ingress.hosts[0].host=chat.example.local'" in doc
     values = parse_set_string(
         "executor.enabled=true,exposure.ingress.hosts[0].host=chat.example.local"
     )

@@ -320,13 +320,80 @@ Everything else comes from the settings ConfigMap through envFrom. Call with
 {{- end }}
 {{- end -}}
 
+{{/*
+A value that changes when a password changes and does not give the password away: pod
+annotations are readable by anyone who may read pods (the `view` role, which excludes Secrets),
+and a plain SHA-256 of a chosen password falls to a dictionary in seconds. derivePassword is
+scrypt (N=32768, r=8: about 0.1 s and 32 MiB per guess), salted with the release, and
+deterministic, so a render without a change keeps the value. Every pod template asks for the
+same ones: they are kept for the rest of the render in a dict on the root context (shared by
+the chart's templates), so each costs one scrypt per render. Call with
+(dict "root" $ "password" "...").
+*/}}
+{{- define "ao.passwordDigest" -}}
+{{- if not (hasKey .root "aoPasswordDigests") -}}
+{{- $_ := set .root "aoPasswordDigests" dict -}}
+{{- end -}}
+{{- $memo := .root.aoPasswordDigests -}}
+{{- $key := sha256sum .password -}}
+{{- if not (hasKey $memo $key) -}}
+{{- $salt := printf "%s/%s" .root.Release.Namespace .root.Release.Name -}}
+{{- $_ := set $memo $key (derivePassword 1 "maximum" .password $salt "agent-orchestrator-rollout" | sha256sum) -}}
+{{- end -}}
+{{- index $memo $key -}}
+{{- end -}}
+
 {{/* Pod annotations that roll pods when their configuration changes. */}}
 {{- define "ao.checksums" -}}
 checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha256sum }}
-checksum/secret: {{ include (print .Template.BasePath "/secrets.yaml") . | sha256sum }}
+{{- /* secrets.yaml holds auth.secret and the inline external URLs as given: with one of them
+set, its plain digest would be a dictionary target too (the rest of the text is known). */}}
+{{- $secrets := include (print .Template.BasePath "/secrets.yaml") . }}
+{{- if or .Values.auth.secret .Values.externalRedis.url .Values.externalDatabase.url }}
+checksum/secret: {{ include "ao.passwordDigest" (dict "root" . "password" $secrets) }}
+{{- else }}
+checksum/secret: {{ $secrets | sha256sum }}
+{{- end }}
 {{- /* The in-chart datastores' Secrets hold the URLs with the passwords set here (a
 generated one is kept across upgrades, so it never changes). */}}
-checksum/datastores: {{ print .Values.redis.password "/" .Values.postgresql.password | sha256sum }}
+{{- if or .Values.redis.password .Values.postgresql.password }}
+checksum/datastores: {{ include "ao.passwordDigest" (dict "root" . "password" (print .Values.redis.password "/" .Values.postgresql.password)) }}
+{{- end }}
+{{- end -}}
+
+{{/*
+The env of the `orchestrator prune` CronJob's container (the rest comes from the settings
+ConfigMap, like the long-running components): the database URL and no OpenTelemetry, as for
+migrations.
+*/}}
+{{- define "ao.pruneEnv" -}}
+- name: ORCHESTRATOR_DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "ao.databaseSecret" . }}
+      key: {{ include "ao.databaseSecretKey" . }}
+- name: OTEL_SDK_DISABLED
+  value: "true"
+{{- end -}}
+
+{{/*
+Every env name the chart sets itself on a container that also reads the settings ConfigMap
+(api, worker, executor, operator, prune), whatever the values: `env` wins over `envFrom`, so the
+same name in config.extraEnv would never reach the process. ao.validate adds what ao.env renders
+for the values at hand, so a name added there is refused even before it is listed here.
+*/}}
+{{- define "ao.reservedEnv" -}}
+{{- list
+  "ORCHESTRATOR_POD_NAME" "POD_NAMESPACE" "POD_ID"
+  "ORCHESTRATOR_REDIS_URL" "ORCHESTRATOR_DATABASE_URL"
+  "ORCHESTRATOR_JWT_SECRET" "ORCHESTRATOR_JWT_PUBLIC_KEY" "KEDA_REDIS_PASSWORD"
+  "OTEL_SERVICE_NAME" "OTEL_SDK_DISABLED" "OTEL_EXPORTER_OTLP_ENDPOINT"
+  "OTEL_EXPORTER_OTLP_PROTOCOL" "OTEL_TRACES_SAMPLER" "OTEL_TRACES_SAMPLER_ARG"
+  "OTEL_RESOURCE_ATTRIBUTES"
+  "ORCHESTRATOR_OPERATOR_NAMESPACES" "ORCHESTRATOR_OPERATOR_PEERING"
+  "ORCHESTRATOR_OPERATOR_PEERING_NAME" "ORCHESTRATOR_OPERATOR_LIVENESS_PORT"
+  "ORCHESTRATOR_OPERATOR_REFRESH_SECONDS"
+  | toJson -}}
 {{- end -}}
 
 {{/* Topology spread over zones and nodes. Call with (dict "root" $ "component" "api"). */}}
@@ -467,23 +534,27 @@ ORCHESTRATOR_MAX_REQUESTS_PER_SESSION, allowedAgents to every agent. */ -}}
 {{- if and (eq $v.exposure.mode "gateway") (not $v.exposure.gateway.parentRefs) -}}
 {{- fail "exposure.gateway.parentRefs is required when exposure.mode is gateway" -}}
 {{- end -}}
-{{- $reserved := list "ORCHESTRATOR_POD_NAME" "POD_NAMESPACE" "ORCHESTRATOR_REDIS_URL" "ORCHESTRATOR_DATABASE_URL" "ORCHESTRATOR_JWT_SECRET" "ORCHESTRATOR_JWT_PUBLIC_KEY" "OTEL_SERVICE_NAME" -}}
-{{- range $name, $value := $v.config.extraEnv -}}
-{{- if or (has $name $reserved) (hasKey (include "ao.settingsEnv" $ | fromYaml) $name) -}}
-{{- fail (printf "config.extraEnv.%s is already set by the chart: use its value instead" $name) -}}
-{{- end -}}
-{{- end -}}
 {{- /* A component's extraEnv must not repeat a name the chart sets on that container: Helm 4
 applies server-side, which refuses duplicate env names (KUBERNETES.md). */ -}}
+{{- $reserved := include "ao.reservedEnv" . | fromJsonArray -}}
+{{- range (include "ao.pruneEnv" . | fromYamlArray) -}}
+{{- $reserved = append $reserved .name -}}
+{{- end -}}
 {{- range $component := list "api" "worker" "executor" "operator" -}}
 {{- $set := list -}}
 {{- range (include "ao.env" (dict "root" $ "component" $component) | fromYamlArray) -}}
 {{- $set = append $set .name -}}
 {{- end -}}
+{{- $reserved = concat $reserved $set -}}
 {{- range (index $v $component).extraEnv -}}
 {{- if has .name $set -}}
 {{- fail (printf "%s.extraEnv: %s is already set by the chart" $component .name) -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+{{- range $name, $value := $v.config.extraEnv -}}
+{{- if or (has $name $reserved) (hasKey (include "ao.settingsEnv" $ | fromYaml) $name) -}}
+{{- fail (printf "config.extraEnv.%s is already set by the chart: use its value instead" $name) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
