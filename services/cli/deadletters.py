@@ -84,11 +84,17 @@ async def list_command(
         raise ConfigError("--after and --newest: pass one of them")
     try:
         async with create_redis(settings) as redis:
-            letters = await list_dead_letters(redis, limit=limit, after=after, newest=newest)
+            # One more than shown: whether a next page exists after these (the total does
+            # not say, once `--after` skipped the first ones).
+            letters = await list_dead_letters(
+                redis, limit=limit if newest else limit + 1, after=after, newest=newest
+            )
             total = await count_dead_letters(redis)
     except REDIS_DOWN as exc:
         print(f"orchestrator: cannot reach Redis: {exc}", file=sys.stderr)
         return 1
+    more = len(letters) > limit
+    letters = letters[:limit]
     if as_json:
         print(json.dumps([letter.to_dict() for letter in letters], indent=2), file=out)
         return 0
@@ -100,7 +106,7 @@ async def list_command(
     shown = f"{len(letters)} of {total}" if total > len(letters) else str(len(letters))
     order = "the newest, oldest first" if newest else "oldest first"
     print(f"{shown} dead letter(s); {order}", file=out)
-    if len(letters) == limit and total > limit and not newest:
+    if more:
         print(f"next page: orchestrator deadletters list --after {letters[-1].id}", file=out)
     return 0
 

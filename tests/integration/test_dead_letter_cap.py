@@ -110,3 +110,17 @@ async def test_the_newest_dead_letters_are_one_command_away(redis: Redis, redis_
     both = cli(redis_url, "list", "--newest", "--after", ids[0])
     assert both.returncode != 0
     assert "--newest" in both.stderr
+
+
+async def test_the_page_holding_the_last_dead_letter_names_no_next_page(
+    redis: Redis, redis_url: str
+) -> None:
+    """4 dead letters, `--limit 2`: the page after the second ended with a 'next page'
+    command that listed nothing (found by the review of this session's changes)."""
+    await fill(redis, 4)
+    ids = [entry_id.decode() for entry_id, _ in await redis.xrange(keys.DEAD_LETTERS)]
+    second = cli(redis_url, "list", "--limit", "2", "--after", ids[1])
+    assert ids[3] in second.stdout
+    assert "next page" not in second.stdout
+    exact = cli(redis_url, "list", "--limit", "4")
+    assert "next page" not in exact.stdout
