@@ -81,7 +81,7 @@ REPLAY_POLL_SECONDS = 0.01
 # again and again means requests keep abandoning the key's tasks.
 RESERVE_ATTEMPTS = 3
 
-ERASED_NOTICE_SECONDS = 60  # an erasure retried within this does not notify twice
+ERASED_NOTICE_MARGIN_SECONDS = 86_400  # beyond any task timeout: the stub is gone by then
 log = logging.getLogger(__name__)
 
 
@@ -734,7 +734,8 @@ class ChatService:
             metrics.tasks.labels("cancelled", state.get("tier") or "unknown").inc()
             await self._tell_sockets_erased(ref)
             await self._notify_aes(ref)
-        for ref in erased.kept:  # an earlier erasure may have failed before telling its AES
+        for ref in erased.kept:  # an earlier erasure may have failed before telling them
+            await self._tell_sockets_erased(ref)
             await self._notify_aes(ref)
         return erased.tasks
 
@@ -742,7 +743,9 @@ class ChatService:
         """`chat.cancelled` (reason `session_erased`) to the sockets open on the session: a
         task ended by the erasure got no final event, and a page showing its streamed answer
         waited for one for ever. Appended to the log and published, as every event, so the
-        sockets' cursors stay in order; the caller deletes the log right after."""
+        sockets' cursors stay in order; the caller deletes the log right after. Once per
+        task: an erasure retried after it failed part way finds the task kept, and tells the
+        sockets then if the first attempt did not get that far."""
         settings = self.settings
         tenant, session = ref.tenant_id, ref.session_id
         data = {"status": TaskStatus.cancelled, "reason": "session_erased"}
@@ -756,7 +759,8 @@ class ChatService:
                 settings.session_log_maxlen,
                 settings.session_log_ttl_seconds * 1000,
                 keys.session_channel(tenant, session),
-                ERASED_NOTICE_SECONDS,
+                # As long as the task's stub may be found by another erasure: told once.
+                settings.task_ttl_seconds + ERASED_NOTICE_MARGIN_SECONDS,
             ],
         )
 
