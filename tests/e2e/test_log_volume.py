@@ -17,7 +17,7 @@ from services.cli.embedded import RedisServer
 from services.cli.stack import Child
 from services.core import keys
 from tests.e2e.clients import auth, connect, events_until, final_of, next_event, send, unique
-from tests.e2e.conftest import FAST_EXECUTOR, lone_api, new_stack, redis_client
+from tests.e2e.conftest import FAST_EXECUTOR, deploy, lone_api, new_stack, redis_client
 from tests.e2e.test_http_error_shape import exchange
 
 pytestmark = pytest.mark.e2e
@@ -103,30 +103,27 @@ async def test_a_socket_told_its_events_were_lost_is_logged_with_its_tenant(
     warns. The warning named the session but not the tenant (ids are unique per tenant
     only, so an SRE could not tell whose events were lost)."""
     redis = RedisServer().start()
-    stack = new_stack(redis, tmp_path / "logs", **FAST_EXECUTOR)
     try:
-        child = stack.start_api()
-        stack.start("worker")
-        stack.start("executor")
-        stack.wait_ready(child)
-        tenant, session = unique("t"), unique("s")
-        ws, _ = await connect(child.ws_url, tenant, session)
-        async with httpx.AsyncClient(timeout=15) as http:
-            reply = await send(http, child.url, tenant, {"message": "hi", "session_id": session})
-        assert reply.status_code == 202, reply.text
-        await events_until(ws, final_of(reply.json()["task_id"]))
-        redis.stop()
-        notice = await next_event(ws, timeout=15)
-        assert notice["data"]["code"] == "unavailable", notice
-        redis.start()  # empty: the session's log is gone
-        gap = await next_event(ws, timeout=30)
-        assert gap["data"]["code"] == "resume_gap", gap
-        await ws.close()
-        [line] = [line for line in log_lines(child) if "events lost for a socket" in line]
+        with deploy(redis, tmp_path / "logs", **FAST_EXECUTOR) as deployed:
+            child = deployed.api
+            tenant, session = unique("t"), unique("s")
+            ws, _ = await connect(child.ws_url, tenant, session)
+            async with httpx.AsyncClient(timeout=15) as http:
+                body = {"message": "hi", "session_id": session}
+                reply = await send(http, child.url, tenant, body)
+            assert reply.status_code == 202, reply.text
+            await events_until(ws, final_of(reply.json()["task_id"]))
+            redis.stop()
+            notice = await next_event(ws, timeout=15)
+            assert notice["data"]["code"] == "unavailable", notice
+            redis.start()  # empty: the session's log is gone
+            gap = await next_event(ws, timeout=30)
+            assert gap["data"]["code"] == "resume_gap", gap
+            await ws.close()
+            [line] = [line for line in log_lines(child) if "events lost for a socket" in line]
         record = json.loads(line)
         assert (record.get("tenant_id"), record.get("session_id")) == (tenant, session), record
     finally:
-        stack.stop()
         redis.cleanup()
 
 

@@ -17,7 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.cli.embedded import RedisServer, free_port
 from tests.e2e.clients import auth, connect, next_event, unique
-from tests.e2e.conftest import new_stack
+from tests.e2e.conftest import deploy, new_stack
 from tests.faults.conftest import FaultProxy
 
 pytestmark = pytest.mark.e2e
@@ -87,12 +87,8 @@ async def test_a_send_that_meets_a_busy_redis_is_answered_once_and_told_truly(
     a client retrying as told got it answered (and billed) twice. The api sends the script
     again (same task id: `exists` if the first ran): busy 5 s, the send is accepted once;
     busy 8 s (both attempts time out) the 503 names the task the message may still become."""
-    stack = new_stack(debug_redis, tmp_path / "logs", executor_chunk_delay_ms="2")
-    try:
-        api = stack.start_api()
-        stack.start("worker")
-        stack.start("executor")
-        stack.wait_ready(api)
+    with deploy(debug_redis, tmp_path / "logs", executor_chunk_delay_ms="2") as deployed:
+        api = deployed.api
         tenant, session = unique("t"), unique("s")
         ws, _ = await connect(api.ws_url, tenant, session)
         busy = asyncio.create_task(stall(debug_redis.url, stall_seconds))
@@ -117,8 +113,6 @@ async def test_a_send_that_meets_a_busy_redis_is_answered_once_and_told_truly(
                 assert state.status_code == 200, state.text  # it was queued: the client can tell
         await ws.close()
         assert [e.get("task_id") for e in finals] == [task_id], finals
-    finally:
-        stack.stop()
 
 
 async def test_health_detailed_answers_in_about_a_round_trip_when_redis_is_slow(
