@@ -39,7 +39,12 @@ from services.api.session_log import DEFAULT_LOG_TTL_MS, RESUME_GAP, read_since
 from services.core import keys, telemetry
 from services.core.delivery_lag import LagClock
 from services.core.events import ERROR, frame, frame_id, frame_with_id
-from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING, ClusterClient, as_lost_connection
+from services.core.redis_client import (
+    REDIS_DOWN,
+    REDIS_REFUSING,
+    ClusterClient,
+    as_cluster_outage,
+)
 
 log = logging.getLogger(__name__)
 _LAG = LagClock("api")  # live events only: a replay from the log is not a delivery's lag
@@ -302,9 +307,9 @@ class SessionHub:
                     raise
                 # A node's lane must not die in silence (say, a reply from a node that is
                 # rejoining the cluster): treat it as lost, its channels are subscribed again.
-                if as_lost_connection(exc) is None:
+                if as_cluster_outage(exc) is None:
                     log.exception("delivery subscription on %s failed", lane.name)
-                else:  # redis-py's transport race while the node reconnects: an outage
+                else:  # a transport race while the node reconnects, MOVED mid-reshard
                     log.warning("delivery subscription on %s lost: %r", lane.name, exc)
                 self._lose(lane)
                 return

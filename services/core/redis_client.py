@@ -51,6 +51,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import (
+    AskError,
     ClusterDownError,
     DataError,
     MaxConnectionsError,
@@ -398,6 +399,22 @@ def as_lost_connection(exc: BaseException) -> RedisConnectionError | None:
     return None
 
 
+def as_cluster_outage(exc: BaseException) -> Exception | None:
+    """`as_lost_connection`, and what redis-py's cluster client raises for a cluster that is
+    changing under it, which are outages to ride through (503, 1013), not bugs (500, 1011):
+
+    - a `KeyError` from its slot map: a slot no primary serves (CLUSTER DELSLOTS, a node lost
+      before its failover), or the map being refreshed while a node is frozen;
+    - `MOVED`/`ASK` out of a transaction (MULTI): redis-py follows neither inside one, so a
+      session's log read during a reshard of its slot failed; the slot map is learnt again and
+      the caller's retry goes to the slot's new node."""
+    if isinstance(exc, KeyError):
+        return SlotNotCoveredError(f"no node serves the slot now (slot map changing): {exc}")
+    if isinstance(exc, AskError):  # MovedError too
+        return ClusterDownError(f"the slot moved during a transaction: {exc}")
+    return as_lost_connection(exc)
+
+
 # Set while this task runs a command or pipeline of the cluster client (see `aclose`).
 _in_command: contextvars.ContextVar[bool] = contextvars.ContextVar("in_command", default=False)
 
@@ -454,8 +471,8 @@ class ClusterClient(RedisCluster):
         token = _in_command.set(True)
         try:
             return await super().execute_command(*args, **kwargs)
-        except (RuntimeError, AttributeError, ResponseError) as exc:
-            lost = as_lost_connection(exc)
+        except (RuntimeError, AttributeError, ResponseError, KeyError) as exc:
+            lost = as_cluster_outage(exc)
             if lost is None:
                 raise
             self._initialize = True  # the slot map changed (a failover): learn it again
@@ -506,6 +523,13 @@ class ClusterClient(RedisCluster):
         return client, client.pubsub()
 
 
+# redis-py's cluster pipelines and transactions read the errors they retry from RedisCluster
+# itself, not from the client's class: a pipeline that timed out was sent again whole, up to
+# four times with pauses (a dead letter written twice; /health/detailed 13-16 s and a send
+# 19 s behind one frozen primary, where one timeout is 3 s). The same rule as for commands.
+RedisCluster.ERRORS_ALLOW_RETRY = ClusterClient.ERRORS_ALLOW_RETRY  # type: ignore[assignment]
+
+
 class ScriptingClusterPipeline(ClusterPipeline):
     """A cluster pipeline that queues EVALSHA (see `ClusterClient`).
 
@@ -531,8 +555,8 @@ class ScriptingClusterPipeline(ClusterPipeline):
         token = _in_command.set(True)
         try:
             results: list[Any] = await super().execute(raise_on_error, allow_redirections)
-        except (RuntimeError, AttributeError, ResponseError) as exc:
-            lost = as_lost_connection(exc)
+        except (RuntimeError, AttributeError, ResponseError, KeyError) as exc:
+            lost = as_cluster_outage(exc)
             if lost is None:
                 raise
             client._initialize = True
@@ -544,7 +568,7 @@ class ScriptingClusterPipeline(ClusterPipeline):
         for result in results:
             if isinstance(result, REDIS_DOWN):
                 raise result
-            if isinstance(result, ResponseError) and (lost := as_lost_connection(result)):
+            if isinstance(result, ResponseError) and (lost := as_cluster_outage(result)):
                 client._initialize = True
                 raise lost from result
         return results
