@@ -33,6 +33,7 @@ REASON_WIDTH = 80
 """Characters of a reason the table shows: enough for the writer's `refused by the database
 (SQLSTATE ..., constraint ...)` and the start of PostgreSQL's message; `--json` has it all."""
 
+DEFAULT_LIMIT = 100  # `deadletters list --limit`'s default (services/cli/main.py)
 RERUN_IS_SAFE = "running the replay again is safe: no dead letter is re-added twice"
 
 
@@ -107,7 +108,8 @@ async def list_command(
     order = "the newest, oldest first" if newest else "oldest first"
     print(f"{shown} dead letter(s); {order}", file=out)
     if more:
-        print(f"next page: orchestrator deadletters list --after {letters[-1].id}", file=out)
+        size = "" if limit == DEFAULT_LIMIT else f" --limit {limit}"
+        print(f"next page: orchestrator deadletters list{size} --after {letters[-1].id}", file=out)
     return 0
 
 

@@ -271,7 +271,7 @@ async def test_deadletters_list_prints_a_table_with_one_row_per_dead_letter(
     header, *rows, footer, next_page = run.stdout.splitlines()
     assert header.split() == ["ID", "AT", "STREAM", "ACTION_TYPE", "TASK", "REASON"]
     assert [row.split()[0] for row in rows] == ids[:2]
-    assert next_page == f"next page: orchestrator deadletters list --after {ids[1]}"
+    assert next_page == f"next page: orchestrator deadletters list --limit 2 --after {ids[1]}"
     assert [row.split()[4] for row in rows] == ["acme/t1"] * 2  # whose dead letter it is
     assert all(ORIGIN in row and "execution.chunk" in row for row in rows)
     assert all(len(row) < 200 for row in rows)  # the long reason is shortened

@@ -79,7 +79,7 @@ async def test_dead_letters_beyond_the_limit_can_be_listed_page_by_page(
     ids = [entry_id.decode() for entry_id, _ in await redis.xrange(keys.DEAD_LETTERS)]
     first = cli(redis_url, "list", "--limit", "2")
     assert first.returncode == 0, first.stderr
-    assert f"next page: orchestrator deadletters list --after {ids[1]}" in first.stdout
+    assert f"next page: orchestrator deadletters list --limit 2 --after {ids[1]}" in first.stdout
     second = cli(redis_url, "list", "--limit", "2", "--after", ids[1], "--json")
     assert second.returncode == 0, second.stderr
     assert [letter["id"] for letter in json.loads(second.stdout)] == ids[2:4]
