@@ -64,7 +64,7 @@ from services.persistence.records import (
     MalformedRecord,
     publish_finished,
     publish_record,
-    record_from_task,
+    record_of_erased,
 )
 
 AES_STREAM_MAXLEN = 1_000_000
@@ -719,11 +719,12 @@ class ChatService:
         counts its request in `/api/usage`, as a cancelled task's does; the writer keeps no
         history of it (the session's erasure is older than the task's record)."""
         erased = await self.tasks.erase_session(tenant_id, session_id)
-        if erased.running and self.settings.database_url:
+        ended = [*erased.running, *erased.kept]  # kept: an earlier attempt may have failed
+        if ended and self.settings.database_url:
             records = []
-            for ref, state in erased.running:
+            for ref, state in ended:
                 try:
-                    records.append(record_from_task(ref, {**state, "status": "cancelled"}))
+                    records.append(record_of_erased(ref, state))  # once per task: the writer
                 except MalformedRecord as exc:
                     log.warning("no persistence record for task %s: %s", ref.task_id, exc.reason)
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -734,7 +735,7 @@ class ChatService:
             metrics.tasks.labels("cancelled", state.get("tier") or "unknown").inc()
             await self._tell_sockets_erased(ref)
             await self._notify_aes(ref)
-        for ref in erased.kept:  # an earlier erasure may have failed before telling them
+        for ref, _ in erased.kept:  # an earlier erasure may have failed before telling them
             await self._tell_sockets_erased(ref)
             await self._notify_aes(ref)
         return erased.tasks

@@ -62,8 +62,9 @@ class Erased:
 
     tasks: int
     running: list[tuple[TaskRef, dict[str, str]]]
-    # Ended by an earlier erasure that may have failed before telling their AES (a retry).
-    kept: list[TaskRef] = field(default_factory=list)
+    # Ended by an earlier erasure that may have failed before queueing their records or
+    # telling their sockets and AES (a retry), each with its stub's fields.
+    kept: list[tuple[TaskRef, dict[str, str]]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +215,7 @@ class TaskStore:
         found = [str(_text(key)) async for key in self.redis.scan_iter(match=pattern, count=1000)]
         marked = f"{tenant_id}/{session_id}{ERASED_MARK}"
         running: list[tuple[TaskRef, dict[str, str]]] = []
-        kept: list[TaskRef] = []
+        kept: list[tuple[TaskRef, dict[str, str]]] = []
         erased = len(found)
         for start in range(0, len(found), 500):
             chunk = found[start : start + 500]
@@ -233,13 +234,13 @@ class TaskStore:
                 replies = await pipe.execute()
             for key, reply in zip(chunk, replies, strict=True):
                 ref = TaskRef(tenant_id, session_id, key[prefix:])
+                pairs = [str(_text(item)) for item in reply[1:]]
+                state = dict(zip(pairs[::2], pairs[1::2], strict=True))
                 if int(reply[0]) in (0, 3):  # gone meanwhile, or kept by an earlier erasure
                     erased -= 1
                     if int(reply[0]) == 3:
-                        kept.append(ref)
+                        kept.append((ref, state))
                 elif int(reply[0]) == 2:
-                    pairs = [str(_text(item)) for item in reply[1:]]
-                    state = dict(zip(pairs[::2], pairs[1::2], strict=True))
                     running.append((ref, state))
         return Erased(erased, running, kept)
 

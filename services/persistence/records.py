@@ -175,6 +175,29 @@ def record_from_task(
         raise MalformedRecord(f"task {ref.task_id}: incomplete state: {exc}") from None
 
 
+def record_of_erased(ref: TaskRef, state: Mapping[str, Any]) -> PersistRecord:
+    """The record of a task its session's erasure ended while it ran, from its state or the
+    stub the erasure keeps (`lua/erase_task.lua`): cancelled, its request counted in the
+    tenant's usage. No message: the session's history is erased, and the stub keeps none.
+    Raises `MalformedRecord` for a state without what the record needs."""
+    try:
+        data = {
+            "tenant_id": ref.tenant_id,
+            "session_id": ref.session_id,
+            "task_id": ref.task_id,
+            "agent_id": state["agent_id"],
+            "user_id": state.get("user_id") or None,
+            "status": "cancelled",
+            "attempt": int(state.get("attempt") or 1),
+            "message": "",
+            "created_at": state["created_at"],
+            "completed_at": state.get("updated_at") or state["created_at"],
+        }
+        return msgspec.convert(data, PersistRecord)
+    except (KeyError, ValueError, TypeError, msgspec.MsgspecError) as exc:
+        raise MalformedRecord(f"task {ref.task_id}: incomplete state: {exc}") from None
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 

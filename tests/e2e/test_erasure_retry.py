@@ -15,6 +15,7 @@ from services.cli.embedded_postgres import PostgresServer
 from services.cli.stack import Child, LocalStack
 from services.core import keys
 from services.persistence.migrate import migrate
+from services.persistence.records import decode_record
 from tests.e2e.clients import auth, connect, events_until, unique
 from tests.e2e.conftest import new_stack
 from tests.e2e.test_external_aes import start_task
@@ -73,3 +74,31 @@ async def test_a_retried_erasure_tells_the_sockets_the_running_task_ended(
         f"the erasure (retried after it failed part way) ended task {task}, but the socket "
         f"open on the session never got its chat.cancelled: {[e['type'] for e in seen]}"
     )
+
+
+async def test_a_retried_erasure_still_queues_the_running_task_record(
+    api_without_worker: tuple[LocalStack, Child],
+) -> None:
+    """Same failure: the retry found the running task kept and queued no record for it (the
+    first attempt failed before queueing one), so PostgreSQL never learnt of the request and
+    `/api/usage` never counted it (README: an erased session's usage stays counted). The stub
+    keeps what the record needs (no message), and the retry queues it."""
+    stack, api = api_without_worker
+    redis = Redis.from_url(stack.env["ORCHESTRATOR_REDIS_URL"])
+    tenant, session = unique("t"), unique("s")
+    task = await start_task(api, tenant, session)
+    await redis.delete(keys.PERSIST_RECORDS)
+    await redis.set(keys.PERSIST_RECORDS, "not a stream")
+    async with httpx.AsyncClient(base_url=api.url, timeout=10) as http:
+        first = await http.delete(f"/api/sessions/{session}", headers=auth(tenant))
+        assert first.status_code >= 500, first.text
+        await redis.delete(keys.PERSIST_RECORDS)
+        retried = await http.delete(f"/api/sessions/{session}", headers=auth(tenant))
+        assert retried.status_code == 200, retried.text
+    records = [decode_record(fields[b"action"]) for _, fields in await redis.xrange(
+        keys.PERSIST_RECORDS)]  # fmt: skip
+    state = await redis.hgetall(keys.task_state(tenant, session, task))
+    await redis.aclose()
+    [record] = [r for r in records if r.task_id == task]
+    assert (record.status, record.message, record.tenant_id) == ("cancelled", "", tenant)
+    assert b"action" not in state  # the stub keeps no message

@@ -4,8 +4,8 @@
 -- task and its usage is counted once, as for one crossing a cancel. (Deleted, it found no
 -- task, and erasing the session at the last chunk dodged the token budget.)
 -- Returns {0}: nothing there; {1}: it was final; {2, field, value, ...}: it was running,
--- with its state as it was (for its record: the request counts in the tenant's usage); {3}:
--- kept by an earlier erasure.
+-- with its state as it was (for its record: the request counts in the tenant's usage); {3,
+-- field, value, ...}: kept by an earlier erasure, with the stub's fields.
 local task = KEYS[1]
 local state = redis.call('HGETALL', task)
 if #state == 0 then return {0} end
@@ -13,8 +13,11 @@ local fields = {}
 for i = 1, #state, 2 do fields[state[i]] = state[i + 1] end
 if fields.ended_by == 'erase:0' then
   -- What an earlier erasure kept: kept again (deleted, the budget dodge is back), not counted
-  -- (a second DELETE of the session answers 404: nothing was left to erase).
-  return {3}
+  -- (a second DELETE of the session answers 404: nothing was left to erase). Its fields go
+  -- back: that erasure may have failed before queueing the task's record or notices.
+  local reply = {3}
+  for i = 1, #state do reply[#reply + 1] = state[i] end
+  return reply
 end
 local finals = {completed = true, failed = true, cancelled = true, timed_out = true}
 if finals[fields.status] then
@@ -24,10 +27,13 @@ end
 local ttl = redis.call('TTL', task)
 redis.call('DEL', task)
 -- What task_event.lua reads of a final task (the status, the metrics' tier and start).
+-- (Plus what its usage record needs, none of it the conversation: agent, user, start.)
 redis.call('HSET', task, 'status', 'cancelled', 'ended_by', 'erase:0',
   'attempt', fields.attempt or '1', 'last_seq', fields.last_seq or '0',
   'tier', fields.tier or '', 'created_ms', fields.created_ms or '0',
-  'stream', fields.stream or '1', 'updated_at', ARGV[1])
+  'stream', fields.stream or '1', 'updated_at', ARGV[1],
+  'agent_id', fields.agent_id or '', 'user_id', fields.user_id or '',
+  'created_at', fields.created_at or '')
 if ttl > 0 then redis.call('EXPIRE', task, ttl) end
 local reply = {2}
 for i = 1, #state do reply[#reply + 1] = state[i] end
