@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from services.cli.embedded import LocalRedis, RedisServer
+from services.cli.embedded import LocalCluster, LocalRedis, RedisServer
 from services.cli.embedded_postgres import PostgresServer
 from services.cli.otlp_sink import Receiver
 from services.cli.stack import Child, LocalStack
@@ -143,6 +143,14 @@ def own_redis() -> Iterator[RedisServer]:
     server = RedisServer().start()
     yield server
     server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def own_cluster() -> Iterator[LocalCluster]:
+    """A 3-master cluster of the module's own (its tests freeze a node or remove slots)."""
+    cluster = LocalCluster(masters=3).start()
+    yield cluster
+    cluster.cleanup()
 
 
 @pytest.fixture(scope="module")

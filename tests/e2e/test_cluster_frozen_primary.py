@@ -36,25 +36,18 @@ SOCKET_TIMEOUT = load_settings().worker_sleep_seconds + COMMAND_TIMEOUT_SECONDS
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
-    own = LocalCluster(masters=3).start()
-    yield own
-    own.cleanup()
-
-
-@pytest.fixture(scope="module")
-def api(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Child]:
-    with lone_api(cluster, tmp_path_factory.mktemp("logs")) as child:
+def api(own_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Child]:
+    with lone_api(own_cluster, tmp_path_factory.mktemp("logs")) as child:
         yield child
 
 
 async def test_health_detailed_with_a_frozen_primary_answers_within_a_command_timeout(
-    cluster: LocalCluster, api: Child
+    own_cluster: LocalCluster, api: Child
 ) -> None:
     async with httpx.AsyncClient() as http:
         healthy = await http.get(f"{api.url}/health/detailed", timeout=10)
         assert healthy.status_code == 200, healthy.text
-        frozen = cluster.nodes[1]
+        frozen = own_cluster.nodes[1]
         assert frozen.process is not None
         os.kill(frozen.process.pid, signal.SIGSTOP)
         try:

@@ -29,17 +29,10 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
-    own = LocalCluster(masters=3).start()
-    yield own
-    own.cleanup()
-
-
-@pytest.fixture(scope="module")
-def api(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Child]:
-    with lone_api(cluster, tmp_path_factory.mktemp("logs")) as child:
+def api(own_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Child]:
+    with lone_api(own_cluster, tmp_path_factory.mktemp("logs")) as child:
         slot = key_slot(b"{aes}")
-        for node in cluster.nodes:
+        for node in own_cluster.nodes:
             admin = SyncRedis(port=node.port)
             admin.execute_command("CLUSTER", "DELSLOTS", slot)
             admin.close()

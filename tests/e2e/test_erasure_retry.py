@@ -41,6 +41,21 @@ def api_without_worker(
         postgres.cleanup()
 
 
+async def erase_after_a_failed_attempt(
+    redis: Redis, http: httpx.AsyncClient, tenant: str, session: str
+) -> None:
+    """A DELETE that fails after erasing the task states (the records stream has the wrong
+    type, so the record for PostgreSQL cannot be queued; in production a lost connection or
+    a killed pod), then its retry, as the 5xx tells the client to."""
+    await redis.delete(keys.PERSIST_RECORDS)
+    await redis.set(keys.PERSIST_RECORDS, "not a stream")
+    first = await http.delete(f"/api/sessions/{session}", headers=auth(tenant))
+    assert first.status_code >= 500, first.text
+    await redis.delete(keys.PERSIST_RECORDS)
+    retried = await http.delete(f"/api/sessions/{session}", headers=auth(tenant))
+    assert retried.status_code == 200, retried.text
+
+
 async def test_a_retried_erasure_tells_the_sockets_the_running_task_ended(
     api_without_worker: tuple[LocalStack, Child],
 ) -> None:
@@ -55,15 +70,8 @@ async def test_a_retried_erasure_tells_the_sockets_the_running_task_ended(
     ws, _ = await connect(api.ws_url, tenant, session)
     task = await start_task(api, tenant, session)
     await events_until(ws, lambda e: e.get("task_id") == task)
-    # The records stream of the wrong type: the erasure fails after erasing the states.
-    await redis.delete(keys.PERSIST_RECORDS)
-    await redis.set(keys.PERSIST_RECORDS, "not a stream")
     async with httpx.AsyncClient(base_url=api.url, timeout=10) as http:
-        first = await http.delete(f"/api/sessions/{session}", headers=auth(tenant))
-        assert first.status_code >= 500, first.text
-        await redis.delete(keys.PERSIST_RECORDS)
-        retried = await http.delete(f"/api/sessions/{session}", headers=auth(tenant))
-        assert retried.status_code == 200, retried.text
+        await erase_after_a_failed_attempt(redis, http, tenant, session)
         # A later task of the session: its first event comes after anything the retry sent.
         later = await start_task(api, tenant, session)
     seen = await events_until(ws, lambda e: e.get("task_id") == later)
@@ -87,14 +95,8 @@ async def test_a_retried_erasure_still_queues_the_running_task_record(
     redis = Redis.from_url(stack.env["ORCHESTRATOR_REDIS_URL"])
     tenant, session = unique("t"), unique("s")
     task = await start_task(api, tenant, session)
-    await redis.delete(keys.PERSIST_RECORDS)
-    await redis.set(keys.PERSIST_RECORDS, "not a stream")
     async with httpx.AsyncClient(base_url=api.url, timeout=10) as http:
-        first = await http.delete(f"/api/sessions/{session}", headers=auth(tenant))
-        assert first.status_code >= 500, first.text
-        await redis.delete(keys.PERSIST_RECORDS)
-        retried = await http.delete(f"/api/sessions/{session}", headers=auth(tenant))
-        assert retried.status_code == 200, retried.text
+        await erase_after_a_failed_attempt(redis, http, tenant, session)
     records = [decode_record(fields[b"action"]) for _, fields in await redis.xrange(
         keys.PERSIST_RECORDS)]  # fmt: skip
     state = await redis.hgetall(keys.task_state(tenant, session, task))
