@@ -28,9 +28,12 @@ from services.core import keys
 from services.core.events import event_body
 from services.core.redis_client import REDIS_DOWN
 from tests.e2e.clients import token, unique
-from tests.e2e.conftest import lone_api, redis_client
+from tests.e2e.conftest import redis_client
+from tests.e2e.test_cluster_health import cluster_api
 
 pytestmark = pytest.mark.e2e
+
+__all__ = ["cluster_api"]  # the fixture used here
 
 PAGE = 100
 EVENTS = 3 * PAGE + 20
@@ -109,14 +112,6 @@ async def test_a_page_read_while_its_slot_is_half_migrated_is_an_outage_then_who
 async def _until_closed(ws: websockets.ClientConnection) -> None:
     while True:
         await ws.recv()
-
-
-@pytest.fixture(scope="module")
-def cluster_api(
-    redis_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Child]:
-    with lone_api(redis_cluster, tmp_path_factory.mktemp("logs")) as api:
-        yield api
 
 
 async def test_a_resume_while_the_sessions_slot_is_half_migrated_is_told_to_try_again(
