@@ -315,6 +315,8 @@ def create_app(
         with contextlib.suppress(*REDIS_DOWN):  # else loaded on the first NOSCRIPT
             await scripts.load()
         tasks = TaskStore(redis, scripts, settings)
+        with contextlib.suppress(*REDIS_DOWN, *REDIS_REFUSING):  # else at the first erasure
+            await tasks.mark_index_start()
         name = pod_id or process_name(settings)
         hub = SessionHub(redis, name, log_ttl_ms=settings.session_log_ttl_seconds * 1000)
         await hub.start()

@@ -91,6 +91,18 @@ def task_state(tenant_id: str, session_id: str, task_id: str) -> str:
     return f"{session_tag(tenant_id, session_id)}:task:{task_id}"
 
 
+def session_tasks(tenant_id: str, session_id: str) -> str:
+    """Sorted set: the session's task ids, by when each one's state expires at the latest
+    (ms). What an erasure reads instead of a SCAN of the keyspace; `task_event.lua` adds a
+    task when it creates it and forgets the ones long expired."""
+    return f"{session_tag(tenant_id, session_id)}:tasks"
+
+
+# When this deployment's apis began to index every session's tasks (ms, Redis's clock): until
+# every task created before then may have expired, an erasure also SCANs (`TaskStore`).
+TASK_INDEX_SINCE = "{tasks}:index-since"
+
+
 def task_location(task_id: str) -> str:
     return f"{{t:{task_id}}}:where"
 

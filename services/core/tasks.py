@@ -17,10 +17,11 @@ import msgspec
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from services.core import keys
+from services.core import clock, keys
 from services.core.actions import utcnow
 from services.core.scripts import Scripts
 from services.core.settings import Settings
+from services.core.tiers import MAX_TASK_TIMEOUT_SECONDS
 
 
 class TaskStatus(StrEnum):
@@ -32,6 +33,10 @@ class TaskStatus(StrEnum):
     cancelled = "cancelled"
     timed_out = "timed_out"
 
+
+# How long past its expiry a task may stay in its session's index (`lua/task_event.lua`), and
+# how long an api of a version before the index may keep creating tasks during a rollout.
+INDEX_SLACK_SECONDS = 86_400
 
 # Appended to a task's location when its session is erased (`TaskStore.erase_session`).
 ERASED_MARK = "/erased"
@@ -131,8 +136,9 @@ class TaskStore:
             keys.task_state(ref.tenant_id, ref.session_id, ref.task_id),
             keys.session_log(ref.tenant_id, ref.session_id),
         ]
-        if settings.database_url and op != "create":  # (send.lua composes `create` with
-            # two keys) a history to wait for: see `keys.session_unwritten`
+        if op == "create":  # the session's task index, which an erasure reads
+            script_keys.append(keys.session_tasks(ref.tenant_id, ref.session_id))
+        elif settings.database_url:  # a history to wait for: see `keys.session_unwritten`
             script_keys.append(keys.session_unwritten(ref.tenant_id, ref.session_id))
         args: list[str | int] = [
             op,
@@ -206,17 +212,29 @@ class TaskStore:
 
         A task's location is kept, marked erased, until it expires: an `Idempotency-Key`
         naming the task is then told so instead of taken for a key whose send never queued
-        its task (which would send the erased message again). A SCAN of the session's keys:
-        erasures are rare, and an index per session would cost every send a write. A task
-        still running is ended as cancelled (`lua/erase_task.lua`): its later chunks are
-        dropped, and its completion's usage is counted as after a cancel."""
-        pattern = keys.task_state(tenant_id, session_id, "*")
-        prefix = len(pattern) - 1
-        found = [str(_text(key)) async for key in self.redis.scan_iter(match=pattern, count=1000)]
+        its task (which would send the erased message again). The session's tasks are read
+        from its index (`keys.session_tasks`); while tasks created before this deployment
+        indexed them may still live, also from a SCAN of the session's keys
+        (`index_complete`). A task still running is ended as cancelled
+        (`lua/erase_task.lua`): its later chunks are dropped, and its completion's usage is
+        counted as after a cancel."""
+        index = keys.session_tasks(tenant_id, session_id)
+        found = [
+            member.decode() if isinstance(member, bytes) else str(member)
+            for member in await self.redis.zrange(index, 0, -1)
+        ]
+        if not await self.index_complete():
+            pattern = keys.task_state(tenant_id, session_id, "*")
+            prefix = len(pattern) - 1
+            scanned = [
+                str(_text(key))[prefix:]
+                async for key in self.redis.scan_iter(match=pattern, count=1000)
+            ]
+            found = list(dict.fromkeys([*found, *scanned]))
         marked = f"{tenant_id}/{session_id}{ERASED_MARK}"
         running: list[tuple[TaskRef, dict[str, str]]] = []
         kept: list[tuple[TaskRef, dict[str, str]]] = []
-        erased = len(found)
+        erased = 0
         for start in range(0, len(found), 500):
             chunk = found[start : start + 500]
             # The locations first, then the states, in two round trips: on a cluster they
@@ -224,25 +242,42 @@ class TaskStore:
             # mark was never marked by a retry (it found no state): the erased message was
             # sent again under its Idempotency-Key. Marked first, a retry finds the state.
             async with self.redis.pipeline(transaction=False) as pipe:
-                for key in chunk:
-                    pipe.set(keys.task_location(key[prefix:]), marked, xx=True, keepttl=True)
+                for task_id in chunk:
+                    pipe.set(keys.task_location(task_id), marked, xx=True, keepttl=True)
                 await pipe.execute()
             async with self.redis.pipeline(transaction=False) as pipe:
-                for key in chunk:
+                for task_id in chunk:
                     # EVAL, not a cached script: rare, and safe from a flushed script cache.
-                    pipe.eval(_ERASE_TASK, 1, key, isoformat())
+                    state_key = keys.task_state(tenant_id, session_id, task_id)
+                    pipe.eval(_ERASE_TASK, 2, state_key, index, isoformat())
                 replies = await pipe.execute()
-            for key, reply in zip(chunk, replies, strict=True):
-                ref = TaskRef(tenant_id, session_id, key[prefix:])
+            for task_id, reply in zip(chunk, replies, strict=True):
+                ref = TaskRef(tenant_id, session_id, task_id)
                 pairs = [str(_text(item)) for item in reply[1:]]
                 state = dict(zip(pairs[::2], pairs[1::2], strict=True))
-                if int(reply[0]) in (0, 3):  # gone meanwhile, or kept by an earlier erasure
-                    erased -= 1
-                    if int(reply[0]) == 3:
-                        kept.append((ref, state))
+                if int(reply[0]) in (1, 2):
+                    erased += 1
+                if int(reply[0]) == 3:  # kept by an earlier erasure
+                    kept.append((ref, state))
                 elif int(reply[0]) == 2:
                     running.append((ref, state))
         return Erased(erased, running, kept)
+
+    async def mark_index_start(self) -> None:
+        """Note when this deployment began to index every session's tasks (the first api of
+        this version to start, or the first erasure: whichever comes first)."""
+        await self.redis.set(keys.TASK_INDEX_SINCE, int(clock.now() * 1000), nx=True)
+
+    async def index_complete(self) -> bool:
+        """Whether every task state that may still live is in its session's index: those
+        created before the index was, by an older version, live at most their deadline plus
+        TASK_TTL_SECONDS (and an older api left running through a rollout for up to a day)."""
+        since = _text(await self.redis.get(keys.TASK_INDEX_SINCE))
+        if since is None:
+            await self.mark_index_start()
+            return False
+        longest = self.settings.task_ttl_seconds + MAX_TASK_TIMEOUT_SECONDS + INDEX_SLACK_SECONDS
+        return clock.now() - int(since) / 1000 > longest
 
     def location_value(self, ref: TaskRef) -> str:
         return f"{ref.tenant_id}/{ref.session_id}"

@@ -47,7 +47,7 @@ WRITES = {
 FAMILIES = {
     "session": re.compile(
         r"^\{s:[\w-]+:[\w-]+\}:(log|events|rl|task:[\w-]+|applied:marks|applied:erased:[\w-]+"
-        r"|unwritten)$"
+        r"|unwritten|tasks)$"
     ),
     "task location": re.compile(r"^\{t:[\w-]+\}:(where|recancel)$"),
     "tenant": re.compile(
@@ -63,6 +63,7 @@ FAMILIES = {
     "persistence": re.compile(r"^\{persist\}:records$"),
     "pod": re.compile(r"^\{pod:[\w-]+\}:control$"),
     "health probes": re.compile(r"^\{health(:\d+)?\}:probe:[\w.-]+$"),
+    "task index start": re.compile(r"^\{tasks\}:index-since$"),
 }
 
 

@@ -142,3 +142,81 @@ async def test_an_idempotency_key_sent_again_after_its_session_was_erased_sends_
     assert again.json()["error"]["code"] == "conflict"
     assert again.json()["error"]["details"] == {"task_id": task_id}
     assert history.status_code == 404, history.text  # nothing sent again
+
+
+async def _scans(redis: Any) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_scan", {}).get("calls", 0))
+
+
+async def _completed_tasks(
+    http: httpx.AsyncClient, api: Child, tenant: str, session: str, count: int
+) -> list[str]:
+    task_ids = []
+    for n in range(count):
+        sent = await send(http, api.url, tenant, {"message": f"m{n}", "session_id": session})
+        assert sent.status_code == 202, sent.text
+        task_ids.append(sent.json()["task_id"])
+    for task_id in task_ids:
+        await _final(http, api, tenant, task_id)
+    return task_ids
+
+
+async def test_an_erasure_reads_the_sessions_task_index_not_the_whole_keyspace(
+    erasure_stack: tuple[Child, Child], erasure_redis: RedisServer
+) -> None:
+    """Each DELETE SCANned every key of the deployment for the session's task states: ~400
+    SCAN round trips here (400 000 other keys), seconds with tens of millions, and on a
+    cluster every primary's keyspace. The session's index lists them."""
+    a, b = erasure_stack
+    redis = redis_client(erasure_redis)
+    if await redis.dbsize() < 100_000:
+        await redis.eval(FILL, 0, 400_000)
+    since = await redis.get(keys.TASK_INDEX_SINCE)
+    await redis.set(keys.TASK_INDEX_SINCE, 0)  # every living task was created indexed
+    tenant, session = unique("t"), unique("s")
+    try:
+        async with httpx.AsyncClient() as http:
+            task_ids = await _completed_tasks(http, a, tenant, session, 3)
+            before = await _scans(redis)
+            erased = await http.delete(f"{b.url}/api/sessions/{session}", headers=auth(tenant))
+            scans = await _scans(redis) - before
+            looked_up = [
+                await http.get(f"{a.url}/api/chat/tasks/{task_id}", headers=auth(tenant))
+                for task_id in task_ids
+            ]
+        states = [await redis.exists(keys.task_state(tenant, session, t)) for t in task_ids]
+        indexed = await redis.zcard(keys.session_tasks(tenant, session))
+    finally:
+        await redis.set(keys.TASK_INDEX_SINCE, since or 0)
+        await redis.aclose()
+    assert erased.status_code == 200, erased.text
+    assert scans == 0, f"{scans} SCANs for one session's erasure"
+    assert states == [0, 0, 0]
+    assert [reply.status_code for reply in looked_up] == [404, 404, 404]
+    assert indexed == 0, "the erased tasks are still in the session's index"
+
+
+async def test_an_erasure_soon_after_an_upgrade_finds_tasks_an_older_version_did_not_index(
+    erasure_stack: tuple[Child, Child], erasure_redis: RedisServer
+) -> None:
+    """An api of the version before the index created tasks no index lists; until they may
+    all have expired (TASK_TTL_SECONDS past the longest deadline), erasures still SCAN."""
+    a, b = erasure_stack
+    redis = redis_client(erasure_redis)
+    since = await redis.get(keys.TASK_INDEX_SINCE)
+    await redis.set(keys.TASK_INDEX_SINCE, int(time.time() * 1000))  # the upgrade: now
+    tenant, session = unique("t"), unique("s")
+    try:
+        async with httpx.AsyncClient() as http:
+            indexed, unindexed = await _completed_tasks(http, a, tenant, session, 2)
+            await redis.zrem(keys.session_tasks(tenant, session), unindexed)  # made by the old
+            erased = await http.delete(f"{b.url}/api/sessions/{session}", headers=auth(tenant))
+        states = [
+            await redis.exists(keys.task_state(tenant, session, t)) for t in (indexed, unindexed)
+        ]
+    finally:
+        await redis.set(keys.TASK_INDEX_SINCE, since or 0)
+        await redis.aclose()
+    assert erased.status_code == 200, erased.text
+    assert states == [0, 0]

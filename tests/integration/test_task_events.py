@@ -95,3 +95,25 @@ async def test_appending_publishes_the_frame_with_its_log_id(redis: Redis) -> No
     assert frame["type"] == "chat.status"
     await pubsub.aclose()  # type: ignore[no-untyped-call]
     assert tasks is not None
+
+
+async def test_a_created_task_joins_its_sessions_index_which_forgets_long_expired_ones(
+    redis: Redis,
+) -> None:
+    """The index an erasure reads instead of a SCAN: every created task is in it, scored by
+    when its state expires at the latest; members a day past that go at the next creation,
+    so a session with a task a minute for a year does not keep half a million of them."""
+    index = keys.session_tasks("acme", "s1")
+    now_ms = int((await redis.time())[0]) * 1000
+    await redis.zadd(index, {"long-gone": now_ms - 2 * 86_400_000, "recent": now_ms})
+    tasks = await created(redis)
+    members = dict(await redis.zrange(index, 0, -1, withscores=True))
+    ttl = tasks.settings.task_ttl_seconds * 1000
+    assert set(members) == {b"task1", b"recent"}
+    assert now_ms + ttl - 5_000 <= members[b"task1"] <= now_ms + ttl + 5_000
+    assert await redis.pttl(index) >= ttl + 86_400_000 - 5_000
+    # A second creation of the same task (a retried send) is refused and indexes nothing new.
+    again = await tasks.apply(REF, "create", fields={"status": "processing"})
+    assert again is not None
+    assert again.verdict is Verdict.exists
+    assert await redis.zcard(index) == 2

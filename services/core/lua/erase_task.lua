@@ -1,4 +1,6 @@
--- Erase one task of an erased session. KEYS[1]: its state hash.
+-- Erase one task of an erased session. KEYS[1]: its state hash. KEYS[2]: the session's task
+-- index, which forgets a task once nothing of it is left (a stub kept stays in it: a retried
+-- erasure must find it).
 -- A final task's state is deleted. A running one is ended as cancelled and kept, without its
 -- message or answer, until it expires: a completion crossing the erasure then finds a final
 -- task and its usage is counted once, as for one crossing a cancel. (Deleted, it found no
@@ -8,7 +10,13 @@
 -- field, value, ...}: kept by an earlier erasure, with the stub's fields.
 local task = KEYS[1]
 local state = redis.call('HGETALL', task)
-if #state == 0 then return {0} end
+local function forget()
+  if KEYS[2] then redis.call('ZREM', KEYS[2], string.match(task, ':task:(.*)$')) end
+end
+if #state == 0 then
+  forget()
+  return {0}
+end
 local fields = {}
 for i = 1, #state, 2 do fields[state[i]] = state[i + 1] end
 if fields.ended_by == 'erase:0' then
@@ -22,6 +30,7 @@ end
 local finals = {completed = true, failed = true, cancelled = true, timed_out = true}
 if finals[fields.status] then
   redis.call('DEL', task)
+  forget()
   return {1}
 end
 local ttl = redis.call('TTL', task)

@@ -9,8 +9,9 @@
 -- outcome is the same, including the refunds below.
 --
 -- KEYS[1] session limiter   KEYS[2] tenant limiter   KEYS[3] tenant usage of the day
--- KEYS[4] task state        KEYS[5] session log      KEYS[6] task location
--- KEYS[7] partition deadlines                        KEYS[8] AES stream of the priority
+-- KEYS[4] task state        KEYS[5] session log      KEYS[6] the session's task index
+-- KEYS[7] task location     KEYS[8] partition deadlines
+-- KEYS[9] AES stream of the priority
 -- ARGV[1], ARGV[2], ARGV[3]: how many of the next arguments are the session limiter's, the
 --   tenant limiter's (ratelimit.lua's, with the budget's) and the task script's (create)
 -- then: location value, location ttl (s), deadline member, deadline score, stream max length,
@@ -55,11 +56,11 @@ end
 -- Over the budget: the limits keep what they took, as when the budget is checked after them.
 if tenant[5] == 0 then return {session, tenant, 0} end
 
-local created = task_event({KEYS[4], KEYS[5]}, task_args)
+local created = task_event({KEYS[4], KEYS[5], KEYS[6]}, task_args)
 if created[1] == 'ok' then
   local a = next_arg
-  redis.call('SET', KEYS[6], ARGV[a], 'EX', ARGV[a + 1])
-  redis.call('ZADD', KEYS[7], ARGV[a + 3], ARGV[a + 2])
-  redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[a + 4], '*', ARGV[a + 5], ARGV[a + 6])
+  redis.call('SET', KEYS[7], ARGV[a], 'EX', ARGV[a + 1])
+  redis.call('ZADD', KEYS[8], ARGV[a + 3], ARGV[a + 2])
+  redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[a + 4], '*', ARGV[a + 5], ARGV[a + 6])
 end
 return {session, tenant, created}

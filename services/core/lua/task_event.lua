@@ -10,7 +10,8 @@
 -- KEYS[3] (with persistence) the session's tasks whose history records are on their way (a
 --         sorted set, by when they ended): a task that ends joins it in the same step, so a
 --         history read never misses a task that has ended (the writer takes it out once its
---         record is written)
+--         record is written); with `create`: the session's task index (a sorted set), which
+--         an erasure reads instead of scanning the keyspace for the session's tasks
 -- ARGV[1] op: create | chunk | completed | failed | cancel | requeue | dispatch | timeout
 -- ARGV[2] attempt the event answers (0: whatever the current attempt is)
 -- ARGV[3] chunk seq (chunk); for dispatch: ms after which a dispatch not confirmed yet (its
@@ -46,6 +47,22 @@ local function mark_unwritten()
     local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
     redis.call('ZADD', KEYS[3], now_ms, string.match(task, ':task:(.*)$'))
     redis.call('EXPIRE', KEYS[3], 3600)
+  end
+end
+
+-- A member of the task index is forgotten a day after its state expired at the latest (a
+-- timeout applied late by a slow worker can lengthen the state a little past that).
+local INDEX_SLACK_MS = 86400000
+
+local function index_created()
+  if op ~= 'create' or not KEYS[3] then return end
+  local now = redis.call('TIME')
+  local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  local ttl_ms = tonumber(ARGV[7]) * 1000
+  redis.call('ZADD', KEYS[3], now_ms + ttl_ms, string.match(task, ':task:(.*)$'))
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now_ms - INDEX_SLACK_MS)
+  if redis.call('PTTL', KEYS[3]) < ttl_ms + INDEX_SLACK_MS then
+    redis.call('PEXPIRE', KEYS[3], ttl_ms + INDEX_SLACK_MS)
   end
 end
 
@@ -127,6 +144,7 @@ if ARGV[4] == '' then
   end
   set_fields(extra)
   mark_unwritten()
+  index_created()
   return {'ok', '', tier, created_ms, first_chunk}
 end
 local id = redis.call('XADD', log, 'MAXLEN', '~', ARGV[5], '*', 'e', ARGV[4])
@@ -141,4 +159,5 @@ if final_ops[op] then
 end
 set_fields(extra)
 mark_unwritten()
+index_created()
 return {'ok', id, tier, created_ms, first_chunk}
