@@ -120,7 +120,7 @@ class CallbackEffects:
         elif position is None:
             raise ValueError(f"{action_type_of(action)} needs its stream position")
         elif isinstance(action, WebsocketSend):
-            self._send(action, pipe, position)
+            self._send(action, pipe, position, traceparent)
         else:
             self._broadcast(action, pipe, position)
         return None
@@ -249,27 +249,40 @@ class CallbackEffects:
         await self._failed(ref, 0, code, message, pipe, traceparent=traceparent)
         return None
 
-    def _send(self, action: WebsocketSend, pipe: Pipeline, position: Position) -> None:
+    def _send(
+        self, action: WebsocketSend, pipe: Pipeline, position: Position, traceparent: str = ""
+    ) -> None:
+        """Append to the session log and publish, once per stream entry. A `traceparent`
+        (the worker's span of a traced send) prefixes the published frame only, as a
+        completion's does (task_event.lua), so the api pods continue the trace; the log
+        never stores it. An untraced send passes the script's arguments as before."""
         settings = self.settings
         body = events.event_body(events.MESSAGE, action.message, action.task_id)
         tenant, session = action.tenant_id, action.session_id
+        args: list[str | int] = [
+            body,
+            settings.session_log_maxlen,
+            settings.session_log_ttl_seconds * 1000,
+            keys.session_channel(tenant, session),
+            DEDUPE_TTL_SECONDS,
+            position.entry_id,
+            position.previous,
+            position.stream,
+        ]
+        if traceparent:
+            args.append(f"{traceparent}\n")
         self.scripts.queue(
             pipe,
             self.scripts.session_event,
             [keys.session_applied(tenant, session), keys.session_log(tenant, session)],
-            [
-                body,
-                settings.session_log_maxlen,
-                settings.session_log_ttl_seconds * 1000,
-                keys.session_channel(tenant, session),
-                DEDUPE_TTL_SECONDS,
-                position.entry_id,
-                position.previous,
-                position.stream,
-            ],
+            args,
         )
 
     def _broadcast(self, action: WebsocketBroadcast, pipe: Pipeline, position: Position) -> None:
+        """Publish to the tenant's channel, once per stream entry. A traced broadcast's trace
+        ends at the worker's span: the tenant channel carries the frame alone, as every api
+        version reads it (an api of the version before would forward a traceparent prefix to
+        its clients as broken JSON during a rolling upgrade)."""
         body = events.event_body(events.MESSAGE, action.message, action.task_id)
         self.scripts.queue(
             pipe,

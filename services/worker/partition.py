@@ -530,30 +530,33 @@ class PartitionConsumer:
     def _span_for(
         self, entry: Entry, action: Callback, batch: int, seed_carrier: dict[str, str] | None
     ) -> Span | None:
-        """A CONSUMER span for the callbacks that end or retry a task; chunks get none (a
-        stream is one span on the producer's side, not one span per chunk)."""
-        if isinstance(action, ExecutionChunk | WebsocketSend | WebsocketBroadcast):
+        """A CONSUMER span for the callbacks that end or retry a task, and for an AES's
+        `websocket.send`/`websocket.broadcast` that carries a valid trace context (its
+        frame then carries the context to the api pods, as a completion's does). Chunks get
+        none (a stream is one span on the producer's side, not one span per chunk), nor do
+        untraced sends: no span object at all, they may come at 10 000/s."""
+        if isinstance(action, ExecutionChunk):
             return None
-        if isinstance(action, ExecutionCallback):
-            carrier, attempt = seed_carrier, 0
+        task_id: str | None = action.task_id
+        attempt: int | None = None
+        if isinstance(action, WebsocketSend | WebsocketBroadcast):
+            parent = telemetry.remote_parent(action.trace_context)
+            if parent is None:  # checked first: an untraced send costs nothing more
+                return None
+        elif isinstance(action, ExecutionCallback):
+            parent, attempt = telemetry.extract(seed_carrier), 0
         else:
-            carrier, attempt = action.trace_context, action.attempt
+            parent, attempt = telemetry.extract(action.trace_context), action.attempt
+        attributes = telemetry.messaging_attributes(
+            self.stream, "process", message_id=entry.id, group=keys.WORKER_GROUP, batch=batch
+        )
+        if task_id is not None:  # a send may belong to no task
+            attributes["orchestrator.task_id"] = task_id
+        if attempt is not None:  # a send has no attempt
+            attributes["orchestrator.attempt"] = attempt
+        attributes["orchestrator.action_type"] = action_type_of(action)
         return telemetry.tracer().start_span(
-            f"process {self.stream}",
-            context=telemetry.extract(carrier),
-            kind=SpanKind.CONSUMER,
-            attributes={
-                **telemetry.messaging_attributes(
-                    self.stream,
-                    "process",
-                    message_id=entry.id,
-                    group=keys.WORKER_GROUP,
-                    batch=batch,
-                ),
-                "orchestrator.task_id": action.task_id,
-                "orchestrator.attempt": attempt,
-                "orchestrator.action_type": action_type_of(action),
-            },
+            f"process {self.stream}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
         )
 
     async def _apply(self, batch: Batch, read_ahead: bool) -> bool:

@@ -14,6 +14,9 @@
 --         with DEFERRED and retried after it, so a session's events never overtake or skip
 --         each other)
 -- ARGV[8] the callback's partition stream
+-- ARGV[9] optional: a W3C traceparent and a newline, prefixed to the published message only
+--         (as task_event.lua's ARGV[10]) so the api pods continue the trace of a traced send;
+--         the log never stores it. Absent for an untraced send.
 -- Returns {'ok', log id} or {'duplicate', ''}.
 --
 -- Without ARGV[6] (a caller that has no stream entry, such as `bench --direct`), KEYS[1] is a
@@ -44,7 +47,11 @@ else
 end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-redis.call('SPUBLISH', ARGV[4], '{"id":"' .. id .. '",' .. ARGV[1])
+if ARGV[9] then
+  redis.call('SPUBLISH', ARGV[4], ARGV[9] .. '{"id":"' .. id .. '",' .. ARGV[1])
+else
+  redis.call('SPUBLISH', ARGV[4], '{"id":"' .. id .. '",' .. ARGV[1])
+end
 if ARGV[6] == nil then
   redis.call('SET', KEYS[1], '1', 'EX', ARGV[5])
 else
