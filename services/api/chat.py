@@ -77,6 +77,7 @@ RATE_HEADERS = {
     ),
     "RateLimit-Reset": OpenAPIHeader(schema=_SECONDS, description="seconds until it resets"),
 }
+RETRY_AFTER = OpenAPIHeader(schema=_SECONDS, description="seconds to wait before sending again")
 
 
 # What every operation behind a token may answer besides its own refusals.
@@ -102,6 +103,9 @@ class AuthenticatedOperation(Operation):
 
     def __post_init__(self) -> None:
         self.parameters = [*(self.parameters or []), TENANT_HEADER]
+        refused = (self.responses or {}).get("429")  # `TENANT_READS`: a generated client
+        if isinstance(refused, OpenAPIResponse):  # gets a typed header to wait on
+            refused.headers = {**(refused.headers or {}), "Retry-After": RETRY_AFTER}
 
 
 @dataclass
@@ -122,12 +126,7 @@ class SendOperation(Operation):
                 ),
             }
         if isinstance(refused, OpenAPIResponse):
-            refused.headers = {
-                **RATE_HEADERS,
-                "Retry-After": OpenAPIHeader(
-                    schema=_SECONDS, description="seconds to wait before sending again"
-                ),
-            }
+            refused.headers = {**RATE_HEADERS, "Retry-After": RETRY_AFTER}
 
 
 def idempotency_key(request: AnyRequest) -> str | None:

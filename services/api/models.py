@@ -12,6 +12,7 @@ from litestar.openapi.spec import Example, Schema
 from litestar.typing import FieldDefinition
 
 from services.core.ids import ID_PATTERN, PORTABLE_ID_PATTERN, Id
+from services.core.tasks import TaskStatus
 
 Message = Annotated[str, msgspec.Meta(min_length=1, description="the user's message")]
 
@@ -33,13 +34,13 @@ class TaskRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class Accepted(msgspec.Struct, kw_only=True):
     task_id: str
-    status: str
+    status: TaskStatus
     session_id: str
 
 
 class TaskView(msgspec.Struct, kw_only=True, omit_defaults=True):
     task_id: str
-    status: str
+    status: TaskStatus
     created_at: str
     updated_at: str
     session_id: str | None = None
@@ -52,7 +53,7 @@ class TaskView(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 class Cancelled(msgspec.Struct, kw_only=True):
     task_id: str
-    status: str
+    status: TaskStatus
 
 
 # The read side's answers (services/api/history.py). Every field is always sent, `null` when

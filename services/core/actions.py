@@ -24,12 +24,21 @@ from services.core.keys import Priority
 ACTION_FIELD = "action"
 CONTRACT_VERSION = 1
 
-NonNegative = Annotated[int, msgspec.Meta(ge=0)]
-Positive = Annotated[int, msgspec.Meta(ge=1)]
+# The largest integer every JSON reader keeps exact (a JavaScript number's): the schemas say
+# so, and the decoder refuses larger ones (it read no integer beyond 64 bits anyway, so a
+# `seq` of 1e20 that a schema without a maximum admitted was dead-lettered).
+MAX_SAFE_INTEGER = 2**53 - 1
+NonNegative = Annotated[int, msgspec.Meta(ge=0, le=MAX_SAFE_INTEGER)]
+Positive = Annotated[int, msgspec.Meta(ge=1, le=MAX_SAFE_INTEGER)]
 # msgspec's schema of a datetime says only "string": an AES team reads the format from here.
 Timestamp = Annotated[
     datetime,
-    msgspec.Meta(extra_json_schema={"format": "date-time", "description": "RFC 3339"}),
+    msgspec.Meta(
+        extra_json_schema={
+            "format": "date-time",
+            "description": "RFC 3339, without a leap second (a second of 60 is refused)",
+        }
+    ),
 ]
 
 
@@ -55,7 +64,9 @@ class Envelope(Action, kw_only=True):
     """The envelope of DESIGN §4, shared by every action we produce or consume."""
 
     action_id: Id = msgspec.field(default_factory=new_id)
-    version: int = CONTRACT_VERSION
+    version: Annotated[int, msgspec.Meta(ge=-MAX_SAFE_INTEGER, le=MAX_SAFE_INTEGER)] = (
+        CONTRACT_VERSION
+    )
     tenant_id: Id
     session_id: Id
     task_id: Id
