@@ -150,28 +150,35 @@ def _on_unexpected(_: AnyRequest, exc: Exception) -> Response[Any]:
 
 
 async def keep_sockets_counted(runtime: Runtime) -> None:
-    """Refresh this pod's sockets in the per-tenant counts before they expire."""
+    """Refresh this pod's sockets in the per-tenant counts before they expire: a pass every
+    third of the ttl, timed from when the last one began (a slow pass must not push the next
+    one past the members' expiry)."""
     interval = runtime.settings.connection_ttl_seconds / 3
     sockets = runtime.admission.sockets
+    loop = asyncio.get_running_loop()
+    began = loop.time()
     while True:
-        await asyncio.sleep(interval)
+        await asyncio.sleep(max(0.0, began + interval - loop.time()))
+        began = loop.time()
         by_tenant: dict[str, list[str]] = defaultdict(list)
         for conn in list(runtime.hub.connections):
             by_tenant[conn.tenant_id].append(conn.connection_id)
-        for tenant_id, ids in by_tenant.items():
-            try:
-                await sockets.refresh(tenant_id, ids)
-            except REDIS_DOWN:
-                pass  # counted again at the next refresh once Redis is back
-            except Exception:
-                # Whatever it is (a read-only replica after a failover, out of memory), this
-                # task must not end: nothing awaits it, and the pod's sockets would silently
-                # drop out of every tenant's count for good.
-                log.warning(
-                    "refreshing the socket count of a tenant failed",
-                    exc_info=True,
-                    extra={"tenant_id": tenant_id},
-                )
+        try:
+            failed = await sockets.refresh_all(by_tenant)
+        except REDIS_DOWN:
+            continue  # counted again at the next refresh once Redis is back
+        except Exception:
+            # Whatever it is, this task must not end: nothing awaits it, and the pod's sockets
+            # would silently drop out of every tenant's count for good.
+            log.warning("refreshing the socket counts failed", exc_info=True)
+            continue
+        for tenant_id, error in failed.items():
+            # A read-only replica after a failover, out of memory, a key of the wrong type.
+            log.warning(
+                "refreshing the socket count of a tenant failed",
+                exc_info=error,
+                extra={"tenant_id": tenant_id},
+            )
 
 
 def provide_runtime(request: AnyRequest) -> Runtime:

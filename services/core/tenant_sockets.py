@@ -8,12 +8,17 @@ pod for longer than that. Every call is one script on the tenant's slot.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from importlib.resources import files
+from typing import Any
 
 from redis.asyncio import Redis
 
 from services.core import keys
+from services.core.scripts import Scripts, missing_script
+
+# Tenants refreshed per pipeline: a pass over 10 000 tenants is 20 round trips.
+REFRESH_BATCH = 500
 
 
 class TenantSockets:
@@ -37,6 +42,37 @@ class TenantSockets:
             await self._script(
                 keys=[keys.tenant_sockets(tenant_id)], args=["refresh", self._ttl_ms, 0, *ids]
             )
+
+    async def refresh_all(self, by_tenant: Mapping[str, Sequence[str]]) -> dict[str, Exception]:
+        """Refresh a pod's sockets of every tenant in pipelines of `REFRESH_BATCH` scripts:
+        one awaited script per tenant made a pass last tenants x round trip (300 tenants at 20
+        ms: 6 s), and with a pass longer than the ttl minus the interval a tenant's members
+        lapsed while its sockets were open, letting it past `maxConnections`. Returns the
+        tenants whose script failed, with the error (Redis unreachable raises)."""
+        failed: dict[str, Exception] = {}
+        tenants = [(tenant, list(ids)) for tenant, ids in by_tenant.items() if ids]
+        for start in range(0, len(tenants), REFRESH_BATCH):
+            batch = tenants[start : start + REFRESH_BATCH]
+            replies = await self._refresh_batch(batch)
+            if any(missing_script(reply) for reply in replies):  # Redis lost its scripts
+                await self._redis.script_load(self._script.script)
+                replies = await self._refresh_batch(batch)
+            for (tenant, _), reply in zip(batch, replies, strict=True):
+                if isinstance(reply, Exception):
+                    failed[tenant] = reply
+        return failed
+
+    async def _refresh_batch(self, batch: Sequence[tuple[str, list[str]]]) -> list[Any]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for tenant, ids in batch:
+                Scripts.queue(
+                    pipe,
+                    self._script,
+                    [keys.tenant_sockets(tenant)],
+                    ["refresh", self._ttl_ms, 0, *ids],
+                )
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
 
     async def release(self, tenant_id: str, socket_id: str) -> None:
         await self._script(
