@@ -102,7 +102,7 @@ def _run_tenants(args: argparse.Namespace, settings: Settings) -> int:
         return asyncio.run(tenants.get_command(settings, args.tenant))
     if args.action == "delete":
         return asyncio.run(tenants.delete_command(settings, args.tenant, force=args.force))
-    return asyncio.run(tenants.list_command(settings))
+    return asyncio.run(tenants.list_command(settings, after=args.after, limit=args.limit))
 
 
 def _run_deadletters(args: argparse.Namespace, settings: Settings) -> int:
@@ -272,7 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
     tenant_get = tenant_actions.add_parser("get", help="a tenant's record and effective limits")
     tenant_get.add_argument("tenant")
-    tenant_actions.add_parser("list", help="every tenant's record (JSON array)")
+    tenant_list = tenant_actions.add_parser(
+        "list", help="every tenant's record, by tenant id (JSON array)"
+    )
+    tenant_list.add_argument("--limit", type=int, help="at most N (default: all)")
+    tenant_list.add_argument(
+        "--after", metavar="TENANT", help="only tenants after this one (the last shown)"
+    )
     tenant_delete.add_argument("tenant")
     tenants.set_defaults(handler=_run_tenants)
 

@@ -138,18 +138,32 @@ async def get_command(settings: Settings, tenant_id: str, *, out: TextIO = sys.s
     return 0
 
 
-async def list_command(settings: Settings, *, out: TextIO = sys.stdout) -> int:
-    """Print every stored record (overrides only), by tenant id, as a JSON array."""
+async def list_command(
+    settings: Settings,
+    *,
+    after: str | None = None,
+    limit: int | None = None,
+    out: TextIO = sys.stdout,
+) -> int:
+    """Print the stored records (overrides only), by tenant id, as a JSON array: all of them,
+    or `limit` after the tenant `after` (stderr then names the next page's command). A record
+    that cannot be read is named on stderr and the rest printed; the exit status is then 1."""
+    if limit is not None and limit < 1:
+        return _error("--limit: must be at least 1")
     try:
         async with create_redis(settings) as redis:
-            try:
-                records = await _store(redis, settings).list()
-            except InvalidQuota as exc:
-                return _error(exc.message)
+            page = await _store(redis, settings).page(after=after, limit=limit)
     except REDIS_DOWN as exc:
         return _error(f"cannot reach Redis: {exc}")
-    _print_json([record_dict(record) for record in records], out)
-    return 0
+    _print_json([record_dict(record) for record in page.records], out)
+    if page.next_after is not None:
+        print(
+            f"more: orchestrator tenants list --limit {limit} --after {page.next_after}",
+            file=sys.stderr,
+        )
+    for unreadable in page.unreadable:
+        _error(unreadable.message)
+    return 1 if page.unreadable else 0
 
 
 async def delete_command(

@@ -14,6 +14,7 @@ not its index entry has landed.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import time
@@ -90,6 +91,16 @@ def _require_tenant(tenant_id: str) -> None:
         raise InvalidQuota(
             "tenant id must match [A-Za-z0-9_-]{1,64}", details={"tenantId": tenant_id[:80]}
         )
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaPage:
+    """A page of quota records: those set aside as unreadable, and the tenant id to pass as
+    `after` for the next page (None: this was the last)."""
+
+    records: list[QuotaRecord]
+    unreadable: list[InvalidQuota]
+    next_after: str | None
 
 
 class QuotaStore:
@@ -176,17 +187,40 @@ class QuotaStore:
         return bool(deleted)
 
     async def list(self) -> list[QuotaRecord]:
-        """Every record, by tenant id. Two round trips whatever the number of tenants."""
+        """Every record, by tenant id (an unreadable one raises `InvalidQuota`)."""
+        page = await self.page()
+        if page.unreadable:
+            raise page.unreadable[0]
+        return page.records
+
+    async def page(self, *, after: str | None = None, limit: int | None = None) -> QuotaPage:
+        """The records of the tenants after `after`, by tenant id, at most `limit` of them;
+        two round trips whatever the number of tenants (the index's names, then the page's
+        records). An unreadable record is set aside, not raised: one damaged record among
+        thousands must not hide every other tenant from `tenants list`."""
         members = await self.redis.smembers(keys.QUOTA_TENANTS)
         tenants = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+        if after is not None:
+            tenants = tenants[bisect.bisect_right(tenants, after) :]
+        more = None
+        if limit is not None and len(tenants) > limit:
+            tenants, more = tenants[:limit], tenants[limit - 1]
         if not tenants:
-            return []
+            return QuotaPage([], [], None)
         async with self.redis.pipeline(transaction=False) as pipe:
             for tenant_id in tenants:
                 pipe.get(keys.tenant_quota(tenant_id))
             raw = await pipe.execute()
-        records = (self._decode(t, value) for t, value in zip(tenants, raw, strict=True))
-        return [record for record in records if record is not None]
+        records, unreadable = [], []
+        for tenant_id, value in zip(tenants, raw, strict=True):
+            try:
+                record = self._decode(tenant_id, value)
+            except InvalidQuota as exc:
+                unreadable.append(exc)
+                continue
+            if record is not None:
+                records.append(record)
+        return QuotaPage(records, unreadable, more)
 
     async def effective(self, tenant_id: str) -> EffectiveQuota | None:
         """The tenant's limits now; None only for an unknown tenant when those are refused."""
