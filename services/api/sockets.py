@@ -211,8 +211,9 @@ async def _admit_tenant(
         admitted, _ = await runtime.admission.sockets.acquire(
             tenant_id, connection_id, quota.limits.max_connections
         )
-    except OrchestratorError as exc:
-        await _refuse(send, speaks_v1, CLOSE_POLICY, f"{exc.code}: {exc.message}")
+    except OrchestratorError as exc:  # a 503 (an unreadable quota record) is ours: try again
+        close = CLOSE_TRY_AGAIN if exc.status == 503 else CLOSE_POLICY
+        await _refuse(send, speaks_v1, close, f"{exc.code}: {exc.message}")
         return None
     except (*REDIS_DOWN, *REDIS_REFUSING):  # refusing: out of memory, a demoted primary
         await _refuse(send, speaks_v1, CLOSE_TRY_AGAIN, "unavailable: try again later")

@@ -59,6 +59,15 @@ class InvalidQuota(InvalidInput):
     """A quota write or record that cannot be accepted (unknown tier, bad limit, bad id)."""
 
 
+class UnreadableQuota(InvalidQuota):
+    """A stored quota record this version cannot read (edited by hand, damaged). For the
+    tenant's requests it is the deployment's fault, not the client's: 503 `unavailable`
+    (was 422 `validation_error`, and sockets were refused 1008 as for a bad request); the
+    CLI and the operator handle it as any `InvalidQuota`."""
+
+    code, status = "unavailable", 503
+
+
 class QuotaRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     """What is stored per tenant: a tier plus only the limits that differ from it."""
 
@@ -279,7 +288,7 @@ class QuotaStore:
             return _decoder.decode(raw)
         except msgspec.DecodeError as exc:  # also covers ValidationError
             # Loud on purpose: silently serving the default tier would downgrade a paying tenant.
-            raise InvalidQuota(f"quota record of {tenant_id} is unreadable: {exc}") from None
+            raise UnreadableQuota(f"quota record of {tenant_id} is unreadable: {exc}") from None
 
 
 @dataclass(slots=True)
@@ -350,7 +359,15 @@ class QuotaCache:
         if entry is not None and entry.expires > now:
             return entry.quota
         generation = self._generation
-        quota = await self._store.effective(tenant_id)
+        try:
+            quota = await self._store.effective(tenant_id)
+        except UnreadableQuota as exc:  # every request of the tenant fails until it is fixed
+            log.error(
+                "%s: set it again with `orchestrator tenants set`",
+                exc.message,
+                extra={"tenant_id": tenant_id},
+            )
+            raise
         if self.live and self._ttl > 0 and generation == self._generation:
             self._entries.pop(tenant_id, None)
             if len(self._entries) >= self._max_entries:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -32,6 +33,7 @@ from tests.e2e.clients import (
     unique,
 )
 from tests.e2e.conftest import FAST_EXECUTOR, new_stack, redis_client, redis_env
+from tests.e2e.test_log_volume import log_lines
 
 pytestmark = pytest.mark.e2e
 
@@ -414,3 +416,32 @@ async def test_socket_counting_survives_redis_refusing_a_refresh(
         stack.stop()
         server.cleanup()
         upstream.cleanup()
+
+
+async def test_an_unreadable_quota_record_is_the_deployments_fault_not_the_clients(
+    tenancy: Tenancy,
+) -> None:
+    """A tenant whose stored quota record cannot be read (edited by hand, damaged) had every
+    send answered 422 `validation_error` and every socket refused 1008 (policy): the client
+    was blamed for an operator's error and told not to retry. Now 503 `unavailable` and 1013
+    (try again), and the api logs an error naming the tenant and the fix."""
+    tenant = unique("broken")
+    await tenancy.redis.set(keys.tenant_quota(tenant), b'{"tier": 3}')
+    api = tenancy.apis[0]
+    sent = await post(api, tenant, {"message": "hello"})
+    with pytest.raises(ConnectionClosed) as closed:
+        async with websockets.connect(
+            f"{api.ws_url}/ws/{tenant}/s1",
+            subprotocols=["orchestrator.v1", f"bearer.{token(tenant)}"],  # type: ignore[list-item]
+        ) as ws:
+            await next_event(ws)
+    await tenancy.redis.delete(keys.tenant_quota(tenant))
+    assert sent.status_code == 503, sent.text
+    assert sent.json()["error"]["code"] == "unavailable", sent.text
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1013, closed.value.rcvd
+    logged = [
+        json.loads(line) for line in log_lines(api) if "quota record of" in line and tenant in line
+    ]
+    assert logged, "no error logged for the unreadable record"
+    assert (logged[0]["level"], logged[0].get("tenant_id")) == ("ERROR", tenant), logged[0]
