@@ -277,7 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tenant_list.add_argument("--limit", type=int, help="at most N (default: all)")
     tenant_list.add_argument(
-        "--after", metavar="TENANT", help="only tenants after this one (the last shown)"
+        "--after",
+        metavar="TENANT",
+        help="only tenants after this one (the last shown; --after=TENANT for an id "
+        "starting with -)",
     )
     tenant_delete.add_argument("tenant")
     tenants.set_defaults(handler=_run_tenants)

@@ -158,7 +158,7 @@ async def list_command(
     _print_json([record_dict(record) for record in page.records], out)
     if page.next_after is not None:
         print(
-            f"more: orchestrator tenants list --limit {limit} --after {page.next_after}",
+            f"more: orchestrator tenants list --limit {limit} --after={page.next_after}",
             file=sys.stderr,
         )
     for unreadable in page.unreadable:

@@ -82,7 +82,7 @@ async def test_the_listing_pages_like_deadletters_list(server: RedisServer, stor
     after = await tenants(server, "list", "--limit", "100", "--after", "tenant-00099")
     assert after.returncode == 0, after.stderr
     assert json.loads(after.stdout)[0]["tenantId"] == "tenant-00100"
-    assert "--limit 100 --after tenant-00099" in first.stderr, first.stderr
+    assert "--limit 100 --after=tenant-00099" in first.stderr, first.stderr
     last = await tenants(server, "list", "--limit", "100", "--after", f"tenant-{TENANTS - 101:05d}")
     assert last.returncode == 0, last.stderr
     assert len(json.loads(last.stdout)) == 100
