@@ -8,6 +8,7 @@ pod for longer than that. Every call is one script on the tenant's slot.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Mapping, Sequence
 from importlib.resources import files
 from typing import Any
@@ -15,10 +16,12 @@ from typing import Any
 from redis.asyncio import Redis
 
 from services.core import keys
+from services.core.redis_client import REDIS_DOWN, is_cluster
 from services.core.scripts import Scripts, missing_script
 
 # Tenants refreshed per pipeline: a pass over 10 000 tenants is 20 round trips.
 REFRESH_BATCH = 500
+ONE_BY_ONE = 50  # concurrent refreshes when a cluster node is down
 
 
 class TenantSockets:
@@ -53,14 +56,31 @@ class TenantSockets:
         tenants = [(tenant, list(ids)) for tenant, ids in by_tenant.items() if ids]
         for start in range(0, len(tenants), REFRESH_BATCH):
             batch = tenants[start : start + REFRESH_BATCH]
-            replies = await self._refresh_batch(batch)
-            if any(missing_script(reply) for reply in replies):  # Redis lost its scripts
-                await self._redis.script_load(self._script.script)
+            try:
                 replies = await self._refresh_batch(batch)
+                if any(missing_script(reply) for reply in replies):  # Redis lost its scripts
+                    await self._redis.script_load(self._script.script)
+                    replies = await self._refresh_batch(batch)
+            except REDIS_DOWN:
+                if not is_cluster(self._redis):
+                    raise  # the one server: nobody's count can be refreshed now
+                # One node down fails a cluster pipeline whole: the tenants on the other
+                # nodes are refreshed one by one (their sockets must keep counting).
+                replies = await self._one_by_one(batch)
             for (tenant, _), reply in zip(batch, replies, strict=True):
-                if isinstance(reply, Exception):
-                    failed[tenant] = reply
+                if isinstance(reply, Exception) and not isinstance(reply, REDIS_DOWN):
+                    failed[tenant] = reply  # (unreachable: counted again once it is back)
         return failed
+
+    async def _one_by_one(self, batch: Sequence[tuple[str, list[str]]]) -> list[Any]:
+        """Each tenant's refresh on its own, `ONE_BY_ONE` at a time; errors as replies."""
+        limit = asyncio.Semaphore(ONE_BY_ONE)
+
+        async def one(tenant: str, ids: list[str]) -> None:
+            async with limit:
+                await self.refresh(tenant, ids)
+
+        return await asyncio.gather(*(one(t, ids) for t, ids in batch), return_exceptions=True)
 
     async def _refresh_batch(self, batch: Sequence[tuple[str, list[str]]]) -> list[Any]:
         async with self._redis.pipeline(transaction=False) as pipe:
