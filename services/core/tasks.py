@@ -136,9 +136,11 @@ class TaskStore:
             keys.task_state(ref.tenant_id, ref.session_id, ref.task_id),
             keys.session_log(ref.tenant_id, ref.session_id),
         ]
-        if op == "create":  # the session's task index, which an erasure reads
-            script_keys.append(keys.session_tasks(ref.tenant_id, ref.session_id))
-        elif settings.database_url:  # a history to wait for: see `keys.session_unwritten`
+        # The session's task index, which an erasure reads (and an event that lengthens the
+        # task's state lengthens its member's life too).
+        script_keys.append(keys.session_tasks(ref.tenant_id, ref.session_id))
+        if settings.database_url and op != "create":  # (send.lua composes `create` with three
+            # keys) a history to wait for: see `keys.session_unwritten`
             script_keys.append(keys.session_unwritten(ref.tenant_id, ref.session_id))
         args: list[str | int] = [
             op,

@@ -117,3 +117,44 @@ async def test_a_created_task_joins_its_sessions_index_which_forgets_long_expire
     assert again is not None
     assert again.verdict is Verdict.exists
     assert await redis.zcard(index) == 2
+
+
+async def test_an_event_that_lengthens_a_tasks_state_lengthens_its_index_member_and_the_index(
+    redis: Redis,
+) -> None:
+    """An api with TASK_TTL_SECONDS=1 h created the task; a worker with 7 d (a raised setting
+    rolling out, or an event applied after the deadline) lengthened its state to 7 d. The
+    member kept its creation score and the index its 1 h + 1 d life: the index expired (or a
+    creation pruned the member) while the state lived, and an erasure reading the index left
+    the erased session's message stored."""
+    week = 7 * 86_400
+    api = TaskStore(redis, Scripts(redis), load_settings(task_ttl_seconds=3600))
+    worker = TaskStore(redis, Scripts(redis), load_settings(task_ttl_seconds=week))
+    await api.apply(REF, "create", fields={"status": "queued"}, ttl=3660)
+    done = await worker.apply(REF, "completed", attempt=1, fields={"status": "completed"})
+    assert done is not None
+    assert done.applied
+    index = keys.session_tasks("acme", "s1")
+    now_ms = int((await redis.time())[0]) * 1000
+    score = await redis.zscore(index, "task1")
+    assert score is not None
+    assert score >= now_ms + week * 1000 - 5_000, "the member still expires with its creation"
+    assert await redis.pttl(index) >= (week + 86_400) * 1000 - 5_000
+
+
+async def test_a_creation_forgets_stale_members_whose_state_is_gone_and_keeps_the_others(
+    redis: Redis,
+) -> None:
+    """A member a day past its score is forgotten only once its state is gone: one whose
+    state lives on (lengthened by a process the index did not hear from) is scored again."""
+    index = keys.session_tasks("acme", "s1")
+    now_ms = int((await redis.time())[0]) * 1000
+    lives = keys.task_state("acme", "s1", "still-here")
+    await redis.hset(lives, "status", "completed")
+    await redis.expire(lives, 3 * 86_400)
+    long_ago = now_ms - 2 * 86_400_000
+    await redis.zadd(index, {"still-here": long_ago, "gone": long_ago})
+    await created(redis)
+    members = dict(await redis.zrange(index, 0, -1, withscores=True))
+    assert b"gone" not in members
+    assert members[b"still-here"] >= now_ms + 3 * 86_400_000 - 5_000

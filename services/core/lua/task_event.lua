@@ -7,11 +7,12 @@
 -- hash that HMGET has already read.
 --
 -- KEYS[1] task state hash    KEYS[2] session log stream
--- KEYS[3] (with persistence) the session's tasks whose history records are on their way (a
+-- KEYS[3] the session's task index (a sorted set: task id -> when its state expires, ms),
+--         which an erasure reads instead of scanning the keyspace for the session's tasks
+-- KEYS[4] (with persistence) the session's tasks whose history records are on their way (a
 --         sorted set, by when they ended): a task that ends joins it in the same step, so a
 --         history read never misses a task that has ended (the writer takes it out once its
---         record is written); with `create`: the session's task index (a sorted set), which
---         an erasure reads instead of scanning the keyspace for the session's tasks
+--         record is written)
 -- ARGV[1] op: create | chunk | completed | failed | cancel | requeue | dispatch | timeout
 -- ARGV[2] attempt the event answers (0: whatever the current attempt is)
 -- ARGV[3] chunk seq (chunk); for dispatch: ms after which a dispatch not confirmed yet (its
@@ -42,28 +43,54 @@ local tier, created_ms, first_chunk = '', '0', 0
 local extra = {}  -- the transition's fields, set once the event is in the log
 
 local function mark_unwritten()
-  if KEYS[3] and final_ops[op] then
+  if KEYS[4] and final_ops[op] then
     local now = redis.call('TIME')
     local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-    redis.call('ZADD', KEYS[3], now_ms, string.match(task, ':task:(.*)$'))
-    redis.call('EXPIRE', KEYS[3], 3600)
+    redis.call('ZADD', KEYS[4], now_ms, string.match(task, ':task:(.*)$'))
+    redis.call('EXPIRE', KEYS[4], 3600)
   end
 end
 
--- A member of the task index is forgotten a day after its state expired at the latest (a
--- timeout applied late by a slow worker can lengthen the state a little past that).
+-- How long the index outlives its last task's state, and how long past its score a member
+-- waits before a creation looks whether its state is gone.
 local INDEX_SLACK_MS = 86400000
+
+-- Score the task by when its state now expires, and keep the index at least that long (plus
+-- the slack): called when a task is created, and whenever an event lengthens its state (a
+-- process with a longer TASK_TTL_SECONDS, an event past the deadline), so no state outlives
+-- its member or the index. GT: a member is never moved earlier.
+local function index_task(now_ms, ttl_ms)
+  if not KEYS[3] then return end
+  redis.call('ZADD', KEYS[3], 'GT', now_ms + ttl_ms, string.match(task, ':task:(.*)$'))
+  if redis.call('PTTL', KEYS[3]) < ttl_ms + INDEX_SLACK_MS then
+    redis.call('PEXPIRE', KEYS[3], ttl_ms + INDEX_SLACK_MS)
+  end
+end
+
+-- At a creation, forget up to 100 members a day past their score whose state is gone (a
+-- state still there is scored again by its real expiry): a session with a task a minute for
+-- a year does not keep half a million members.
+local function prune_index(now_ms)
+  local prefix = string.match(task, '^(.*:task:)')
+  local stale = redis.call(
+    'ZRANGEBYSCORE', KEYS[3], '-inf', now_ms - INDEX_SLACK_MS, 'LIMIT', 0, 100)
+  for _, member in ipairs(stale) do
+    local left = redis.call('PTTL', prefix .. member)
+    if left == -2 then
+      redis.call('ZREM', KEYS[3], member)
+    else
+      if left < 0 then left = INDEX_SLACK_MS end  -- no expiry: look again a day from now
+      redis.call('ZADD', KEYS[3], now_ms + left, member)
+    end
+  end
+end
 
 local function index_created()
   if op ~= 'create' or not KEYS[3] then return end
   local now = redis.call('TIME')
   local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-  local ttl_ms = tonumber(ARGV[7]) * 1000
-  redis.call('ZADD', KEYS[3], now_ms + ttl_ms, string.match(task, ':task:(.*)$'))
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now_ms - INDEX_SLACK_MS)
-  if redis.call('PTTL', KEYS[3]) < ttl_ms + INDEX_SLACK_MS then
-    redis.call('PEXPIRE', KEYS[3], ttl_ms + INDEX_SLACK_MS)
-  end
+  index_task(now_ms, tonumber(ARGV[7]) * 1000)
+  prune_index(now_ms)
 end
 
 local function set_fields(extra)
@@ -73,7 +100,14 @@ local function set_fields(extra)
   redis.call('HSET', task, unpack(fields))
   -- Only ever lengthened: a task is created to live past its deadline (its tier's timeout
   -- plus TASK_TTL_SECONDS), and a later event must not cut that to TASK_TTL_SECONDS.
-  if redis.call('TTL', task) < tonumber(ARGV[7]) then redis.call('EXPIRE', task, ARGV[7]) end
+  if redis.call('TTL', task) < tonumber(ARGV[7]) then
+    redis.call('EXPIRE', task, ARGV[7])
+    if op ~= 'create' then
+      local now = redis.call('TIME')
+      index_task(tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000),
+        tonumber(ARGV[7]) * 1000)
+    end
+  end
 end
 
 if op == 'create' then
