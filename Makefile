@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install dev test lint typecheck schemas latency clean browser
+.PHONY: install dev test lint typecheck schemas latency clean browser monitoring
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,20 @@ browser:
 	    exit 1; \
 	  fi; }
 
-test: lint typecheck browser $(STAMP)
+# The monitoring tests (tests/monitoring) run the chart's alerts and dashboard queries in a real
+# Prometheus: Debian's package (its binaries only; nothing here starts its service).
+monitoring:
+	@command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends prometheus; \
+	  else \
+	    echo "make test: the monitoring tests need Prometheus: install Debian's 'prometheus'" \
+	      "(prometheus and promtool on PATH)" >&2; \
+	    exit 1; \
+	  fi; }
+
+test: lint typecheck browser monitoring $(STAMP)
 	$(BIN)/orchestrator schemas --check
 	$(BIN)/pytest
 

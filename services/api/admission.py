@@ -35,6 +35,14 @@ rate_limit_rejections = Counter(
 quota_rejections = Counter(
     "orchestrator_quota_rejections", "Sends and sockets refused by a tier rule", ["reason"]
 )
+RATE_LIMIT_SCOPES = ("session", "tenant")
+QUOTA_REASONS = (
+    "unknown_tenant",
+    "message_too_long",
+    "agent_not_allowed",
+    "streaming_not_allowed",
+    "token_budget",
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,13 @@ from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlu
 from litestar.plugins.prometheus import PrometheusConfig
 
 from services.api import chat, health, history, metrics, sockets
-from services.api.admission import Admission
+from services.api.admission import (
+    QUOTA_REASONS,
+    RATE_LIMIT_SCOPES,
+    Admission,
+    quota_rejections,
+    rate_limit_rejections,
+)
 from services.api.auth import provide_principal
 from services.api.chat_service import ChatService
 from services.api.connections import Send
@@ -39,7 +45,7 @@ from services.api.internal import InternalServer
 from services.api.models import StrictStructSchemaPlugin
 from services.api.runtime import Runtime
 from services.api.unrouted import UnroutedRequests
-from services.core import clock, telemetry
+from services.core import clock, keys, telemetry
 from services.core.auth import TokenVerifier
 from services.core.errors import OrchestratorError
 from services.core.quotas import QuotaCache, QuotaStore
@@ -47,6 +53,7 @@ from services.core.ratelimit import RateLimiter
 from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING, REFUSING_WORDS, create_redis
 from services.core.scripts import Scripts
 from services.core.settings import ConfigError, Settings, process_name
+from services.core.task_metrics import create_series
 from services.core.tasks import TaskStore
 from services.core.tenant_sockets import TenantSockets
 from services.core.tiers import load_tiers
@@ -314,6 +321,10 @@ def create_app(
             f"ORCHESTRATOR_DEFAULT_TIER: unknown tier {settings.default_tier!r}; "
             f"known: {', '.join(tiers)}"
         )
+    create_series(metrics.tasks, ("accepted", "cancelled"), tiers)
+    create_series(metrics.tasks_submitted, keys.PRIORITIES)
+    create_series(rate_limit_rejections, RATE_LIMIT_SCOPES)
+    create_series(quota_rejections, QUOTA_REASONS)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:

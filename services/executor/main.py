@@ -63,6 +63,7 @@ from services.core.streams import (
     parse_read,
     reclaim,
 )
+from services.core.task_metrics import create_series
 from services.executor.agent import Simulation, chunks_of, reply_for, usage_for
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ OUTAGE_RETRY_SECONDS = (0.1, 2.0)
 REDIS_UNUSABLE = (*REDIS_DOWN, *REDIS_REFUSING)
 
 executions = Counter("orchestrator_executor_tasks", "Tasks run by the executor", ["outcome"])
+EXECUTION_OUTCOMES = ("completed", "failed", "expired", "cancelled", "interrupted", "error")
 queue_wait = Histogram(
     "orchestrator_queue_wait_seconds",
     "From accepting a message to an executor starting on it",
@@ -582,5 +584,6 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(signum, executor.stopping.set)
     if settings.metrics_port:
         serve_metrics(settings.metrics_port)
+    create_series(executions, EXECUTION_OUTCOMES)
     freeze_startup_heap()
     await executor.run()

@@ -23,7 +23,9 @@ from services.core.listening import serve_metrics
 from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING, create_redis
 from services.core.scripts import Scripts
 from services.core.settings import RedisMode, Settings, process_name
-from services.core.tasks import TaskStore
+from services.core.task_metrics import create_series
+from services.core.tasks import TaskStore, Verdict
+from services.core.tiers import load_tiers
 from services.persistence.writer import PersistenceWriter
 from services.worker import metrics
 from services.worker.callbacks import CallbackEffects
@@ -279,5 +281,9 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(signum, worker.stopping.set)
     if settings.metrics_port:
         serve_metrics(settings.metrics_port)
+    tiers = load_tiers(settings)  # (a bad table stops the worker too: one line, at start)
+    create_series(metrics.tasks, ("completed", "failed", "queued", "timed_out"), tiers)
+    create_series(metrics.late_callbacks, (Verdict.final, Verdict.stale))
+    create_series(metrics.callbacks_handled, tuple(Verdict))
     freeze_startup_heap()
     await worker.run()

@@ -132,6 +132,9 @@ def exported() -> dict[str, Exported]:
                 )
                 entry.labels |= set(family["labels"]) | ({"le"} if suffix == "_bucket" else set())
                 entry.processes.add(process)
+    # Prometheus's own series of every scraped target (1 when the scrape succeeded): what says
+    # that a component is down, since a process that is down exports nothing of its own.
+    series["up"] = Exported("up", "gauge", processes=set(PROCESS_MODULES))
     return series
 
 
