@@ -201,12 +201,16 @@ class Worker:
                 for consumer, _ in self.consumers.values()
                 if consumer.active and consumer.lease_valid()
             ]
+            more = False
             try:
-                await fire_due_all(self.redis, schedules)
+                more = await fire_due_all(self.redis, schedules)
             except (*REDIS_DOWN, *REDIS_REFUSING) as exc:  # the consumers report the outage
                 log.debug("deadlines and retries not fired, redis unavailable: %s", exc)
             except Exception:
                 log.exception("firing deadlines and retries failed; trying again")
+            if more:  # a full batch was due: the rest is due already, not in a tick
+                await asyncio.sleep(0)
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), TICK_SECONDS)
 

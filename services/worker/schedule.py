@@ -11,6 +11,7 @@ The worker looks for due timers of all its partitions at once, in one round trip
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import cast
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 
 BATCH = 100
+RETRY_CONCURRENCY = 20  # retries of one partition handed out at once
 AES_STREAM_MAXLEN = 1_000_000
 TICK_SECONDS = 0.2  # how often the worker looks for due deadlines and retries
 # After how long a retry's dispatch that was not confirmed (its XADD failed, or its worker
@@ -74,12 +76,16 @@ class PartitionSchedule:
     async def fire_due(self, now: float | None = None) -> None:
         await fire_due_all(self.redis, [self], now)
 
-    async def fire(self, deadlines: list[bytes], retries: list[bytes], moment: float) -> None:
-        """Fire the members of the partition's deadlines and retries due at `moment`."""
+    async def fire(self, deadlines: list[bytes], retries: list[bytes], moment: float) -> int:
+        """Fire the members of the partition's deadlines and retries due at `moment`; how many
+        left the sets (a retry handed out a moment ago and maybe still on its way stays)."""
+        fired = 0
         if deadlines:
             await self._time_out(deadlines)
+            fired += len(deadlines)
         if retries:
-            await self._dispatch_retries(retries, moment)
+            fired += await self._dispatch_retries(retries, moment)
+        return fired
 
     async def _time_out(self, members: list[bytes]) -> None:
         error = {
@@ -155,19 +161,32 @@ class PartitionSchedule:
                 span, "the task did not finish before its deadline", error_type="timeout"
             )
 
-    async def _dispatch_retries(self, members: list[bytes], moment: float) -> None:
-        for member in members:
-            ref = _ref(member)
-            outcome = await self.tasks.apply(ref, "dispatch", seq=REDISPATCH_MS)
-            if outcome is not None and outcome.verdict is Verdict.pending:
-                continue  # handed out a moment ago, maybe still on its way: looked at again
-            if outcome is not None and outcome.verdict is Verdict.ok and outcome.detail:
-                # Should this fail, the retry stays due and the task script hands the attempt
-                # out again after REDISPATCH_MS (see `dispatch` in task_event.lua).
-                await self._enqueue_attempt(ref, outcome.detail)
-            # Not a plain ZREM: the attempt just handed out may already have failed and its
-            # requeue set this member again, for later (see zrem_if_due.lua).
-            await self.tasks.scripts.zrem_if_due(keys=[self.retries], args=[member, repr(moment)])
+    async def _dispatch_retries(self, members: list[bytes], moment: float) -> int:
+        """Hand out each due retry, `RETRY_CONCURRENCY` at a time: each takes a few round
+        trips, and one after the other a batch of 100 took long enough that, with hundreds
+        due at once (an overloaded AES answering `retryable`), retries went out seconds past
+        their `retry_in_ms`. Each member is a different task: their order does not matter."""
+        limit = asyncio.Semaphore(RETRY_CONCURRENCY)
+
+        async def one(member: bytes) -> bool:
+            async with limit:
+                return await self._dispatch_retry(member, moment)
+
+        return sum(await asyncio.gather(*(one(member) for member in members)))
+
+    async def _dispatch_retry(self, member: bytes, moment: float) -> bool:
+        ref = _ref(member)
+        outcome = await self.tasks.apply(ref, "dispatch", seq=REDISPATCH_MS)
+        if outcome is not None and outcome.verdict is Verdict.pending:
+            return False  # handed out a moment ago, maybe still on its way: looked at again
+        if outcome is not None and outcome.verdict is Verdict.ok and outcome.detail:
+            # Should this fail, the retry stays due and the task script hands the attempt
+            # out again after REDISPATCH_MS (see `dispatch` in task_event.lua).
+            await self._enqueue_attempt(ref, outcome.detail)
+        # Not a plain ZREM: the attempt just handed out may already have failed and its
+        # requeue set this member again, for later (see zrem_if_due.lua).
+        await self.tasks.scripts.zrem_if_due(keys=[self.retries], args=[member, repr(moment)])
+        return True
 
     async def _enqueue_attempt(self, ref: TaskRef, stored: str) -> None:
         try:
@@ -223,17 +242,24 @@ def _attempt_action_id(task_id: str, attempt: int) -> str:
 
 async def fire_due_all(
     redis: Redis, schedules: Sequence[PartitionSchedule], now: float | None = None
-) -> None:
-    """Fire what is due in every partition of `schedules`: one round trip finds it all."""
+) -> bool:
+    """Fire what is due in every partition of `schedules`: one round trip finds it all, the
+    partitions are fired side by side. True when a partition had a full batch due: more may
+    be due already, and the caller fires again at once instead of waiting a tick."""
     if not schedules:
-        return
+        return False
     moment = clock.now() if now is None else now  # the api set the deadlines on this clock
     async with redis.pipeline(transaction=False) as pipe:
         for schedule in schedules:
             pipe.zrangebyscore(schedule.deadlines, "-inf", moment, start=0, num=BATCH)
             pipe.zrangebyscore(schedule.retries, "-inf", moment, start=0, num=BATCH)
         due = cast(list[list[bytes]], await pipe.execute())
+    firing, full = [], []
     for i, schedule in enumerate(schedules):
         deadlines, retries = due[2 * i], due[2 * i + 1]
         if deadlines or retries:
-            await schedule.fire(deadlines, retries, moment)
+            firing.append(schedule.fire(deadlines, retries, moment))
+            full.append(len(deadlines) >= BATCH or len(retries) >= BATCH)
+    fired = await asyncio.gather(*firing)
+    # (A full batch that fired nothing is retries handed out a moment ago: not again at once.)
+    return any(was_full and count for was_full, count in zip(full, fired, strict=True))
