@@ -85,11 +85,32 @@ async def _queue_lag(runtime: Runtime) -> dict[str, Any]:
     ]
     lag: dict[str, Any] = {}
     found = await asyncio.gather(*(_groups(runtime.redis, stream) for stream in streams))
+    waiting: list[tuple[str, str, Any]] = []
     for stream, groups in zip(streams, found, strict=True):
         for group in groups:
             name = group["name"].decode() if isinstance(group["name"], bytes) else group["name"]
             lag[f"{stream}/{name}"] = {"lag": group.get("lag"), "pending": group.get("pending")}
+            if group.get("lag") != 0:  # (None: Redis cannot tell, entries were deleted)
+                waiting.append((f"{stream}/{name}", stream, group["last-delivered-id"]))
+    ages = await asyncio.gather(
+        *(_oldest_waiting(runtime.redis, stream, after) for _, stream, after in waiting)
+    )
+    for (where, _, _), age in zip(waiting, ages, strict=True):
+        lag[where]["oldest_waiting_seconds"] = age
     return lag
+
+
+async def _oldest_waiting(redis: Any, stream: str, delivered: bytes | str) -> float | None:
+    """How long the oldest entry no consumer of the group has read yet has been waiting (its
+    id's time, on Redis's clock): under overload a saturated AES and a dead one both show a
+    lag; the age tells how long messages wait, and whether it grows."""
+    after = delivered.decode() if isinstance(delivered, bytes) else delivered
+    entries = await redis.xrange(stream, min=f"({after}", max="+", count=1)
+    if not entries:
+        return None
+    entry_id = entries[0][0]
+    added_ms = int((entry_id.decode() if isinstance(entry_id, bytes) else entry_id).split("-")[0])
+    return round(max(0.0, clock.now() - added_ms / 1000), 3)
 
 
 async def _groups(redis: Any, stream: str) -> list[dict[str, Any]]:
