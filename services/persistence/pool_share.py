@@ -35,8 +35,11 @@ class PoolShare:
     def __init__(self, pool_size: int, wait_seconds: float) -> None:
         self.per_tenant = max(1, pool_size // 2)
         self.wait_seconds = wait_seconds
-        self._extra = asyncio.Semaphore(self.per_tenant - 1)
+        self._extra_free = self.per_tenant - 1
         self._tenants: dict[str, _Slots] = {}
+        # Reads waiting for an extra slot, woken whenever a read ends: each one looks again
+        # (an extra slot came free, or its tenant holds none now and needs none).
+        self._waiting: list[asyncio.Future[None]] = []
 
     @asynccontextmanager
     async def hold(self, tenant_id: str) -> AsyncIterator[None]:
@@ -44,35 +47,56 @@ class PoolShare:
         if slots is None:
             slots = self._tenants[tenant_id] = _Slots(asyncio.Semaphore(self.per_tenant))
         slots.users += 1
-        extra = False
         try:
             try:
                 async with asyncio.timeout(self.wait_seconds):
                     await slots.free.acquire()
                     try:
-                        if slots.holding:  # the tenant holds a connection already
-                            extra = True
-                            await self._extra.acquire()
+                        await self._until_allowed(slots)
                     except BaseException:
-                        extra = False
                         slots.free.release()
                         raise
             except TimeoutError:
                 raise RateLimited(
-                    f"this tenant already has {slots.holding} history or usage reads running "
-                    "on this server; retry when they are done",
+                    "this tenant's history or usage reads hold their share of this server's "
+                    "database connections (or the shared extra ones are all taken); retry "
+                    "when they are done",
                     details={"scope": "tenant_reads", "limit": self.per_tenant},
                     headers={"Retry-After": "1"},
                 ) from None
+            extra = slots.holding > 0  # decided with nothing awaited since the check
+            if extra:
+                self._extra_free -= 1
             slots.holding += 1
             try:
                 yield
             finally:
                 slots.holding -= 1
                 if extra:
-                    self._extra.release()
+                    self._extra_free += 1
                 slots.free.release()
+                self._wake()
         finally:
             slots.users -= 1
             if not slots.users:
                 del self._tenants[tenant_id]
+
+    async def _until_allowed(self, slots: _Slots) -> None:
+        """Until the tenant holds no connection (its read needs no extra slot) or an extra
+        slot is free. Looked at again whenever a read ends: decided once, a read that found
+        its tenant holding one waited for an extra slot even after that read had ended."""
+        loop = asyncio.get_running_loop()
+        while slots.holding and not self._extra_free:
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiting.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiting:
+                    self._waiting.remove(waiter)
+
+    def _wake(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            if not waiter.done():
+                waiter.set_result(None)

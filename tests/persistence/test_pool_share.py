@@ -74,3 +74,42 @@ async def test_a_share_is_forgotten_once_its_reads_are_done() -> None:
     async with share.hold("t1"), share.hold("t1"):
         assert share.per_tenant == 2
     assert not share._tenants  # one entry per tenant with reads in flight only
+
+
+async def test_a_read_waiting_for_an_extra_slot_runs_once_its_tenant_holds_none() -> None:
+    """A read that started waiting for an extra slot because its tenant held a connection kept
+    waiting after that connection was returned, and was refused 429 `tenant_reads` while its
+    tenant held nothing and the pool had room."""
+    share = PoolShare(4, wait_seconds=0.5)  # 2 per tenant, 1 extra slot shared by all
+    y_release = asyncio.Event()
+    y_holding = asyncio.Event()
+
+    async def tenant_y() -> None:
+        async with share.hold("y"), share.hold("y"):  # its second read takes the extra slot
+            y_holding.set()
+            await y_release.wait()
+
+    busy = asyncio.create_task(tenant_y())
+    await y_holding.wait()
+    x_second_ran = False
+
+    async def x_second() -> None:
+        nonlocal x_second_ran
+        async with share.hold("x"):
+            x_second_ran = True
+
+    async with share.hold("x"):  # tenant x's first read: one connection of the pool
+        second = asyncio.create_task(x_second())
+        await asyncio.sleep(0)  # one step: the second read now waits for the (taken) extra slot
+        assert not x_second_ran
+    # Tenant x holds nothing now; y holds 2 of the 4 connections: x's read has room.
+    try:
+        await second
+    except RateLimited as exc:
+        raise AssertionError(
+            f"x's read refused while x holds no connection and 2 of 4 are free: {exc.message}"
+        ) from exc
+    finally:
+        y_release.set()
+        await busy
+    assert x_second_ran
