@@ -14,14 +14,15 @@ from importlib.resources import files
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 from services.core import keys
-from services.core.redis_client import REDIS_DOWN, is_cluster
+from services.core.redis_client import REDIS_DOWN
 from services.core.scripts import Scripts, missing_script
 
 # Tenants refreshed per pipeline: a pass over 10 000 tenants is 20 round trips.
 REFRESH_BATCH = 500
-ONE_BY_ONE = 50  # concurrent refreshes when a cluster node is down
 
 
 class TenantSockets:
@@ -50,37 +51,54 @@ class TenantSockets:
         """Refresh a pod's sockets of every tenant in pipelines of `REFRESH_BATCH` scripts:
         one awaited script per tenant made a pass last tenants x round trip (300 tenants at 20
         ms: 6 s), and with a pass longer than the ttl minus the interval a tenant's members
-        lapsed while its sockets were open, letting it past `maxConnections`. Returns the
-        tenants whose script failed, with the error (Redis unreachable raises)."""
-        failed: dict[str, Exception] = {}
+        lapsed while its sockets were open, letting it past `maxConnections`.
+
+        On a cluster the tenants are grouped by the node that serves them and the groups run
+        side by side: one node down or frozen fails (or holds up, for a command's timeout)
+        its own tenants only, counted again once it is back. Returns the tenants whose
+        script failed otherwise, with the error; on one server, Redis unreachable raises."""
         tenants = [(tenant, list(ids)) for tenant, ids in by_tenant.items() if ids]
-        for start in range(0, len(tenants), REFRESH_BATCH):
-            batch = tenants[start : start + REFRESH_BATCH]
+        if isinstance(self._redis, RedisCluster):
+            await self._redis.initialize()  # the slot map (learnt at the first command)
+        groups = self._by_node(tenants)
+        results = await asyncio.gather(
+            *(self._refresh_group(group) for group in groups), return_exceptions=True
+        )
+        failed: dict[str, Exception] = {}
+        for result in results:
+            if isinstance(result, dict):
+                failed.update(result)
+            elif isinstance(result, REDIS_DOWN) and len(groups) > 1:
+                continue  # that node's tenants: counted again at a later pass
+            else:
+                raise result
+        return failed
+
+    def _by_node(self, tenants: list[tuple[str, list[str]]]) -> list[list[tuple[str, list[str]]]]:
+        if not isinstance(self._redis, RedisCluster):
+            return [tenants]
+        groups: dict[str, list[tuple[str, list[str]]]] = {}
+        for tenant, ids in tenants:
             try:
+                node = self._redis.get_node_from_key(keys.tenant_sockets(tenant))
+            except (RedisError, RedisClusterException):  # its slot has no known node now:
+                # a group of its own (the pipeline relearns the slot map)
+                node = None
+            groups.setdefault(node.name if node else "", []).append((tenant, ids))
+        return list(groups.values()) or [[]]
+
+    async def _refresh_group(self, group: list[tuple[str, list[str]]]) -> dict[str, Exception]:
+        failed: dict[str, Exception] = {}
+        for start in range(0, len(group), REFRESH_BATCH):
+            batch = group[start : start + REFRESH_BATCH]
+            replies = await self._refresh_batch(batch)
+            if any(missing_script(reply) for reply in replies):  # Redis lost its scripts
+                await self._redis.script_load(self._script.script)
                 replies = await self._refresh_batch(batch)
-                if any(missing_script(reply) for reply in replies):  # Redis lost its scripts
-                    await self._redis.script_load(self._script.script)
-                    replies = await self._refresh_batch(batch)
-            except REDIS_DOWN:
-                if not is_cluster(self._redis):
-                    raise  # the one server: nobody's count can be refreshed now
-                # One node down fails a cluster pipeline whole: the tenants on the other
-                # nodes are refreshed one by one (their sockets must keep counting).
-                replies = await self._one_by_one(batch)
             for (tenant, _), reply in zip(batch, replies, strict=True):
                 if isinstance(reply, Exception) and not isinstance(reply, REDIS_DOWN):
                     failed[tenant] = reply  # (unreachable: counted again once it is back)
         return failed
-
-    async def _one_by_one(self, batch: Sequence[tuple[str, list[str]]]) -> list[Any]:
-        """Each tenant's refresh on its own, `ONE_BY_ONE` at a time; errors as replies."""
-        limit = asyncio.Semaphore(ONE_BY_ONE)
-
-        async def one(tenant: str, ids: list[str]) -> None:
-            async with limit:
-                await self.refresh(tenant, ids)
-
-        return await asyncio.gather(*(one(t, ids) for t, ids in batch), return_exceptions=True)
 
     async def _refresh_batch(self, batch: Sequence[tuple[str, list[str]]]) -> list[Any]:
         async with self._redis.pipeline(transaction=False) as pipe:

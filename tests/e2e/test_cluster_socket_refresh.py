@@ -4,6 +4,9 @@ one node was down (each tenant's script failed alone); a pipeline must not lose 
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 
@@ -15,7 +18,7 @@ from services.cli.embedded import LocalCluster
 from services.core import keys
 from services.core.redis_client import create_redis
 from services.core.settings import load_settings
-from services.core.tenant_sockets import TenantSockets
+from services.core.tenant_sockets import REFRESH_BATCH, TenantSockets
 
 pytestmark = pytest.mark.e2e
 
@@ -95,3 +98,54 @@ async def test_a_refresh_after_script_flush_on_every_node_refreshes_every_tenant
     after = await scores(cluster_client, tenants)
     for tenant, score in after.items():
         assert score > before[tenant] + 500_000, f"{tenant} not refreshed"
+
+
+BOUND_SECONDS = 5.0
+"""Longer than the one command timeout (`worker_sleep_seconds` 1 + 2 s) any design needs to
+see that a node does not answer; the healthy nodes' own round trips take milliseconds."""
+
+
+def node_port(cluster: LocalCluster, tenant: str) -> int:
+    return cluster.node_of_slot(key_slot(keys.tenant_sockets(tenant).encode())).port
+
+
+async def test_a_frozen_node_does_not_hold_up_the_healthy_tenants_of_the_next_batch(
+    own_cluster: LocalCluster, cluster_client: Redis
+) -> None:
+    """One of 3 primaries frozen (SIGSTOP: a partitioned or hung node): the fallback of
+    b21e466 refreshed a failed batch one tenant at a time and waited for every one, the
+    unreachable ones included (each waiting out the command timeout), before the next batch:
+    the 501st tenant, on a healthy primary, was refreshed 24.5 s after the pass began (600
+    tenants: 27.5 s), past the default ttl's margin from ~600 tenants on a pod. The tenants
+    are grouped by node now, the groups refreshed side by side."""
+    frozen = own_cluster.nodes[0]
+    tenants = [f"fz-{i}" for i in range(REFRESH_BATCH)]  # the first batch: a third on `frozen`
+    last = next(
+        t for i in range(1000) if node_port(own_cluster, t := f"fz-last-{i}") != frozen.port
+    )
+    tenants.append(last)  # alone in the second batch, on a healthy primary
+    sockets = TenantSockets(cluster_client, 600)
+    healthy = Redis(port=node_port(own_cluster, last))
+    assert await sockets.refresh_all({t: [f"sock-{t}"] for t in tenants}) == {}
+    before = float(await healthy.zscore(keys.tenant_sockets(last), f"sock-{last}") or 0)
+    assert frozen.process is not None
+    os.kill(frozen.process.pid, signal.SIGSTOP)  # a primary that does not answer
+    refreshing = asyncio.create_task(sockets.refresh_all({t: [f"sock-{t}"] for t in tenants}))
+    try:
+        started = time.monotonic()
+        refreshed_after = None
+        while time.monotonic() - started < BOUND_SECONDS:
+            score = float(await healthy.zscore(keys.tenant_sockets(last), f"sock-{last}") or 0)
+            if score > before:
+                refreshed_after = time.monotonic() - started
+                break
+            await asyncio.sleep(0.1)  # polling another process's write: no event to await
+        assert refreshed_after is not None, (
+            f"{last}, on a healthy primary, not refreshed within {BOUND_SECONDS} s: the pass "
+            "waits for every unreachable tenant of the batch before"
+        )
+    finally:
+        refreshing.cancel()
+        await asyncio.gather(refreshing, return_exceptions=True)
+        os.kill(frozen.process.pid, signal.SIGCONT)
+        await healthy.aclose()
