@@ -8,9 +8,7 @@ whose context it copies into the callback's `trace_context`, as README "For AES 
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,6 +28,8 @@ from services.cli.stack import Child, LocalStack
 from services.core import keys
 from services.core.settings import load_settings
 from tests.e2e.clients import connect, events_until, send, unique
+from tests.e2e.test_tracing import ancestry
+from tests.e2e.test_tracing_cases import _chat_process, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -46,31 +46,6 @@ def aes_tracer(traced: tuple[LocalStack, Child, Receiver]) -> Iterator[Tracer]:
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     yield provider.get_tracer("test-aes")
     provider.shutdown()
-
-
-async def wait_for(
-    receiver: Receiver, predicate: Callable[[list[ReceivedSpan]], bool], timeout: float = 20
-) -> list[ReceivedSpan]:
-    """Every received span, once `predicate(spans)` holds (bounded)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with receiver.lock:
-            spans = list(receiver.spans)
-        if predicate(spans):
-            return spans
-        assert time.monotonic() < deadline, "the expected spans never arrived"
-        await asyncio.sleep(0.05)
-
-
-def ancestry(spans: list[ReceivedSpan], leaf: ReceivedSpan) -> list[ReceivedSpan]:
-    """`leaf` and its parents up to the root, every one of them received."""
-    by_id = {s.span_id: s for s in spans}
-    chain = [leaf]
-    while chain[-1].parent_id:
-        parent = by_id.get(chain[-1].parent_id)
-        assert parent is not None, f"missing parent of {chain[-1].name} in {chain[-1].service}"
-        chain.append(parent)
-    return chain
 
 
 def received(spans: list[ReceivedSpan], leaf: ReceivedSpan) -> bool:
@@ -96,16 +71,7 @@ async def stalled_message(api: Child, redis: Redis, tenant: str, session: str) -
             {"message": "aes sends", "session_id": session,
              "context": {"simulate": {"stall": True}}},
         )  # fmt: skip
-    task_id = reply.json()["task_id"]
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        for priority in keys.PRIORITIES:
-            for _, fields in await redis.xrange(keys.aes_stream(priority)):
-                action = json.loads(fields[b"action"])
-                if action.get("task_id") == task_id:
-                    return action
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no chat.process for {task_id}")
+    return await _chat_process(redis, reply.json()["task_id"])
 
 
 async def aes_callback(

@@ -3,11 +3,8 @@ command against a real Valkey."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 
@@ -18,6 +15,7 @@ from redis.asyncio import Redis
 from services.cli.embedded import RedisServer, free_port
 from services.core import keys
 from services.core.quotas import QuotaRecord
+from tests.integration.test_cli_tenants_paging_ids import tenants as run_tenants
 
 TENANTS = 2_000
 
@@ -47,11 +45,7 @@ async def store(server: RedisServer) -> AsyncIterator[Redis]:
 
 
 async def tenants(server: RedisServer, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "ORCHESTRATOR_REDIS_URL": server.url}
-    command = [sys.executable, "-m", "services.cli.main", "tenants", *args]
-    return await asyncio.to_thread(
-        subprocess.run, command, env=env, capture_output=True, text=True, timeout=60
-    )
+    return await run_tenants(server.url, *args)
 
 
 async def test_one_unreadable_record_does_not_hide_every_other_tenant(

@@ -80,9 +80,9 @@ def busy(
         stack.start("executor")
         stack.wait_ready(api)
         prometheus.start(targets_of(stack.children))
-        # Twice: a labelled series is born at its first increment, which no rate() can see
-        # (test_first_failure_of_a_pod_shows_on_no_panel); the second round is what a
-        # deployment busy for a while shows.
+        # Twice: a series a process did not create at its start (one label set per route and
+        # status of the HTTP metrics, say) is born at its first increment, which no rate()
+        # can see; the second round is what a deployment busy for a while shows.
         asyncio.run(traffic(api.url, api.ws_url))
         prometheus.scraped_after(time.time() + 1)
         asyncio.run(traffic(api.url, api.ws_url))
