@@ -154,13 +154,8 @@ def record_from_task(
         message = msgspec.json.decode(state["action"], type=_ProcessAction).message
         result = _json(state.get("result")) or {}
         data = {
-            "tenant_id": ref.tenant_id,
-            "session_id": ref.session_id,
-            "task_id": ref.task_id,
-            "agent_id": state["agent_id"],
-            "user_id": state.get("user_id") or None,
+            **_identity(ref, state),
             "status": status,
-            "attempt": int(state.get("attempt") or 1),
             "message": message,
             "content": result.get("content") if status == "completed" else None,
             "error": _json(state.get("error")),
@@ -182,13 +177,8 @@ def record_of_erased(ref: TaskRef, state: Mapping[str, Any]) -> PersistRecord:
     Raises `MalformedRecord` for a state without what the record needs."""
     try:
         data = {
-            "tenant_id": ref.tenant_id,
-            "session_id": ref.session_id,
-            "task_id": ref.task_id,
-            "agent_id": state["agent_id"],
-            "user_id": state.get("user_id") or None,
+            **_identity(ref, state),
             "status": "cancelled",
-            "attempt": int(state.get("attempt") or 1),
             "message": "",
             "created_at": state["created_at"],
             "completed_at": state.get("updated_at") or state["created_at"],
@@ -196,6 +186,18 @@ def record_of_erased(ref: TaskRef, state: Mapping[str, Any]) -> PersistRecord:
         return msgspec.convert(data, PersistRecord)
     except (KeyError, ValueError, TypeError, msgspec.MsgspecError) as exc:
         raise MalformedRecord(f"task {ref.task_id}: incomplete state: {exc}") from None
+
+
+def _identity(ref: TaskRef, state: Mapping[str, Any]) -> dict[str, Any]:
+    """What every record of a task says of whose it is (KeyError without an agent)."""
+    return {
+        "tenant_id": ref.tenant_id,
+        "session_id": ref.session_id,
+        "task_id": ref.task_id,
+        "agent_id": state["agent_id"],
+        "user_id": state.get("user_id") or None,
+        "attempt": int(state.get("attempt") or 1),
+    }
 
 
 def _text(value: bytes | str) -> str:
