@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from services.core.errors import Unauthorized
 from services.core.ids import is_valid_id
+from services.core.jwt_keys import candidates, usable_key, verification_keys
 from services.core.settings import ConfigError, Settings
 
 LEEWAY_SECONDS = 10
@@ -53,16 +53,10 @@ class TokenVerifier:
     """Checks signature, expiry, audience and issuer; maps every failure to 401."""
 
     def __init__(self, settings: Settings) -> None:
-        key = settings.jwt_public_key if settings.uses_public_key else settings.jwt_secret
-        variable = (
-            "ORCHESTRATOR_JWT_PUBLIC_KEY" if settings.uses_public_key else "ORCHESTRATOR_JWT_SECRET"
-        )
-        if not key:
-            raise ConfigError(f"{variable}: must be set for {settings.jwt_algorithm} tokens")
         # Parsed and judged now, not on the first request: a key PyJWT cannot read, a private
         # key where the public one belongs (no `verify`: a 500 per request) or a weak one stops
         # the process at start.
-        self._key: Any = usable_key(settings.jwt_algorithm, key, variable, signing=False)
+        self._keys = verification_keys(settings)
         self._algorithms = [settings.jwt_algorithm]
         self._audience = settings.jwt_audience
         self._issuer = settings.jwt_issuer
@@ -92,18 +86,7 @@ class TokenVerifier:
 
     def _decode(self, token: str) -> tuple[Principal, float]:
         try:
-            claims: dict[str, Any] = jwt.decode(
-                token,
-                self._key,
-                algorithms=self._algorithms,
-                audience=self._audience,
-                issuer=self._issuer,
-                leeway=LEEWAY_SECONDS,
-                # `aud` checked also without an audience of ours: a token that names one is
-                # for that service and refused here (RFC 7519 4.1.3, RFC 8725 3.9), as PyJWT
-                # does by default.
-                options={"require": ["exp", "sub"]},
-            )
+            claims = self._verified_claims(token)
         except jwt.ExpiredSignatureError:
             raise Unauthorized("token expired") from None
         except jwt.InvalidTokenError as exc:
@@ -131,6 +114,35 @@ class TokenVerifier:
             valid_until=expires + LEEWAY_SECONDS,
         )
         return principal, expires
+
+    def _verified_claims(self, token: str) -> dict[str, Any]:
+        """The claims of a token one of the keys signed. PyJWT checks the signature before
+        any claim, so only a bad signature means "try the next key"; an expired token or a
+        wrong audience is refused by the first key that verifies it."""
+        keys = candidates(self._keys, jwt.get_unverified_header(token))
+        if not keys:
+            raise jwt.InvalidSignatureError("no configured key has the token's kid")
+        for key in keys[:-1]:
+            try:
+                return self._claims(token, key.key)
+            except jwt.InvalidSignatureError:
+                continue
+        return self._claims(token, keys[-1].key)
+
+    def _claims(self, token: str, key: Any) -> dict[str, Any]:
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            key,
+            algorithms=self._algorithms,
+            audience=self._audience,
+            issuer=self._issuer,
+            leeway=LEEWAY_SECONDS,
+            # `aud` checked also without an audience of ours: a token that names one is for
+            # that service and refused here (RFC 7519 4.1.3, RFC 8725 3.9), as PyJWT does by
+            # default.
+            options={"require": ["exp", "sub"]},
+        )
+        return claims
 
 
 # A JSON string may hold a lone UTF-16 surrogate ("\ud83d": RFC 8259 8.2), and a JavaScript
@@ -195,91 +207,3 @@ def issue_token(
         return jwt.encode(claims, prepared, algorithm=settings.jwt_algorithm)
     except (jwt.PyJWTError, ValueError, TypeError):
         raise ConfigError(f"{variable}: not a usable {settings.jwt_algorithm} key") from None
-
-
-# RFC 7518 §3.2: an HMAC key at least as long as the hash's output.
-MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
-# RFC 7518 §3.3: RSA keys of 2048 bits or more.
-MIN_RSA_BITS = 2048
-# RFC 7518 §3.4: each ES algorithm names its curve.
-CURVE_OF = {"ES256": "secp256r1", "ES384": "secp384r1"}
-
-
-def usable_key(algorithm: str, key: str, variable: str, *, signing: bool) -> Any:
-    """`key` parsed for `algorithm`, or a ConfigError naming `variable` (never quoting the key).
-
-    Checked here rather than left to PyJWT on use: PyJWT reads a private key given to verify (and
-    then fails every request without a `verify`), and only warns about a short HMAC secret or RSA
-    key, which lets tokens be forged; both are refused before the process serves anything.
-    """
-    try:
-        prepared = jwt.get_algorithm_by_name(algorithm).prepare_key(key)
-    except (jwt.PyJWTError, ValueError, TypeError) as exc:
-        # What the algorithm needs, in our words, then PyJWT's when they say more (a curve's
-        # name); not when they name a generator object (a key of the wrong type), and never
-        # another library's, which might quote the key.
-        why = str(exc) if isinstance(exc, jwt.PyJWTError) else ""
-        detail = f"; {why}" if why and "<generator" not in why else ""
-        wanted = _wanted(algorithm)
-        raise ConfigError(f"{variable}: not a usable {algorithm} key ({wanted}{detail})") from None
-    problem = key_problem(algorithm, prepared, signing=signing)
-    if problem:
-        raise ConfigError(f"{variable}: {problem}")
-    return prepared
-
-
-def _wanted(algorithm: str) -> str:
-    """What a key for `algorithm` is, in words an operator reads at start."""
-    if algorithm.startswith("HS"):
-        return "a shared secret string"
-    if algorithm.startswith(("RS", "PS")):
-        return "a PEM RSA key of 2048 bits or more"
-    curve = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}.get(algorithm, "its curve")
-    return f"a PEM EC key on {curve}"
-
-
-def key_problem(algorithm: str, prepared: Any, *, signing: bool) -> str | None:
-    """What makes a parsed key unfit for `algorithm` in this role, or None when it is fit."""
-    if isinstance(prepared, bytes):
-        return _secret_problem(algorithm, prepared)
-    return _role_problem(algorithm, prepared, signing=signing) or _strength_problem(
-        algorithm, prepared
-    )
-
-
-def _secret_problem(algorithm: str, secret: bytes) -> str | None:
-    """A shorter HMAC secret can be brute-forced, and then anyone can forge any tenant's token."""
-    least = MIN_SECRET_BYTES.get(algorithm, 0)
-    if len(secret) >= least:
-        return None
-    return (
-        f"too short for {algorithm}: {len(secret)} bytes, at least {least} needed "
-        f"(RFC 7518 §3.2; `openssl rand -base64 {least}` makes one)"
-    )
-
-
-def _role_problem(algorithm: str, key: Any, *, signing: bool) -> str | None:
-    """Signing needs the private half, verifying the public one: PyJWT reads either for both."""
-    private = isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey))
-    if signing and not private:
-        return f"a public key; signing {algorithm} tokens needs the private key"
-    if not signing and private:
-        return (
-            f"a private key; verifying {algorithm} tokens needs the public key "
-            "(the private one signs tokens and belongs only to their issuer)"
-        )
-    return None
-
-
-def _strength_problem(algorithm: str, key: Any) -> str | None:
-    """An RSA key under 2048 bits, or an EC key on another curve than the algorithm's."""
-    if isinstance(key, (rsa.RSAPrivateKey, rsa.RSAPublicKey)) and key.key_size < MIN_RSA_BITS:
-        return (
-            f"a {key.key_size}-bit RSA key; {algorithm} needs at least {MIN_RSA_BITS} bits "
-            "(RFC 7518 §3.3)"
-        )
-    if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
-        expected = CURVE_OF.get(algorithm, key.curve.name)
-        if key.curve.name != expected:
-            return f"a {key.curve.name} key; {algorithm} needs a {expected} key (RFC 7518 §3.4)"
-    return None

@@ -121,6 +121,8 @@ class Settings(BaseSettings):
     default_tier: str = "free"
     default_agent: str = "default"
     jwt_secret: str | None = None
+    # Accepted beside jwt_secret while tokens signed with it are still in use (a rotation).
+    jwt_previous_secret: str | None = None
     jwt_public_key: str | None = None
     jwt_algorithm: str = "HS256"
     jwt_audience: str | None = None

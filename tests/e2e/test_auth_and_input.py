@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import quote
 
 import httpx
@@ -20,7 +21,7 @@ from services.core import keys
 from services.core.auth import LEEWAY_SECONDS
 from services.core.settings import load_settings
 from tests.e2e.clients import auth, connect, enqueued, next_event, token, unique
-from tests.e2e.conftest import Deployment, new_stack
+from tests.e2e.conftest import Deployment, lone_api, new_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -347,3 +348,30 @@ async def test_a_socket_whose_token_expired_delivers_but_no_longer_acts(
     await ws.send("not json")
     assert (await next_event(ws, timeout=10))["type"] == "error"  # still open
     await ws.close()
+
+
+async def test_tokens_of_the_previous_secret_work_during_a_rotation(
+    e2e_redis: RedisServer, tmp_path: Path
+) -> None:
+    """README "Client API": with `ORCHESTRATOR_JWT_PREVIOUS_SECRET` the tokens handed out
+    before the secret changed keep working, over REST and on a socket; a third secret's not."""
+    previous = "the-secret-before-rotation-" + "p" * 20
+    tenant = unique("t")
+    with lone_api(e2e_redis, tmp_path / "logs", jwt_previous_secret=previous) as api:
+        old = token(tenant, secret=previous)
+        async with httpx.AsyncClient(base_url=api.url, timeout=10) as http:
+            body = {"message": "signed before the rotation", "session_id": unique("s")}
+            sent = await http.post(
+                "/api/chat/send", json=body, headers={"Authorization": f"Bearer {old}"}
+            )
+            assert sent.status_code == 202, sent.text
+            current = await http.get("/api/usage", headers=auth(tenant))
+            assert current.status_code in (200, 503), current.text  # not 401: the new secret
+            stranger = token(tenant, secret="a-third-secret-nobody-configured-" + "z" * 8)
+            refused = await http.post(
+                "/api/chat/send", json=body, headers={"Authorization": f"Bearer {stranger}"}
+            )
+            assert refused.status_code == 401, refused.text
+        ws, ack = await connect(api.ws_url, tenant, unique("s"), bearer=old)
+        await ws.close()
+        assert ack["data"]["tenant_id"] == tenant

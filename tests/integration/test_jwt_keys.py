@@ -69,3 +69,15 @@ def test_token_refuses_a_public_key_as_its_private_key(tmp_path: Path) -> None:
         ORCHESTRATOR_JWT_PRIVATE_KEY=public,
     )
     assert_clean_failure(result, code=2, names="ORCHESTRATOR_JWT_PRIVATE_KEY: a public key")
+
+
+def test_the_api_refuses_a_bundle_with_one_weak_key(tmp_path: Path) -> None:
+    """Every key of a rotation's bundle is judged at start, not only the first."""
+    _, good = rsa_pems(2048)
+    _, weak = rsa_pems(1024)
+    result = run_api(
+        tmp_path, ORCHESTRATOR_JWT_ALGORITHM="RS256", ORCHESTRATOR_JWT_PUBLIC_KEY=good + weak
+    )
+    assert_clean_failure(
+        result, code=2, names="ORCHESTRATOR_JWT_PUBLIC_KEY (key 2 of 2): a 1024-bit RSA key"
+    )
