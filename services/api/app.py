@@ -328,6 +328,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        await verifier.start()  # an identity provider's keys, when ORCHESTRATOR_JWT_JWKS_URL
         redis = create_redis(settings)
         scripts = Scripts(redis)
         with contextlib.suppress(*REDIS_DOWN):  # else loaded on the first NOSCRIPT
@@ -391,6 +392,7 @@ def create_app(
             await quotas.stop()
             await hub.stop()
             await redis.aclose()
+            await verifier.stop()
             log.info("api %s stopped%s", name, " after draining" if runtime.draining else "")
 
     exception_handlers: dict[Any, Any] = {

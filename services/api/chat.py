@@ -87,7 +87,10 @@ NOT_FOUND = "no such task of the caller's tenant"
 INVALID_ID = "an id does not match [A-Za-z0-9_-]{1,64}"
 MALFORMED = "the body is not JSON (`malformed_json`)"
 TOO_LARGE = "body over ORCHESTRATOR_MAX_BODY_BYTES"
-REDIS_DOWN = "Redis unreachable or refusing writes: retry"
+REDIS_DOWN = (
+    "Redis unreachable or refusing writes, or the token's signing key not read yet from the "
+    "identity provider (ORCHESTRATOR_JWT_JWKS_URL): retry (`Retry-After` when known)"
+)
 BAD_REQUEST = "a request the api cannot read (`bad_request`)"
 TENANT_READS = (
     "the tenant's reads of persisted tasks, history and usage already hold their share of "

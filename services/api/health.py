@@ -59,14 +59,21 @@ async def health() -> dict[str, str]:
 
 @get(
     "/health/ready",
-    summary="Readiness: Redis answers and the pod is not draining",
-    responses={503: refusal(503, "draining, or Redis unreachable or refusing writes")},
+    summary="Readiness: Redis answers, token keys are loaded and the pod is not draining",
+    responses={
+        503: refusal(
+            503, "draining, Redis unreachable or refusing writes, or no token key read yet"
+        )
+    },
     operation_class=ProbeOperation,
 )
 async def ready(request: AnyRequest) -> Response[dict[str, Any]]:
     runtime = _runtime(request)
     if runtime.draining:
         return Response(Unavailable("draining").to_dict(), status_code=503)
+    if not runtime.verifier.ready:  # no token could be verified: 503 for every client
+        refused = Unavailable("the identity provider's signing keys are not read yet")
+        return Response(refused.to_dict(), status_code=503)
     try:
         await runtime.redis.ping()
     except REDIS_DOWN:

@@ -40,7 +40,7 @@ from services.api.runtime import Runtime
 from services.api.session_log import REPLAY_PAGE, RESUME_GAP, read_page, read_since
 from services.core import events, telemetry
 from services.core.auth import Principal
-from services.core.errors import BadRequest, OrchestratorError, Unauthorized
+from services.core.errors import BadRequest, OrchestratorError, Unauthorized, Unavailable
 from services.core.ids import is_valid_id, new_id
 from services.core.logs import log_context
 from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING, REFUSING_WORDS
@@ -145,6 +145,9 @@ async def _admit(
         return None
     try:
         principal = runtime.verifier.verify(token)
+    except Unavailable as exc:  # its key may be read in a moment: a retry, not a sign-in
+        await _refuse(send, speaks_v1, CLOSE_TRY_AGAIN, f"unavailable: {exc.message}")
+        return None
     except OrchestratorError as exc:
         await _refuse(send, speaks_v1, CLOSE_POLICY, f"unauthorized: {exc.message}")
         return None

@@ -6,6 +6,7 @@ tier is never read from the token or a header: it comes from the quota store alo
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import OrderedDict
@@ -15,8 +16,9 @@ from typing import Any
 
 import jwt
 
-from services.core.errors import Unauthorized
+from services.core.errors import Unauthorized, Unavailable
 from services.core.ids import is_valid_id
+from services.core.jwks import RETRY_UNLOADED_SECONDS, KeySetSource
 from services.core.jwt_keys import candidates, usable_key, verification_keys
 from services.core.settings import ConfigError, Settings
 
@@ -50,17 +52,38 @@ def read_dev_secret() -> str | None:
 
 
 class TokenVerifier:
-    """Checks signature, expiry, audience and issuer; maps every failure to 401."""
+    """Checks signature, expiry, audience and issuer; maps every failure to 401 (but a key
+    the identity provider's set may hold and was not read yet: 503, retry)."""
 
     def __init__(self, settings: Settings) -> None:
         # Parsed and judged now, not on the first request: a key PyJWT cannot read, a private
         # key where the public one belongs (no `verify`: a 500 per request) or a weak one stops
         # the process at start.
         self._keys = verification_keys(settings)
+        self.source = (
+            KeySetSource(
+                settings.jwt_jwks_url, settings.jwt_algorithm, settings.jwt_jwks_refresh_seconds
+            )
+            if settings.jwt_jwks_url
+            else None
+        )
         self._algorithms = [settings.jwt_algorithm]
         self._audience = settings.jwt_audience
         self._issuer = settings.jwt_issuer
         self._verified: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
+
+    async def start(self) -> None:
+        if self.source is not None:
+            await self.source.start()
+
+    async def stop(self) -> None:
+        if self.source is not None:
+            await self.source.stop()
+
+    @property
+    def ready(self) -> bool:
+        """False while no key could verify any token (the provider's set not read yet)."""
+        return bool(self._keys) or (self.source is not None and self.source.loaded)
 
     def verify(self, token: str) -> Principal:
         """The token's principal; a token verified before is not decoded again until it expires.
@@ -119,15 +142,41 @@ class TokenVerifier:
         """The claims of a token one of the keys signed. PyJWT checks the signature before
         any claim, so only a bad signature means "try the next key"; an expired token or a
         wrong audience is refused by the first key that verifies it."""
-        keys = candidates(self._keys, jwt.get_unverified_header(token))
-        if not keys:
-            raise jwt.InvalidSignatureError("no configured key has the token's kid")
-        for key in keys[:-1]:
-            try:
-                return self._claims(token, key.key)
-            except jwt.InvalidSignatureError:
-                continue
-        return self._claims(token, keys[-1].key)
+        header = jwt.get_unverified_header(token)
+        source = self.source
+        keys = candidates([*self._keys, *source.keys] if source else self._keys, header)
+        try:
+            if not keys:
+                raise jwt.InvalidSignatureError("no configured key has the token's kid")
+            for key in keys[:-1]:
+                try:
+                    return self._claims(token, key.key)
+                except jwt.InvalidSignatureError:
+                    continue
+            return self._claims(token, keys[-1].key)
+        except jwt.InvalidSignatureError:
+            if source is not None:
+                self._maybe_not_read_yet(source, header)
+            raise
+
+    def _maybe_not_read_yet(self, source: KeySetSource, header: dict[str, Any]) -> None:
+        """A 503 to retry rather than a 401 (a client signs in again on a 401) when the key
+        may just not be read yet: no set read so far, or a `kid` the provider may have added
+        since the last read (which starts a read)."""
+        if not self.ready:
+            raise Unavailable(
+                "the identity provider's signing keys are not read yet",
+                headers={"Retry-After": str(int(RETRY_UNLOADED_SECONDS))},
+            )
+        kid = header.get("kid")
+        if not isinstance(kid, str) or source.knows(kid):
+            return
+        wait = source.wait_for(kid)
+        if wait is not None:
+            raise Unavailable(
+                "the token's signing key is being read from the identity provider",
+                headers={"Retry-After": str(math.ceil(wait))},
+            )
 
     def _claims(self, token: str, key: Any) -> dict[str, Any]:
         claims: dict[str, Any] = jwt.decode(

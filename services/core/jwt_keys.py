@@ -11,6 +11,7 @@ previous secret beside the current one until the tokens signed with it have expi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -44,6 +45,11 @@ def verification_keys(settings: Settings) -> list[VerificationKey]:
     """Every key a token may be verified with, each checked as `usable_key` checks one; a
     ConfigError (naming the variable, never quoting a key) when one is unfit or none is set."""
     algorithm = settings.jwt_algorithm
+    if settings.jwt_jwks_url and not settings.uses_public_key:
+        raise ConfigError(
+            f"ORCHESTRATOR_JWT_JWKS_URL: a key set holds public keys; {algorithm} verifies with "
+            "a shared secret (set ORCHESTRATOR_JWT_ALGORITHM to the provider's RS* or ES*)"
+        )
     if not settings.uses_public_key:
         secrets = [("ORCHESTRATOR_JWT_SECRET", settings.jwt_secret)]
         if settings.jwt_previous_secret:
@@ -57,9 +63,13 @@ def verification_keys(settings: Settings) -> list[VerificationKey]:
     variable = "ORCHESTRATOR_JWT_PUBLIC_KEY"
     text = (settings.jwt_public_key or "").strip()
     if not text:
-        raise ConfigError(f"{variable}: must be set for {algorithm} tokens")
+        if settings.jwt_jwks_url:
+            return []  # the provider's keys only, read by the api at start (jwks.py)
+        raise ConfigError(
+            f"{variable}: must be set for {algorithm} tokens (or ORCHESTRATOR_JWT_JWKS_URL)"
+        )
     if text.startswith("{"):
-        keys = _key_set(algorithm, text, variable)
+        keys = key_set(algorithm, text, variable)
     else:
         blocks = [match.group(0) for match in _PEM_BLOCK.finditer(text)] or [text]
         keys = []
@@ -75,8 +85,14 @@ def _nth(variable: str, index: int, count: int) -> str:
     return variable if count == 1 else f"{variable} (key {index + 1} of {count})"
 
 
-def _key_set(algorithm: str, text: str, variable: str) -> list[VerificationKey]:
-    """The keys of a JWK Set (RFC 7517 §5) or of a single JWK that `algorithm` verifies with."""
+def key_set(
+    algorithm: str, text: str, variable: str, *, strict: bool = True
+) -> list[VerificationKey]:
+    """The keys of a JWK Set (RFC 7517 §5) or of a single JWK that `algorithm` verifies with.
+
+    `strict` (a set in the configuration): an unfit key is a ConfigError, for whoever wrote
+    it to fix. Not strict (a set read from the provider at run time): an unfit key is left
+    out with a warning, so that one bad key the provider adds does not refuse every token."""
     try:
         document = json.loads(text)
     except ValueError:
@@ -94,13 +110,15 @@ def _key_set(algorithm: str, text: str, variable: str) -> list[VerificationKey]:
             skipped.append(name)
             continue
         where = f"{variable} (key {name})"
-        try:
+        problem: str | None = f"not a usable {algorithm} key"
+        with contextlib.suppress(jwt.PyJWTError, ValueError, TypeError, KeyError):
             prepared = jwt.get_algorithm_by_name(algorithm).from_jwk(entry)
-        except (jwt.PyJWTError, ValueError, TypeError, KeyError):
-            raise ConfigError(f"{where}: not a usable {algorithm} key") from None
-        problem = key_problem(algorithm, prepared, signing=False)
+            problem = key_problem(algorithm, prepared, signing=False)
         if problem:
-            raise ConfigError(f"{where}: {problem}")
+            if strict:
+                raise ConfigError(f"{where}: {problem}")
+            log.warning("%s: %s; left out", where, problem)
+            continue
         kid = entry.get("kid")
         keys.append(VerificationKey(prepared, kid if isinstance(kid, str) else None))
     if not keys:

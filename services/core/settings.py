@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
     jwt_private_key: str | None = None
+    # An identity provider's JWK Set, read at start and kept fresh (services/core/jwks.py).
+    jwt_jwks_url: str | None = None
+    jwt_jwks_refresh_seconds: float = Field(300.0, ge=30, le=_DAY)
     allowed_origins: CommaList = []
     max_message_chars: int = Field(32_000, ge=1, le=_MAX_BYTES // MESSAGE_BYTES_PER_CHAR)
     max_body_bytes: int = Field(512 * 1024, ge=1024, le=_MAX_BYTES)
@@ -204,6 +207,13 @@ class Settings(BaseSettings):
         allowed = {"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384"}
         if value not in allowed:
             raise ValueError(f"must be one of {', '.join(sorted(allowed))}")
+        return value
+
+    @field_validator("jwt_jwks_url")
+    @classmethod
+    def _jwks_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("https://", "http://")):
+            raise ValueError("must start with https:// (or http://)")
         return value
 
     @field_validator("redis_url")

@@ -1,0 +1,162 @@
+"""An identity provider's signing keys, read from its `jwks_uri` and kept fresh.
+
+Providers rotate their keys on their own schedule (some every few days) and start signing
+with a new key once it is in their published set: a copy of the set pasted into the
+deployment breaks every client at the provider's next rotation. So the api reads the set
+itself, again every `ORCHESTRATOR_JWT_JWKS_REFRESH_SECONDS`, and at once when a token names a
+`kid` it does not know (no sooner than `MIN_REFRESH_SECONDS` after the last read began, so
+that tokens with made-up ids cannot make it hammer the provider). Such a token is answered 503
+with `Retry-After` until a read begun after it was first seen has answered; a 401 only then,
+since a client told 401 signs its user out. A failed read keeps the keys it had.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import urllib.request
+from collections import OrderedDict
+from collections.abc import Callable
+
+from services.core.jwt_keys import VerificationKey, key_set
+from services.core.settings import ConfigError
+
+log = logging.getLogger(__name__)
+
+VARIABLE = "ORCHESTRATOR_JWT_JWKS_URL"
+MIN_REFRESH_SECONDS = 10.0
+MAX_MISSING_KIDS = 1024  # made-up ids remembered (to answer 401 after a read lacked them)
+RETRY_UNLOADED_SECONDS = 5.0  # until the first set is read: nothing verifies meanwhile
+FETCH_TIMEOUT_SECONDS = 5.0
+MAX_DOCUMENT_BYTES = 1 << 20  # providers' sets are a few kilobytes
+
+
+class KeySetSource:
+    """The provider's current keys, for one api process (`TokenVerifier.source`)."""
+
+    def __init__(
+        self,
+        url: str,
+        algorithm: str,
+        refresh_seconds: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.url = url
+        self._algorithm = algorithm
+        self._refresh_seconds = refresh_seconds
+        self._clock = clock
+        self.keys: list[VerificationKey] = []
+        self._read_started: float | None = None  # when the latest read began
+        self._answered: float | None = None  # when the latest successful read began
+        # The ids asked for that the set lacked, and when each was first asked for.
+        self._missing: OrderedDict[str, float] = OrderedDict()
+        self._refreshing: asyncio.Task[None] | None = None
+        self._chasing: asyncio.Task[None] | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return bool(self.keys)
+
+    async def start(self, wait: float = FETCH_TIMEOUT_SECONDS * 2) -> None:
+        """Read the set (bounded by `wait`), then keep it fresh in the background. A provider
+        unreachable at start does not stop the pod: it is not ready until a set is read."""
+        first = self._refresh_now()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(first), wait)
+        if not self.loaded:
+            log.warning("no JWT signing keys read from %s yet; retrying", self.url)
+        self._loop_task = asyncio.get_running_loop().create_task(
+            self._keep_fresh(), name="jwks-refresh"
+        )
+
+    async def stop(self) -> None:
+        for task in (self._loop_task, self._chasing, self._refreshing):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._loop_task = self._chasing = self._refreshing = None
+
+    def knows(self, kid: str) -> bool:
+        return any(key.kid == kid for key in self.keys)
+
+    def wait_for(self, kid: str) -> float | None:
+        """For a `kid` the set lacks: seconds until a read that may bring it (one is
+        scheduled), or None once a read begun after the kid was first asked for succeeded
+        without it (a token no key of the provider signed: a 401)."""
+        now = self._clock()
+        first = self._missing.get(kid)
+        if first is None:
+            first = self._missing[kid] = now
+            if len(self._missing) > MAX_MISSING_KIDS:
+                self._missing.popitem(last=False)
+        if self._answered is not None and self._answered >= first:
+            return None
+        if self._chasing is None or self._chasing.done():
+            self._chasing = asyncio.get_running_loop().create_task(self._chase(), name="jwks-kid")
+        return max(self._next_read_at() - now, 0.0) + FETCH_TIMEOUT_SECONDS / 5
+
+    def _next_read_at(self) -> float:
+        started = self._read_started
+        return self._clock() if started is None else started + MIN_REFRESH_SECONDS
+
+    async def _chase(self) -> None:
+        """Read the set again (no sooner than MIN_REFRESH_SECONDS after the last read began)
+        while a `kid` asked for is newer than the last successful read."""
+        while self._missing and (
+            self._answered is None or max(self._missing.values()) > self._answered
+        ):
+            await asyncio.sleep(max(self._next_read_at() - self._clock(), 0.0))
+            await self._refresh_now()
+
+    def _refresh_now(self) -> asyncio.Task[None]:
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.get_running_loop().create_task(
+                self._refresh(), name="jwks-read"
+            )
+        return self._refreshing
+
+    async def _keep_fresh(self) -> None:
+        while True:
+            pause = self._refresh_seconds if self.loaded else RETRY_UNLOADED_SECONDS
+            await asyncio.sleep(pause)
+            await self._refresh_now()
+
+    async def _refresh(self) -> None:
+        started = self._read_started = self._clock()
+        try:
+            document = await asyncio.to_thread(self._fetch)
+            keys = key_set(self._algorithm, document, VARIABLE, strict=False)
+        except Exception as exc:
+            why = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+            log.warning(
+                "reading the JWT signing keys failed; keeping the %d keys read before: %s",
+                len(self.keys),
+                why,
+                extra={"url": self.url},
+            )
+        else:
+            if {key.kid for key in keys} != {key.kid for key in self.keys}:
+                log.info("JWT signing keys read: %s", ", ".join(str(k.kid) for k in keys))
+            self.keys = keys
+            self._answered = started
+            for key in keys:
+                self._missing.pop(str(key.kid), None)
+
+    def _fetch(self) -> str:
+        """The set's document (blocking: run in a thread). A redirect is followed (providers
+        move their sets); an answer other than 200 or larger than MAX_DOCUMENT_BYTES fails."""
+        request = urllib.request.Request(  # noqa: S310 (the scheme is checked in Settings)
+            self.url, headers={"Accept": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT_SECONDS) as answer:  # noqa: S310
+            if answer.status != 200:
+                raise ValueError(f"HTTP {answer.status}")
+            body: bytes = answer.read(MAX_DOCUMENT_BYTES + 1)
+        if len(body) > MAX_DOCUMENT_BYTES:
+            raise ValueError(f"the document is over {MAX_DOCUMENT_BYTES} bytes")
+        return body.decode()

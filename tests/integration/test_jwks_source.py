@@ -1,0 +1,96 @@
+"""The identity provider's key set as the api keeps it (services/core/jwks.py), read from a
+real HTTP server on loopback; the clock is the test's, so MIN_REFRESH_SECONDS needs no wait."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from services.core.jwks import MAX_DOCUMENT_BYTES, MIN_REFRESH_SECONDS, KeySetSource
+from tests.e2e.test_jwks import Provider
+from tests.unit.test_key_rotation import jwk
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def provider() -> Iterator[Provider]:
+    served = Provider()
+    served.add("k1")
+    yield served
+    served.server.shutdown()
+    served.server.server_close()
+
+
+async def read_for(source: KeySetSource, kid: str) -> float | None:
+    """What `wait_for` answers once the read it scheduled has run."""
+    wait = source.wait_for(kid)
+    if wait is not None and source._chasing is not None:
+        await source._chasing
+    return source.wait_for(kid)
+
+
+async def test_a_failed_read_keeps_the_keys_read_before(provider: Provider) -> None:
+    source = KeySetSource(provider.url, "RS256", 300, clock=Clock())
+    await source.start()
+    try:
+        assert source.knows("k1")
+        provider.failing = True
+        await source._refresh_now()
+        assert source.knows("k1"), "a provider's outage must not drop the keys"
+        provider.failing = False
+        provider.add("k2")
+        await source._refresh_now()
+        assert source.knows("k2")
+        assert source.knows("k1")
+    finally:
+        await source.stop()
+
+
+async def test_a_weak_key_the_provider_adds_is_left_out_not_the_whole_set(
+    provider: Provider,
+) -> None:
+    """A strict set would refuse every token until the provider fixed its set."""
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505 - the point
+    keys = [*provider.public_keys(), jwk(weak, kid="weak", alg="RS256")]
+    provider.body = json.dumps({"keys": keys}).encode()
+    source = KeySetSource(provider.url, "RS256", 300, clock=Clock())
+    await source.start()
+    try:
+        assert source.knows("k1")
+        assert not source.knows("weak")
+    finally:
+        await source.stop()
+
+
+async def test_an_oversized_document_is_not_read(provider: Provider) -> None:
+    provider.body = b'{"keys": [' + b" " * MAX_DOCUMENT_BYTES + b"]}"
+    source = KeySetSource(provider.url, "RS256", 300, clock=Clock())
+    await source.start()
+    try:
+        assert not source.loaded
+    finally:
+        await source.stop()
+
+
+async def test_an_id_no_read_brought_is_refused_after_one_read(provider: Provider) -> None:
+    clock = Clock()
+    source = KeySetSource(provider.url, "RS256", 300, clock=clock)
+    await source.start()
+    try:
+        reads = provider.reads
+        clock.now += MIN_REFRESH_SECONDS
+        assert await read_for(source, "made-up") is None
+        assert await read_for(source, "made-up") is None
+        assert provider.reads == reads + 1
+    finally:
+        await source.stop()
