@@ -77,6 +77,9 @@ class PersistRecord(msgspec.Struct, kw_only=True):
     created_at: Moment
     first_chunk_at: Moment | None = None
     completed_at: Moment
+    # The W3C context of the message's send (its `chat.process` action's): the writer's span
+    # joins the message's trace. Absent from records of older versions, ignored by them.
+    trace_context: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 _encoder = msgspec.json.Encoder()
@@ -132,6 +135,7 @@ async def publish_record(
 
 class _ProcessAction(msgspec.Struct):
     message: str
+    trace_context: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 def _json(value: Any) -> Any:
@@ -151,12 +155,12 @@ def record_from_task(
     if status not in FINAL_STATUSES:
         raise MalformedRecord(f"task {ref.task_id} is not final (status {status!r})")
     try:
-        message = msgspec.json.decode(state["action"], type=_ProcessAction).message
+        action = msgspec.json.decode(state["action"], type=_ProcessAction)
         result = _json(state.get("result")) or {}
         data = {
             **_identity(ref, state),
             "status": status,
-            "message": message,
+            "message": action.message,
             "content": result.get("content") if status == "completed" else None,
             "error": _json(state.get("error")),
             "usage": _json(state.get("usage")) or {},
@@ -164,6 +168,7 @@ def record_from_task(
             "created_at": state["created_at"],
             "first_chunk_at": state.get("first_chunk_at") or None,
             "completed_at": state.get("updated_at") or state["created_at"],
+            "trace_context": action.trace_context,
         }
         return msgspec.convert(data, PersistRecord)
     except (KeyError, ValueError, TypeError, msgspec.MsgspecError) as exc:

@@ -19,13 +19,14 @@ import logging
 import re
 from collections.abc import Sequence
 
+from opentelemetry.trace import Span, SpanKind
 from prometheus_client import Counter, Gauge
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.core import keys
+from services.core import keys, telemetry
 from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING, as_lost_connection
 from services.core.settings import Settings, process_name
 from services.core.streams import (
@@ -137,6 +138,7 @@ class PersistenceWriter:
         self._own_pending = True
         self._next_reclaim = 0.0
         self._next_report = 0.0
+        self._spans: dict[str, Span] = {}  # of the batch in hand, by entry id (`_span`)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -240,8 +242,43 @@ class PersistenceWriter:
                     records_written.labels("expired").inc()
                 else:
                     decoded.append((entry, record))
-        if decoded and await self._write_until_done(decoded):
-            await self._done([entry.id for entry, _ in decoded], [r for _, r in decoded])
+        if not decoded:
+            return
+        for entry, record in decoded:
+            if (span := self._span(entry, record, len(decoded))) is not None:
+                self._spans[entry.id] = span
+        try:
+            written = await self._write_until_done(decoded)
+            if written:
+                await self._done([entry.id for entry, _ in decoded], [r for _, r in decoded])
+        except BaseException as exc:
+            for span in self._spans.values():
+                telemetry.fail(span, f"not written: {exc!r}", error_type=type(exc).__name__)
+            raise
+        else:
+            if not written:
+                for span in self._spans.values():
+                    telemetry.fail(span, "the writer stopped first", error_type="stopped")
+        finally:
+            for span in self._spans.values():
+                span.end()
+            self._spans = {}
+
+    def _span(self, entry: Entry, record: PersistRecord, batch: int) -> Span | None:
+        """A CONSUMER span on the message's trace, for a record whose send was traced: an SRE
+        following a message sees when (and whether) its history was written. None costs
+        nothing for untraced records."""
+        parent = telemetry.remote_parent(record.trace_context)
+        if parent is None:
+            return None
+        attributes = telemetry.messaging_attributes(
+            self.stream, "process", message_id=entry.id, group=keys.PERSIST_GROUP, batch=batch
+        )
+        attributes["orchestrator.task_id"] = record.task_id
+        attributes["db.system.name"] = "postgresql"
+        return telemetry.tracer().start_span(
+            f"process {self.stream}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
+        )
 
     async def _write_until_done(self, batch: Sequence[tuple[Entry, PersistRecord]]) -> bool:
         """True once the batch is written (its refused records dead-lettered); False on stop."""
@@ -258,6 +295,9 @@ class PersistenceWriter:
                     split = True
                     continue
                 write_failures.inc()
+                if delay == FIRST_RETRY_SECONDS:  # once per batch: an outage retries for hours
+                    for span in self._spans.values():
+                        span.add_event("write failed, retrying", {"error.type": type(exc).__name__})
                 if not self.database_down:
                     # A timeout's text is empty: its type says what happened.
                     why = str(exc) or type(exc).__name__
@@ -314,6 +354,9 @@ class PersistenceWriter:
             await pipe.execute()
 
     async def _dead_letter(self, entry: Entry, reason: str) -> None:
+        span = self._spans.get(entry.id)
+        if span is not None:
+            telemetry.fail(span, reason, error_type="dead_lettered")
         await dead_letter(self.redis, entry, keys.PERSIST_GROUP, reason)
         await self.redis.xdel(self.stream, entry.id)
         records_written.labels("dead_lettered").inc()
