@@ -4,11 +4,14 @@ the trace its send began, and shows a write that had to wait for PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
 from services.cli.embedded import RedisServer
 from services.cli.embedded_postgres import PostgresServer
@@ -16,10 +19,12 @@ from services.cli.otlp_sink import ReceivedSpan, Receiver
 from services.cli.stack import Child, LocalStack
 from services.core import keys
 from services.persistence.migrate import migrate
+from services.persistence.records import publish_record
 from tests.e2e.clients import connect, events_until, final_of, send, unique
 from tests.e2e.conftest import new_stack
 from tests.e2e.test_log_volume import log_lines
 from tests.e2e.test_tracing import ancestry, trace_of
+from tests.persistence.conftest import make_record
 
 pytestmark = pytest.mark.e2e
 
@@ -113,3 +118,29 @@ async def test_a_write_that_waited_for_postgresql_says_so_on_the_trace(
     span, _ = await writer_span(receiver, task_id)
     assert "write failed, retrying" in span.events, span.events
     assert span.status_code != STATUS_ERROR  # written in the end
+
+
+async def test_a_record_postgresql_refuses_is_an_error_on_its_trace(
+    recorded: tuple[Child, Child, Receiver, PostgresServer], own_redis: RedisServer
+) -> None:
+    """A record beyond what PostgreSQL holds (a final event id past bigint) is dead-lettered:
+    its span says so, as an error, rather than ending like a written one."""
+    _, _, receiver, _ = recorded
+    trace_id = secrets.token_hex(16)
+    poison = make_record(  # of today: an older one is past the retention, never written
+        unique("poison"), event_id=f"{2**63}-0", created_at=datetime.now(UTC)
+    )
+    poison.trace_context = {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"}
+    redis = Redis.from_url(own_redis.url)
+    try:
+        await publish_record(redis, poison)
+    finally:
+        await redis.aclose()
+    deadline = time.monotonic() + 20
+    while not (found := [s for s in receiver.trace(trace_id) if s.name == WRITER_SPAN]):
+        assert time.monotonic() < deadline, "the refused record's span was never exported"
+        await asyncio.sleep(0.05)
+    [span] = found
+    assert span.status_code == STATUS_ERROR
+    assert span.attributes["error.type"] == "dead_lettered"
+    assert "error" in span.events
