@@ -262,12 +262,23 @@ Everything else comes from the settings ConfigMap through envFrom. Call with
     secretKeyRef:
       name: {{ include "ao.jwtSecretName" $root }}
       key: {{ ternary $v.auth.existingSecretPublicKeyKey "jwt-public-key" (ne $v.auth.existingSecret "") }}
+{{- if $v.auth.jwksUrl }}
+      optional: true  # the identity provider's keys (auth.jwksUrl) may be the only ones
+{{- end }}
 {{- else }}
 - name: ORCHESTRATOR_JWT_SECRET
   valueFrom:
     secretKeyRef:
       name: {{ include "ao.jwtSecretName" $root }}
       key: {{ ternary $v.auth.existingSecretKey "jwt-secret" (ne $v.auth.existingSecret "") }}
+{{- if or $v.auth.previousSecret $v.auth.existingSecret }}
+- name: ORCHESTRATOR_JWT_PREVIOUS_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "ao.jwtSecretName" $root }}
+      key: {{ ternary $v.auth.existingSecretPreviousKey "jwt-previous-secret" (ne $v.auth.existingSecret "") }}
+      optional: true  # a rotation's old secret, only while one is under way
+{{- end }}
 {{- end }}
 {{- end }}
 {{- if eq .component "worker" }}
@@ -386,7 +397,8 @@ for the values at hand, so a name added there is refused even before it is liste
 {{- list
   "ORCHESTRATOR_POD_NAME" "POD_NAMESPACE" "POD_ID"
   "ORCHESTRATOR_REDIS_URL" "ORCHESTRATOR_DATABASE_URL"
-  "ORCHESTRATOR_JWT_SECRET" "ORCHESTRATOR_JWT_PUBLIC_KEY" "KEDA_REDIS_PASSWORD"
+  "ORCHESTRATOR_JWT_SECRET" "ORCHESTRATOR_JWT_PREVIOUS_SECRET" "ORCHESTRATOR_JWT_PUBLIC_KEY"
+  "KEDA_REDIS_PASSWORD"
   "OTEL_SERVICE_NAME" "OTEL_SDK_DISABLED" "OTEL_EXPORTER_OTLP_ENDPOINT"
   "OTEL_EXPORTER_OTLP_PROTOCOL" "OTEL_TRACES_SAMPLER" "OTEL_TRACES_SAMPLER_ARG"
   "OTEL_RESOURCE_ATTRIBUTES"
@@ -487,8 +499,11 @@ livenessProbe:
 {{- if and $v.postgresql.enabled (or $v.externalDatabase.url $v.externalDatabase.existingSecret) -}}
 {{- fail "postgresql.enabled and externalDatabase are mutually exclusive: disable the in-chart PostgreSQL to use an external one" -}}
 {{- end -}}
-{{- if and (include "ao.jwtUsesPublicKey" .) (not (or $v.auth.publicKey $v.auth.existingSecret)) -}}
-{{- fail (printf "auth.algorithm %s needs auth.publicKey or auth.existingSecret (holding the public key)" $v.auth.algorithm) -}}
+{{- if and (include "ao.jwtUsesPublicKey" .) (not (or $v.auth.publicKey $v.auth.existingSecret $v.auth.jwksUrl)) -}}
+{{- fail (printf "auth.algorithm %s needs auth.publicKey, auth.existingSecret (holding the public key) or auth.jwksUrl" $v.auth.algorithm) -}}
+{{- end -}}
+{{- if and $v.auth.jwksUrl (not (include "ao.jwtUsesPublicKey" .)) -}}
+{{- fail (printf "auth.jwksUrl: a key set holds public keys; auth.algorithm %s verifies with a shared secret (set it to the provider's RS* or ES*)" $v.auth.algorithm) -}}
 {{- end -}}
 {{- if not (hasKey $v.tiers $v.config.defaultTier) -}}
 {{- fail (printf "config.defaultTier %q is not a tier in `tiers`" $v.config.defaultTier) -}}
@@ -609,6 +624,10 @@ ORCHESTRATOR_JWT_AUDIENCE: {{ . | quote }}
 {{- end }}
 {{- with $v.auth.issuer }}
 ORCHESTRATOR_JWT_ISSUER: {{ . | quote }}
+{{- end }}
+{{- with $v.auth.jwksUrl }}
+ORCHESTRATOR_JWT_JWKS_URL: {{ . | quote }}
+ORCHESTRATOR_JWT_JWKS_REFRESH_SECONDS: {{ include "ao.text" $v.auth.jwksRefreshSeconds | quote }}
 {{- end }}
 {{- end -}}
 
