@@ -27,8 +27,8 @@ from services.core.redis_client import (
     eviction_policy,
     is_cluster,
 )
+from services.persistence.backlog import backlog as persistence_backlog
 from services.persistence.database import ping
-from services.persistence.writer import backlog as persistence_backlog
 
 AnyRequest = Request[Any, Any, Any]
 

@@ -39,6 +39,7 @@ from services.core.streams import (
     parse_read,
 )
 from services.core.streams import reclaim as reclaim_idle
+from services.persistence.backlog import backlog
 from services.persistence.batch import Written, usage_day, write_batch
 from services.persistence.database import create_engine, is_data_error
 from services.persistence.records import MalformedRecord, PersistRecord, decode_record
@@ -59,34 +60,10 @@ records_written = Counter(
 write_failures = Counter(
     "orchestrator_persistence_write_failures", "Batch writes that failed and will be retried"
 )
+RECORD_OUTCOMES = ("written", "trimmed", "expired", "dead_lettered")
 
 FIRST_RETRY_SECONDS = 0.1
 BACKLOG_REPORT_SECONDS = 1.0
-
-
-async def backlog(redis: Redis) -> int:
-    """Records not yet written: never delivered to a writer (lag) plus delivered, unacked.
-
-    Falls back to the stream's length (it holds only unwritten entries) when Redis cannot
-    tell the lag. 0 when the stream does not exist yet.
-    """
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.xinfo_groups(keys.PERSIST_RECORDS)
-        pipe.xlen(keys.PERSIST_RECORDS)
-        groups, length = await pipe.execute(raise_on_error=False)
-    if isinstance(length, BaseException):
-        raise length
-    if isinstance(groups, BaseException):
-        return int(length)
-    for group in groups:
-        name = group.get("name")
-        if (name.decode() if isinstance(name, bytes) else name) != keys.PERSIST_GROUP:
-            continue
-        lag = group.get("lag")
-        if lag is None:
-            return int(length)
-        return int(lag) + int(group.get("pending") or 0)
-    return int(length)
 
 
 def writer_name(settings: Settings) -> str:

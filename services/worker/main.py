@@ -26,7 +26,7 @@ from services.core.settings import RedisMode, Settings, process_name
 from services.core.task_metrics import create_series
 from services.core.tasks import TaskStore, Verdict
 from services.core.tiers import load_tiers
-from services.persistence.writer import PersistenceWriter
+from services.persistence.writer import RECORD_OUTCOMES, PersistenceWriter, records_written
 from services.worker import metrics
 from services.worker.callbacks import CallbackEffects
 from services.worker.joint import JointConsumer
@@ -45,6 +45,7 @@ def worker_name(settings: Settings) -> str:
 LAG_COUNT_MAX = 10_000  # enough to scale on; counting a longer backlog is not worth it
 # How often a worker between rounds looks whether another one left (one GET).
 DEPARTURE_WATCH_SECONDS = 0.5
+WRITER_RESTART_SECONDS = (1.0, 30.0)  # first and longest pause before a failed writer restarts
 
 
 async def _unread(redis: Redis, stream: str, info: dict[Any, Any]) -> int:
@@ -60,6 +61,7 @@ class Worker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.worker_id = worker_name(settings)
+        self._writer: PersistenceWriter | None = None  # the one running (`_keep_writing`)
         # Each owned partition blocks one connection in XREADGROUP; leave room for the rest.
         self.redis = create_redis(
             settings, max_connections=settings.callback_partitions + settings.redis_max_connections
@@ -241,12 +243,10 @@ class Worker:
             await clock.sync(self.redis)  # before the first heartbeat (else: the local clock)
         syncing = asyncio.get_running_loop().create_task(clock.keep_synced(self.redis))
         log.info("worker %s started", self.worker_id)
-        writer = None
         writing: asyncio.Task[None] | None = None
         if self.settings.database_url:
             # Off the message path: finished tasks reach PostgreSQL through a Redis stream.
-            writer = PersistenceWriter(self.redis, self.settings, consumer=self.worker_id)
-            writing = asyncio.get_running_loop().create_task(writer.run())
+            writing = asyncio.get_running_loop().create_task(self._keep_writing())
         timers = asyncio.get_running_loop().create_task(self._fire_timers())
         trimming = asyncio.get_running_loop().create_task(
             run_trimmer(self.redis, lambda: self.leases.owned, self.stopping, self.trim_seconds)
@@ -262,8 +262,8 @@ class Worker:
                 log.warning("rebalance failed, redis refuses writes: %s", exc)
             await self._until_next_round(interval)
         # Everything told to stop at once, then waited for together (see `_stop_consumers`).
-        if writer is not None:
-            writer.stop()
+        if self._writer is not None:
+            self._writer.stop()
         await asyncio.gather(
             self._stop_consumers(list(self.consumers)),
             *(task for task in (timers, trimming, lag, writing) if task is not None),
@@ -277,6 +277,22 @@ class Worker:
         await self.redis.aclose()
         log.info("worker %s stopped", self.worker_id)
 
+    async def _keep_writing(self) -> None:
+        """The persistence writer, started again after a failure it did not foresee. It
+        retries every outage it knows of by itself; anything else ended its task, which
+        nobody awaited: history stopped being written, silently, until the pod restarted."""
+        delay = WRITER_RESTART_SECONDS[0]
+        while not self.stopping.is_set():
+            self._writer = PersistenceWriter(self.redis, self.settings, consumer=self.worker_id)
+            try:
+                await self._writer.run()
+                return  # stopped
+            except Exception:
+                log.exception("persistence writer failed; starting it again in %.1f s", delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), delay)
+            delay = min(delay * 2, WRITER_RESTART_SECONDS[1])
+
 
 async def serve(settings: Settings) -> None:
     worker = Worker(settings)
@@ -289,5 +305,7 @@ async def serve(settings: Settings) -> None:
     create_series(metrics.tasks, ("completed", "failed", "queued", "timed_out"), tiers)
     create_series(metrics.late_callbacks, (Verdict.final, Verdict.stale))
     create_series(metrics.callbacks_handled, tuple(Verdict))
+    if settings.database_url:
+        create_series(records_written, RECORD_OUTCOMES)
     freeze_startup_heap()
     await worker.run()
