@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install dev test lint typecheck schemas latency clean browser monitoring
+.PHONY: install dev test lint typecheck schemas latency clean browser monitoring ingress
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,7 +51,23 @@ monitoring:
 	    exit 1; \
 	  fi; }
 
-test: lint typecheck browser monitoring $(STAMP)
+# The ingress tests (tests/ingress) put a real nginx in front of the apis, configured as the
+# chart's ingress-nginx annotations ask: Debian's nginx-light, its binary only. Its package
+# would start a server on port 80: a policy-rc.d that refuses (unless one exists) keeps it off.
+ingress:
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    own=; [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' \
+	      > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && own=1; }; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends nginx-light; status=$$?; \
+	    [ -z "$$own" ] || rm -f /usr/sbin/policy-rc.d; exit $$status; \
+	  else \
+	    echo "make test: the ingress tests need nginx: install Debian's 'nginx-light'" >&2; \
+	    exit 1; \
+	  fi; }
+
+test: lint typecheck browser monitoring ingress $(STAMP)
 	$(BIN)/orchestrator schemas --check
 	$(BIN)/pytest
 

@@ -18,6 +18,11 @@ from services.core.settings import Settings
 # kubelet kills the pod at window + api.drain.marginSeconds (15 by default): uvicorn's wait
 # plus the lifespan's shutdown must fit in what is left, 12 s, not in the window again.
 GRACEFUL_SHUTDOWN_SECONDS = 5
+# An idle keep-alive connection is kept longer than the proxies in front keep theirs: at
+# uvicorn's 5 s, a POST that ingress-nginx (60 s upstream keep-alive) or a cloud load balancer
+# (60 s idle timeout) wrote onto a connection the api was closing got a 502, which the proxy
+# does not retry for a POST.
+KEEP_ALIVE_SECONDS = 75
 
 
 def serve_api(settings: Settings, *, host: str, port: int) -> None:
@@ -52,6 +57,7 @@ def serve_api(settings: Settings, *, host: str, port: int) -> None:
         access_log=False,
         server_header=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
     )
     server = DrainingServer(
         config, settings.drain_seconds, lambda: getattr(app.state, "runtime", None)

@@ -186,3 +186,36 @@ def test_turning_on_persistence_changes_only_what_the_upgrade_docs_cover(store: 
     new = after.get("StatefulSet", name)["spec"]
     changed = {key for key in set(old) | set(new) if old.get(key) != new.get(key)}
     assert changed - STATEFULSET_MUTABLE == {"volumeClaimTemplates"}
+
+
+def test_an_ingress_body_limit_below_the_apis_is_refused() -> None:
+    """tests/ingress: behind the chart's nginx ingress a message the api accepts (its
+    MAX_BODY_BYTES, raised with MAX_MESSAGE_CHARS through config.extraEnv) got the ingress's
+    own HTML 413 at the fixed 1m, which no client can read as the error shape."""
+    big = {"ORCHESTRATOR_MAX_MESSAGE_CHARS": "100000", "ORCHESTRATOR_MAX_BODY_BYTES": "1300000"}
+    message = _refused({**FIXED, "config": {"extraEnv": big}})
+    assert (
+        "proxy-body-size (1m = 1048576 bytes) is below ORCHESTRATOR_MAX_BODY_BYTES (1300000)"
+        in (message)
+    )
+    raised = {"nginx.ingress.kubernetes.io/proxy-body-size": "2m"}
+    _render(
+        {**FIXED, "config": {"extraEnv": big}, "exposure": {"ingress": {"annotations": raised}}}
+    )
+    _render(
+        {
+            **FIXED,
+            "exposure": {
+                "ingress": {"annotations": {"nginx.ingress.kubernetes.io/proxy-body-size": "600k"}}
+            },
+        }
+    )
+    assert "600k = 614400" in _refused(
+        {
+            **FIXED,
+            "config": {"extraEnv": {"ORCHESTRATOR_MAX_BODY_BYTES": "700000"}},
+            "exposure": {
+                "ingress": {"annotations": {"nginx.ingress.kubernetes.io/proxy-body-size": "600k"}}
+            },
+        }
+    )

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.async_api import Browser, Page, async_playwright
+from playwright.async_api import Browser, Page, Route, async_playwright
 
 from services.cli.embedded import RedisServer, free_port
 from services.core.quotas import QuotaStore
@@ -377,3 +377,34 @@ async def test_the_readme_code_for_pages_chats_and_resumes(
     assert seen["resumed"] is True
     assert len(seen["ids"]) == len(set(seen["ids"]))  # nothing twice across the reconnect
     assert seen["signedOut"].startswith("unauthorized")
+
+
+async def test_the_readme_code_reads_a_proxys_html_error_as_an_error(
+    allowed: Deployment, browser: Browser, page_port: int
+) -> None:
+    """A proxy in front answers 502 with an HTML page while no api pod is reachable
+    (tests/ingress): README's `send` parsed every error body as JSON and threw a SyntaxError
+    ("Unexpected token '<'") instead of the error."""
+    page = await open_page(browser, f"http://127.0.0.1:{page_port}")
+    tenant = unique("t")
+    await page.add_script_tag(
+        content=readme_page_code(allowed.api.url, allowed.api.ws_url, tenant, unique("s"))
+    )
+
+    async def bad_gateway(route: Route) -> None:
+        await route.fulfill(
+            status=502,
+            content_type="text/html",
+            body="<html><body><h1>502 Bad Gateway</h1></body></html>",
+            headers={"Access-Control-Allow-Origin": f"http://127.0.0.1:{page_port}"},
+        )
+
+    await page.route("**/api/chat/send", bad_gateway)
+    thrown = await page.evaluate(
+        """async (t) => {
+          try { await send(t, "hello"); return null; }
+          catch (e) { return {name: e.name, message: e.message}; }
+        }""",
+        token(tenant),
+    )
+    assert thrown == {"name": "Error", "message": "HTTP 502"}

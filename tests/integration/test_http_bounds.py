@@ -231,3 +231,19 @@ def test_a_head_of_more_header_fields_than_apache_allows_is_refused(
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n")
         (line,) = read_answers(sock, 1)
     assert status in line, line
+
+
+def test_an_idle_keep_alive_connection_outlives_the_proxies_reuse_of_it(api: Child) -> None:
+    """A proxy in front (ingress-nginx keeps upstream connections 60 s, cloud load balancers
+    60 s) writes its next request onto an idle connection it believes open: uvicorn closed
+    them after 5 s, and a POST caught by that close is a 502 the proxy does not retry."""
+    sock = connect(api)
+    try:
+        request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+        sock.sendall(request)
+        assert read_answers(sock, 1) == [b"HTTP/1.1 200 OK"]
+        assert answer_within(sock, 6.0) is None  # idle past uvicorn's default: still open
+        sock.sendall(request)
+        assert read_answers(sock, 1) == [b"HTTP/1.1 200 OK"]
+    finally:
+        sock.close()

@@ -502,6 +502,18 @@ livenessProbe:
 {{- if and (include "ao.jwtUsesPublicKey" .) (not (or $v.auth.publicKey $v.auth.existingSecret $v.auth.jwksUrl)) -}}
 {{- fail (printf "auth.algorithm %s needs auth.publicKey, auth.existingSecret (holding the public key) or auth.jwksUrl" $v.auth.algorithm) -}}
 {{- end -}}
+{{- /* The ingress answers a body over its limit itself (an HTML 413 a page cannot read):
+it must take every body the api accepts (ORCHESTRATOR_MAX_BODY_BYTES, 512 KiB by default),
+so that only the api refuses one, with its JSON 413 `payload_too_large`. */ -}}
+{{- $bodyLimit := toString (index $v.exposure.ingress.annotations "nginx.ingress.kubernetes.io/proxy-body-size" | default "") -}}
+{{- if and (eq $v.exposure.mode "ingress") (eq $v.exposure.ingress.className "nginx") $bodyLimit (ne $bodyLimit "0") -}}
+{{- $unit := lower (regexFind "[kKmMgG]$" $bodyLimit) -}}
+{{- $ingressBytes := mul (int (regexFind "^[0-9]+" $bodyLimit)) (get (dict "k" 1024 "m" 1048576 "g" 1073741824 "" 1) $unit) -}}
+{{- $apiBytes := int (get $v.config.extraEnv "ORCHESTRATOR_MAX_BODY_BYTES" | default 524288) -}}
+{{- if lt $ingressBytes $apiBytes -}}
+{{- fail (printf "exposure.ingress.annotations nginx.ingress.kubernetes.io/proxy-body-size (%s = %d bytes) is below ORCHESTRATOR_MAX_BODY_BYTES (%d): the ingress would refuse, with its own HTML 413, bodies the api accepts; raise it" $bodyLimit $ingressBytes $apiBytes) -}}
+{{- end -}}
+{{- end -}}
 {{- if and $v.auth.jwksUrl (not (include "ao.jwtUsesPublicKey" .)) -}}
 {{- fail (printf "auth.jwksUrl: a key set holds public keys; auth.algorithm %s verifies with a shared secret (set it to the provider's RS* or ES*)" $v.auth.algorithm) -}}
 {{- end -}}
