@@ -125,6 +125,8 @@ class TokenVerifier:
         sub = str(claims["sub"])
         if _lone_surrogate(sub):
             raise Unauthorized("invalid token: sub holds a lone UTF-16 surrogate, not Unicode")
+        if "\x00" in sub:  # history stores it as U+FFFD: two users would be one there
+            raise Unauthorized("invalid token: sub holds a NUL character")
         name = claims.get("name")
         try:
             expires = float(claims["exp"])

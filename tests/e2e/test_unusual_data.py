@@ -232,12 +232,18 @@ async def test_a_name_cut_mid_pair_is_repaired_and_the_send_goes_through(
         await redis.aclose()
 
 
-async def test_a_sub_cut_mid_pair_is_refused_with_401(stack: tuple[LocalStack, Child]) -> None:
+@pytest.mark.parametrize("sub", ["user-\ud83d", "user-\x00"], ids=["lone surrogate", "NUL"])
+async def test_a_sub_history_cannot_keep_apart_is_refused_with_401(
+    stack: tuple[LocalStack, Child], sub: str
+) -> None:
     """`sub` is who the user is: not repaired (two users' ids could become one), refused
-    with the 401 of any invalid token, naming the claim; the socket's handshake too."""
+    with the 401 of any invalid token, naming the claim; the socket's handshake too. A NUL
+    was accepted: history stores it as U+FFFD (PostgreSQL text cannot hold it), so the
+    users "a\x00b" and "a\ufffdb" shared one history identity, and `GET /api/sessions` listed
+    one's conversations to the other."""
     _, api = stack
     tenant, session = unique("t"), unique("s")
-    bad = forged_token(tenant, sub="user-\ud83d")
+    bad = forged_token(tenant, sub=sub)
     reply = await post_send(
         api, {"Authorization": f"Bearer {bad}"}, message="hi", session_id=session
     )
