@@ -420,6 +420,7 @@ def create_app(
             chat.task_status,
             chat.get_task,
             chat.cancel_task,
+            history.user_sessions,
             history.session_messages,
             history.erase_session,
             history.tenant_usage,

@@ -26,7 +26,13 @@ from services.api.chat import (
     WRONG_TENANT,
     AuthenticatedOperation,
 )
-from services.api.models import MessagePage, SessionErased, TenantUsage, refusals
+from services.api.models import (
+    MessagePage,
+    SessionErased,
+    SessionList,
+    TenantUsage,
+    refusals,
+)
 from services.api.runtime import Runtime
 from services.core import clock, keys
 from services.core.auth import Principal
@@ -119,6 +125,38 @@ async def session_messages(
         raise NotFound(f"session {session_id} not found")
     # The store's dict is the wire shape; converting it checks it against the declared one.
     return msgspec.convert({**page.to_dict(), "pending": pending}, MessagePage)
+
+
+@get(
+    "/api/sessions",
+    summary="The caller's sessions, newest first",
+    responses=refusals(
+        {
+            400: "a cursor this api did not give (`bad_request`)",
+            401: UNAUTHORIZED,
+            403: WRONG_TENANT,
+            429: TENANT_READS,
+            422: "limit out of range",
+            503: NO_HISTORY,
+        }
+    ),
+    operation_class=AuthenticatedOperation,
+)
+async def user_sessions(
+    principal: NamedDependency[Principal],
+    runtime: NamedDependency[Runtime],
+    limit: PageLimit = None,
+    cursor: Annotated[str | None, Parameter(description="next_cursor of a page")] = None,
+) -> SessionList:
+    """The sessions in which the token's user (`sub`, within its tenant) has a message in
+    the history, by their latest one, newest first: the list a chat client's sidebar shows,
+    kept by the server instead of the browser's storage. Another user's sessions are not
+    listed (a session id is all that stands between users of a tenant)."""
+    history = _history(runtime)
+    page = await history.sessions_of(
+        principal.tenant_id, principal.user_id, limit=limit, cursor=cursor
+    )
+    return msgspec.convert(page.to_dict(), SessionList)
 
 
 async def _unwritten(runtime: Runtime, tenant_id: str, session_id: str) -> int:

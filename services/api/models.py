@@ -99,6 +99,26 @@ class MessagePage(msgspec.Struct, kw_only=True):
     pending: int
 
 
+class SessionSummary(msgspec.Struct, kw_only=True):
+    """One of the caller's sessions: the times (ISO 8601 UTC: when each message entered the
+    history, its `completed_at`), the count and the title (the first message, at most 100
+    characters) are of the caller's own messages in it."""
+
+    session_id: str
+    first_message_at: str
+    last_message_at: str
+    messages: int
+    title: str
+
+
+class SessionList(msgspec.Struct, kw_only=True):
+    """A page of the caller's sessions, newest last message first; `next_cursor` pages on
+    (null: no more)."""
+
+    sessions: list[SessionSummary]
+    next_cursor: str | None
+
+
 class SessionErased(msgspec.Struct, kw_only=True):
     session_id: str
     deleted_messages: int

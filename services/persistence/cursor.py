@@ -9,6 +9,10 @@ The task id breaks ties between tasks that share an event id: records written wi
 final event id sort at their completion millisecond, and a page edge between two such tasks
 must not skip the other's rows. `v1.` cursors (no task id, issued before it was added) are
 still read, with their old meaning, so a client paging across an upgrade goes on.
+
+The list of a user's sessions (`GET /api/sessions`) pages with cursors of its own (`l1.`):
+a position in that list (the session's last message time, in microseconds, and its id).
+Each kind of cursor is a 400 where the other is expected.
 """
 
 from __future__ import annotations
@@ -85,6 +89,42 @@ def decode_cursor(text: str, session_id: str) -> Cursor:
     if cursor.session_id != session_id:
         raise BadRequest("cursor belongs to another session", details={"parameter": "cursor"})
     return cursor
+
+
+LIST_PREFIX = "l1."
+# The microseconds since the epoch a Python datetime can hold (years 1 to 9999): a cursor's
+# time becomes one before it reaches the query.
+MICROS_MIN = -62_135_596_800_000_000
+MICROS_MAX = 253_402_300_799_999_999
+Micros = Annotated[int, msgspec.Meta(ge=MICROS_MIN, le=MICROS_MAX)]
+
+
+class ListCursor(msgspec.Struct, array_like=True, forbid_unknown_fields=True, frozen=True):
+    """The last session of a page of `GET /api/sessions`: the next page holds the sessions
+    after it in the list's order (last message time, newest first, then session id,
+    descending). The time is in whole microseconds, PostgreSQL's precision, so the next
+    page's bound is exactly the value the session sorted on."""
+
+    last_message_us: Micros
+    session_id: Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
+
+
+_list_decoder = msgspec.json.Decoder(ListCursor)
+
+
+def encode_list_cursor(cursor: ListCursor) -> str:
+    return LIST_PREFIX + base64.urlsafe_b64encode(_encoder.encode(cursor)).rstrip(b"=").decode()
+
+
+def decode_list_cursor(text: str) -> ListCursor:
+    """The session list cursor in `text`; `BadRequest` (400, as a history cursor) otherwise."""
+    if len(text) > MAX_CURSOR_CHARS or not text.startswith(LIST_PREFIX):
+        raise _malformed()
+    body = text[len(LIST_PREFIX) :]
+    try:
+        return _list_decoder.decode(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    except (binascii.Error, ValueError, msgspec.MsgspecError):
+        raise _malformed() from None
 
 
 def _malformed() -> BadRequest:

@@ -7,6 +7,9 @@ there (the api answers 404, as for Redis state). History comes newest last, in p
 - `after_event_id`: the messages of tasks whose final event came after that session log id
   (ids compared as numbers), oldest first; `next_cursor` pages forward. A client told
   `resumed: false` on reconnect fetches exactly what it missed this way.
+
+A user's sessions (`sessions_of`) are the sessions holding at least one of that user's own
+messages, by the time of the latest one (newest first), each with the first as its title.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, delete, exists, func, select, tuple_
+from sqlalchemy import ColumnElement, Row, Select, delete, exists, func, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -34,8 +37,11 @@ from services.persistence.cursor import (
     BIGINT_MAX,
     Cursor,
     Direction,
+    ListCursor,
     decode_cursor,
+    decode_list_cursor,
     encode_cursor,
+    encode_list_cursor,
 )
 from services.persistence.pool_share import PoolShare
 from services.persistence.schema import messages, sessions, tasks, usage_daily
@@ -49,6 +55,12 @@ one message): 200 answers of 32 000 CJK characters made one page of 19 MB, 0.13 
 api's event loop for a request of 300 bytes. The next page starts after the last one given."""
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
 MAX_USAGE_DAYS = 366
+TITLE_CHARS = 100
+"""A listed session's title: its user's first message, cut to this many characters (code
+points: PostgreSQL's `left()` on UTF-8 text, so never inside a character, nor between the
+two UTF-16 halves of an emoji)."""
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 def _moment(value: datetime | None) -> str | None:
@@ -101,6 +113,38 @@ class Page:
     def to_dict(self) -> dict[str, Any]:
         return {
             "messages": [message.to_dict() for message in self.messages],
+            "next_cursor": self.next_cursor,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSummary:
+    """One session of a user's list: the times and count are of that user's own messages."""
+
+    session_id: str
+    first_message_at: datetime
+    last_message_at: datetime
+    messages: int
+    title: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "first_message_at": isoformat(self.first_message_at),
+            "last_message_at": isoformat(self.last_message_at),
+            "messages": self.messages,
+            "title": self.title,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPage:
+    sessions: list[SessionSummary]
+    next_cursor: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sessions": [session.to_dict() for session in self.sessions],
             "next_cursor": self.next_cursor,
         }
 
@@ -253,6 +297,52 @@ def _within_chars(found: list[HistoryMessage]) -> list[HistoryMessage]:
     return found
 
 
+def sessions_query(
+    tenant_id: str, user_id: str, limit: int, position: ListCursor | None
+) -> Select[Any]:
+    """The user's sessions after `position` (`HistoryStore.sessions_of`), at most `limit`.
+
+    The sessions are grouped from the user's messages alone (`messages_user_sessions`: an
+    index-only range, one group after the other), the page is cut from those groups, and
+    only the page's sessions look up their first message (the head of each one's range)."""
+    # The writer stores `user_id` with NUL replaced (PostgreSQL text cannot hold it).
+    user_id = user_id.replace("\x00", "\ufffd")
+    c = messages.c
+    last_at = func.max(c.completed_at)
+    per_session = (
+        select(
+            c.session_id,
+            func.min(c.completed_at).label("first_at"),
+            last_at.label("last_at"),
+            func.count().label("written"),
+        )
+        .where(c.tenant_id == tenant_id, c.user_id == user_id, c.role == "user")
+        .group_by(c.session_id)
+    )
+    if position is not None:
+        bound = _EPOCH + position.last_message_us * _MICROSECOND
+        per_session = per_session.having(
+            tuple_(last_at, c.session_id) < tuple_(bound, position.session_id)
+        )
+    page = per_session.order_by(last_at.desc(), c.session_id.desc()).limit(limit).subquery("page")
+    first = messages.alias("first")
+    title = (
+        select(func.left(first.c.content, TITLE_CHARS))
+        .where(
+            first.c.tenant_id == tenant_id,
+            first.c.user_id == user_id,
+            first.c.role == "user",
+            first.c.session_id == page.c.session_id,
+        )
+        .order_by(first.c.completed_at, first.c.task_id)
+        .limit(1)
+        .scalar_subquery()
+    )
+    return select(page, title.label("title")).order_by(
+        page.c.last_at.desc(), page.c.session_id.desc()
+    )
+
+
 class HistoryStore:
     """Tenant-scoped reads (and erasure) of the persisted history."""
 
@@ -272,6 +362,18 @@ class HistoryStore:
             await stack.enter_async_context(_reachable())
             opened = self.engine.begin() if begin else self.engine.connect()
             yield await stack.enter_async_context(opened)
+
+    def _page_size(self, limit: int | None) -> int:
+        """`limit`, or DEFAULT_PAGE (the page max if smaller) without one; 422 out of range.
+        One check for every paged read, so their refusals are the same."""
+        if limit is None:
+            return min(DEFAULT_PAGE, self.page_max)
+        if not 1 <= limit <= self.page_max:
+            raise InvalidInput(
+                f"limit must be between 1 and {self.page_max}",
+                details={"parameter": "limit", "max": self.page_max},
+            )
+        return limit
 
     def _position(
         self, session_id: str, cursor: str | None, after_event_id: str | None
@@ -310,13 +412,7 @@ class HistoryStore:
         `limit`, DEFAULT_PAGE or the configured page max if that is smaller."""
         _require_id("tenant_id", tenant_id)
         _require_id("session_id", session_id)
-        if limit is None:
-            limit = min(DEFAULT_PAGE, self.page_max)
-        if not 1 <= limit <= self.page_max:
-            raise InvalidInput(
-                f"limit must be between 1 and {self.page_max}",
-                details={"parameter": "limit", "max": self.page_max},
-            )
+        limit = self._page_size(limit)
         position = self._position(session_id, cursor, after_event_id)
         query = select(messages).where(
             messages.c.tenant_id == tenant_id, messages.c.session_id == session_id
@@ -341,6 +437,41 @@ class HistoryStore:
         if not forward:
             found.reverse()
         return Page(found, next_cursor)
+
+    async def sessions_of(
+        self,
+        tenant_id: str,
+        user_id: str,
+        *,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> SessionPage:
+        """One page of the sessions in which `user_id` (the token's `sub`) wrote a message
+        still in history: newest last message first, ties by session id (descending).
+
+        Only the user's own messages count, for the times, the count and the title, so a
+        session another user of the tenant also wrote in shows each of them only their own
+        words. An erased session has no messages left, so it is not listed (a message written
+        after its erasure lists it again, as the new conversation it is). The times are the
+        messages' `completed_at` (when each entered history, as the history endpoint shows
+        it); `next_cursor` pages on, and a session whose newest message arrives while a
+        client pages moves to the top, out of the pages still to come."""
+        _require_id("tenant_id", tenant_id)
+        limit = self._page_size(limit)
+        position = None if cursor is None else decode_list_cursor(cursor)
+        query = sessions_query(tenant_id, user_id, limit + 1, position)
+        async with self._connection(tenant_id) as conn:
+            rows = (await conn.execute(query)).all()
+        found = [
+            SessionSummary(row.session_id, row.first_at, row.last_at, row.written, row.title)
+            for row in rows[:limit]
+        ]
+        next_cursor = None
+        if len(rows) > limit:
+            last = found[-1]
+            micros = (last.last_message_at - _EPOCH) // _MICROSECOND
+            next_cursor = encode_list_cursor(ListCursor(micros, last.session_id))
+        return SessionPage(found, next_cursor)
 
     async def session_exists(self, tenant_id: str, session_id: str) -> bool:
         """True when the tenant's session has persisted history."""

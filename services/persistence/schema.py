@@ -87,6 +87,18 @@ messages = Table(
         "messages_history", "tenant_id", "session_id", "event_ms", "event_seq", "task_id", "part"
     ),
     Index("messages_completed_at", "completed_at"),
+    # `GET /api/sessions`: a user's messages grouped by session in index order (min, max and
+    # count read from the index alone), and each listed session's first message found at the
+    # head of its range. Without it the list read every message of the tenant.
+    Index(
+        "messages_user_sessions",
+        "tenant_id",
+        "user_id",
+        "role",
+        "session_id",
+        "completed_at",
+        "task_id",
+    ),
 )
 
 tasks = Table(
