@@ -23,6 +23,10 @@ from services.core.jwt_keys import candidates, usable_key, verification_keys
 from services.core.settings import ConfigError, Settings
 
 LEEWAY_SECONDS = 10
+# OpenID Connect Core 2: a `sub` is at most 255 ASCII characters. History keys its users'
+# sessions by it in a btree index, whose rows hold at most 2704 bytes: a longer one was
+# answered, then never written (the writer retried its batch as an outage).
+MAX_SUB_CHARS = 255
 VERIFIED_CACHE_SIZE = 4096  # distinct tokens remembered per process (LRU)
 MAX_CACHED_TOKEN_CHARS = 4096  # longer tokens are verified every time, never kept
 
@@ -127,6 +131,8 @@ class TokenVerifier:
             raise Unauthorized("invalid token: sub holds a lone UTF-16 surrogate, not Unicode")
         if "\x00" in sub:  # history stores it as U+FFFD: two users would be one there
             raise Unauthorized("invalid token: sub holds a NUL character")
+        if not sub or len(sub) > MAX_SUB_CHARS:  # history's user: none, or past its index
+            raise Unauthorized(f"invalid token: sub must be 1 to {MAX_SUB_CHARS} characters")
         name = claims.get("name")
         try:
             expires = float(claims["exp"])

@@ -269,7 +269,9 @@ def create_oneshot_engine(database_url: str) -> AsyncEngine:
     return async_engine(database_url, poolclass=NullPool, hide_parameters=True)
 
 
-DATA_ERROR_CLASSES = ("22", "23")  # data exception, integrity constraint violation
+# data exception, integrity constraint violation, program limit exceeded (an index row over
+# its 2704 bytes: the record's data, retried for ever as an outage before)
+DATA_ERROR_CLASSES = ("22", "23", "54")
 
 
 def is_data_error(exc: BaseException) -> bool:

@@ -23,12 +23,23 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, Select, delete, exists, func, select, tuple_
+from sqlalchemy import (
+    ColumnElement,
+    Row,
+    Select,
+    delete,
+    exists,
+    func,
+    literal_column,
+    select,
+    tuple_,
+)
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.core.auth import MAX_SUB_CHARS
 from services.core.errors import BadRequest, InvalidInput, Unavailable
 from services.core.events import parse_event_id
 from services.core.ids import is_valid_id
@@ -316,7 +327,14 @@ def sessions_query(
             last_at.label("last_at"),
             func.count().label("written"),
         )
-        .where(c.tenant_id == tenant_id, c.user_id == user_id, c.role == "user")
+        .where(
+            c.tenant_id == tenant_id,
+            c.user_id == user_id,
+            c.role == "user",
+            # The index's rows (migration 0005), as a literal: the planner proves a partial index
+            # from constants only, not from a prepared statement's parameter.
+            func.length(c.user_id) <= literal_column(str(MAX_SUB_CHARS)),
+        )
         .group_by(c.session_id)
     )
     if position is not None:
@@ -332,6 +350,7 @@ def sessions_query(
             first.c.tenant_id == tenant_id,
             first.c.user_id == user_id,
             first.c.role == "user",
+            func.length(first.c.user_id) <= literal_column(str(MAX_SUB_CHARS)),
             first.c.session_id == page.c.session_id,
         )
         .order_by(first.c.completed_at, first.c.task_id)

@@ -31,6 +31,7 @@ from sqlalchemy import (
     SmallInteger,
     Table,
     Text,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -98,6 +99,10 @@ messages = Table(
         "session_id",
         "completed_at",
         "task_id",
+        # Users the api accepts (a `sub` of at most 255 characters): a longer `user_id` of an
+        # earlier version would exceed a btree row (2704 bytes) and fail the write, or this
+        # migration on a history holding one.
+        postgresql_where=text("length(user_id) <= 255"),
     ),
 )
 

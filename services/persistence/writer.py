@@ -207,13 +207,20 @@ class PersistenceWriter:
             else:
                 try:
                     record = decode_record(raw)
+                    day = usage_day(record)
                 except MalformedRecord as exc:
                     await self._dead_letter(entry, f"malformed record: {exc.reason}")
                     continue
-                if usage_day(record) < oldest_day:
+                except Exception as exc:
+                    # Raised out of `run()`, the entry came back first to every restarted
+                    # writer of this worker, which stopped on it again, for ever.
+                    why = f"unreadable record: {type(exc).__name__}: {exc}"
+                    await self._dead_letter(entry, why)
+                    continue
+                if day < oldest_day:
                     log.warning(
                         "persistence writer: record of task %s (%s) is past the history "
-                        "retention, not written", record.task_id, usage_day(record),
+                        "retention, not written", record.task_id, day,
                     )  # fmt: skip
                     await self._done([entry.id], [record])
                     records_written.labels("expired").inc()

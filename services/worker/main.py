@@ -26,7 +26,13 @@ from services.core.settings import RedisMode, Settings, process_name
 from services.core.task_metrics import create_series
 from services.core.tasks import TaskStore, Verdict
 from services.core.tiers import load_tiers
-from services.persistence.writer import RECORD_OUTCOMES, PersistenceWriter, records_written
+from services.persistence.backlog import backlog
+from services.persistence.writer import (
+    RECORD_OUTCOMES,
+    PersistenceWriter,
+    backlog_gauge,
+    records_written,
+)
 from services.worker import metrics
 from services.worker.callbacks import CallbackEffects
 from services.worker.joint import JointConsumer
@@ -288,7 +294,13 @@ class Worker:
                 await self._writer.run()
                 return  # stopped
             except Exception:
+                if self._writer.batches:  # it wrote: a new failure, not the same one again
+                    delay = WRITER_RESTART_SECONDS[0]
                 log.exception("persistence writer failed; starting it again in %.1f s", delay)
+            # A writer that fails before its batch reports no backlog: reported here, so the
+            # backlog alert sees history waiting while nothing takes it.
+            with contextlib.suppress(*REDIS_DOWN, *REDIS_REFUSING, ResponseError):
+                backlog_gauge.set(await backlog(self.redis))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), delay)
             delay = min(delay * 2, WRITER_RESTART_SECONDS[1])

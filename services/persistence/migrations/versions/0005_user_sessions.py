@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005_user_sessions"
@@ -27,8 +28,13 @@ depends_on: str | Sequence[str] | None = None
 COLUMNS = ["tenant_id", "user_id", "role", "session_id", "completed_at", "task_id"]
 
 
+# The users the api accepts (`sub` of at most 255 characters): a longer `user_id` written by
+# an earlier version would exceed a btree row (2704 bytes) and fail this migration.
+WHERE = "length(user_id) <= 255"
+
+
 def upgrade() -> None:
-    op.create_index("messages_user_sessions", "messages", COLUMNS)
+    op.create_index("messages_user_sessions", "messages", COLUMNS, postgresql_where=sa.text(WHERE))
 
 
 def downgrade() -> None:
