@@ -75,6 +75,7 @@ class TokenVerifier:
         self._audience = settings.jwt_audience
         self._issuer = settings.jwt_issuer
         self._verified: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
+        self._generation = 0  # the provider's `generation` the cache holds tokens of
 
     async def start(self) -> None:
         if self.source is not None:
@@ -96,6 +97,11 @@ class TokenVerifier:
         the same leeway as the check): a token that passed every check passes them again until
         then, so the result is the same without the signature's cost on every request.
         """
+        source = self.source
+        if source is not None and source.generation != self._generation:
+            # The provider removed a key: a token it verified is not kept until its `exp`.
+            self._verified.clear()
+            self._generation = source.generation
         cached = self._verified.get(token)
         if cached is not None:
             principal, expires = cached

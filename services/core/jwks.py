@@ -20,7 +20,7 @@ import urllib.request
 from collections import OrderedDict
 from collections.abc import Callable
 
-from services.core.jwt_keys import VerificationKey, key_set
+from services.core.jwt_keys import MAX_KEYS, VerificationKey, key_set
 from services.core.settings import ConfigError
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class KeySetSource:
         self._refresh_seconds = refresh_seconds
         self._clock = clock
         self.keys: list[VerificationKey] = []
+        self.generation = 0  # counts the reads that removed a key (the verifier's cache)
         self._read_started: float | None = None  # when the latest read began
         self._answered: float | None = None  # when the latest successful read began
         # The ids asked for that the set lacked, and when each was first asked for.
@@ -95,7 +96,11 @@ class KeySetSource:
             if len(self._missing) > MAX_MISSING_KIDS:
                 self._missing.popitem(last=False)
         if self._answered is not None and self._answered >= first:
-            return None
+            if now - self._answered < MIN_REFRESH_SECONDS:
+                return None  # a read begun after it was asked for lacked it: not the provider's
+            # The provider may have published it since (its set lags its signers, or the id
+            # was guessed and asked for ahead of the rotation): asked for anew.
+            first = self._missing[kid] = now
         if self._chasing is None or self._chasing.done():
             self._chasing = asyncio.get_running_loop().create_task(self._chase(), name="jwks-kid")
         return max(self._next_read_at() - now, 0.0) + FETCH_TIMEOUT_SECONDS / 5
@@ -129,7 +134,11 @@ class KeySetSource:
     async def _refresh(self) -> None:
         started = self._read_started = self._clock()
         try:
-            document = await asyncio.to_thread(self._fetch)
+            # Bounded here too: a name lookup has no timeout of its own, and a read in hand is
+            # what every later caller waits for.
+            document = await asyncio.wait_for(
+                asyncio.to_thread(self._fetch), FETCH_TIMEOUT_SECONDS * 2
+            )
             keys = key_set(self._algorithm, document, VARIABLE, strict=False)
         except Exception as exc:
             why = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
@@ -140,8 +149,18 @@ class KeySetSource:
                 extra={"url": self.url},
             )
         else:
+            if len(keys) > MAX_KEYS:  # each one a signature check for a token none verifies
+                log.warning(
+                    "the JWT key set holds %d usable keys; the first %d are used",
+                    len(keys),
+                    MAX_KEYS,
+                )
+                keys = keys[:MAX_KEYS]
             if {key.kid for key in keys} != {key.kid for key in self.keys}:
                 log.info("JWT signing keys read: %s", ", ".join(str(k.kid) for k in keys))
+            kept = [k.identity for k in keys]
+            if any(key.identity not in kept for key in self.keys):
+                self.generation += 1  # a key left the set: tokens it verified must not stay
             self.keys = keys
             self._answered = started
             for key in keys:
@@ -153,10 +172,21 @@ class KeySetSource:
         request = urllib.request.Request(  # noqa: S310 (the scheme is checked in Settings)
             self.url, headers={"Accept": "application/json"}
         )
+        deadline = time.monotonic() + FETCH_TIMEOUT_SECONDS
+        body = bytearray()
         with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT_SECONDS) as answer:  # noqa: S310
             if answer.status != 200:
                 raise ValueError(f"HTTP {answer.status}")
-            body: bytes = answer.read(MAX_DOCUMENT_BYTES + 1)
-        if len(body) > MAX_DOCUMENT_BYTES:
-            raise ValueError(f"the document is over {MAX_DOCUMENT_BYTES} bytes")
-        return body.decode()
+            kind = answer.headers.get("Content-Type", "")
+            # The timeout bounds each wait for data, not the read: a provider (or a proxy)
+            # sending a byte now and then would hold it for ever, and every later read with it.
+            while chunk := answer.read1(65536):
+                body += chunk
+                if len(body) > MAX_DOCUMENT_BYTES:
+                    raise ValueError(f"the document is over {MAX_DOCUMENT_BYTES} bytes")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the document took over {FETCH_TIMEOUT_SECONDS:.0f} s")
+        text = body.decode()
+        if not text.lstrip().startswith("{"):
+            raise ValueError(f"not a JSON Web Key Set ({kind or 'no Content-Type'}): {text[:40]!r}")
+        return text

@@ -40,6 +40,12 @@ class VerificationKey:
     key: Any  # as PyJWT's algorithm prepared it
     kid: str | None = None
 
+    @property
+    def identity(self) -> object:
+        """What tells this key from another across two reads of a set (its id and numbers)."""
+        numbers = getattr(self.key, "public_numbers", None)
+        return (self.kid, numbers() if numbers is not None else self.key)
+
 
 def verification_keys(settings: Settings) -> list[VerificationKey]:
     """Every key a token may be verified with, each checked as `usable_key` checks one; a
@@ -72,6 +78,12 @@ def verification_keys(settings: Settings) -> list[VerificationKey]:
         keys = key_set(algorithm, text, variable)
     else:
         blocks = [match.group(0) for match in _PEM_BLOCK.finditer(text)] or [text]
+        if len(blocks) > 1 or blocks[0] != text:
+            left = _PEM_BLOCK.sub("", text)
+            if "-----BEGIN" in left or "-----END" in left:
+                # A damaged block skipped would start the api without that key, and every
+                # token of the issuer's new key would be refused when it switches to it.
+                raise ConfigError(f"{variable}: a PEM block whose BEGIN and END lines do not pair")
         keys = []
         for index, block in enumerate(blocks):
             where = _nth(variable, index, len(blocks))
@@ -96,7 +108,7 @@ def key_set(
     try:
         document = json.loads(text)
     except ValueError:
-        raise ConfigError(f"{variable}: starts with '{{' but is not a JSON Web Key Set") from None
+        raise ConfigError(f"{variable}: not a JSON Web Key Set (not valid JSON)") from None
     entries = document.get("keys") if isinstance(document, dict) else None
     if entries is None and isinstance(document, dict) and "kty" in document:
         entries = [document]  # one key, as a JWK
