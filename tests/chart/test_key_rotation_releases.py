@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from services.cli.embedded import RedisServer
 from services.cli.stack import LocalStack
 from tests.chart.conftest import Rendered, parse, render
-from tests.e2e.test_jwks import Provider
+from tests.e2e.test_jwks import Provider, serving
 
 SECRET = "current-secret-0123456789abcdef-0123456789"
 PREVIOUS = "previous-secret-0123456789abcdef-012345678"
@@ -89,11 +89,8 @@ def api_env(release: Rendered, folder: Path) -> dict[str, str]:
 
 @pytest.fixture
 def provider() -> Iterator[Provider]:
-    served = Provider()
-    served.add("A")
-    yield served
-    served.server.shutdown()
-    served.server.server_close()
+    with serving("A") as served:
+        yield served
 
 
 def claims() -> dict[str, Any]:

@@ -74,13 +74,23 @@ class Provider:
         return jwt.encode(claims, key or self.keys[kid], algorithm="RS256", headers={"kid": kid})
 
 
+@contextmanager
+def serving(*kids: str) -> Iterator[Provider]:
+    """A provider with a key for each of `kids`, shut down at the end."""
+    served = Provider()
+    for kid in kids:
+        served.add(kid)
+    try:
+        yield served
+    finally:
+        served.server.shutdown()
+        served.server.server_close()
+
+
 @pytest.fixture
 def provider() -> Iterator[Provider]:
-    served = Provider()
-    served.add("2026-11")
-    yield served
-    served.server.shutdown()
-    served.server.server_close()
+    with serving("2026-11") as served:
+        yield served
 
 
 def provider_api(redis: RedisServer, tmp_path: Path, provider: Provider) -> Any:

@@ -30,18 +30,15 @@ from services.core.jwks import FETCH_TIMEOUT_SECONDS, MIN_REFRESH_SECONDS, KeySe
 from services.core.jwt_keys import MAX_KEYS, candidates
 from services.core.settings import load_settings
 from tests.e2e.conftest import lone_api
-from tests.e2e.test_jwks import Provider
+from tests.e2e.test_jwks import Provider, serving
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
 def provider() -> Iterator[Provider]:
-    served = Provider()
-    served.add("A")
-    yield served
-    served.server.shutdown()
-    served.server.server_close()
+    with serving("A") as served:
+        yield served
 
 
 class Dripping:

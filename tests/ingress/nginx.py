@@ -24,7 +24,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from services.cli.embedded import free_port
+from services.cli.embedded import free_port, stop_process
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 COOKIE = "ao-affinity"
@@ -144,13 +144,8 @@ class Nginx:
                 time.sleep(0.02)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, 10)
 
     def access_log(self) -> str:
         return (self.root / "access.log").read_text(errors="replace")

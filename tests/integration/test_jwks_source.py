@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from services.core.jwks import MAX_DOCUMENT_BYTES, MIN_REFRESH_SECONDS, KeySetSource
-from tests.e2e.test_jwks import Provider
+from tests.e2e.test_jwks import Provider, serving
 from tests.unit.test_key_rotation import jwk
 
 
@@ -24,11 +24,8 @@ class Clock:
 
 @pytest.fixture
 def provider() -> Iterator[Provider]:
-    served = Provider()
-    served.add("k1")
-    yield served
-    served.server.shutdown()
-    served.server.server_close()
+    with serving("k1") as served:
+        yield served
 
 
 async def read_for(source: KeySetSource, kid: str) -> float | None:

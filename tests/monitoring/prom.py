@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from services.cli.embedded import free_port
+from services.cli.embedded import free_port, stop_process
 from services.cli.stack import Child
 from tests.chart.conftest import CHART_DIR, NAMESPACE, PROMETHEUS_OPERATOR_APIS, RELEASE, render
 
@@ -215,13 +215,8 @@ class Prometheus:
         self.wait(lambda: self.active_targets() == len(targets), "targets after reload", 20)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, 10)
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def log(self) -> str:

@@ -6,10 +6,7 @@ and migrated (the index leaves such users out)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import secrets
-from collections.abc import AsyncIterator
 
 import msgspec
 import pytest
@@ -28,24 +25,11 @@ from services.persistence.database import async_engine
 from services.persistence.migrate import current_revision, downgrade, head_revision, migrate
 from services.persistence.records import publish_record
 from services.persistence.schema import messages
-from services.persistence.writer import PersistenceWriter
 from tests.persistence.conftest import eventually, fresh_database, make_record
+from tests.persistence.test_writer import running
 
 # Random hex does not compress: PostgreSQL compresses an index row's long value first.
 LONG_SUB = secrets.token_hex(1500)  # 3000 ASCII characters, a valid JWT `sub`
-
-
-@contextlib.asynccontextmanager
-async def running(
-    redis: Redis, settings: Settings, engine: AsyncEngine
-) -> AsyncIterator[PersistenceWriter]:
-    writer = PersistenceWriter(redis, settings, engine=engine, consumer="w1")
-    task = asyncio.create_task(writer.run())
-    try:
-        yield writer
-    finally:
-        writer.stop()
-        await asyncio.wait_for(task, 10)
 
 
 def failures() -> float:
