@@ -169,14 +169,22 @@ STATUS_CODES = {
 }
 
 
+# A status answered with more than one code: the operation's description names the one its
+# example shows (a read's 400 is `bad_request`, a body's `malformed_json`).
+OTHER_CODES = {400: ("bad_request",)}
+
+
 def refusal(status: int, description: str) -> ResponseSpec:
     """One refusal as the api answers it: the one error shape, with a real code as example."""
-    body = {"error": {"code": STATUS_CODES[status], "message": description, "details": {}}}
+    named = [code for code in OTHER_CODES.get(status, ()) if f"`{code}`" in description]
+    code = named[0] if named and f"`{STATUS_CODES[status]}`" not in description else None
+    code = code or STATUS_CODES[status]
+    body = {"error": {"code": code, "message": description, "details": {}}}
     return ResponseSpec(
         ErrorBody,
         description=description,
         generate_examples=False,
-        examples=[Example(summary=STATUS_CODES[status], value=body)],
+        examples=[Example(summary=code, value=body)],
     )
 
 
