@@ -119,7 +119,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
 
 
 TENANT = unique("oa")
-H = auth(TENANT)
+# Made at collection and used until the case runs, which on a loaded 2-core CI machine came
+# more than the default 10 minutes later (every case then answered 401 token expired).
+H = auth(TENANT, ttl=86_400)
 JSON = {**H, "Content-Type": "application/json"}
 
 # (operation method, operation path, request path, request kwargs, expected status)

@@ -161,33 +161,18 @@ async def test_cancelling_a_task_expired_from_redis_is_a_409_like_any_final_task
     assert cancel.status_code == 409, cancel.text
 
 
-async def test_the_history_of_a_user_whose_token_sub_holds_a_nul_is_written(
+async def test_a_token_whose_sub_holds_a_nul_is_refused(
     stack: Deployment, servers: tuple[RedisServer, PostgresServer]
 ) -> None:
-    """`sub` is any string the token's issuer chose; the chat works, and its history must be
-    written like anyone's (the writer cleans NULs from every other free text it writes)."""
+    """`sub` was any string the issuer chose, and the history of "alice\x00admin" was written
+    with the NUL cleaned to U+FFFD: the same history user as "alice\ufffdadmin", who then saw
+    the other's conversations in `GET /api/sessions`. Refused now (records an earlier version
+    left are still written with the NUL cleaned: the writer's own tests)."""
     tenant, session = unique("t"), unique("s")
     headers = auth(tenant, user="alice\x00admin")
     async with httpx.AsyncClient(base_url=stack.api.url, timeout=10) as http:
         reply = await http.post(
             "/api/chat/send", json={"message": "hello", "session_id": session}, headers=headers
         )
-        assert reply.status_code == 202, reply.text
-        task_id = reply.json()["task_id"]
-        assert (await finished(http, tenant, task_id))["status"] == "completed"
-        client = Redis.from_url(servers[0].url)
-        try:
-            deadline = time.monotonic() + 20
-            while True:  # written, or dead-lettered by the writer
-                history = await http.get(
-                    f"/api/sessions/{session}/messages", params={"limit": 5}, headers=headers
-                )
-                letters = await client.xrange(keys.DEAD_LETTERS)
-                if history.status_code == 200 or letters or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.05)
-        finally:
-            await client.aclose()
-    reasons = [fields[b"reason"].decode()[:120] for _, fields in letters]
-    assert reasons == []
-    assert history.status_code == 200, history.text
+    assert reply.status_code == 401, reply.text
+    assert "NUL" in reply.json()["error"]["message"]
