@@ -35,7 +35,9 @@ async def completed(http: httpx.AsyncClient, at: Child, tenant: str, task_id: st
 
 @pytest.mark.parametrize(
     ("creator", "eraser", "worker"),
-    [("old", "new", "new"), ("old", "new", "old"), ("new", "old", "new"), ("new", "old", "old")],
+    # Each version's erasure of the other's session, each with the other's worker (the four
+    # combinations passed; two keep the suite's time).
+    [("old", "new", "old"), ("new", "old", "new")],
 )
 async def test_a_session_one_version_filled_is_erased_by_the_other(
     mixed: Mixed, creator: str, eraser: str, worker: str
