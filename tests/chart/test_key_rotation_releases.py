@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from services.cli.embedded import RedisServer
-from services.cli.stack import LocalStack
+from services.cli.stack import Child, LocalStack
 from tests.chart.conftest import Rendered, parse, render
 from tests.e2e.test_jwks import Provider, serving
 
@@ -149,6 +150,22 @@ def test_a_previous_secret_the_api_refuses_is_refused_at_render(
         stack.stop()
 
 
+@contextmanager
+def serving_release(
+    redis_server: RedisServer, tmp_path: Path, env: dict[str, str]
+) -> Iterator[Child]:
+    """A ready api process with the environment a release gives its pods."""
+    stack = LocalStack.for_redis(redis_server.url, log_dir=tmp_path)
+    stack.env.update(env)
+    stack.env["ORCHESTRATOR_DEFAULT_TIER"] = "enterprise"
+    try:
+        api = stack.start_api()
+        stack.wait_ready(api)
+        yield api
+    finally:
+        stack.stop()
+
+
 @pytest.mark.parametrize("with_public_key", [False, True], ids=["jwks-only", "jwks+pem"])
 def test_a_release_with_auth_jwks_url_serves_the_provider_s_tokens(
     redis_server: RedisServer, tmp_path: Path, provider: Provider, with_public_key: bool
@@ -174,17 +191,10 @@ def test_a_release_with_auth_jwks_url_serves_the_provider_s_tokens(
     env = api_env(release, tmp_path)
     assert env["ORCHESTRATOR_JWT_JWKS_URL"] == provider.url
     assert env["ORCHESTRATOR_JWT_JWKS_REFRESH_SECONDS"] == "30"
-    stack = LocalStack.for_redis(redis_server.url, log_dir=tmp_path)
-    stack.env.update(env)
-    stack.env["ORCHESTRATOR_DEFAULT_TIER"] = "enterprise"
-    try:
-        api = stack.start_api()
-        stack.wait_ready(api)
+    with serving_release(redis_server, tmp_path, env) as api:
         assert sends(api.url, provider.token("t1", "A")) == 202
         if with_public_key:
             assert sends(api.url, jwt.encode(claims(), pem_key, algorithm="RS256")) == 202
-    finally:
-        stack.stop()
 
 
 def test_a_release_with_auth_previous_secret_takes_both_secrets(
@@ -195,16 +205,9 @@ def test_a_release_with_auth_previous_secret_takes_both_secrets(
     release = rendered({"auth": {"secret": SECRET, "previousSecret": PREVIOUS}})
     env = api_env(release, tmp_path)
     assert env["ORCHESTRATOR_JWT_PREVIOUS_SECRET"] == PREVIOUS
-    stack = LocalStack.for_redis(redis_server.url, log_dir=tmp_path)
-    stack.env.update(env)
-    stack.env["ORCHESTRATOR_DEFAULT_TIER"] = "enterprise"
-    try:
-        api = stack.start_api()
-        stack.wait_ready(api)
+    with serving_release(redis_server, tmp_path, env) as api:
         for secret, status in ((SECRET, 202), (PREVIOUS, 202), ("x" * 40, 401)):
             assert sends(api.url, jwt.encode(claims(), secret, algorithm="HS256")) == status
-    finally:
-        stack.stop()
 
 
 @pytest.mark.parametrize(

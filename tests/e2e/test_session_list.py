@@ -230,3 +230,35 @@ def test_without_postgresql_the_list_is_503_persistence_not_configured(
         assert reply.status_code == 503, reply.text
         assert reply.json()["error"]["code"] == "persistence_not_configured", reply.text
         assert violations(fetch_document(api.url), "GET", LIST, reply) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "query"),
+    [
+        (LIST, {"cursor": "not-a-cursor"}),
+        ("/api/sessions/{session}/messages", {"after_event_id": "yesterday"}),
+    ],
+    ids=["sessions", "messages"],
+)
+def test_the_documented_400_example_has_the_code_the_api_answers(
+    stack: Deployment, path: str, query: dict[str, str]
+) -> None:
+    """The OpenAPI document's 400 example of every history read (a GET: no body to be
+    malformed) carries `"code": "malformed_json"`, while its own description says
+    `bad_request` and the api answers `bad_request`: a client generated from the document
+    (or a developer copying the example) switches on a code that never comes."""
+    doc = fetch_document(stack.api.url)
+    example = doc["paths"][path.replace("{session}", "{session_id}")]["get"]["responses"]["400"]
+    codes = {
+        e["value"]["error"]["code"]
+        for e in example["content"]["application/json"]["examples"].values()
+    }
+    reply = httpx.get(
+        stack.api.url + path.format(session=unique("s")),
+        params=query,
+        headers=auth(unique("hd")),
+        timeout=10,
+    )
+    assert reply.status_code == 400, reply.text
+    answered = reply.json()["error"]["code"]
+    assert codes == {answered}, f"document's 400 example: {codes}; the api answers {answered}"
