@@ -16,9 +16,13 @@ import asyncio
 import contextlib
 import logging
 import time
+import urllib.error
 import urllib.request
 from collections import OrderedDict
 from collections.abc import Callable
+from http.client import HTTPMessage
+from typing import IO
+from urllib.parse import urlsplit
 
 from services.core.jwt_keys import MAX_KEYS, VerificationKey, key_set
 from services.core.settings import ConfigError
@@ -33,6 +37,39 @@ FETCH_TIMEOUT_SECONDS = 5.0
 MAX_DOCUMENT_BYTES = 1 << 20  # providers' sets are a few kilobytes
 
 
+class _RedirectWithinHttps(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect to https only (or to http when the set's own URL is http, as on a
+    developer's machine). urllib would follow one from https to http, and to ftp: a key set
+    read in the clear can be swapped on the way, and whoever swaps it signs any tenant's
+    tokens."""
+
+    max_redirections = 5
+
+    def __init__(self, allow_http: bool) -> None:
+        self._allowed = ("https", "http") if allow_http else ("https",)
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: HTTPMessage,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        scheme = urlsplit(newurl).scheme
+        if scheme not in self._allowed:
+            raise urllib.error.HTTPError(
+                req.full_url,
+                code,
+                f"a redirect to {scheme or 'an unknown scheme'}:// is refused "
+                f"(only {' or '.join(self._allowed)} is followed)",
+                headers,
+                fp,
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 class KeySetSource:
     """The provider's current keys, for one api process (`TokenVerifier.source`)."""
 
@@ -45,6 +82,9 @@ class KeySetSource:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url
+        self._opener = urllib.request.build_opener(
+            _RedirectWithinHttps(allow_http=url.startswith("http://"))
+        )
         self._algorithm = algorithm
         self._refresh_seconds = refresh_seconds
         self._clock = clock
@@ -168,13 +208,14 @@ class KeySetSource:
 
     def _fetch(self) -> str:
         """The set's document (blocking: run in a thread). A redirect is followed (providers
-        move their sets); an answer other than 200 or larger than MAX_DOCUMENT_BYTES fails."""
+        move their sets) if it keeps to https; an answer other than 200 or larger than
+        MAX_DOCUMENT_BYTES fails."""
         request = urllib.request.Request(  # noqa: S310 (the scheme is checked in Settings)
             self.url, headers={"Accept": "application/json"}
         )
         deadline = time.monotonic() + FETCH_TIMEOUT_SECONDS
         body = bytearray()
-        with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT_SECONDS) as answer:  # noqa: S310
+        with self._opener.open(request, timeout=FETCH_TIMEOUT_SECONDS) as answer:
             if answer.status != 200:
                 raise ValueError(f"HTTP {answer.status}")
             kind = answer.headers.get("Content-Type", "")

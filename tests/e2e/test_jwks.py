@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -30,13 +31,14 @@ pytestmark = pytest.mark.e2e
 
 class Provider:
     """An identity provider's key set endpoint: serves the public halves of `keys` by kid,
-    counts the reads, and can be made to fail."""
+    counts the reads, and can be made to fail or to redirect; over TLS with `tls`."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.keys: dict[str, rsa.RSAPrivateKey] = {}
         self.reads = 0
         self.failing = False
         self.body: bytes | None = None  # served instead of the set when set
+        self.redirect_to: str | None = None  # answered with a 302 to it when set
         provider = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -44,6 +46,12 @@ class Provider:
                 provider.reads += 1
                 if provider.failing:
                     self.send_error(502)
+                    return
+                if provider.redirect_to is not None:
+                    self.send_response(302)
+                    self.send_header("Location", provider.redirect_to)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                     return
                 body = provider.body or json.dumps({"keys": provider.public_keys()}).encode()
                 self.send_response(200)
@@ -56,7 +64,10 @@ class Provider:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/.well-known/jwks.json"
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        scheme = "http" if tls is None else "https"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}/.well-known/jwks.json"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def add(self, kid: str) -> None:
@@ -75,9 +86,9 @@ class Provider:
 
 
 @contextmanager
-def serving(*kids: str) -> Iterator[Provider]:
+def serving(*kids: str, tls: ssl.SSLContext | None = None) -> Iterator[Provider]:
     """A provider with a key for each of `kids`, shut down at the end."""
-    served = Provider()
+    served = Provider(tls)
     for kid in kids:
         served.add(kid)
     try:
