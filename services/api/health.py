@@ -259,7 +259,14 @@ async def _backlog(runtime: Runtime) -> int | None:
     operation_class=ProbeOperation,
 )
 async def detailed(request: AnyRequest) -> Response[dict[str, Any]]:
+    """Unauthenticated and a dozen Redis commands or more (a write among them): calls that
+    come while one is answered share its answer (SingleFlight)."""
     runtime = _runtime(request)
+    body, status = await runtime.detailed_health.run(lambda: _detailed(runtime))
+    return Response(body, status_code=status)
+
+
+async def _detailed(runtime: Runtime) -> tuple[dict[str, Any], int]:
     components: dict[str, Any] = {"pod": runtime.pod_id, "draining": runtime.draining}
     healthy = not runtime.draining
     with_database = runtime.database is not None
@@ -288,7 +295,7 @@ async def detailed(request: AnyRequest) -> Response[dict[str, Any]]:
         components["persistence_backlog"] = backlog
     components["websockets"] = {"connections": runtime.hub.count()}
     body = {"status": "ok" if healthy else "degraded", "components": components}
-    return Response(body, status_code=200 if healthy else 503)
+    return body, 200 if healthy else 503
 
 
 @get(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -11,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from services.api.admission import Admission
 from services.api.chat_service import ChatService
 from services.api.delivery import SessionHub
+from services.api.single_flight import SingleFlight
 from services.core.auth import TokenVerifier
 from services.core.settings import Settings
 from services.persistence.history import HistoryStore
@@ -33,3 +35,5 @@ class Runtime:
     admitting: int = 0
     drained: asyncio.Event | None = None
     background: set[asyncio.Task[None]] = field(default_factory=set)
+    # `/health/detailed`'s answer (body, status) while one is being made (health.py).
+    detailed_health: SingleFlight[tuple[dict[str, Any], int]] = field(default_factory=SingleFlight)
