@@ -67,9 +67,13 @@ ingress:
 	    exit 1; \
 	  fi; }
 
+# Two pytest processes, each given whole files (their module fixtures start servers once):
+# the suite mostly waits for the servers it starts. PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 2
+
 test: lint typecheck browser monitoring ingress $(STAMP)
 	$(BIN)/orchestrator schemas --check
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 latency: $(STAMP)
 	$(BIN)/python bench/latency.py

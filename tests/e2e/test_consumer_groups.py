@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,16 @@ pytestmark = pytest.mark.e2e
 
 RESTARTS = 3
 APPEAR_TIMEOUT = 20.0
+
+
+@pytest.fixture(scope="module")
+def e2e_redis() -> Iterator[RedisServer]:
+    """A Redis of this module's own: an earlier module's executor or worker killed mid-task
+    leaves entries pending, which the first process started here reclaims and rightly keeps
+    its consumer for (the consumer counts here are the point)."""
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
 
 
 def _text(value: object) -> str:

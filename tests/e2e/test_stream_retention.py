@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import httpx
+import pytest
 from redis.asyncio import Redis
 
+from services.cli.embedded import RedisServer
 from services.core import keys
 from services.worker.trim import TRIM_SECONDS
 from tests.e2e.clients import connect, events_until, final_of, send, unique
@@ -27,6 +29,15 @@ MESSAGE = "please summarise this paragraph " * 100  # ~3 200 characters, a modes
 # What may stay: the newest stream node of each stream (`MINID ~` trims whole nodes of at
 # most 4 KB), far below one message's entries (~100 KB before the fix).
 KEPT_BYTES = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def e2e_redis() -> Iterator[RedisServer]:
+    """A Redis of this module's own (its `deployment` too): every group's pending entries and
+    every stream's bytes are measured, and an earlier module's killed process leaves some."""
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
 
 
 def _streams() -> list[tuple[str, str]]:
