@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from litestar import Request
@@ -12,6 +13,11 @@ from services.core.auth import Principal
 from services.core.errors import BadRequest, Forbidden, Unauthorized
 from services.core.ids import is_valid_id
 from services.core.logs import bind_for_this_task
+
+# A proxy's id of the request (ingress-nginx sends its `$req_id`; other proxies a UUID): bound
+# to the request's log lines, so that an error line leads to the proxy's access log line.
+# Visible ASCII only, and short: a client may send it too, and it must not forge log content.
+REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 def bearer_token(authorization: str | None) -> str:
@@ -39,11 +45,14 @@ def provide_principal(
     if claimed is not None and claimed != principal.tenant_id:
         raise Forbidden("X-Tenant-ID does not match the token's tenant")
     # Every later line of the request names whose it was (a 503 while Redis is down too).
+    fields = {"tenant_id": principal.tenant_id}
     session = request.path_params.get("session_id") or request.headers.get("x-session-id")
     if isinstance(session, str) and is_valid_id(session):
-        bind_for_this_task(tenant_id=principal.tenant_id, session_id=session)
-    else:
-        bind_for_this_task(tenant_id=principal.tenant_id)
+        fields["session_id"] = session
+    proxy_id = request.headers.get("x-request-id")
+    if proxy_id is not None and REQUEST_ID.fullmatch(proxy_id):
+        fields["x_request_id"] = proxy_id
+    bind_for_this_task(**fields)
     return principal
 
 

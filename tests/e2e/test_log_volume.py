@@ -74,9 +74,11 @@ def test_bad_bodies_without_a_token_write_no_traceback(api: Child) -> None:
     assert sum(len(line) + 1 for line in lines) - before < 20 * 1000 / 4
 
 
-def test_a_refused_send_names_its_tenant_and_session(tmp_path: Path) -> None:
+def test_a_refused_send_names_its_tenant_session_and_proxy_request_id(tmp_path: Path) -> None:
     """A verified tenant's send for a named session meets Redis down: the 503's line had the
-    trace id but not whose send it was, though both were known."""
+    trace id but not whose send it was, though both were known; nor the proxy's X-Request-ID,
+    which leads to the ingress's access log line. A header that could forge log content (a
+    control character, or too long) is not bound."""
     redis = RedisServer().start()
     stack = new_stack(redis, tmp_path / "logs")
     try:
@@ -84,13 +86,18 @@ def test_a_refused_send_names_its_tenant_and_session(tmp_path: Path) -> None:
         stack.wait_ready(child)
         tenant, session = unique("t"), unique("s")
         redis.stop()
+        sent = {"3f2a9c1e7b": "3f2a9c1e7b", "x" * 129: None, "a\u0085b": None}
         with httpx.Client(base_url=child.url, timeout=15) as http:
-            body = {"session_id": session, "message": "hello"}
-            reply = http.post("/api/chat/send", headers=auth(tenant), json=body)
-        assert reply.status_code == 503, reply.text
-        [line] = [line for line in log_lines(child) if "redis unavailable" in line]
-        record = json.loads(line)
-        assert (record.get("tenant_id"), record.get("session_id")) == (tenant, session), record
+            for proxy_id in sent:
+                body = {"session_id": session, "message": "hello"}
+                headers = {**auth(tenant), "X-Request-ID": proxy_id.encode("latin-1")}
+                reply = http.post("/api/chat/send", headers=headers, json=body)
+                assert reply.status_code == 503, reply.text
+        lines = [line for line in log_lines(child) if "redis unavailable" in line]
+        records = [json.loads(line) for line in lines]
+        assert [record.get("x_request_id") for record in records] == list(sent.values()), records
+        for record in records:
+            assert (record.get("tenant_id"), record.get("session_id")) == (tenant, session), record
     finally:
         stack.stop()
         redis.cleanup()
