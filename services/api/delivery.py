@@ -35,7 +35,13 @@ from redis.exceptions import RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.api.connections import CLOSE_INTERNAL, ClientConnection, traced_frame
-from services.api.session_log import DEFAULT_LOG_TTL_MS, RESUME_GAP, read_since
+from services.api.session_log import (
+    DEFAULT_LOG_TTL_MS,
+    REPLAY_PAGE,
+    RESUME_GAP,
+    read_page,
+    read_since,
+)
 from services.core import keys, telemetry
 from services.core.delivery_lag import LagClock
 from services.core.events import ERROR, frame, frame_id, frame_with_id
@@ -487,16 +493,8 @@ class SessionHub:
                 self._stalled.discard(conn)
                 continue
             try:
-                # `partial`: what the log still holds after the gap is delivered too.
-                replay = await read_since(
-                    self._redis,
-                    conn.tenant_id,
-                    conn.session_id,
-                    conn.last_event_id,
-                    partial=True,
-                    log_ttl_ms=self._log_ttl_ms,
-                )
-            except REDIS_DOWN:
+                await self._replay_to(conn)
+            except REDIS_DOWN:  # retried from the last page it got (`conn.last_event_id`)
                 await asyncio.sleep(delay)
                 delay = min(RECONNECT_MAX_SECONDS, delay * 2)
                 continue
@@ -508,21 +506,48 @@ class SessionHub:
                 conn.close_soon(CLOSE_INTERNAL, "internal error: reconnect")
                 self._stalled.discard(conn)
                 continue
-            sent_up_to = conn.last_event_id
-            if replay.resumed is False:
-                # Events were trimmed, expired or lost with Redis's data: say so, then deliver
-                # what remains (newer than the socket's cursor, in log order).
-                conn.push(frame(conn.last_event_id, ERROR, RESUME_GAP))
-                log.warning(
-                    "events lost for a socket after an outage",
-                    extra={"tenant_id": conn.tenant_id, "session_id": conn.session_id,
-                           "after": conn.last_event_id, "log_cursor": replay.cursor},
-                )  # fmt: skip
-            for event_id, body in replay.events:
-                conn.push(frame_with_id(event_id, body))
-            sent_up_to = replay.cursor
-            conn.go_live(sent_up_to)
+            conn.go_live(conn.last_event_id)
             self._stalled.discard(conn)
+
+    async def _replay_to(self, conn: ClientConnection) -> None:
+        """The held socket's events since `conn.last_event_id`, REPLAY_PAGE at a time (as a
+        resume reads them: a log of `SESSION_LOG_MAXLEN` events in one read held the event
+        loop and the api's memory for every other client), its cursor moved after each."""
+        # `partial`: what the log still holds after a gap is delivered too.
+        replay = await read_since(
+            self._redis,
+            conn.tenant_id,
+            conn.session_id,
+            conn.last_event_id,
+            partial=True,
+            log_ttl_ms=self._log_ttl_ms,
+            page=REPLAY_PAGE,
+        )
+        if replay.resumed is False:
+            self._tell_gap(conn, replay.cursor)
+        for event_id, body in replay.events:
+            conn.push(frame_with_id(event_id, body))
+        conn.last_event_id = replay.cursor
+        more = replay.more
+        while more and not conn.closed:
+            page = await read_page(self._redis, conn.tenant_id, conn.session_id, conn.last_event_id)
+            if page.gap:  # trimmed past the cursor between two pages (a busy, capped log)
+                self._tell_gap(conn, page.events[0][0] if page.events else conn.last_event_id)
+            for event_id, body in page.events:
+                conn.push(frame_with_id(event_id, body))
+                conn.last_event_id = event_id
+            more = page.more
+
+    @staticmethod
+    def _tell_gap(conn: ClientConnection, log_cursor: str) -> None:
+        """Events were trimmed, expired or lost with Redis's data: say so, then deliver what
+        remains (newer than the socket's cursor, in log order)."""
+        conn.push(frame(conn.last_event_id, ERROR, RESUME_GAP))
+        log.warning(
+            "events lost for a socket after an outage",
+            extra={"tenant_id": conn.tenant_id, "session_id": conn.session_id,
+                   "after": conn.last_event_id, "log_cursor": log_cursor},
+        )  # fmt: skip
 
     def _deliver_traced(
         self, channel: str, members: set[ClientConnection], parent: str, text: str

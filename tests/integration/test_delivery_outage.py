@@ -16,11 +16,11 @@ from typing import Any, cast
 import pytest
 from redis.asyncio import Redis
 
-from services.api import sockets
+from services.api import delivery, sockets
 from services.api.connections import ClientConnection
 from services.api.delivery import SessionHub
 from services.api.runtime import Runtime
-from services.api.session_log import Replay, read_since
+from services.api.session_log import REPLAY_PAGE, Page, Replay, read_page, read_since
 from services.core import events, keys
 from services.core.settings import load_settings
 
@@ -121,3 +121,64 @@ async def test_a_socket_set_up_during_an_outage_gets_its_ack_first_and_every_eve
         assert socket.conn.last_event_id == ids[-1]
     finally:
         await hub.stop()
+
+
+class LogGrewDuringTheOutage(SessionHub):
+    """`missed` events reach the session's log but not its channel (down) just before the
+    hub's catch-up reads the log."""
+
+    def __init__(self, redis: Redis, missed: int) -> None:
+        super().__init__(redis, "outage-test")
+        self.redis, self.missed = redis, missed
+
+    async def _catch_up(self) -> None:
+        if self._stalled:
+            log = keys.session_log(TENANT, SESSION)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for n in range(1, self.missed + 1):
+                    pipe.xadd(log, {"e": events.event_body(events.MESSAGE, {"n": n})})
+                await pipe.execute()
+        await super()._catch_up()
+
+
+async def test_a_catch_up_reads_a_long_log_a_page_at_a_time(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live socket misses more than two pages of events while the subscription is down:
+    the catch-up read them all at once (`SESSION_LOG_MAXLEN` allows millions, held in the
+    api's memory and its event loop), as a resume no longer does. Every one arrives once, in
+    order, then the live ones."""
+    missed = 2 * REPLAY_PAGE + 500
+    hub = LogGrewDuringTheOutage(redis, missed)
+    read_sizes: list[int] = []
+    real_since = delivery.read_since
+
+    async def since(*args: Any, **kwargs: Any) -> Replay:
+        replay = await real_since(*args, **kwargs)
+        read_sizes.append(len(replay.events))
+        return replay
+
+    async def page(*args: Any, **kwargs: Any) -> Page:
+        read = await read_page(*args, **kwargs)
+        read_sizes.append(len(read.events))
+        return read
+
+    monkeypatch.setattr(delivery, "read_since", since)
+    monkeypatch.setattr(delivery, "read_page", page, raising=False)
+    await hub.start()
+    socket = Socket()
+    try:
+        runtime = cast(Runtime, SimpleNamespace(hub=hub, redis=redis, settings=load_settings()))
+        await sockets._set_up(runtime, socket.conn, None)  # a fresh join, live at once
+        await redis.client_kill_filter(_type="pubsub")
+        await socket.until(lambda: missed in socket.messages())
+        await hub._until_live(CHANNEL)
+        await append(redis, missed + 1, publish=True)
+        await socket.until(lambda: missed + 1 in socket.messages())
+    finally:
+        await hub.stop()
+    assert socket.messages() == list(range(1, missed + 2))
+    notices = [f["data"]["code"] for f in socket.frames if f["type"] == events.ERROR]
+    assert notices == ["unavailable"]
+    assert sum(read_sizes) == missed, read_sizes
+    assert max(read_sizes) <= REPLAY_PAGE, read_sizes
