@@ -205,6 +205,7 @@ def create_redis(
     caller that must see every lost connection); on a cluster or behind Sentinel they follow
     the slot map or the promoted primary by themselves.
     """
+    settings.require_redis_topology()
     pool_size = max_connections or settings.redis_max_connections
     if settings.redis_mode is RedisMode.cluster:
         return cast(Redis, _cluster(settings, pool_size))
@@ -600,6 +601,7 @@ async def verify_topology(settings: Settings) -> None:
 
 
 async def _verify(settings: Settings) -> None:
+    settings.require_redis_topology()
     mode = settings.redis_mode
     name = "ORCHESTRATOR_REDIS_MODE"
     if mode is RedisMode.sentinel:

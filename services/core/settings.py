@@ -275,10 +275,6 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _coherent(self) -> Settings:
-        if self.redis_mode is RedisMode.sentinel and not self.redis_sentinels:
-            raise ValueError("REDIS_SENTINELS is required when REDIS_MODE is sentinel")
-        if self.redis_mode is RedisMode.cluster and not self.redis_url:
-            raise ValueError("REDIS_URL (a seed node) is required when REDIS_MODE is cluster")
         # A message within MAX_MESSAGE_CHARS must fit a frame and a body whatever its script
         # and however its JSON is written: up to 12 bytes a character (an escaped surrogate
         # pair; 4 in raw UTF-8), and room for the rest of the JSON.
@@ -291,6 +287,22 @@ class Settings(BaseSettings):
                     f"({least} bytes of JSON at worst): raise it, or lower the other"
                 )
         return self
+
+    def require_redis_topology(self) -> None:
+        """Raise `ConfigError` if REDIS_MODE lacks the addresses it needs.
+
+        Checked when a Redis client is built, not at load: `migrate` and `prune` read the same
+        settings ConfigMap as the services but never talk to Redis, and a cluster's seed URL
+        lives in a Secret only the services mount.
+        """
+        if self.redis_mode is RedisMode.sentinel and not self.redis_sentinels:
+            raise ConfigError(
+                f"{ENV_PREFIX}REDIS_SENTINELS is required when REDIS_MODE is sentinel"
+            )
+        if self.redis_mode is RedisMode.cluster and not self.redis_url:
+            raise ConfigError(
+                f"{ENV_PREFIX}REDIS_URL (a seed node) is required when REDIS_MODE is cluster"
+            )
 
     @property
     def redis_address(self) -> str:

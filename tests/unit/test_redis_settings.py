@@ -37,10 +37,19 @@ def test_sentinels_are_parsed_into_addresses(monkeypatch: pytest.MonkeyPatch) ->
     assert settings.redis_sentinel_master == "orchestrator"
 
 
-def test_cluster_mode_needs_a_seed_url(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ORCHESTRATOR_REDIS_MODE", "cluster")
-    with pytest.raises(ConfigError, match="REDIS_URL"):
-        load_settings()
+@pytest.mark.parametrize(
+    ("mode", "missing"), [("cluster", "REDIS_URL (a seed node)"), ("sentinel", "REDIS_SENTINELS")]
+)
+def test_a_mode_needs_its_addresses_once_a_client_is_built(
+    monkeypatch: pytest.MonkeyPatch, mode: str, missing: str
+) -> None:
+    """Loading succeeds (migrate and prune read the services' ConfigMap and never reach
+    Redis: the chart gives them no Redis Secret); building a client names what is missing."""
+    monkeypatch.setenv("ORCHESTRATOR_REDIS_MODE", mode)
+    settings = load_settings()
+    with pytest.raises(ConfigError) as error:
+        create_redis(settings)
+    assert str(error.value) == f"ORCHESTRATOR_{missing} is required when REDIS_MODE is {mode}"
 
 
 async def test_each_mode_builds_its_kind_of_client_without_connecting() -> None:
