@@ -8,6 +8,7 @@ name so that the two cannot drift apart.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from typing import Any
 
@@ -678,3 +679,30 @@ def test_notes_tell_how_to_connect(all_rendered: dict[str, Rendered], name: str)
         assert "single node" in notes
     if name == "production":
         assert "WARNINGS" not in notes, notes
+
+
+@pytest.mark.parametrize("name", ["default", "production", "everything"])
+def test_notes_print_only_urls_the_ingress_publishes(
+    all_rendered: dict[str, Rendered], name: str
+) -> None:
+    """The production example publishes /api and /ws only: NOTES printed `https://host/`,
+    which ingress-nginx answers with its default backend's 404, as if the install were broken."""
+    rendered = all_rendered[name]
+    ingresses = rendered.of_kind("Ingress")
+    reach = rendered.notes.split("1. Reach the api", 1)[1].split("2. Get a client token", 1)[0]
+    urls = re.findall(r"\b(?:https?|wss?)://\S+", reach)
+    if not ingresses:
+        assert not [url for url in urls if "127.0.0.1" not in url], rendered.notes
+        return
+    (ingress,) = ingresses
+    published = [
+        (rule["host"], path["path"].rstrip("/") + "/")
+        for rule in ingress["spec"]["rules"]
+        for path in rule["http"]["paths"]
+    ]
+    served = [url for url in urls if "127.0.0.1" not in url]
+    assert served, rendered.notes
+    for url in served:
+        host, _, path = url.split("://", 1)[1].partition("/")
+        assert any(host == h and f"/{path}".startswith(p) for h, p in published), (url, published)
+    assert any("/ws/" in url for url in served), rendered.notes
