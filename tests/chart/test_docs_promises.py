@@ -109,7 +109,7 @@ def test_documented_redis_secret_is_reachable_through_the_network_policy(how: st
     for component in ("api", "worker"):
         allowed = _egress_ports(rendered.get("NetworkPolicy", f"ao-agent-orchestrator-{component}"))
         assert url.port in allowed, f"{how}: {component} egress {sorted(allowed)}, not {url.port}"
-    assert "must be in `networkPolicy.externalRedis.ports`" in DOC.read_text()
+    assert "must use a port of `networkPolicy.externalRedis.ports`" in DOC.read_text()
 
 
 # --- config.extraEnv: "Names the chart already sets are refused" -----------------------

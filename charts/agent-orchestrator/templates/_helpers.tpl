@@ -660,3 +660,37 @@ two settings contradict each other when both are set: fail instead of ignoring o
 {{- $operator.watchNamespaces | default (list .Release.Namespace) | uniq | toJson -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+Egress ports as a JSON list of strings: `ports` (networkPolicy.*.ports) and the port of each of
+`addresses` the chart was given inline (a URL, or host:port; a URL without a port takes its
+scheme's entry in `defaults`). A datastore on a port the list lacks (TLS Redis on 6380,
+PgBouncer on 6432) would otherwise be unreachable from every pod, and nothing says why.
+Call with (dict "ports" list "addresses" list "defaults" dict).
+*/}}
+{{- define "ao.egressPorts" -}}
+{{- $ports := list -}}
+{{- range .ports }}{{ $ports = append $ports (toString (int .)) }}{{ end -}}
+{{- $defaults := .defaults -}}
+{{- range $address := .addresses -}}
+{{- if $address -}}
+{{- $hosts := $address -}}
+{{- $scheme := "" -}}
+{{- if contains "://" $address -}}
+{{- $url := urlParse $address -}}
+{{- $hosts = $url.host -}}
+{{- $scheme = $url.scheme -}}
+{{- end -}}
+{{- range $host := splitList "," $hosts -}}
+{{- $port := "" -}}
+{{- if regexMatch ":[0-9]+$" $host -}}
+{{- $port = regexFind "[0-9]+$" $host -}}
+{{- else if $host -}}
+{{- $port = get $defaults $scheme -}}
+{{- end -}}
+{{- if and $port (not (has $port $ports)) }}{{ $ports = append $ports $port }}{{ end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $ports | toJson -}}
+{{- end -}}
