@@ -219,3 +219,51 @@ def test_an_ingress_body_limit_below_the_apis_is_refused() -> None:
             },
         }
     )
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        (
+            {"commonLabels": {"app.kubernetes.io/name": "chat"}},
+            "commonLabels.app.kubernetes.io/name",
+        ),
+        (
+            {"api": {"podLabels": {"app.kubernetes.io/component": "frontend"}}},
+            "api.podLabels.app.kubernetes.io/component",
+        ),
+        (
+            {"commonLabels": {"team": "a"}, "worker": {"podLabels": {"team": "b"}}},
+            "worker.podLabels.team",
+        ),
+        (
+            {"executor": {"enabled": True, "podAnnotations": {"checksum/config": "pinned"}}},
+            "executor.podAnnotations.checksum/config",
+        ),
+    ],
+    ids=["common-selector-label", "pod-selector-label", "pod-repeats-common", "checksum"],
+)
+def test_a_label_or_annotation_the_chart_writes_is_refused(
+    values: dict[str, Any], named: str
+) -> None:
+    """Given again, the key rendered twice in one mapping: Helm kept the user's (a pod template
+    that no longer matched its Deployment's selector, a checksum that never rolled the pods)
+    and kustomize or Flux refused the manifest ("mapping key already defined")."""
+    assert named in _refused({**FIXED, **values})
+
+
+def test_labels_and_annotations_of_ones_own_are_rendered_once() -> None:
+    values = {
+        **FIXED,
+        "commonLabels": {"team": "chat"},
+        "api": {"podLabels": {"tier": "edge"}, "podAnnotations": {"example.com/owner": "chat"}},
+    }
+    rendered = _render(values)
+    (api,) = [d for d in rendered.of_kind("Deployment") if d["metadata"]["name"].endswith("-api")]
+    template = api["spec"]["template"]["metadata"]
+    assert template["labels"]["team"] == "chat"
+    assert template["labels"]["tier"] == "edge"
+    assert template["annotations"]["example.com/owner"] == "chat"
+    assert {"checksum/config", "checksum/secret"} <= set(template["annotations"])
+    text = rendered.manifests["agent-orchestrator/templates/api-deployment.yaml"]
+    assert text.count("tier: edge") == 1

@@ -478,6 +478,27 @@ livenessProbe:
 {{/* Guards: configurations that cannot work fail the render with one clear line. */}}
 {{- define "ao.validate" -}}
 {{- $v := .Values -}}
+{{- /* A key the chart writes itself, given again, renders twice in one mapping: Helm keeps the
+user's (a pod template that no longer matches its selector, a checksum that never rolls the
+pods), stricter YAML readers (kustomize, Flux) refuse the manifest. */}}
+{{- $chartLabels := list "app.kubernetes.io/name" "app.kubernetes.io/instance" "app.kubernetes.io/component" "app.kubernetes.io/version" "app.kubernetes.io/part-of" "app.kubernetes.io/managed-by" "helm.sh/chart" -}}
+{{- range $key, $_ := $v.commonLabels -}}
+{{- if has $key $chartLabels -}}
+{{- fail (printf "commonLabels.%s is a label the chart sets itself: use another key" $key) -}}
+{{- end -}}
+{{- end -}}
+{{- range $component := list "api" "worker" "executor" "operator" -}}
+{{- range $key, $_ := (index $v $component).podLabels -}}
+{{- if or (has $key $chartLabels) (hasKey ($v.commonLabels | default dict) $key) -}}
+{{- fail (printf "%s.podLabels.%s is a label the chart (or commonLabels) sets already: use another key" $component $key) -}}
+{{- end -}}
+{{- end -}}
+{{- range $key, $_ := (index $v $component).podAnnotations -}}
+{{- if hasPrefix "checksum/" $key -}}
+{{- fail (printf "%s.podAnnotations.%s: checksum/* annotations are the chart's own (they roll the pods when the settings or Secrets change)" $component $key) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- if not (has $v.autoscaling.mode (list "none" "hpa" "keda")) -}}
 {{- fail (printf "autoscaling.mode must be one of none, hpa, keda (got %q): the HPA and KEDA modes are mutually exclusive" $v.autoscaling.mode) -}}
 {{- end -}}
