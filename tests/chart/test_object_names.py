@@ -139,7 +139,8 @@ def test_the_schema_refuses_labels_kubernetes_refuses(values: dict[str, Any]) ->
 
 def test_the_schema_accepts_labels_kubernetes_accepts() -> None:
     labels = {"team": "chat", "example.com/tier": "a.b_c-1", "x": "", "k" * 63: "v" * 63}
-    values = {"commonLabels": labels, "api": {"podLabels": labels}}
+    pod_labels = {f"pod-{key}"[:63]: value for key, value in labels.items()}
+    values = {"commonLabels": labels, "api": {"podLabels": pod_labels}}
     rendered = _render(values)
     for obj in rendered.objects:
         for value in (obj["metadata"].get("labels") or {}).values():
