@@ -267,3 +267,43 @@ def test_labels_and_annotations_of_ones_own_are_rendered_once() -> None:
     assert {"checksum/config", "checksum/secret"} <= set(template["annotations"])
     text = rendered.manifests["agent-orchestrator/templates/api-deployment.yaml"]
     assert text.count("tier: edge") == 1
+
+
+@pytest.mark.parametrize(
+    ("component", "name"),
+    [
+        ("api", "ORCHESTRATOR_METRICS_PORT"),
+        ("api", "ORCHESTRATOR_DRAIN_SECONDS"),
+        ("worker", "ORCHESTRATOR_CALLBACK_PARTITIONS"),
+        ("executor", "ORCHESTRATOR_TIERS_FILE"),
+        ("worker", "ORCHESTRATOR_REDIS_MODE"),
+    ],
+)
+def test_a_component_cannot_override_a_setting_the_chart_wires_elsewhere(
+    component: str, name: str
+) -> None:
+    """`env` wins over the settings ConfigMap: ORCHESTRATOR_METRICS_PORT in api.extraEnv moved
+    /metrics and /drain off the port the preStop hook, Service and NetworkPolicy name (every
+    rollout cut all sockets at once); ORCHESTRATOR_DRAIN_SECONDS outlasted the grace period."""
+    values = {
+        **FIXED,
+        "executor": {"enabled": True},
+        component: {"extraEnv": [{"name": name, "value": "1"}]},
+    }
+    if component == "executor":
+        values["executor"]["extraEnv"] = [{"name": name, "value": "/tmp/t.json"}]  # noqa: S108
+    message = _refused(values)
+    assert f"{component}.extraEnv: {name} is wired by the chart" in message
+
+
+def test_the_api_body_limit_set_in_api_extra_env_is_checked_against_the_ingress() -> None:
+    """Only the api takes bodies, so a team raises ORCHESTRATOR_MAX_BODY_BYTES there: the
+    proxy-body-size guard read config.extraEnv only, and bodies of 1 to 4 MiB got
+    ingress-nginx's HTML 413 instead of reaching the api."""
+    limit = [{"name": "ORCHESTRATOR_MAX_BODY_BYTES", "value": "4194304"}]
+    assert "proxy-body-size" in _refused({**FIXED, "api": {"extraEnv": limit}})
+    annotations = {"nginx.ingress.kubernetes.io/proxy-body-size": "4m"}
+    rendered = _render(
+        {**FIXED, "api": {"extraEnv": limit}, "exposure": {"ingress": {"annotations": annotations}}}
+    )
+    assert rendered.of_kind("Ingress")

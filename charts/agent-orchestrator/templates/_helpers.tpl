@@ -531,6 +531,7 @@ so that only the api refuses one, with its JSON 413 `payload_too_large`. */ -}}
 {{- $unit := lower (regexFind "[kKmMgG]$" $bodyLimit) -}}
 {{- $ingressBytes := mul (int (regexFind "^[0-9]+" $bodyLimit)) (get (dict "k" 1024 "m" 1048576 "g" 1073741824 "" 1) $unit) -}}
 {{- $apiBytes := int (get $v.config.extraEnv "ORCHESTRATOR_MAX_BODY_BYTES" | default 524288) -}}
+{{- range $v.api.extraEnv }}{{ if and (eq .name "ORCHESTRATOR_MAX_BODY_BYTES") .value }}{{ $apiBytes = int .value }}{{ end }}{{ end -}}
 {{- if lt $ingressBytes $apiBytes -}}
 {{- fail (printf "exposure.ingress.annotations nginx.ingress.kubernetes.io/proxy-body-size (%s = %d bytes) is below ORCHESTRATOR_MAX_BODY_BYTES (%d): the ingress would refuse, with its own HTML 413, bodies the api accepts; raise it" $bodyLimit $ingressBytes $apiBytes) -}}
 {{- end -}}
@@ -597,6 +598,12 @@ applies server-side, which refuses duplicate env names (KUBERNETES.md). */ -}}
 {{- range (index $v $component).extraEnv -}}
 {{- if has .name $set -}}
 {{- fail (printf "%s.extraEnv: %s is already set by the chart" $component .name) -}}
+{{- end -}}
+{{- /* `env` wins over the settings ConfigMap: one of these, overridden for one container,
+would part the process from the objects the chart derived from it (ports, Service and
+preStop hook, grace period, tiers mount, autoscaling, Redis topology, RBAC). */ -}}
+{{- if has .name (list "ORCHESTRATOR_METRICS_PORT" "ORCHESTRATOR_DRAIN_SECONDS" "ORCHESTRATOR_TIERS_FILE" "ORCHESTRATOR_CALLBACK_PARTITIONS" "ORCHESTRATOR_REDIS_MODE" "ORCHESTRATOR_REDIS_SENTINELS" "ORCHESTRATOR_REDIS_SENTINEL_MASTER" "ORCHESTRATOR_MAX_WEBSOCKET_CONNECTIONS" "ORCHESTRATOR_OPERATOR_NAMESPACES") -}}
+{{- fail (printf "%s.extraEnv: %s is wired by the chart into other objects: set it through its value (docs/kubernetes.md, values table)" $component .name) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
