@@ -207,6 +207,18 @@ redis-url
 {{- end -}}
 {{- end -}}
 
+{{/*
+The in-chart PostgreSQL's URL with `password`. Call with (dict "root" $ "password" ...).
+Percent-encoded: a base64 password ('/', '+', '=') would otherwise end the userinfo early.
+urlquery is Go's QueryEscape (a space becomes '+'), hence the %20. The user and the database
+name are identifiers (schema), nothing to encode.
+*/}}
+{{- define "ao.postgresqlUrl" -}}
+{{- $pg := .root.Values.postgresql -}}
+{{- $host := include "ao.statefulSetName" (dict "root" .root "component" "postgresql") -}}
+{{- printf "postgresql://%s:%s@%s:5432/%s" $pg.username (.password | urlquery | replace "+" "%20") $host $pg.database -}}
+{{- end -}}
+
 {{- define "ao.databaseSecretKey" -}}
 {{- if .Values.postgresql.enabled -}}
 database-url
