@@ -307,3 +307,55 @@ def test_the_api_body_limit_set_in_api_extra_env_is_checked_against_the_ingress(
         {**FIXED, "api": {"extraEnv": limit}, "exposure": {"ingress": {"annotations": annotations}}}
     )
     assert rendered.of_kind("Ingress")
+
+
+SETTINGS_READERS = {"api", "worker", "executor", "operator", "migrations", "prune"}
+
+
+def test_extra_volumes_reach_every_pod_that_reads_the_settings(
+    all_rendered: dict[str, Rendered],
+) -> None:
+    """README: a database URL may name files (sslrootcert, sslcert, sslkey); the schema
+    refused every key that could put such a file into the pods, leaving `sslmode=require`
+    (encrypted, the server not verified) as the only way to a managed PostgreSQL."""
+    rendered = all_rendered["everything"]
+    readers = 0
+    for obj, template in rendered.pod_templates():
+        component = obj["metadata"]["labels"]["app.kubernetes.io/component"]
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        if component not in SETTINGS_READERS:
+            assert "db-ca" not in volumes, obj["metadata"]["name"]
+            continue
+        readers += 1
+        assert volumes["db-ca"] == {"name": "db-ca", "secret": {"secretName": "db-ca"}}
+        (container,) = template["spec"]["containers"]
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts["db-ca"] == {"name": "db-ca", "mountPath": "/etc/ssl/db", "readOnly": True}
+        assert {"tmp", "db-ca"} <= set(mounts)
+    assert readers == len(SETTINGS_READERS)
+
+
+def test_a_mount_of_no_extra_volume_is_refused() -> None:
+    mounts = [{"name": "db-ca", "mountPath": "/etc/ssl/db"}]
+    assert "extraVolumeMounts: db-ca is not in extraVolumes" in _refused(
+        {**FIXED, "extraVolumeMounts": mounts}
+    )
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"extraVolumes": [{"name": "tmp", "emptyDir": {}}]},
+        {
+            "extraVolumes": [{"name": "x", "emptyDir": {}}],
+            "extraVolumeMounts": [{"name": "x", "mountPath": "/etc/agent-orchestrator"}],
+        },
+        {
+            "extraVolumes": [{"name": "x", "emptyDir": {}}],
+            "extraVolumeMounts": [{"name": "x", "mountPath": "relative"}],
+        },
+    ],
+    ids=["the chart's volume name", "the tiers directory", "a relative path"],
+)
+def test_extra_volumes_cannot_shadow_the_charts_own(values: dict[str, Any]) -> None:
+    _schema_refuses(values)

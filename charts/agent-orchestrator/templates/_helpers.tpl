@@ -151,6 +151,20 @@ securityContext:
     sizeLimit: {{ .Values.tmpSizeLimit }}
 {{- end -}}
 
+{{/* extraVolumes, after the chart's own volumes (a list item each). */}}
+{{- define "ao.extraVolumes" -}}
+{{- with .Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* extraVolumeMounts, after the chart's own mounts. */}}
+{{- define "ao.extraVolumeMounts" -}}
+{{- with .Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
 {{- define "ao.tmpMount" -}}
 - name: tmp
   mountPath: /tmp
@@ -490,6 +504,13 @@ livenessProbe:
 {{/* Guards: configurations that cannot work fail the render with one clear line. */}}
 {{- define "ao.validate" -}}
 {{- $v := .Values -}}
+{{- $extraVolumes := list -}}
+{{- range $v.extraVolumes }}{{ $extraVolumes = append $extraVolumes .name }}{{ end -}}
+{{- range $v.extraVolumeMounts -}}
+{{- if not (has .name $extraVolumes) -}}
+{{- fail (printf "extraVolumeMounts: %s is not in extraVolumes" .name) -}}
+{{- end -}}
+{{- end -}}
 {{- /* A key the chart writes itself, given again, renders twice in one mapping: Helm keeps the
 user's (a pod template that no longer matches its selector, a checksum that never rolls the
 pods), stricter YAML readers (kustomize, Flux) refuse the manifest. */}}
