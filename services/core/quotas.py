@@ -53,6 +53,9 @@ LISTEN_POLL_SECONDS = 1.0
 PING_IDLE_SECONDS = 2.0
 PONG_TIMEOUT_SECONDS = 3.0
 RECONNECT_DELAYS = (0.05, 2.0)  # first and longest pause between resubscription attempts
+# An unreadable record fails every request of its tenant: one error line per tenant this often,
+# with the number of requests refused since the last, not one line per request.
+UNREADABLE_LOG_SECONDS = 60.0
 
 
 class InvalidQuota(InvalidInput):
@@ -322,6 +325,7 @@ class QuotaCache:
         self._start_timeout = start_timeout
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
+        self._unreadable_logged: dict[str, tuple[float, int]] = {}  # tenant: (when, refused since)
         self._generation = 0
         self.announcements = 0  # changes heard so far (for metrics, and tests that await one)
         self._subscribed = asyncio.Event()
@@ -362,11 +366,7 @@ class QuotaCache:
         try:
             quota = await self._store.effective(tenant_id)
         except UnreadableQuota as exc:  # every request of the tenant fails until it is fixed
-            log.error(
-                "%s: set it again with `orchestrator tenants set`",
-                exc.message,
-                extra={"tenant_id": tenant_id},
-            )
+            self._log_unreadable(tenant_id, exc, now)
             raise
         if self.live and self._ttl > 0 and generation == self._generation:
             self._entries.pop(tenant_id, None)
@@ -375,6 +375,22 @@ class QuotaCache:
             self._entries[tenant_id] = _Entry(quota, now + self._ttl)
         return quota
 
+    def _log_unreadable(self, tenant_id: str, exc: UnreadableQuota, now: float) -> None:
+        last, refused = self._unreadable_logged.get(tenant_id, (None, 0))
+        if last is not None and now - last < UNREADABLE_LOG_SECONDS:
+            self._unreadable_logged[tenant_id] = (last, refused + 1)
+            return
+        if tenant_id not in self._unreadable_logged and (
+            len(self._unreadable_logged) >= self._max_entries
+        ):
+            del self._unreadable_logged[next(iter(self._unreadable_logged))]
+        self._unreadable_logged[tenant_id] = (now, 0)
+        log.error(
+            "%s: set it again with `orchestrator tenants set`",
+            exc.message,
+            extra={"tenant_id": tenant_id, "refused_since_last_line": refused},
+        )
+
     def forget(self, tenant_id: str | None = None) -> None:
         """Drop one tenant's entry, or every entry."""
         self._generation += 1
@@ -382,6 +398,7 @@ class QuotaCache:
             self._entries.clear()
         else:
             self._entries.pop(tenant_id, None)
+            self._unreadable_logged.pop(tenant_id, None)  # broken again: say so at once
 
     def _go_dark(self) -> None:
         self._subscribed.clear()

@@ -11,7 +11,13 @@ import pytest
 from redis.asyncio import Redis
 
 from services.core import keys
-from services.core.quotas import EffectiveQuota, InvalidQuota, QuotaCache, QuotaStore
+from services.core.quotas import (
+    EffectiveQuota,
+    InvalidQuota,
+    QuotaCache,
+    QuotaStore,
+    UnreadableQuota,
+)
 from services.core.settings import ConfigError, Settings, load_settings
 from services.core.tiers import DEFAULT_TIERS
 
@@ -231,6 +237,24 @@ async def test_an_unreadable_record_is_an_error_not_a_silent_downgrade(
     await redis.set(keys.tenant_quota("acme"), b'{"tier": 3}')
     with pytest.raises(InvalidQuota, match="quota record of acme is unreadable"):
         await store.effective("acme")
+
+
+async def test_an_unreadable_record_is_logged_once_a_minute_with_what_it_refused(
+    store: QuotaStore, redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = [1000.0]
+    cache = QuotaCache(store, ttl=300.0, clock=lambda: now[0])
+    await redis.set(keys.tenant_quota("acme"), b'{"tier": 3}')
+    for step in (0, 1, 1, 59, 1):  # refusals at 1000, 1001, 1002, 1061, 1062
+        now[0] += step
+        with pytest.raises(UnreadableQuota):
+            await cache.effective("acme")
+    lines = [r for r in caplog.records if "quota record of acme" in r.getMessage()]
+    assert [r.__dict__["refused_since_last_line"] for r in lines] == [0, 2]
+    cache.forget("acme")  # an announced change: a new breakage is told at once
+    with pytest.raises(UnreadableQuota):
+        await cache.effective("acme")
+    assert len([r for r in caplog.records if "quota record of acme" in r.getMessage()]) == 3
 
 
 def test_a_default_tier_missing_from_the_table_stops_the_store(redis: Redis) -> None:
