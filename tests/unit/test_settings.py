@@ -33,12 +33,6 @@ def test_a_bad_value_names_its_variable(
     assert "\n" not in message
 
 
-def test_sentinel_mode_requires_sentinels(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ORCHESTRATOR_REDIS_MODE", "sentinel")
-    with pytest.raises(ConfigError, match="REDIS_SENTINELS"):
-        load_settings()
-
-
 def test_lists_are_comma_separated_and_url_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ORCHESTRATOR_ALLOWED_ORIGINS", "https://a.example, https://b.example")
     monkeypatch.setenv("ORCHESTRATOR_REDIS_URL", "redis://cache:6380/2")
