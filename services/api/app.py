@@ -195,13 +195,15 @@ def provide_runtime(request: AnyRequest) -> Runtime:
 
 # Response headers a page must be able to read: a browser hides every header of a cross-origin
 # response but a safelisted few unless the response names it (a page could not see its
-# remaining rate, when to retry after a 429, or that a send was a replay).
+# remaining rate, when to retry after a 429, that a send was a replay, or that a 401's token
+# was expired or bad rather than missing).
 EXPOSED_HEADERS = [
     "RateLimit-Limit",
     "RateLimit-Remaining",
     "RateLimit-Reset",
     "Retry-After",
     "Idempotent-Replayed",
+    "WWW-Authenticate",
 ]
 
 

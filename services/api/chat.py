@@ -120,6 +120,14 @@ class SendOperation(Operation):
         self.parameters = [*(self.parameters or []), *SEND_HEADERS]
         responses = self.responses or {}
         accepted, refused = responses.get("202"), responses.get("429")
+        unauthorized = responses.get("401")
+        if isinstance(unauthorized, OpenAPIResponse):  # a page tells expired from missing
+            unauthorized.headers = {
+                "WWW-Authenticate": OpenAPIHeader(
+                    schema=Schema(type=OpenAPIType.STRING),
+                    description='`Bearer`, with `error="invalid_token"` when a token was given',
+                )
+            }
         if isinstance(accepted, OpenAPIResponse):
             accepted.headers = {
                 **RATE_HEADERS,
