@@ -54,7 +54,7 @@ UNWRITTEN_POLL_SECONDS = 0.05
 NO_HISTORY = (
     "PostgreSQL unreachable, or not configured (`persistence_not_configured`); " + REDIS_DOWN
 )
-NO_SESSION = "the tenant has no such session"
+NO_SESSION = "the tenant has no such session (none in the history, no task or event in Redis)"
 # The page max the document shows: ORCHESTRATOR_HISTORY_PAGE_MAX's default. The api refuses
 # (422) a limit over the configured value, which the document cannot know at import.
 HISTORY_PAGE_MAX = int(Settings.model_fields["history_page_max"].default)
@@ -121,6 +121,7 @@ async def session_messages(
         not page.messages
         and not pending
         and not await history.session_exists(principal.tenant_id, session_id)
+        and not await _live(runtime, principal.tenant_id, session_id)
     ):
         raise NotFound(f"session {session_id} not found")
     # The store's dict is the wire shape; converting it checks it against the declared one.
@@ -157,6 +158,19 @@ async def user_sessions(
         principal.tenant_id, principal.user_id, limit=limit, cursor=cursor
     )
     return msgspec.convert(page.to_dict(), SessionList)
+
+
+async def _live(runtime: Runtime, tenant_id: str, session_id: str) -> bool:
+    """Whether the session has tasks or events in Redis: one whose first answer is still
+    running has nothing in the history yet, and a page reload (or a second tab) loading it
+    was answered 404, "conversation not found", for the conversation on the screen."""
+    try:
+        found = await runtime.redis.exists(  # one slot: both keys carry the session's tag
+            keys.session_tasks(tenant_id, session_id), keys.session_log(tenant_id, session_id)
+        )
+    except (*REDIS_DOWN_ERRORS, *REDIS_REFUSING):
+        return False  # cannot tell: the history's own answer stands
+    return bool(found)
 
 
 async def _unwritten(runtime: Runtime, tenant_id: str, session_id: str) -> int:
