@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -64,6 +65,21 @@ class ClientFrame(msgspec.Struct):
 
 
 _frame_decoder = msgspec.json.Decoder(ClientFrame)
+
+
+class _DroppedData(msgspec.Struct):
+    request_id: str | None = None
+
+
+class _DroppedFrame(msgspec.Struct):
+    """What a frame dropped over the frame budget is read for: which request to refuse.
+    msgspec skips every other field without building it."""
+
+    type: str = ""
+    data: _DroppedData | None = None
+
+
+_dropped_decoder = msgspec.json.Decoder(_DroppedFrame)
 
 
 def socket_ids(path: str) -> tuple[str, str] | None:
@@ -278,8 +294,7 @@ async def session_socket(
                 if budget is None:
                     budget = FrameBudget(runtime.settings.websocket_frames_per_second)
                 if not budget.take():
-                    if budget.should_warn():
-                        _error(conn, "frame_rate_exceeded", "too many frames; some were dropped")
+                    _drop(conn, budget, message.get("text"), runtime.settings.max_frame_bytes)
                     continue
                 text = message.get("text")
                 if text is None:
@@ -453,12 +468,39 @@ class FrameBudget:
         self._allowance -= 1
         return True
 
+    def retry_in_ms(self) -> int:
+        """When the next frame will be taken (the allowance back at one)."""
+        return max(1, math.ceil((1 - self._allowance) / self._rate * 1000))
+
     def should_warn(self) -> bool:
         now = time.monotonic()
         if now - self._last_warning < 1:
             return False
         self._last_warning = now
         return True
+
+
+def _drop(conn: ClientConnection, budget: FrameBudget, text: str | None, max_bytes: int) -> None:
+    """A frame over the budget is not acted on. A `chat.send` or `chat.cancel` is refused by
+    its `request_id` (`chat.error` `rate_limited`, `details.scope` `frames`), as any other
+    refused request: a client flushing its queue or a user pasting several messages learnt
+    only that "some" frames were dropped, not which. Anything else gets the `error` event at
+    most once a second."""
+    dropped = None
+    if text is not None and len(text) <= max_bytes:  # a larger one is refused unread anyway
+        with contextlib.suppress(msgspec.DecodeError, RecursionError):
+            dropped = _dropped_decoder.decode(text)
+    if dropped is not None and dropped.type in CLIENT_ACTIONS:
+        retry_in_ms = budget.retry_in_ms()
+        _chat_error(
+            conn,
+            "rate_limited",
+            f"too many frames: this {dropped.type} was dropped; send it again in {retry_in_ms} ms",
+            {"scope": "frames", "retry_in_ms": retry_in_ms},
+            dropped.data.request_id if dropped.data else None,
+        )
+    elif budget.should_warn():
+        _error(conn, "frame_rate_exceeded", "too many frames; some were dropped")
 
 
 def _error(conn: ClientConnection, code: str, message: str) -> None:
