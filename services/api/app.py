@@ -42,6 +42,7 @@ from services.api.delivery import SessionHub
 from services.api.drain import drain
 from services.api.http_tracing import redact_query_tokens, span_details
 from services.api.internal import InternalServer
+from services.api.json_request import JsonRequest
 from services.api.models import StrictStructSchemaPlugin
 from services.api.runtime import Runtime
 from services.api.unrouted import UnroutedRequests
@@ -440,6 +441,7 @@ def create_app(
         cors_config=_cors(settings),
         openapi_config=_openapi_config(),
         request_max_body_size=settings.max_body_bytes,
+        request_class=JsonRequest,
         plugins=[StrictStructSchemaPlugin(), *_tracing_plugins()],
         middleware=[prometheus.middleware],
         logging_config=None,

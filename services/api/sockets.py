@@ -44,6 +44,7 @@ from services.core.auth import Principal
 from services.core.errors import BadRequest, OrchestratorError, Unauthorized, Unavailable
 from services.core.ids import is_valid_id, new_id
 from services.core.logs import log_context
+from services.core.lone_surrogates import decode_repaired, is_surrogate_error
 from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING, REFUSING_WORDS
 
 log = logging.getLogger(__name__)
@@ -306,7 +307,7 @@ async def session_socket(
                     _error(conn, "frame_too_large", f"frames are limited to {max_bytes} bytes")
                     continue
                 try:
-                    frame = _frame_decoder.decode(text)
+                    frame = _decode_frame(text)
                 except msgspec.ValidationError as exc:  # a DecodeError subclass: test it first
                     _error(conn, "invalid_frame", str(exc))
                     continue
@@ -478,6 +479,23 @@ class FrameBudget:
             return False
         self._last_warning = now
         return True
+
+
+def _decode_frame(text: str) -> ClientFrame:
+    """The frame; one whose strings hold a lone UTF-16 surrogate (a message cut through an
+    emoji) is read with each made U+FFFD, as the REST body is (services/api/json_request.py)."""
+    try:
+        return _frame_decoder.decode(text)
+    except msgspec.ValidationError:
+        raise
+    except msgspec.DecodeError as refused:
+        if not is_surrogate_error(refused):
+            raise
+        try:
+            value = decode_repaired(text)
+        except ValueError:
+            raise refused from None
+        return msgspec.convert(value, ClientFrame)
 
 
 def _drop(conn: ClientConnection, budget: FrameBudget, text: str | None, max_bytes: int) -> None:

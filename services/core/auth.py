@@ -20,6 +20,7 @@ from services.core.errors import Unauthorized, Unavailable
 from services.core.ids import is_valid_id
 from services.core.jwks import RETRY_UNLOADED_SECONDS, KeySetSource
 from services.core.jwt_keys import candidates, usable_key, verification_keys
+from services.core.lone_surrogates import has_lone_surrogate, repaired_text
 from services.core.settings import ConfigError, Settings
 
 LEEWAY_SECONDS = 10
@@ -133,7 +134,7 @@ class TokenVerifier:
         if not isinstance(tenant_id, str) or not is_valid_id(tenant_id):
             raise Unauthorized("token has no valid tenant_id claim")
         sub = str(claims["sub"])
-        if _lone_surrogate(sub):
+        if has_lone_surrogate(sub):
             raise Unauthorized("invalid token: sub holds a lone UTF-16 surrogate, not Unicode")
         if "\x00" in sub:  # history stores it as U+FFFD: two users would be one there
             raise Unauthorized("invalid token: sub holds a NUL character")
@@ -147,7 +148,7 @@ class TokenVerifier:
         principal = Principal(
             tenant_id,
             sub,
-            _repaired(name) if isinstance(name, str) else None,
+            repaired_text(name) if isinstance(name, str) else None,
             valid_until=expires + LEEWAY_SECONDS,
         )
         return principal, expires
@@ -211,21 +212,8 @@ class TokenVerifier:
 # A JSON string may hold a lone UTF-16 surrogate ("\ud83d": RFC 8259 8.2), and a JavaScript
 # auth server that cuts a display name at n UTF-16 units signs one. PyJWT reads it with the
 # stdlib json, which keeps it; nothing can encode it to UTF-8, so the first send of such a
-# token was a 500 (a socket's, a 1011 close).
-_SURROGATES = range(0xD800, 0xE000)
-
-
-def _lone_surrogate(text: str) -> bool:
-    """Whether `text` holds a surrogate code point (the stdlib json joins a valid pair)."""
-    return not text.isascii() and any(ord(char) in _SURROGATES for char in text)
-
-
-def _repaired(name: str) -> str:
-    """The display name with each lone surrogate made U+FFFD, as a UTF-8 decoder does with a
-    bad byte: a name is only shown (the user is `sub`), and its owner can still send."""
-    if not _lone_surrogate(name):
-        return name
-    return "".join("\ufffd" if ord(char) in _SURROGATES else char for char in name)
+# token was a 500 (a socket's, a 1011 close). The name is only shown (the user is `sub`): it
+# is repaired (services/core/lone_surrogates.py) and its owner can still send.
 
 
 _TIME_CLAIMS = ("exp", "nbf", "iat")
