@@ -325,6 +325,19 @@ async def test_a_key_used_again_for_another_request_is_refused(
     assert len(await service.actions("normal")) == 1
 
 
+async def test_a_key_refused_for_its_content_serves_the_corrected_send(service: Service) -> None:
+    """A send refused before it was queued (422 `message_too_long`) does not spend its
+    `Idempotency-Key`: the client's corrected message under the same key is a new task (not
+    `idempotency_key_reused`), and a retry of that one is answered with it."""
+    await service.tier("free")  # maxMessageChars 2 000
+    with pytest.raises(InvalidInput) as refused:
+        await service.send("s1", key="k3", request=SendRequest(message="x" * 2001))
+    assert refused.value.code == "message_too_long"
+    fixed = await service.send("s1", key="k3", request=SendRequest(message="short"))
+    assert await service.send("s1", key="k3", request=SendRequest(message="short")) == fixed
+    assert len(await service.actions("low")) == 1
+
+
 async def test_a_retry_naming_no_session_is_answered_with_the_first_task(
     service: Service,
 ) -> None:
