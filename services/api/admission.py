@@ -30,12 +30,15 @@ from services.core.tenant_sockets import TenantSockets
 from services.core.usage import UsageCounter
 
 rate_limit_rejections = Counter(
-    "orchestrator_rate_limit_rejections", "Sends refused by a rate limit", ["scope"]
+    "orchestrator_rate_limit_rejections",
+    "Requests refused by a rate limit (sends: session, tenant; history and usage reads: "
+    "tenant_reads)",
+    ["scope"],
 )
 quota_rejections = Counter(
     "orchestrator_quota_rejections", "Sends and sockets refused by a tier rule", ["reason"]
 )
-RATE_LIMIT_SCOPES = ("session", "tenant")
+RATE_LIMIT_SCOPES = ("session", "tenant", "tenant_reads")
 QUOTA_REASONS = (
     "unknown_tenant",
     "message_too_long",

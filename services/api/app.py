@@ -88,6 +88,10 @@ def _error(status: int, code: str, message: str, details: Any = None) -> Respons
 
 
 def _on_orchestrator_error(_: AnyRequest, exc: OrchestratorError) -> Response[Any]:
+    if exc.code == "rate_limited" and exc.details.get("scope") == "tenant_reads":
+        # Counted here: the database pool's share (services/persistence/pool_share.py) knows
+        # no api metric; a send's refusals are counted where admission decides them.
+        rate_limit_rejections.labels("tenant_reads").inc()
     response = _error(exc.status, exc.code, exc.message, exc.details)
     response.headers.update(exc.headers)
     return response

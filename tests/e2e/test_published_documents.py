@@ -27,6 +27,7 @@ from services.core.settings import load_settings
 from services.persistence.migrate import migrate
 from tests.e2e.clients import auth, connect, events_until, unique
 from tests.e2e.conftest import Deployment, deploy
+from tests.e2e.test_metrics import scrape, total
 from tests.e2e.test_openapi_document import fetch_document, violations
 
 pytestmark = pytest.mark.e2e
@@ -122,14 +123,20 @@ async def test_a_429_of_a_tenants_reads_declares_its_retry_after(
     document had no typed header to wait by on these operations."""
     api = live.deployment.api
     headers = auth(unique("reads"))
+    counted = {"scope": "tenant_reads"}  # an SRE's "which limit fired" (it counted sends only)
     async with httpx.AsyncClient(base_url=api.url, timeout=20, headers=headers) as http:
         # The pool's connections are made before the tables are locked.
         assert (await http.get("/api/usage")).status_code == 200
+        before = total(
+            scrape(api.metrics_port), "orchestrator_rate_limit_rejections_total", **counted
+        )
         async with _locked_tables(live.postgres.url()) as conn:
             first = asyncio.create_task(http.request(method, path))
             await _blocked_reads(conn, 1)
             second = await http.request(method, path)
         await first
+    after = total(scrape(api.metrics_port), "orchestrator_rate_limit_rejections_total", **counted)
+    assert after - before == 1
     assert second.status_code == 429, second.text
     assert second.json()["error"]["details"]["scope"] == "tenant_reads", second.text
     assert second.headers.get("retry-after") == "1", dict(second.headers)
