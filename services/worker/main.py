@@ -165,10 +165,21 @@ class Worker:
                 await self._sample_lag()
             except (*REDIS_DOWN, *REDIS_REFUSING) as exc:
                 log.debug("stream lag not sampled, redis unavailable: %s", exc)
+                self._forget_lag()
             except Exception:
                 log.exception("sampling stream lag failed; trying again")
+                self._forget_lag()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), interval)
+
+    def _forget_lag(self) -> None:
+        """Drop the lag and pending series while they cannot be sampled: the last values stayed
+        exported (a worker cut off from Redis said "0 behind", as a healthy idle one does); a
+        gap is what the panels and `OrchestratorStreamLag` should see instead."""
+        for stream, group in self._lag_reported:
+            metrics.stream_lag.remove(stream, group)
+            metrics.stream_pending.remove(stream, group)
+        self._lag_reported = set()
 
     async def _sample_lag(self) -> None:
         """Lag and pending entries of the streams this worker owns (the AES streams too, from
