@@ -112,6 +112,14 @@ def remote_parent(carrier: Mapping[str, str]) -> otel_context.Context | None:
     return context
 
 
+def remote_exemplar(carrier: Mapping[str, str]) -> dict[str, str] | None:
+    """`exemplar` of the sampled trace `carrier` continues, without a span: a chunk gets none
+    (they may come at thousands a second), yet the first one's time-to-first-chunk sample is
+    a latency panel's dot that must lead to its trace."""
+    context = remote_parent(carrier)
+    return None if context is None else exemplar(trace.get_current_span(context))
+
+
 def traceparent(span: Span) -> str:
     """The `traceparent` of a recording span, or "" (so untraced frames carry nothing)."""
     if not span.is_recording():

@@ -276,7 +276,9 @@ class Executor:
         if action.attempt == 1:  # a retry keeps the message's created_at: its wait would
             # include the failed attempt's run and the backoff, observed once per attempt
             waited = (clock.utcnow() - action.created_at).total_seconds()
-            queue_wait.labels(action.priority).observe(max(0.0, waited))
+            queue_wait.labels(action.priority).observe(  # a dot that opens the action's trace
+                max(0.0, waited), telemetry.remote_exemplar(action.trace_context)
+            )
         task = asyncio.create_task(self._execute(entry, action))
         self.running[action.task_id] = (entry, task)
         return True

@@ -642,6 +642,8 @@ class PartitionConsumer:
             outcome = parse_outcome(result)
             verdicts[outcome.verdict] += 1
             exemplar = telemetry.exemplar(span) if span is not None else None
+            if isinstance(action, ExecutionChunk) and outcome.first_chunk:
+                exemplar = telemetry.remote_exemplar(action.trace_context)
             if outcome.verdict in _DELIVERED:  # a redelivery that changed nothing is not timed
                 _LAG.since(entry.id, applied_at, exemplar)
             if not isinstance(action, WebsocketSend | WebsocketBroadcast):  # no task metrics

@@ -270,6 +270,57 @@ async def test_a_traced_answer_leaves_its_trace_on_the_delivery_lag_of_both_hops
     assert trace_id in lag_exemplars(api.metrics_port, "api")
 
 
+def exemplar_traces(port: int | None, family_name: str) -> set[str]:
+    """The trace ids on a histogram's buckets, as Prometheus scrapes them (OpenMetrics)."""
+    reply = httpx.get(
+        f"http://127.0.0.1:{port}/metrics",
+        headers={"Accept": "application/openmetrics-text; version=1.0.0"},
+        timeout=5,
+    )
+    return {
+        sample.exemplar.labels["trace_id"]
+        for family in openmetrics_families(reply.text)
+        if family.name == family_name
+        for sample in family.samples
+        if sample.exemplar is not None
+    }
+
+
+async def test_a_streamed_answer_leaves_its_trace_on_first_chunk_and_queue_wait(
+    traced: tuple[LocalStack, Child, Receiver], e2e_redis: RedisServer
+) -> None:
+    """docs/kubernetes.md: each dot of the latency panels carries the trace id of a sampled
+    request. Chunks get no span, so the first chunk's sample had no exemplar ("Time to first
+    chunk" showed none while "Answer time" did), and the executor timed the queue wait with
+    none either."""
+    from redis.asyncio import Redis
+
+    from services.core.quotas import QuotaStore
+    from services.core.settings import load_settings
+
+    stack, api, receiver = traced
+    worker = next(child for child in stack.children if child.role == "worker")
+    tenant, session = unique("t"), unique("s")
+    redis = Redis.from_url(e2e_redis.url)
+    await QuotaStore(redis, load_settings()).set(tenant, "pro")  # a tier that streams
+    await redis.aclose()
+    ws, _ = await connect(api.ws_url, tenant, session)
+    async with httpx.AsyncClient() as http:
+        reply = await send(
+            http, api.url, tenant, {"message": "first chunk", "stream": True, "session_id": session}
+        )
+    task_id = reply.json()["task_id"]
+    events = await events_until(ws, final_of(task_id))
+    await ws.close()
+    assert any(e["type"] == "chat.chunk" for e in events), events
+    spans = await trace_of(receiver, task_id, {"agent-orchestrator-api"})
+    executor = next(child for child in stack.children if child.role == "executor")
+    first_chunk = "orchestrator_time_to_first_chunk_seconds"
+    assert spans[0].trace_id in exemplar_traces(worker.metrics_port, first_chunk)
+    queue_wait = "orchestrator_queue_wait_seconds"
+    assert spans[0].trace_id in exemplar_traces(executor.metrics_port, queue_wait)
+
+
 async def test_a_frame_type_no_client_action_has_is_not_a_span_name(
     traced: tuple[LocalStack, Child, Receiver],
 ) -> None:
