@@ -34,6 +34,7 @@ from tests.e2e.clients import (
     unique,
 )
 from tests.e2e.conftest import new_stack
+from tests.e2e.test_tracing import exemplar_traces
 
 pytestmark = pytest.mark.e2e
 
@@ -506,23 +507,6 @@ async def test_bad_tokens_query_tokens_and_a_database_password_never_reach_a_log
 
 
 # --- exemplars: the latency panels' dots open the request's trace ---
-
-
-def exemplar_traces(port: int | None, name: str) -> set[str]:
-    from prometheus_client.openmetrics.parser import text_string_to_metric_families as om
-
-    reply = httpx.get(
-        f"http://127.0.0.1:{port}/metrics",
-        headers={"Accept": "application/openmetrics-text; version=1.0.0"},
-        timeout=5,
-    )
-    return {
-        sample.exemplar.labels["trace_id"]
-        for family in om(reply.text)
-        if family.name == name
-        for sample in family.samples
-        if sample.exemplar is not None and "trace_id" in sample.exemplar.labels
-    }
 
 
 @pytest.mark.parametrize(
