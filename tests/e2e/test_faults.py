@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib
 import json
 import os
+import pkgutil
 import signal
 import socket
 import time
@@ -40,6 +43,35 @@ from tests.e2e.clients import (
     unique,
 )
 from tests.e2e.conftest import FAST_EXECUTOR, new_stack, redis_client
+
+
+def _import_what_fuzzing_imports_lazily() -> None:
+    """Import now, at collection, the modules schemathesis imports lazily as it loads a schema
+    and fuzzes: pytest rewrites schemathesis's modules as they are imported (it is a pytest
+    plugin), and CPython 3.11 keeps the AST conversion's recursion count in state every thread
+    shares (gh-106905), so that import, made during the test while another thread of the
+    process parsed, failed once with "SystemError: AST constructor recursion depth mismatch"."""
+    import pyrate_limiter
+    import werkzeug
+
+    for package in (schemathesis, pyrate_limiter, werkzeug):
+        for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+            with contextlib.suppress(ImportError):  # an extra's module without the extra
+                importlib.import_module(module.name)
+    for name in (
+        "hypothesis.strategies._internal.flatmapped",
+        "hypothesis.strategies._internal.random",
+        "hypothesis.strategies._internal.regex",
+        "multiprocessing.managers",
+        "multiprocessing.pool",
+        "multiprocessing.shared_memory",
+        "packaging.version",
+        "sqlite3",
+    ):
+        importlib.import_module(name)
+
+
+_import_what_fuzzing_imports_lazily()
 
 pytestmark = pytest.mark.e2e
 
