@@ -149,7 +149,7 @@ async def list_command(
     or `limit` after the tenant `after` (stderr then names the next page's command). A record
     that cannot be read is named on stderr and the rest printed; the exit status is then 1."""
     if limit is not None and limit < 1:
-        return _error("--limit: must be at least 1")
+        raise ConfigError("--limit: must be at least 1")  # a bad argument: exit 2
     try:
         async with create_redis(settings) as redis:
             page = await _store(redis, settings).page(after=after, limit=limit)

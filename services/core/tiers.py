@@ -166,6 +166,18 @@ def validate_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
         if key not in LIMIT_KEYS:
             raise LimitError(_unknown(key, LIMIT_KEYS))
     checked = merge_limits(DEFAULT_TIERS["free"], overrides).to_dict()
+    session, tenant = (
+        checked.get(key) if key in overrides else None
+        for key in ("requestsPerMinutePerSession", "requestsPerMinutePerTenant")
+    )
+    # The CRD's CEL rule, kept here too: `tenants set` and an operator on a cluster whose
+    # CRD predates the rule stored a session rate the tenant's rate made unreachable, and
+    # showed it as `effective`.
+    if session is not None and tenant is not None and session > tenant:
+        raise LimitError(
+            f"requestsPerMinutePerSession ({session}) cannot exceed "
+            f"requestsPerMinutePerTenant ({tenant})"
+        )
     return {key: checked[key] for key in overrides}
 
 

@@ -119,7 +119,7 @@ async def test_a_session_refusal_gives_the_tenant_back_its_take_and_its_count(
 
 
 async def test_a_tenant_refusal_gives_the_session_back_its_take(service: Service) -> None:
-    await service.tier("pro", {"requestsPerMinutePerSession": 5, "requestsPerMinutePerTenant": 1})
+    await service.tier("pro", {"requestsPerMinutePerSession": 1, "requestsPerMinutePerTenant": 1})
     await service.send("a")
     assert (await service.refused("b")).details["scope"] == "tenant"
     # The refused send's session limit was given back: nothing holds it any more.
