@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from services.core import clock
-from services.core.ids import Id, new_id
+from services.core.ids import Id, is_valid_id, new_id
 from services.core.keys import Priority
 
 ACTION_FIELD = "action"
@@ -119,7 +119,11 @@ class ExecutionChunk(Envelope, kw_only=True, tag="execution.chunk"):
 
     seq: Positive
     delta: str
-    attempt: Positive = 1
+    # Required in every answer (the `attempt` of the `chat.process` answered): it defaulted
+    # to 1, so on a retried task an answer that left it out was taken for attempt 1 and
+    # dropped as stale, silently, the task left to its deadline. Now such an answer is
+    # malformed: dead-lettered, and a final one fails its task at once.
+    attempt: Positive
 
 
 class ExecutionCompleted(Envelope, kw_only=True, tag="execution.completed"):
@@ -127,7 +131,7 @@ class ExecutionCompleted(Envelope, kw_only=True, tag="execution.completed"):
 
     content: str
     usage: Usage = msgspec.field(default_factory=Usage)
-    attempt: Positive = 1
+    attempt: Positive
 
 
 class ExecutionFailed(Envelope, kw_only=True, tag="execution.failed"):
@@ -136,7 +140,7 @@ class ExecutionFailed(Envelope, kw_only=True, tag="execution.failed"):
     error: str
     code: str = "execution_failed"
     retryable: bool = False
-    attempt: Positive = 1
+    attempt: Positive
 
 
 class WebsocketSend(Envelope, kw_only=True, tag="websocket.send"):
@@ -275,30 +279,60 @@ def _encodable(value: object) -> bool:
     return True
 
 
-def failure_for_unreadable(raw: bytes | str, reason: str) -> ExecutionFailed | None:
+class UnreadableAnswer(ExecutionFailed, kw_only=True, tag="execution.failed"):
+    """The failure the worker makes of a final answer it could not read (never decoded from
+    a stream). `attempt` 0 is the task's current attempt: the seed's `execution.callback`
+    names none, nor does an answer whose `attempt` is missing or unreadable, and taking
+    those for attempt 1 made the failure stale on a retried task, left to its deadline."""
+
+    attempt: int = 0
+
+
+def unreadable_answer_task(raw: bytes | str) -> str | None:
+    """The task id a final answer that could not be decoded still names, if a valid one."""
+    loose = _loose_json(raw)
+    if not isinstance(loose, dict) or loose.get("action_type") not in _FINAL_ANSWERS:
+        return None
+    task_id = loose.get("task_id")
+    return task_id if isinstance(task_id, str) and is_valid_id(task_id) else None
+
+
+def failure_for_unreadable(
+    raw: bytes | str, reason: str, located: tuple[str, str] | None = None
+) -> UnreadableAnswer | None:
     """The failure that ends the task of a final answer that could not be decoded, when the
     answer still names its task. Dead-lettered alone, it left the task running until its
     deadline (minutes) with the client told nothing; now the client gets `chat.error`
     `malformed_answer` with the reason, and the dead letter keeps the answer.
 
-    Read as loosely as JSON allows (`_loose_json`): the answers msgspec cannot read include
-    valid JSON (a lone surrogate in its content, a cost of 1e400), and re-reading those with
-    msgspec failed the same way, leaving their task to its deadline."""
+    `located` is the (tenant, session) the task's id maps to (`keys.task_location`), for an
+    answer that names its task but not (validly) its tenant or session: any it does name
+    must agree. Read as loosely as JSON allows (`_loose_json`): the answers msgspec cannot
+    read include valid JSON (a lone surrogate in its content, a cost of 1e400), and
+    re-reading those with msgspec failed the same way, leaving their task to its deadline."""
     loose = _loose_json(raw)
     if not isinstance(loose, dict) or loose.get("action_type") not in _FINAL_ANSWERS:
         return None
+    tenant_id, session_id = loose.get("tenant_id"), loose.get("session_id")
+    if located is not None:
+        if any(named is not None and named != real for named, real in zip(
+            (tenant_id, session_id), located, strict=True
+        )):  # fmt: skip
+            return None  # it names another tenant's or session's task: leave it alone
+        tenant_id, session_id = located
     attempt = loose.get("attempt")
+    readable = isinstance(attempt, int) and not isinstance(attempt, bool) and attempt >= 1
     fields = {
-        "tenant_id": loose.get("tenant_id"),
-        "session_id": loose.get("session_id"),
+        "tenant_id": tenant_id,
+        "session_id": session_id,
         "task_id": loose.get("task_id"),
-        "attempt": attempt if isinstance(attempt, int) and attempt >= 1 else 1,
+        "attempt": attempt if readable else 0,
         "trace_context": _carrier(loose.get("trace_context")),
         "error": f"the agent's answer could not be read: {reason}"[:500],
         "code": MALFORMED_ANSWER,
     }
     try:
-        return msgspec.convert(fields, ExecutionFailed)
+        return msgspec.convert(fields, UnreadableAnswer)
     except msgspec.ValidationError:  # it does not name a task (ids missing or invalid)
         return None
 

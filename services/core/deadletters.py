@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 from services.core import keys
 from services.core.actions import ACTION_FIELD
 from services.core.errors import InvalidInput
+from services.core.streams import DEAD_LETTER_FIELDS
 
 REPLAY_BATCH = 100
 """Dead letters read, re-added and deleted per round trip when replaying all of them."""
@@ -89,6 +90,7 @@ class DeadLetter:
     reason: str
     at: str  # ISO 8601, UTC
     action: bytes  # the raw action JSON; empty when the entry had no action
+    fields: str = ""  # JSON object of an entry without an action: the fields it held instead
 
     @classmethod
     def from_fields(cls, entry_id: bytes | str, fields: dict[Any, Any]) -> DeadLetter:
@@ -105,6 +107,7 @@ class DeadLetter:
             reason=_text(field("reason")),
             at=_text(field("at")),
             action=raw.encode() if isinstance(raw, str) else (raw or b""),
+            fields=_text(field(DEAD_LETTER_FIELDS)),
         )
 
     def _document(self) -> dict[str, Any] | None:
@@ -151,7 +154,15 @@ class DeadLetter:
             "action_type": self.action_type,
             "task": self.task,
             "action": _text(self.action),
+            "fields": self._fields(),
         }
+
+    def _fields(self) -> dict[str, Any] | None:
+        try:
+            fields = msgspec.json.decode(self.fields) if self.fields else None
+        except msgspec.DecodeError:
+            return None
+        return fields if isinstance(fields, dict) else None
 
 
 def _letters(rows: Any) -> list[DeadLetter]:

@@ -9,6 +9,7 @@ reason instead of blocking its stream or crashing the consumer.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from dataclasses import dataclass
 from importlib.resources import files
@@ -34,6 +35,7 @@ dead_letters_dropped = Counter(
 )
 
 DEAD_LETTER_MAXLEN = 100_000
+DEAD_LETTER_FIELDS = "fields"  # an entry without an `action` field: what it held instead
 """The dead-letter stream's cap: a bug dead-lettering every action must not fill Redis's
 memory (and refuse every write) before anyone looks. What goes past it is counted and logged:
 it is lost for good."""
@@ -56,6 +58,10 @@ class Entry:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _text_lossy(value: bytes | str) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
 
 
 def parse_read(response: Any) -> list[Entry]:
@@ -181,6 +187,12 @@ async def dead_letter(redis: Redis, entry: Entry, group: str, reason: str) -> No
     }
     raw = entry.raw_action
     record[ACTION_FIELD] = raw if raw is not None else b""
+    if raw is None and entry.fields:
+        # Written under other names (`payload`, `data`): the only copy of what the producer
+        # sent, kept as one JSON object of text for `deadletters list --json` to show.
+        record[DEAD_LETTER_FIELDS] = json.dumps(
+            {_text_lossy(name): _text_lossy(value) for name, value in entry.fields.items()}
+        )
     # XTRIM apart from the XADD: it says how many it deleted, and those were never handled.
     async with redis.pipeline(transaction=False) as pipe:
         pipe.xadd(keys.DEAD_LETTERS, record)

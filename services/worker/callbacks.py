@@ -112,7 +112,7 @@ class CallbackEffects:
                 action.code,
                 action.error,
                 pipe,
-                attempts=action.attempt,
+                attempts=action.attempt or None,  # 0: an unreadable answer's current one
                 traceparent=traceparent,
             )
         elif isinstance(action, ExecutionCallback):

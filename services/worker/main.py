@@ -23,6 +23,7 @@ from services.core.listening import serve_metrics
 from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING, create_redis
 from services.core.scripts import Scripts
 from services.core.settings import RedisMode, Settings, process_name
+from services.core.streams import ensure_group
 from services.core.task_metrics import create_series
 from services.core.tasks import TaskStore, Verdict
 from services.core.tiers import load_tiers
@@ -258,6 +259,8 @@ class Worker:
             await self.scripts.load()
         with contextlib.suppress(*REDIS_DOWN, *REDIS_REFUSING):
             await clock.sync(self.redis)  # before the first heartbeat (else: the local clock)
+        with contextlib.suppress(*REDIS_DOWN, *REDIS_REFUSING):
+            await self._ensure_aes_groups()
         syncing = asyncio.get_running_loop().create_task(clock.keep_synced(self.redis))
         log.info("worker %s started", self.worker_id)
         writing: asyncio.Task[None] | None = None
@@ -293,6 +296,14 @@ class Worker:
             await self.joint_redis.aclose()
         await self.redis.aclose()
         log.info("worker %s stopped", self.worker_id)
+
+    async def _ensure_aes_groups(self) -> None:
+        """Make the AES's consumer group (README: `aes`) on the three work streams, from
+        their start, unless it exists. An AES that made it itself at `$` (the newest entry)
+        never received the messages sent before it first started; now it finds the group
+        made, and reads them."""
+        for priority in keys.PRIORITIES:
+            await ensure_group(self.redis, keys.aes_stream(priority), keys.AES_GROUP)
 
     async def _keep_writing(self) -> None:
         """The persistence writer, started again after a failure it did not foresee. It

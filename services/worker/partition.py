@@ -41,11 +41,13 @@ from services.core.actions import (
     ExecutionCompleted,
     ExecutionFailed,
     MalformedAction,
+    UnreadableAnswer,
     WebsocketBroadcast,
     WebsocketSend,
     action_type_of,
     decode_callback,
     failure_for_unreadable,
+    unreadable_answer_task,
 )
 from services.core.delivery_lag import LagClock
 from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING
@@ -493,13 +495,21 @@ class PartitionConsumer:
         for entry in entries:
             raw = entry.raw_action
             if raw is None:
-                await self._dead_letter(entry, "stream entry has no 'action' field")
+                reason = "stream entry has no 'action' field"
+                await self._dead_letter(entry, reason)
+                # An answer written under another field name (`payload`, `data`) still ends
+                # its task: the dead letter keeps the fields, the client is told at once.
+                for value in entry.fields.values():
+                    failure = await self._failure_for(value, reason)
+                    if failure is not None:
+                        decoded.append((entry, failure))
+                        break
                 continue
             try:
                 decoded.append((entry, decode_callback(raw)))
             except MalformedAction as exc:
                 await self._dead_letter(entry, f"malformed action: {exc.reason}")
-                failure = failure_for_unreadable(raw, exc.reason)
+                failure = await self._failure_for(raw, exc.reason)
                 if failure is not None:  # the task is told, not left to its deadline
                     decoded.append((entry, failure))
         if not decoded:
@@ -514,6 +524,22 @@ class PartitionConsumer:
             for entry, action in decoded
         ]
         return Batch(decoded, spans)
+
+    async def _failure_for(self, raw: bytes, reason: str) -> UnreadableAnswer | None:
+        """The failure of an unreadable final answer's task (`failure_for_unreadable`). An
+        answer that names its task but not its tenant or session (one left out) is placed
+        by the task's location, as `GET /api/chat/tasks/{id}` places it."""
+        failure = failure_for_unreadable(raw, reason)
+        task_id = None if failure is not None else unreadable_answer_task(raw)
+        if task_id is None:
+            return failure
+        try:
+            where = await self.effects.tasks.locate(task_id)
+        except (*REDIS_DOWN, *REDIS_REFUSING):
+            return None  # dead-lettered; the task is left to its deadline
+        if where is None:
+            return None
+        return failure_for_unreadable(raw, reason, (where.tenant_id, where.session_id))
 
     async def _seed_carrier(self, action: ExecutionCallback) -> dict[str, str] | None:
         """The trace context a seed AES's `execution.callback` continues: it carries none, but

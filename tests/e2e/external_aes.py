@@ -13,6 +13,7 @@ from redis.exceptions import ResponseError
 STREAMS = ["{aes}:actions:high", "{aes}:actions:normal", "{aes}:actions:low"]
 GROUP = "aes"
 CANCEL = "{aes}:cancel"
+DLQ = "{dlq}:actions"
 
 
 class Aes:
@@ -28,8 +29,18 @@ class Aes:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
-    async def take(self, task_id: str, timeout: float = 20.0) -> tuple[str, str, dict[str, Any]]:
-        """Read with the group until the action of `task_id` arrives (others are acked)."""
+    async def take(
+        self, task_id: str, timeout: float = 20.0, attempt: int | None = None
+    ) -> tuple[str, str, dict[str, Any]]:
+        """Read with the group until the action of `task_id` (and `attempt`) arrives (others
+        are acked)."""
+        stream, entry_id, _, action = await self.take_entry(task_id, timeout, attempt)
+        return stream, entry_id, action
+
+    async def take_entry(
+        self, task_id: str, timeout: float = 20.0, attempt: int | None = None
+    ) -> tuple[str, str, dict[bytes, bytes], dict[str, Any]]:
+        """`take`, with the stream entry's fields as read."""
         async with asyncio.timeout(timeout):
             while True:
                 reply = await self.redis.xreadgroup(
@@ -40,9 +51,15 @@ class Aes:
                     for entry_id, fields in entries:
                         action = json.loads(fields[b"action"])
                         eid = entry_id.decode()
-                        if action["task_id"] == task_id:
-                            return stream, eid, action
+                        if action["task_id"] == task_id and (
+                            attempt is None or action.get("attempt") == attempt
+                        ):
+                            return stream, eid, fields, action
                         await self.redis.xack(stream, GROUP, eid)
+
+    async def keep_alive(self, stream: str, entry_id: str) -> list[Any]:
+        """README: refresh the claim with `XCLAIM ... JUSTID`, min-idle 0."""
+        return list(await self.redis.xclaim(stream, GROUP, self.name, 0, [entry_id], justid=True))
 
     async def ack(self, stream: str, entry_id: str) -> None:
         await self.redis.xack(stream, GROUP, entry_id)
@@ -64,5 +81,7 @@ class Aes:
         )
         return entry.decode()
 
-    async def raw(self, queue: str, callback: dict[str, Any]) -> str:
-        return (await self.redis.xadd(queue, {"action": json.dumps(callback)})).decode()
+    async def raw(self, queue: str, callback: dict[str, Any] | str) -> str:
+        """One stream entry as given (a dict as its JSON; a string as is, malformed or not)."""
+        data = callback if isinstance(callback, str) else json.dumps(callback)
+        return (await self.redis.xadd(queue, {"action": data})).decode()

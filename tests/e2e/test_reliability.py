@@ -167,7 +167,7 @@ async def test_a_stalled_task_times_out_at_its_deadline_and_late_callbacks_are_d
             assert events[-1]["type"] == "chat.error"
             assert events[-1]["data"]["code"] == "timed_out"
             late = ExecutionCompleted(
-                tenant_id=tenant, session_id=session, task_id=task_id, content="too late"
+                attempt=1, tenant_id=tenant, session_id=session, task_id=task_id, content="too late"
             )
             partition = keys.partition_of(tenant, session, 8)
             await redis.xadd(keys.callback_stream(partition), {ACTION_FIELD: encode_action(late)})

@@ -29,6 +29,7 @@ CREATED = datetime(2025, 1, 1, tzinfo=UTC)
 def chunk(seq: int) -> bytes:
     """The same bytes for the same `seq`, so a replayed action can be compared with it."""
     action = ExecutionChunk(
+        attempt=1,
         action_id=f"chunk-{seq}",
         created_at=CREATED,
         tenant_id="acme",

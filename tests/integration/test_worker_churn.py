@@ -73,12 +73,13 @@ async def test_callbacks_apply_once_in_order_while_workers_come_and_go(
                             task_ids.append((s, task))
                             for seq in (1, 2, 3):
                                 chunk = ExecutionChunk(
-                                    tenant_id=TENANT, session_id=s, task_id=task,
+                                    tenant_id=TENANT, session_id=s, task_id=task, attempt=1,
                                     seq=seq, delta=f"{seq} ",
                                 )  # fmt: skip
                                 pipe.xadd(stream, {ACTION_FIELD: encode_action(chunk)})
                             done = ExecutionCompleted(
-                                tenant_id=TENANT, session_id=s, task_id=task, content="1 2 3 ",
+                                tenant_id=TENANT, session_id=s, task_id=task, attempt=1,
+                                content="1 2 3 ",
                                 usage=Usage(input_tokens=1, output_tokens=2),
                             )  # fmt: skip
                             pipe.xadd(stream, {ACTION_FIELD: encode_action(done)})

@@ -29,7 +29,9 @@ async def test_a_redelivered_completion_is_not_counted_as_a_late_callback(redis:
     is counted as late too: every worker crash or lost reply shows up as AES lateness."""
     tasks = TaskStore(redis, Scripts(redis), SETTINGS)
     await tasks.apply(TaskRef("acme", "s1", "t1"), "create", fields={"status": "processing"})
-    done = ExecutionCompleted(tenant_id="acme", session_id="s1", task_id="t1", content="hi")
+    done = ExecutionCompleted(
+        attempt=1, tenant_id="acme", session_id="s1", task_id="t1", content="hi"
+    )
     await redis.xadd(STREAM, {ACTION_FIELD: encode_action(done)})
     await run_partition(redis)
     before = late("final")
@@ -47,7 +49,9 @@ async def test_a_callback_after_the_task_ended_otherwise_is_counted_as_late(redi
     ref = TaskRef("acme", "s2", "t2")
     await tasks.apply(ref, "create", fields={"status": "processing"})
     await tasks.apply(ref, "cancel", fields={"status": "cancelled"})
-    done = ExecutionCompleted(tenant_id="acme", session_id="s2", task_id="t2", content="hi")
+    done = ExecutionCompleted(
+        attempt=1, tenant_id="acme", session_id="s2", task_id="t2", content="hi"
+    )
     before = late("final")
     await redis.xadd(STREAM, {ACTION_FIELD: encode_action(done)})
     await run_partition(redis)

@@ -99,8 +99,12 @@ async def test_malformed_entries_go_to_dead_letters_and_the_rest_is_applied(
     await redis.xadd(STREAM, {ACTION_FIELD: b"{not json"})
     await redis.xadd(STREAM, {"wrong_field": b"{}"})
     await redis.xadd(STREAM, {ACTION_FIELD: b'{"action_type": "execution.teleport"}'})
-    chunk = ExecutionChunk(tenant_id="acme", session_id="s1", task_id="t1", seq=1, delta="hi")
-    done = ExecutionCompleted(tenant_id="acme", session_id="s1", task_id="t1", content="hi")
+    chunk = ExecutionChunk(
+        attempt=1, tenant_id="acme", session_id="s1", task_id="t1", seq=1, delta="hi"
+    )
+    done = ExecutionCompleted(
+        attempt=1, tenant_id="acme", session_id="s1", task_id="t1", content="hi"
+    )
     for action in (chunk, chunk, done):
         await redis.xadd(STREAM, {ACTION_FIELD: encode_action(action)})
 
@@ -124,7 +128,9 @@ async def test_entries_left_pending_by_a_dead_owner_are_adopted(redis: Redis) ->
     ref = TaskRef("acme", "s2", "t2")
     tasks = TaskStore(redis, Scripts(redis), SETTINGS)
     await tasks.apply(ref, "create", fields={"status": "processing"})
-    done = ExecutionCompleted(tenant_id="acme", session_id="s2", task_id="t2", content="ok")
+    done = ExecutionCompleted(
+        attempt=1, tenant_id="acme", session_id="s2", task_id="t2", content="ok"
+    )
     await redis.xgroup_create(STREAM, keys.WORKER_GROUP, id="0", mkstream=True)
     await redis.xadd(STREAM, {ACTION_FIELD: encode_action(done)})
     # A worker that read the entry and died before acknowledging it.
@@ -447,6 +453,7 @@ async def test_a_completions_usage_is_counted_with_the_next_round_trip_even_if_s
     tasks = TaskStore(redis, Scripts(redis), SETTINGS)
     await tasks.apply(ref, "create", fields={"status": "processing"})
     done = ExecutionCompleted(
+        attempt=1,
         tenant_id="acme",
         session_id="s1",
         task_id="t1",
@@ -902,8 +909,12 @@ async def test_a_chunk_and_completion_whose_log_append_failed_are_not_lost(
     log = keys.session_log("acme", "s2")
     await redis.delete(log)
     await redis.set(log, "a key of the wrong type")
-    chunk = ExecutionChunk(tenant_id="acme", session_id="s2", task_id="t1", seq=1, delta="hi")
-    done = ExecutionCompleted(tenant_id="acme", session_id="s2", task_id="t1", content="hi")
+    chunk = ExecutionChunk(
+        attempt=1, tenant_id="acme", session_id="s2", task_id="t1", seq=1, delta="hi"
+    )
+    done = ExecutionCompleted(
+        attempt=1, tenant_id="acme", session_id="s2", task_id="t1", content="hi"
+    )
     for action in (chunk, done):
         await redis.xadd(STREAM, {ACTION_FIELD: encode_action(action)})
     await _run_through_a_broken_log(redis, log, entries=2)

@@ -18,6 +18,8 @@ from services.core.actions import (
     decode_action,
     decode_callback,
     encode_action,
+    failure_for_unreadable,
+    unreadable_answer_task,
 )
 from services.core.ids import is_valid_id
 from services.core.schemas import render_schemas, stale_schemas
@@ -90,7 +92,7 @@ def test_json_nested_beyond_the_decoders_stack_is_malformed() -> None:
 def test_callback_queue_accepts_only_callbacks() -> None:
     with pytest.raises(MalformedAction):
         decode_callback(encode_action(a_chat_process()))
-    chunk = ExecutionChunk(tenant_id="a", session_id="b", task_id="c", seq=1, delta="hi")
+    chunk = ExecutionChunk(attempt=1, tenant_id="a", session_id="b", task_id="c", seq=1, delta="hi")
     assert decode_callback(encode_action(chunk)) == chunk
 
 
@@ -148,9 +150,49 @@ def test_usage_that_redis_could_not_add_up_is_malformed(usage: dict[str, float])
         "tenant_id": "acme",
         "session_id": "s1",
         "task_id": "t1",
+        "attempt": 1,
         "content": "hi",
     }
     with pytest.raises(MalformedAction) as refused:
         decode_callback(json.dumps({**done, "usage": usage}).replace("Infinity", "1e400"))
     assert "usage" in refused.value.reason
     assert decode_callback(json.dumps({**done, "usage": {"input_tokens": 10**12, "cost": 3.5}}))
+
+
+def test_an_answer_without_its_attempt_is_malformed() -> None:
+    """It defaulted to 1: on a retried task the answer was dropped as stale, silently."""
+    chunk = {"action_type": "execution.chunk", "tenant_id": "acme", "session_id": "s1",
+             "task_id": "t1", "seq": 1, "delta": "hi"}  # fmt: skip
+    with pytest.raises(MalformedAction, match="attempt"):
+        decode_callback(json.dumps(chunk))
+    decoded = decode_callback(json.dumps({**chunk, "attempt": 2}))
+    assert isinstance(decoded, ExecutionChunk)
+    assert decoded.attempt == 2
+
+
+def test_an_unreadable_answer_without_a_readable_attempt_fails_the_current_one() -> None:
+    """The seed's form names no attempt; taken for attempt 1, its failure was stale on a
+    retried task. 0 is the task's current attempt (as for a readable seed callback)."""
+    seed = {"action_type": "execution.callback", "tenant_id": "acme", "session_id": "s1",
+            "task_id": "t1", "status": "error"}  # fmt: skip
+    failure = failure_for_unreadable(json.dumps(seed), "status: bad")
+    assert failure is not None
+    assert failure.attempt == 0
+    named = {**seed, "action_type": "execution.completed", "attempt": 3}
+    failure = failure_for_unreadable(json.dumps(named), "content missing")
+    assert failure is not None
+    assert failure.attempt == 3  # a readable attempt is kept: a stale answer stays fenced
+
+
+def test_an_unreadable_answer_naming_only_its_task_is_placed_by_its_location() -> None:
+    done = {"action_type": "execution.completed", "tenant_id": "acme", "task_id": "t1",
+            "attempt": 1}  # fmt: skip
+    raw = json.dumps(done)
+    assert failure_for_unreadable(raw, "session_id missing") is None
+    assert unreadable_answer_task(raw) == "t1"
+    failure = failure_for_unreadable(raw, "session_id missing", ("acme", "s1"))
+    assert failure is not None
+    assert (failure.tenant_id, failure.session_id, failure.task_id) == ("acme", "s1", "t1")
+    # A tenant it names that is not the task's: another tenant's task is left alone.
+    assert failure_for_unreadable(raw, "session_id missing", ("other", "s1")) is None
+    assert unreadable_answer_task(json.dumps({**done, "task_id": "a:b}"})) is None
