@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,11 @@ from services.core.settings import load_settings
 from tests.e2e.clients import Event, auth, connect, events_until, final_of, unique
 from tests.e2e.conftest import new_stack
 from tests.e2e.external_aes import CANCEL, DLQ, STREAMS, Aes
+from tests.e2e.test_external_aes import aes_redis, aes_stack, client_redis, start_task, task_state
 
 pytestmark = pytest.mark.e2e
+
+__all__ = ["aes_redis", "aes_stack"]  # fixtures used here
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 
@@ -39,56 +43,38 @@ def schema(name: str) -> jsonschema.Draft202012Validator:
     )
 
 
-@pytest.fixture(scope="module")
-def review_redis() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    yield server
-    server.cleanup()
-
-
-@pytest.fixture(scope="module")
-def stack(
-    review_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[LocalStack, Child]]:
-    stack = new_stack(
-        review_redis,
-        tmp_path_factory.mktemp("aes-review-logs"),
-        retry_backoff_seconds="0.05",
-        retry_backoff_max_seconds="0.1",
-        max_task_attempts="3",
-    )
-    try:
-        api = stack.start_api()
-        stack.start("worker")
-        stack.wait_ready(api)
-        yield stack, api
-    finally:
-        stack.stop()
-
-
 @pytest_asyncio.fixture
-async def redis(stack: tuple[LocalStack, Child]) -> AsyncIterator[Redis]:
-    client = Redis.from_url(stack[0].env["ORCHESTRATOR_REDIS_URL"])
+async def redis(aes_stack: tuple[LocalStack, Child]) -> AsyncIterator[Redis]:
+    client = client_redis(aes_stack[0])
     yield client
     await client.aclose()
 
 
-async def start_task(api: Child, tenant: str, session: str, **body: Any) -> str:
-    async with httpx.AsyncClient(base_url=api.url, timeout=10) as http:
-        reply = await http.post(
-            "/api/chat/send",
-            json={"message": "hello", "session_id": session, "stream": True, **body},
-            headers=auth(tenant),
-        )
-    assert reply.status_code == 202, reply.text
-    return str(reply.json()["task_id"])
+@dataclass
+class Retried:
+    """A task in its second attempt, the AES holding its action."""
+
+    aes: Aes
+    ws: Any
+    tenant: str
+    session: str
+    task_id: str
+    stream: str
+    entry: str
+    action: dict[str, Any]
 
 
-async def task_state(api: Child, tenant: str, task_id: str) -> dict[str, Any]:
-    async with httpx.AsyncClient(base_url=api.url, timeout=10) as http:
-        reply = await http.get(f"/api/chat/tasks/{task_id}", headers=auth(tenant))
-    assert reply.status_code == 200, reply.text
-    return dict(reply.json())
+async def in_second_attempt(api: Child, aes: Aes) -> Retried:
+    """A task whose first attempt the AES answered retryable; its second attempt taken."""
+    await aes.ensure_group()
+    tenant, session = unique("t"), unique("s")
+    ws, _ = await connect(api.ws_url, tenant, session)
+    task_id = await start_task(api, tenant, session)
+    stream, entry, first = await aes.take(task_id, attempt=1)
+    await aes.answer(first, {"action_type": "execution.failed", "error": "x", "retryable": True})
+    await aes.ack(stream, entry)
+    stream, entry, second = await aes.take(task_id, attempt=2)
+    return Retried(aes, ws, tenant, session, task_id, stream, entry, second)
 
 
 async def marker(aes: Aes, action: dict[str, Any], ws: Any, n: int) -> list[Event]:
@@ -120,12 +106,12 @@ def chunks(events: list[Event], task_id: str) -> list[tuple[int, str]]:
     ("tier", "priority"), [("free", "low"), ("pro", "normal"), ("enterprise", "high")]
 )
 async def test_chat_process_envelope_stream_and_names(
-    stack: tuple[LocalStack, Child], redis: Redis, tier: str, priority: str
+    aes_stack: tuple[LocalStack, Child], redis: Redis, tier: str, priority: str
 ) -> None:
     """README: one field `action`; chat.process on `{aes}:actions:<priority>` (the tier's
     priority); its JSON valid under schemas/chat.process.json; callback_queue a partition
     stream `{cb:N}:callbacks`."""
-    _, api = stack
+    _, api = aes_stack
     tenant, session = unique("t"), unique("s")
     await QuotaStore(redis, load_settings()).set(tenant, tier, {})
     aes = Aes(redis, "aes-envelope")
@@ -150,13 +136,13 @@ async def test_chat_process_envelope_stream_and_names(
 
 
 async def test_retryable_failure_fences_the_old_attempt(
-    stack: tuple[LocalStack, Child], redis: Redis
+    aes_stack: tuple[LocalStack, Child], redis: Redis
 ) -> None:
     """README Reliability: a retryable execution.failed requeues the task (chat.status queued,
     attempt 2, retry_in_ms), the action comes again on the same priority stream with attempt 2,
     action_id `<task_id>-a2`, the same callback_queue and deadline; callbacks of attempt 1
     written after are dropped, attempt 2's chunks start at seq 1 and complete the task."""
-    _, api = stack
+    _, api = aes_stack
     aes = Aes(redis, "aes-retry")
     await aes.ensure_group()
     tenant, session = unique("t"), unique("s")
@@ -192,12 +178,12 @@ async def test_retryable_failure_fences_the_old_attempt(
 
 
 async def test_failures_not_retryable_and_out_of_attempts(
-    stack: tuple[LocalStack, Child], redis: Redis
+    aes_stack: tuple[LocalStack, Child], redis: Redis
 ) -> None:
     """README: retryable false ends the task `failed` with chat.error (the AES's `code`);
     retryable true on the last attempt (ORCHESTRATOR_MAX_TASK_ATTEMPTS=3) ends it failed with
     `attempts` 3."""
-    _, api = stack
+    _, api = aes_stack
     aes = Aes(redis, "aes-fail")
     await aes.ensure_group()
     tenant, session = unique("t"), unique("s")
@@ -226,20 +212,20 @@ async def test_failures_not_retryable_and_out_of_attempts(
 
 
 async def test_seed_execution_callback_applies_to_the_current_attempt(
-    stack: tuple[LocalStack, Child], redis: Redis
+    aes_stack: tuple[LocalStack, Child], redis: Redis
 ) -> None:
     """README Seed compatibility: one `execution.callback` (no envelope, no attempt) completes
     the task's current attempt, here attempt 2 after a retry; valid under its schema."""
-    _, api = stack
-    aes = Aes(redis, "aes-seed")
-    await aes.ensure_group()
-    tenant, session = unique("t"), unique("s")
-    ws, _ = await connect(api.ws_url, tenant, session)
-    task_id = await start_task(api, tenant, session)
-    stream, entry, first = await aes.take(task_id, attempt=1)
-    await aes.answer(first, {"action_type": "execution.failed", "error": "x", "retryable": True})
-    await aes.ack(stream, entry)
-    stream, entry, second = await aes.take(task_id, attempt=2)
+    _, api = aes_stack
+    retried = await in_second_attempt(api, Aes(redis, "aes-seed"))
+    aes, ws, tenant, session, task_id = (
+        retried.aes,
+        retried.ws,
+        retried.tenant,
+        retried.session,
+        retried.task_id,
+    )
+    stream, entry, second = retried.stream, retried.entry, retried.action
     seed = {
         "action_type": "execution.callback",
         "task_id": task_id,
@@ -262,12 +248,12 @@ async def test_seed_execution_callback_applies_to_the_current_attempt(
 
 
 async def test_cancel_notice_reaches_the_aes_and_late_answers_are_dropped(
-    stack: tuple[LocalStack, Child], redis: Redis
+    aes_stack: tuple[LocalStack, Child], redis: Redis
 ) -> None:
     """README Cancel: a client's cancel adds chat.cancel (reason `cancelled by client`) to
     `{aes}:cancel`, read with plain XREAD; valid under schemas/chat.cancel.json; the AES's
     later completion changes nothing (the client saw chat.cancelled, the task stays cancelled)."""
-    _, api = stack
+    _, api = aes_stack
     aes = Aes(redis, "aes-cancel")
     await aes.ensure_group()
     tenant, session = unique("t"), unique("s")
@@ -306,13 +292,13 @@ async def dead_letters_of(redis: Redis, needle: str) -> list[dict[bytes, bytes]]
 
 
 async def test_malformed_callbacks_are_dead_lettered_and_the_partition_goes_on(
-    stack: tuple[LocalStack, Child], redis: Redis
+    aes_stack: tuple[LocalStack, Child], redis: Redis
 ) -> None:
     """README: an entry that is not a valid action (bad JSON, no `action` field, a missing
     field, an unknown action_type, an id that is not [A-Za-z0-9_-]{1,64}) goes to
     `{dlq}:actions` with the reason and never stops a consumer: the session's next callbacks
     on the same partition still apply."""
-    _, api = stack
+    _, api = aes_stack
     aes = Aes(redis, "aes-malformed")
     await aes.ensure_group()
     tenant, session = unique("t"), unique("s")
@@ -357,13 +343,13 @@ async def test_malformed_callbacks_are_dead_lettered_and_the_partition_goes_on(
 
 
 async def test_callbacks_naming_another_tenant_or_an_unknown_task_change_nothing(
-    stack: tuple[LocalStack, Child], redis: Redis
+    aes_stack: tuple[LocalStack, Child], redis: Redis
 ) -> None:
     """An AES bug (or a hostile tenant's agent output echoed into ids) must not write into
     another tenant's session: a completion naming tenant B's session and task but tenant A,
     or tenant A's session, reaches nobody and leaves B's task running; a callback of an
     unknown task is dropped without blocking the partition. B's own answer then applies."""
-    _, api = stack
+    _, api = aes_stack
     aes = Aes(redis, "aes-tenancy")
     await aes.ensure_group()
     victim, intruder = unique("tb"), unique("ta")
@@ -394,13 +380,13 @@ async def test_callbacks_naming_another_tenant_or_an_unknown_task_change_nothing
 
 
 async def test_a_run_writing_its_chunks_again_gives_one_coherent_stream(
-    stack: tuple[LocalStack, Child], redis: Redis
+    aes_stack: tuple[LocalStack, Child], redis: Redis
 ) -> None:
     """README: a run whose callback write failed may write its callbacks again from the
     first, with the same `seq` and `delta` each; the worker drops the chunks it applied. (It
     said a run could "simply start again", which an agent whose words differ cannot: the
     client streamed the first run's start before the second's end.)"""
-    _, api = stack
+    _, api = aes_stack
     aes = Aes(redis, "aes-restart")
     await aes.ensure_group()
     tenant, session = unique("t"), unique("s")
@@ -423,14 +409,14 @@ async def test_a_run_writing_its_chunks_again_gives_one_coherent_stream(
 
 
 async def test_a_completion_missing_session_id_fails_its_task_at_once(
-    stack: tuple[LocalStack, Child], redis: Redis
+    aes_stack: tuple[LocalStack, Child], redis: Redis
 ) -> None:
     """README: "a completion or failure that still cannot be read is dead-lettered with the
     reason, and its task fails at once with chat.error malformed_answer ... instead of waiting
     for its deadline". A completion that forgot `session_id` still names its task (task ids
     are unique: `{t:ID}:where` maps one to its tenant and session), yet the task is left
     `processing` and the client waits for the deadline (minutes)."""
-    _, api = stack
+    _, api = aes_stack
     aes = Aes(redis, "aes-nosession")
     await aes.ensure_group()
     tenant, session = unique("t"), unique("s")
@@ -451,23 +437,23 @@ async def test_a_completion_missing_session_id_fails_its_task_at_once(
 
 
 async def test_a_malformed_seed_callback_fails_a_retried_task_at_once(
-    stack: tuple[LocalStack, Child], redis: Redis
+    aes_stack: tuple[LocalStack, Child], redis: Redis
 ) -> None:
     """README: the seed's `execution.callback` "is applied to the task's current attempt",
     and a final answer that cannot be read fails its task at once (`malformed_answer`). A
     seed callback that cannot be read (a status the schema does not list) on a task in its
     second attempt is turned into a failure of attempt 1 (it carries no attempt), which is
     stale: the task stays `processing` until its deadline."""
-    _, api = stack
-    aes = Aes(redis, "aes-seedbad")
-    await aes.ensure_group()
-    tenant, session = unique("t"), unique("s")
-    ws, _ = await connect(api.ws_url, tenant, session)
-    task_id = await start_task(api, tenant, session)
-    stream, entry, first = await aes.take(task_id, attempt=1)
-    await aes.answer(first, {"action_type": "execution.failed", "error": "x", "retryable": True})
-    await aes.ack(stream, entry)
-    stream, entry, second = await aes.take(task_id, attempt=2)
+    _, api = aes_stack
+    retried = await in_second_attempt(api, Aes(redis, "aes-seedbad"))
+    aes, ws, tenant, session, task_id = (
+        retried.aes,
+        retried.ws,
+        retried.tenant,
+        retried.session,
+        retried.task_id,
+    )
+    stream, entry, second = retried.stream, retried.entry, retried.action
     await aes.raw(second["callback_queue"], {"action_type": "execution.callback",
                                              "task_id": task_id, "tenant_id": tenant,
                                              "session_id": session, "status": "error",
@@ -480,7 +466,7 @@ async def test_a_malformed_seed_callback_fails_a_retried_task_at_once(
 
 
 async def test_a_callback_without_the_action_field_keeps_its_content_and_fails_its_task(
-    stack: tuple[LocalStack, Child], redis: Redis
+    aes_stack: tuple[LocalStack, Child], redis: Redis
 ) -> None:
     """README: an entry that is not a valid action "is moved to the dead-letter stream
     `{dlq}:actions` with the reason". An AES that named the field `payload` (or `data`, as
@@ -488,7 +474,7 @@ async def test_a_callback_without_the_action_field_keeps_its_content_and_fails_i
     answer itself was gone (neither `orchestrator deadletters list` nor a replay could show
     it), and its task was left to its deadline. The dead letter now keeps the entry's
     fields, and the task fails at once."""
-    _, api = stack
+    _, api = aes_stack
     aes = Aes(redis, "aes-nofield")
     await aes.ensure_group()
     tenant, session = unique("t"), unique("s")
@@ -516,23 +502,23 @@ async def test_a_callback_without_the_action_field_keeps_its_content_and_fails_i
 
 
 async def test_a_completion_without_attempt_fails_a_retried_task_at_once(
-    stack: tuple[LocalStack, Child], redis: Redis
+    aes_stack: tuple[LocalStack, Child], redis: Redis
 ) -> None:
     """The schemas did not require `attempt` (default 1), so an AES built from them could
     leave it out; on a task in its second attempt that answer was taken for attempt 1 and
     dropped as stale, silently: the task stayed `processing` until its deadline. `attempt`
     is now required; an answer without it is dead-lettered and fails the current attempt at
     once (`malformed_answer`)."""
-    _, api = stack
-    aes = Aes(redis, "aes-noattempt")
-    await aes.ensure_group()
-    tenant, session = unique("t"), unique("s")
-    ws, _ = await connect(api.ws_url, tenant, session)
-    task_id = await start_task(api, tenant, session)
-    stream, entry, first = await aes.take(task_id, attempt=1)
-    await aes.answer(first, {"action_type": "execution.failed", "error": "x", "retryable": True})
-    await aes.ack(stream, entry)
-    stream, entry, second = await aes.take(task_id, attempt=2)
+    _, api = aes_stack
+    retried = await in_second_attempt(api, Aes(redis, "aes-noattempt"))
+    aes, ws, tenant, session, task_id = (
+        retried.aes,
+        retried.ws,
+        retried.tenant,
+        retried.session,
+        retried.task_id,
+    )
+    stream, entry, second = retried.stream, retried.entry, retried.action
     answer = {"action_type": "execution.completed", "tenant_id": tenant, "session_id": session,
               "task_id": task_id, "content": "the answer"}  # fmt: skip
     with pytest.raises(jsonschema.ValidationError, match="'attempt' is a required property"):
@@ -548,12 +534,12 @@ async def test_a_completion_without_attempt_fails_a_retried_task_at_once(
 
 
 async def test_websocket_send_and_broadcast_reach_whom_the_readme_says(
-    stack: tuple[LocalStack, Child], redis: Redis
+    aes_stack: tuple[LocalStack, Child], redis: Redis
 ) -> None:
     """README: `websocket.send` reaches the session's sockets as a `message` event once per
     stream entry (the same action added twice: twice); `websocket.broadcast` reaches every
     connected socket of the tenant, and no other tenant's socket."""
-    _, api = stack
+    _, api = aes_stack
     aes = Aes(redis, "aes-send")
     await aes.ensure_group()
     tenant, other = unique("t"), unique("o")
@@ -586,14 +572,14 @@ async def test_websocket_send_and_broadcast_reach_whom_the_readme_says(
 
 
 async def test_deadline_in_the_action_and_the_timed_out_notice(
-    stack: tuple[LocalStack, Child], redis: Redis
+    aes_stack: tuple[LocalStack, Child], redis: Redis
 ) -> None:
     """README: chat.process carries the task's `deadline` (the tier's taskTimeoutSeconds);
     past it the client gets chat.error `timed_out`, `{aes}:cancel` gets chat.cancel with
     reason `timed out`, and a late completion is dropped."""
     from datetime import datetime
 
-    _, api = stack
+    _, api = aes_stack
     aes = Aes(redis, "aes-deadline")
     await aes.ensure_group()
     tenant, session = unique("t"), unique("s")
@@ -623,13 +609,13 @@ async def test_deadline_in_the_action_and_the_timed_out_notice(
 
 
 async def test_a_long_run_kept_alive_is_not_reclaimed_nor_trimmed(
-    stack: tuple[LocalStack, Child], redis: Redis
+    aes_stack: tuple[LocalStack, Child], redis: Redis
 ) -> None:
     """README: refresh the claim with `XCLAIM ... JUSTID` (min-idle 0) so a long, healthy run
     is not reclaimed by another instance's `XAUTOCLAIM`; the workers' trim of the AES streams
     (every 5 s) keeps an entry the group holds pending while later ones are acknowledged; a
     callback whose trace_context is not a valid traceparent is still applied."""
-    _, api = stack
+    _, api = aes_stack
     busy, other = Aes(redis, "aes-long-a"), Aes(redis, "aes-long-b")
     await busy.ensure_group()
     tenant, session = unique("t"), unique("s")

@@ -22,23 +22,14 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def known_redis() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    yield server
-    server.cleanup()
-
-
-@pytest.fixture(scope="module")
-def api(known_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Child]:
-    with lone_api(
-        known_redis, tmp_path_factory.mktemp("logs"), require_known_tenant="true"
-    ) as child:
+def api(own_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Child]:
+    with lone_api(own_redis, tmp_path_factory.mktemp("logs"), require_known_tenant="true") as child:
         yield child
 
 
 @pytest.fixture
-async def store(known_redis: RedisServer) -> AsyncIterator[QuotaStore]:
-    client: Redis = redis_client(known_redis)
+async def store(own_redis: RedisServer) -> AsyncIterator[QuotaStore]:
+    client: Redis = redis_client(own_redis)
     yield QuotaStore(client, load_settings())
     await client.aclose()
 

@@ -38,18 +38,11 @@ APPLY_WITHIN = 10.0
 
 
 @pytest.fixture(scope="module")
-def tenants_redis() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    yield server
-    server.cleanup()
-
-
-@pytest.fixture(scope="module")
-def api(tenants_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Child]:
+def api(own_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Child]:
     """Unknown tenants get the free tier (ORCHESTRATOR_DEFAULT_TIER); a long cache TTL, so only
     the announcement can make a change visible."""
     with lone_api(
-        tenants_redis,
+        own_redis,
         tmp_path_factory.mktemp("logs"),
         default_tier="free",
         validation_cache_ttl="300",
@@ -58,8 +51,8 @@ def api(tenants_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture
-async def redis(tenants_redis: RedisServer) -> AsyncIterator[Redis]:
-    client = redis_client(tenants_redis)
+async def redis(own_redis: RedisServer) -> AsyncIterator[Redis]:
+    client = redis_client(own_redis)
     yield client
     await client.aclose()
 
@@ -86,10 +79,10 @@ async def until(
     return time.monotonic() - start
 
 
-async def cli(tenants_redis: RedisServer, *args: str) -> tuple[int, str, str]:
+async def cli(own_redis: RedisServer, *args: str) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "services.cli.main", "tenants", *args,
-        env={"PATH": os.environ.get("PATH", ""), "ORCHESTRATOR_REDIS_URL": tenants_redis.url},
+        env={"PATH": os.environ.get("PATH", ""), "ORCHESTRATOR_REDIS_URL": own_redis.url},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(process.communicate(), 30)
@@ -124,23 +117,23 @@ def deadline_seconds(fields: dict[str, str]) -> float:
 
 
 async def test_max_message_chars_override_applies_live_and_its_removal_restores_the_tier(
-    api: Child, tenants_redis: RedisServer
+    api: Child, own_redis: RedisServer
 ) -> None:
     """Free allows 2 000 characters; `--limit maxMessageChars=10` refuses an 11-character
     message within about a second (422 message_too_long naming the limit), and `set` without
     the override allows it again."""
     tenant = unique("t")
-    assert (await cli(tenants_redis, "set", tenant, "--tier", "free"))[0] == 0
+    assert (await cli(own_redis, "set", tenant, "--tier", "free"))[0] == 0
     body = {"message": "x" * 11}
     assert (await post(api, tenant, body)).status_code == 202  # cache warm
-    assert (
-        await cli(tenants_redis, "set", tenant, "--tier", "free", "--limit", "maxMessageChars=10")
-    )[0] == 0
+    assert (await cli(own_redis, "set", tenant, "--tier", "free", "--limit", "maxMessageChars=10"))[
+        0
+    ] == 0
     await until(lambda: _status(api, tenant, body, 422), "maxMessageChars=10")
     reply = await post(api, tenant, body)
     assert reply.json()["error"]["code"] == "message_too_long"
     assert reply.json()["error"]["details"] == {"limit": 10, "length": 11}
-    assert (await cli(tenants_redis, "set", tenant, "--tier", "free"))[0] == 0
+    assert (await cli(own_redis, "set", tenant, "--tier", "free"))[0] == 0
     await until(lambda: _status(api, tenant, body, 202), "removal of maxMessageChars")
 
 
@@ -286,7 +279,7 @@ async def test_a_lowered_token_budget_refuses_with_the_budget_headers(
 
 
 async def test_deleting_the_record_drops_the_tenant_to_the_default_tier_live(
-    api: Child, tenants_redis: RedisServer, store: QuotaStore
+    api: Child, own_redis: RedisServer, store: QuotaStore
 ) -> None:
     """`tenants delete` of a pro tenant: it falls back to ORCHESTRATOR_DEFAULT_TIER (free, no
     streaming) within about a second."""
@@ -295,7 +288,7 @@ async def test_deleting_the_record_drops_the_tenant_to_the_default_tier_live(
     assert (await post(api, tenant, streamed)).status_code == 403  # default tier: free
     await store.set(tenant, "pro")
     await until(lambda: _status(api, tenant, streamed, 202), "pro")
-    code, out, _ = await cli(tenants_redis, "delete", tenant)
+    code, out, _ = await cli(own_redis, "delete", tenant)
     assert code == 0
     assert json.loads(out) == {"tenantId": tenant, "deleted": True}
     await until(lambda: _status(api, tenant, streamed, 403), "delete")
