@@ -337,7 +337,7 @@ async def serve(settings: Settings) -> None:
         serve_metrics(settings.metrics_port)
     tiers = load_tiers(settings)  # (a bad table stops the worker too: one line, at start)
     create_series(metrics.tasks, ("completed", "failed", "queued", "timed_out"), tiers)
-    create_series(metrics.late_callbacks, (Verdict.final, Verdict.stale))
+    create_series(metrics.late_callbacks, metrics.LATE)
     create_series(metrics.callbacks_handled, tuple(Verdict))
     if settings.database_url:
         create_series(records_written, RECORD_OUTCOMES)

@@ -27,9 +27,13 @@ callbacks_handled = Counter(
 tasks = task_metrics.tasks
 late_callbacks = Counter(
     "orchestrator_late_callbacks",
-    "Callbacks dropped because their task was final or their attempt superseded",
+    "Callbacks dropped because their task was final, their attempt superseded, or their task "
+    "unknown (expired, erased with its session, or named wrongly)",
     ["reason"],
 )
+# The verdicts counted as late callbacks. `unknown` too: an answer for a task that expired, was
+# erased, or that names another tenant's or session's task (an AES bug) was dropped unseen.
+LATE = (Verdict.final, Verdict.stale, Verdict.unknown)
 time_to_first_chunk = Histogram(
     "orchestrator_time_to_first_chunk_seconds",
     "From accepting a message to its first streamed chunk",
@@ -87,7 +91,7 @@ def observe(
     `applied_at` (epoch seconds): when the effect was sent to Redis; its reply may come back
     much later (see `PartitionConsumer._queue_read_ahead`), the client had the event then.
     """
-    if outcome.verdict in (Verdict.final, Verdict.stale):
+    if outcome.verdict in LATE:
         if not outcome.replay:  # a redelivery of what ended the task is not the AES's lateness
             late_callbacks.labels(outcome.verdict.value).inc()
         return

@@ -56,3 +56,20 @@ async def test_a_callback_after_the_task_ended_otherwise_is_counted_as_late(redi
     await redis.xadd(STREAM, {ACTION_FIELD: encode_action(done)})
     await run_partition(redis)
     assert late("final") == before + 1
+
+
+async def test_a_callback_for_a_task_nobody_knows_is_counted_as_unknown(redis: Redis) -> None:
+    """An answer naming another tenant's (or session's) task, or one that expired or was
+    erased, was dropped without a trace: an AES copying the wrong ids lost every answer and
+    no counter moved. It is counted as late, reason `unknown`."""
+    tasks = TaskStore(redis, Scripts(redis), SETTINGS)
+    await tasks.apply(TaskRef("acme", "s3", "t3"), "create", fields={"status": "processing"})
+    wrong_tenant = ExecutionCompleted(
+        attempt=1, tenant_id="other", session_id="s3", task_id="t3", content="hi"
+    )
+    before = late("unknown")
+    await redis.xadd(STREAM, {ACTION_FIELD: encode_action(wrong_tenant)})
+    await run_partition(redis)
+    assert late("unknown") == before + 1
+    state = await redis.hget(keys.task_state("acme", "s3", "t3"), "status")
+    assert state == b"processing"  # and the real task was not touched
