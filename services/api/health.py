@@ -28,7 +28,7 @@ from services.core.redis_client import (
     is_cluster,
 )
 from services.persistence.backlog import backlog as persistence_backlog
-from services.persistence.database import ping
+from services.persistence.database import database_state
 
 AnyRequest = Request[Any, Any, Any]
 
@@ -146,7 +146,7 @@ async def _database(runtime: Runtime) -> dict[str, Any]:
     readiness (the backlog waits in Redis until it is back)."""
     if runtime.database is None:
         return {"status": "not_configured"}
-    return {"status": "up" if await ping(runtime.database) else "down"}
+    return await database_state(runtime.database)
 
 
 def _reason(exc: Exception) -> str:

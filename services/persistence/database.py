@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import NullPool, QueuePool
 
 from services.core.settings import ConfigError, Settings
 
@@ -288,11 +288,21 @@ def is_data_error(exc: BaseException) -> bool:
     return False
 
 
-async def ping(engine: AsyncEngine) -> bool:
-    """True when PostgreSQL answers a trivial query (for `/health/detailed`)."""
+async def database_state(engine: AsyncEngine) -> dict[str, Any]:
+    """PostgreSQL's state for `/health/detailed`: `up` when it answers a trivial query, else
+    `down`; `busy` when every connection of the pod's pool is taken (history reads waiting on
+    a slow or locked table), said at once with the pool's figures. The ping waited for a
+    connection of that pool for the connect timeout and then said `down`: an SRE read an
+    outage into a pod whose database answered and whose pool was busy."""
+    pool = engine.pool
+    sizes: dict[str, int] = {}
+    if isinstance(pool, QueuePool):
+        sizes = {"in_use": pool.checkedout(), "size": pool.size()}
+        if sizes["in_use"] >= sizes["size"]:
+            return {"status": "busy", "pool": sizes}
     try:
         async with engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
     except Exception:  # any failure means "not answering"; the caller only reports it
-        return False
-    return True
+        return {"status": "down", **({"pool": sizes} if sizes else {})}
+    return {"status": "up", **({"pool": sizes} if sizes else {})}

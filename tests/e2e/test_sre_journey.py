@@ -494,7 +494,7 @@ async def test_bad_tokens_query_tokens_and_a_database_password_never_reach_a_log
         async with httpx.AsyncClient() as http:
             detailed = (await http.get(f"{w.api.url}/health/detailed", timeout=10)).json()
             ready = await http.get(f"{w.api.url}/health/ready", timeout=10)
-        assert detailed["components"]["database"] == {"status": "down"}, detailed
+        assert detailed["components"]["database"]["status"] == "down", detailed
         assert ready.status_code == 200, "PostgreSQL is never a reason to fail readiness"
     finally:
         w.postgres.start()
