@@ -119,7 +119,17 @@ def _invalid_part(errors: list[Any]) -> str:
     return "request is invalid" if parts else "request body is invalid"
 
 
+# nginx's "client closed request": what the HTTP metrics record of a request whose client hung
+# up (or was answered 400/408 by the protocol layer and closed) before its body was read.
+CLIENT_CLOSED = 499
+
+
 def _on_http_error(_: AnyRequest, exc: HTTPException) -> Response[Any]:
+    if exc.status_code == 500 and "client disconnected" in str(exc.detail):
+        # Litestar raises a 500 when the client goes away mid-body; nobody receives it, but
+        # the metrics recorded a server error, which an anonymous client could repeat at will
+        # to set off the critical OrchestratorHighErrorRate alert.
+        return _error(CLIENT_CLOSED, "client_closed", "the client closed the connection")
     code = _STATUS_CODES.get(exc.status_code, "http_error")
     # Litestar answers a body its decoder refused (truncated, blank, a number out of range)
     # with a 400 whose cause is the decoder's error, worded by msgspec.
