@@ -23,9 +23,13 @@ UNREACHABLE = (OSError, DBAPIError, PoolTimeout)
 
 
 def _unreachable(exc: BaseException) -> int:
-    # The type and the driver's words; never the URL (it may carry the password).
+    # The type and the driver's words; never the URL (it may carry the password). An error
+    # PostgreSQL itself answered (it has a SQLSTATE: a permission, a wrong password) is a
+    # refusal, not an outage: "unreachable" sent an SRE to the network instead of the role.
     reason = str(getattr(exc, "orig", None) or exc).splitlines()[0] if str(exc) else ""
-    print(f"orchestrator: PostgreSQL unreachable: {type(exc).__name__}: {reason}", file=sys.stderr)
+    answered = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    what = "refused" if answered else "unreachable"
+    print(f"orchestrator: PostgreSQL {what}: {type(exc).__name__}: {reason}", file=sys.stderr)
     return 1
 
 

@@ -19,7 +19,7 @@ import os
 import ssl
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlencode, urlsplit, urlunsplit
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
@@ -109,10 +109,14 @@ def _refuse(reason: str) -> ConfigError:
 def _parameters(query: str) -> dict[str, str]:
     """The URL's parameters, the last of a repeated one winning (as in libpq and asyncpg);
     an empty value counts as not given (asyncpg's parser would refuse it on every connect)."""
-    try:
-        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
-    except ValueError:
-        raise _refuse("the query string after '?' is not key=value&key=value") from None
+    # Decoded as libpq decodes it: `%` escapes only. parse_qsl read `+` as a space, so a
+    # `password=a+b` that psql accepts was refused as a wrong password.
+    pairs = []
+    for item in query.split("&") if query else ():
+        key, separator, value = item.partition("=")
+        if not separator or not key:
+            raise _refuse("the query string after '?' is not key=value&key=value")
+        pairs.append((unquote(key), unquote(value)))
     parameters = dict(pairs)
     unknown = sorted(parameters.keys() - SUPPORTED)
     if unknown:
@@ -215,7 +219,7 @@ def asyncpg_target(database_url: str) -> AsyncpgTarget:
     # asyncpg ignores the dsn's ssl parameters when given a context, so they can stay in it.
     kept = {key: value for key, value in parameters.items() if key in _FOR_ASYNCPG}
     target = AsyncpgTarget(
-        dsn=urlunsplit(parts._replace(scheme="postgresql", query=urlencode(kept))),
+        dsn=urlunsplit(parts._replace(scheme="postgresql", query=urlencode(kept, quote_via=quote))),
         server_settings=_server_settings(parameters),
     )
     if "connect_timeout" in parameters:
