@@ -57,6 +57,9 @@ def _run_token(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError("--tenant: must match [A-Za-z0-9_-]{1,64}")
     if not args.user.strip() or len(args.user) > MAX_USER_CHARS:
         raise ConfigError(f"--user: must be 1 to {MAX_USER_CHARS} characters, not blank")
+    if "\x00" in args.user or any("\ud800" <= char <= "\udfff" for char in args.user):
+        # Bytes that are not UTF-8 arrive as lone surrogates: the api refuses such a `sub`.
+        raise ConfigError("--user: must be UTF-8 text without NUL (the api refuses others)")
     if not 1 <= args.ttl <= MAX_TOKEN_TTL_SECONDS:
         raise ConfigError(f"--ttl: must be 1 to {MAX_TOKEN_TTL_SECONDS} seconds (a year)")
     print(issue_token(settings, tenant_id=args.tenant, user_id=args.user, ttl_seconds=args.ttl))

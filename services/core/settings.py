@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from redis.asyncio.connection import parse_url
 
 from services.core.ids import is_valid_id
 
@@ -69,7 +70,7 @@ class Settings(BaseSettings):
     )
 
     # Redis
-    redis_host: str = "localhost"
+    redis_host: str = Field("localhost", min_length=1)  # empty: redis-py took it for localhost
     redis_port: int = Field(6379, ge=1, le=65535)
     redis_url: str | None = None
     redis_mode: RedisMode = RedisMode.standalone
@@ -214,6 +215,8 @@ class Settings(BaseSettings):
     def _jwks_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("https://", "http://")):
             raise ValueError("must start with https:// (or http://)")
+        if value is not None and not urlsplit(value).hostname:
+            raise ValueError("names no host")  # read every 5 s in vain, never ready
         return value
 
     @field_validator("redis_url")
@@ -231,6 +234,19 @@ class Settings(BaseSettings):
             port = 0
         if port == 0:
             raise ValueError("its port is not a number from 1 to 65535")
+        if value.startswith(("redis://", "rediss://")):
+            # Each silently meant something else: no host, localhost; a database that is not
+            # a number, database 0. A parameter redis-py cannot read crashed at the first
+            # connection with a traceback that named no variable.
+            if not urlsplit(value).hostname:
+                raise ValueError("names no host")
+            database = urlsplit(value).path.strip("/")
+            if database and not database.isdigit():
+                raise ValueError("its database (the path) is not a number")
+            try:
+                parse_url(value)
+            except ValueError as exc:
+                raise ValueError(str(exc).split(" in connection URL")[0]) from None
         return value
 
     @field_validator("database_url")
@@ -258,8 +274,10 @@ class Settings(BaseSettings):
     @field_validator("redis_sentinels")
     @classmethod
     def _sentinel_addresses(cls, value: list[str]) -> list[str]:
-        for address in value:
+        for n, address in enumerate(value, start=1):
             host, _, port = address.rpartition(":")
+            if "@" in host or " " in host:  # credentials: never echoed
+                raise ValueError(f"entry {n} is not host:port (credentials go elsewhere)")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"{address!r} is not host:port")
         return value
@@ -299,6 +317,13 @@ class Settings(BaseSettings):
             raise ConfigError(
                 f"{ENV_PREFIX}REDIS_SENTINELS is required when REDIS_MODE is sentinel"
             )
+        if self.redis_mode is not RedisMode.sentinel and self.redis_sentinels:
+            # Set for a Sentinel deployment but the mode left at its default: the process used
+            # REDIS_URL (or localhost) without a word.
+            raise ConfigError(
+                f"{ENV_PREFIX}REDIS_MODE: is {self.redis_mode.value}, but REDIS_SENTINELS is "
+                "set: set REDIS_MODE=sentinel, or unset REDIS_SENTINELS"
+            )
         if self.redis_mode is RedisMode.cluster and not self.redis_url:
             raise ConfigError(
                 f"{ENV_PREFIX}REDIS_URL (a seed node) is required when REDIS_MODE is cluster"
@@ -332,7 +357,7 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         error = exc.errors()[0]
         location = [str(part) for part in error.get("loc", ()) if isinstance(part, str | int)]
-        message = str(error.get("msg", "invalid value"))
+        message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
         if location:
             name = ENV_PREFIX + location[0].upper()
             raise ConfigError(f"{name}: {message}") from None
