@@ -14,7 +14,7 @@ from services.cli.embedded_postgres import PostgresServer
 from services.core import keys
 from services.persistence.migrate import migrate
 from tests.e2e.clients import auth, send, unique
-from tests.e2e.conftest import FAST_EXECUTOR, new_stack
+from tests.e2e.conftest import FAST_EXECUTOR, deploy
 
 pytestmark = pytest.mark.e2e
 
@@ -50,52 +50,49 @@ async def test_while_postgres_is_down_list_and_erase_are_503_and_erase_nothing(
     redis = RedisServer().start()
     database = PostgresServer(durable=False).start()
     await migrate(database.url())
-    stack = new_stack(
-        redis, tmp_path_factory.mktemp("logs"), database_url=database.url(), **FAST_EXECUTOR
-    )
+    logs = tmp_path_factory.mktemp("logs")
     try:
-        api = stack.start_api()
-        stack.start("worker")
-        stack.start("executor")
-        stack.wait_ready(api)
-        tenant, session = unique("t"), unique("s")
-        async with httpx.AsyncClient(timeout=15) as http:
-            reply = await send(http, api.url, tenant, {"message": "before", "session_id": session})
-            await final(http, api.url, tenant, reply.json()["task_id"])
-            await listed(http, api.url, tenant, 1)
-            database.stop()
-            tasks = []
-            for n in range(3):
+        with deploy(redis, logs, database_url=database.url(), **FAST_EXECUTOR) as deployed:
+            api = deployed.api
+            tenant, session = unique("t"), unique("s")
+            async with httpx.AsyncClient(timeout=15) as http:
                 reply = await send(
-                    http, api.url, tenant, {"message": f"down {n}", "session_id": session}
+                    http, api.url, tenant, {"message": "before", "session_id": session}
                 )
-                assert reply.status_code == 202, reply.text
-                tasks.append(reply.json()["task_id"])
-                await final(http, api.url, tenant, tasks[-1])
-            sessions = await http.get(f"{api.url}/api/sessions", headers=auth(tenant))
-            erase = await http.delete(f"{api.url}/api/sessions/{session}", headers=auth(tenant))
-            log_left = await redis_client_len(redis.url, keys.session_log(tenant, session))
-            task_after = await http.get(
-                f"{api.url}/api/chat/tasks/{tasks[0]}", headers=auth(tenant)
-            )
-            assert sessions.status_code == 503, sessions.text
-            assert sessions.json()["error"]["code"] == "unavailable"
-            assert erase.status_code == 503, erase.text
-            assert erase.json()["error"]["code"] == "unavailable"
-            assert log_left > 0
-            assert task_after.status_code == 200, task_after.text
-            database.start()
-            found = await listed(http, api.url, tenant, 4)
-            assert [(s["session_id"], s["messages"], s["title"]) for s in found] == [
-                (session, 4, "before")
-            ], found
-            erase = await http.delete(f"{api.url}/api/sessions/{session}", headers=auth(tenant))
-            assert erase.status_code == 200, erase.text
-            assert erase.json()["deleted_messages"] == 8, erase.text
-            empty = (await http.get(f"{api.url}/api/sessions", headers=auth(tenant))).json()
-            assert empty["sessions"] == [], empty
+                await final(http, api.url, tenant, reply.json()["task_id"])
+                await listed(http, api.url, tenant, 1)
+                database.stop()
+                tasks = []
+                for n in range(3):
+                    reply = await send(
+                        http, api.url, tenant, {"message": f"down {n}", "session_id": session}
+                    )
+                    assert reply.status_code == 202, reply.text
+                    tasks.append(reply.json()["task_id"])
+                    await final(http, api.url, tenant, tasks[-1])
+                sessions = await http.get(f"{api.url}/api/sessions", headers=auth(tenant))
+                erase = await http.delete(f"{api.url}/api/sessions/{session}", headers=auth(tenant))
+                log_left = await redis_client_len(redis.url, keys.session_log(tenant, session))
+                task_after = await http.get(
+                    f"{api.url}/api/chat/tasks/{tasks[0]}", headers=auth(tenant)
+                )
+                assert sessions.status_code == 503, sessions.text
+                assert sessions.json()["error"]["code"] == "unavailable"
+                assert erase.status_code == 503, erase.text
+                assert erase.json()["error"]["code"] == "unavailable"
+                assert log_left > 0
+                assert task_after.status_code == 200, task_after.text
+                database.start()
+                found = await listed(http, api.url, tenant, 4)
+                assert [(s["session_id"], s["messages"], s["title"]) for s in found] == [
+                    (session, 4, "before")
+                ], found
+                erase = await http.delete(f"{api.url}/api/sessions/{session}", headers=auth(tenant))
+                assert erase.status_code == 200, erase.text
+                assert erase.json()["deleted_messages"] == 8, erase.text
+                empty = (await http.get(f"{api.url}/api/sessions", headers=auth(tenant))).json()
+                assert empty["sessions"] == [], empty
     finally:
-        stack.stop()
         database.cleanup()
         redis.cleanup()
 
