@@ -190,6 +190,17 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"{origin!r} is not an origin: scheme://host[:port], no path or trailing /"
                 )
+            # A host with a space or credentials, or a port that is not a number, is no
+            # Origin a browser sends either (`https://app example.com` loaded, matched nothing).
+            host, colon, port = ("", "", "") if rest.endswith("]") else rest.rpartition(":")
+            host = host if colon else rest
+            if (
+                not host
+                or "@" in rest
+                or any(c.isspace() for c in rest)
+                or (colon and not (port.isdigit() or port == "*"))
+            ):
+                raise ValueError(f"{origin!r} is not an origin: scheme://host[:port]")
             scheme, rest = scheme.lower(), rest.lower()
             default = {"https": ":443", "http": ":80"}.get(scheme)
             if default and rest.endswith(default):

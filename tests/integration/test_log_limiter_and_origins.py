@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 
 from services.api.sockets import _cors_rule
 from services.core.logs import configure_logging
-from services.core.settings import load_settings
+from services.core.settings import ConfigError, load_settings
 from services.operator.reconcile import ResourceRef
 from tests.operator.conftest import make_reconciler, tier_quota
 
@@ -69,3 +69,16 @@ def test_an_allowed_origin_no_browser_sends_is_refused_or_matched(
         f"ALLOWED_ORIGINS={entry!r} accepted at start, yet the browser's Origin "
         f"{browser_origin!r} is refused"
     )
+
+
+@pytest.mark.parametrize(
+    "entry", ["https://app example.com", "https://app.example.com:abc", "https://u@app.example.com"]
+)
+def test_an_origin_with_a_space_credentials_or_a_port_that_is_no_number_is_refused(
+    entry: str,
+) -> None:
+    """They loaded, and matched no page a browser opens: refused at start, the entry named."""
+    with pytest.raises(ConfigError, match=r"ORCHESTRATOR_ALLOWED_ORIGINS: .* is not an origin"):
+        load_settings(allowed_origins=entry)
+    for fine in ("https://*.example.com", "http://127.0.0.1:5173", "http://[::1]:8000", "*"):
+        assert load_settings(allowed_origins=fine).allowed_origins == [fine]
