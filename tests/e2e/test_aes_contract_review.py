@@ -8,9 +8,8 @@ import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import jsonschema
@@ -50,8 +49,7 @@ async def redis(aes_stack: tuple[LocalStack, Child]) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-@dataclass
-class Retried:
+class Retried(NamedTuple):
     """A task in its second attempt, the AES holding its action."""
 
     aes: Aes
@@ -217,15 +215,9 @@ async def test_seed_execution_callback_applies_to_the_current_attempt(
     """README Seed compatibility: one `execution.callback` (no envelope, no attempt) completes
     the task's current attempt, here attempt 2 after a retry; valid under its schema."""
     _, api = aes_stack
-    retried = await in_second_attempt(api, Aes(redis, "aes-seed"))
-    aes, ws, tenant, session, task_id = (
-        retried.aes,
-        retried.ws,
-        retried.tenant,
-        retried.session,
-        retried.task_id,
+    aes, ws, tenant, session, task_id, stream, entry, second = await in_second_attempt(
+        api, Aes(redis, "aes-seed")
     )
-    stream, entry, second = retried.stream, retried.entry, retried.action
     seed = {
         "action_type": "execution.callback",
         "task_id": task_id,
@@ -445,15 +437,9 @@ async def test_a_malformed_seed_callback_fails_a_retried_task_at_once(
     second attempt is turned into a failure of attempt 1 (it carries no attempt), which is
     stale: the task stays `processing` until its deadline."""
     _, api = aes_stack
-    retried = await in_second_attempt(api, Aes(redis, "aes-seedbad"))
-    aes, ws, tenant, session, task_id = (
-        retried.aes,
-        retried.ws,
-        retried.tenant,
-        retried.session,
-        retried.task_id,
+    aes, ws, tenant, session, task_id, stream, entry, second = await in_second_attempt(
+        api, Aes(redis, "aes-seedbad")
     )
-    stream, entry, second = retried.stream, retried.entry, retried.action
     await aes.raw(second["callback_queue"], {"action_type": "execution.callback",
                                              "task_id": task_id, "tenant_id": tenant,
                                              "session_id": session, "status": "error",
@@ -510,15 +496,9 @@ async def test_a_completion_without_attempt_fails_a_retried_task_at_once(
     is now required; an answer without it is dead-lettered and fails the current attempt at
     once (`malformed_answer`)."""
     _, api = aes_stack
-    retried = await in_second_attempt(api, Aes(redis, "aes-noattempt"))
-    aes, ws, tenant, session, task_id = (
-        retried.aes,
-        retried.ws,
-        retried.tenant,
-        retried.session,
-        retried.task_id,
+    aes, ws, tenant, session, task_id, stream, entry, second = await in_second_attempt(
+        api, Aes(redis, "aes-noattempt")
     )
-    stream, entry, second = retried.stream, retried.entry, retried.action
     answer = {"action_type": "execution.completed", "tenant_id": tenant, "session_id": session,
               "task_id": task_id, "content": "the answer"}  # fmt: skip
     with pytest.raises(jsonschema.ValidationError, match="'attempt' is a required property"):
