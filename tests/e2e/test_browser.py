@@ -9,6 +9,7 @@ keeps `about:blank` pages off loopback); `localhost` on the same port is the for
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -42,6 +43,7 @@ CHROMIUM_ARGS = [
 ]
 FREE_PER_SESSION = 10  # the free tier's requests per minute per session
 PRO_PER_SESSION = 60  # the pro tier's (`make dev`'s demo tenant, whose tier streams)
+PAGE_SECONDS = 60  # the longest a page's script may take
 
 
 def chromium_path() -> str:
@@ -108,6 +110,12 @@ async def open_page(browser: Browser, origin: str) -> Page:
     return page
 
 
+async def run_in(page: Page, script: str, arg: Any) -> Any:
+    """`page.evaluate`, bounded: a script waiting for an event that never comes fails this
+    test with its own error, not the whole run's timeout with nothing said."""
+    return await asyncio.wait_for(page.evaluate(script, arg), PAGE_SECONDS)
+
+
 # Runs in the page: a socket, then a send by REST; what the page could see of both.
 CHAT = """
 async ({api, ws, tenant, session, token}) => {
@@ -123,6 +131,8 @@ async ({api, ws, tenant, session, token}) => {
       if (event.type === "chat.response") { answer = event; resolve(); }
     };
     sock.onerror = () => reject(new Error("socket error"));
+    sock.onclose = (e) => reject(new Error(`socket closed ${e.code} ${e.reason}; saw ${types}`));
+    setTimeout(() => reject(new Error(`no chat.response in 30 s; saw ${types}`)), 30000);
   });
   await new Promise((resolve, reject) => {
     sock.onopen = resolve;
@@ -233,7 +243,7 @@ async def test_a_page_of_an_allowed_origin_chats_and_reads_the_rate_limit_header
 ) -> None:
     tenant = unique("t")
     page = await open_page(browser, f"http://127.0.0.1:{page_port}")
-    seen = await page.evaluate(CHAT, {**endpoints(allowed, tenant), "session": unique("s")})
+    seen = await run_in(page, CHAT, {**endpoints(allowed, tenant), "session": unique("s")})
     assert seen["protocol"] == "orchestrator.v1"
     assert seen["status"] == 202
     assert seen["types"][0] == "connection.ack"
@@ -252,7 +262,8 @@ async def test_a_page_reads_the_refusals_retry_after_and_error_bodies(
 ) -> None:
     tenant = unique("t")
     page = await open_page(browser, f"http://127.0.0.1:{page_port}")
-    seen = await page.evaluate(
+    seen = await run_in(
+        page,
         REFUSALS,
         {**endpoints(allowed, tenant), "session": unique("s"), "count": FREE_PER_SESSION + 1},
     )
@@ -267,7 +278,7 @@ async def test_a_page_of_another_origin_gets_neither_the_api_nor_a_socket(
 ) -> None:
     tenant = unique("t")
     page = await open_page(browser, f"http://localhost:{page_port}")
-    seen = await page.evaluate(FOREIGN, {**endpoints(allowed, tenant), "session": unique("s")})
+    seen = await run_in(page, FOREIGN, {**endpoints(allowed, tenant), "session": unique("s")})
     assert seen["rest"] == "blocked"
     assert seen["socket"] == "closed 1006"  # refused with 403 before the handshake
 
@@ -285,9 +296,9 @@ async def test_a_page_sees_why_its_socket_was_refused(
         "other tenant": (["orchestrator.v1", "bearer." + token(unique("t"))], "forbidden"),
     }
     for name, (protocols, reason) in ends.items():
-        seen = await page.evaluate(
-            CLOSED, {"ws": allowed.api.ws_url, "tenant": tenant, "session": unique("s"),
-                     "protocols": protocols},
+        seen = await run_in(
+            page, CLOSED, {"ws": allowed.api.ws_url, "tenant": tenant, "session": unique("s"),
+                           "protocols": protocols},
         )  # fmt: skip
         assert seen["code"] == 1008, name
         assert seen["reason"].startswith(reason), (name, seen["reason"])
@@ -344,7 +355,8 @@ async def test_the_readme_code_for_pages_chats_and_resumes(
     await page.add_script_tag(
         content=readme_page_code(allowed.api.url, allowed.api.ws_url, tenant, session)
     )
-    seen = await page.evaluate(
+    seen = await run_in(
+        page,
         """async (token) => {
           const until = async (test) => {
             for (let i = 0; i < 500 && !test(); i++) await new Promise((r) => setTimeout(r, 20));
@@ -400,7 +412,8 @@ async def test_the_readme_code_reads_a_proxys_html_error_as_an_error(
         )
 
     await page.route("**/api/chat/send", bad_gateway)
-    thrown = await page.evaluate(
+    thrown = await run_in(
+        page,
         """async (t) => {
           try { await send(t, "hello"); return null; }
           catch (e) { return {name: e.name, message: e.message}; }
