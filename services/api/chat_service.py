@@ -40,6 +40,7 @@ from services.core.auth import Principal
 from services.core.errors import Conflict, InvalidInput, NotFound, Unavailable
 from services.core.ids import new_id
 from services.core.logs import bind_for_this_task
+from services.core.partition_count import PartitionCheck, PartitionCountMismatch
 from services.core.ratelimit import (
     RateDecision,
     check_arguments,
@@ -165,6 +166,19 @@ class ChatService:
         # past its deadline): a key found without its task is taken for a send that never
         # queued one, and a retry then sent the message again.
         self._idempotency_ttl = min(IDEMPOTENCY_TTL_SECONDS, settings.task_ttl_seconds)
+        # Checked at start when Redis answered then (services/cli/main.py); else before the
+        # first send: a task routed with another count than the workers' is never answered.
+        self._partitions = PartitionCheck(redis, settings.callback_partitions)
+
+    async def _ensure_partitions(self) -> None:
+        try:
+            await self._partitions.ensure()
+        except PartitionCountMismatch as exc:
+            log.warning("send refused: %s", exc)  # a line a send: bounded (RepeatLimiter)
+            raise Unavailable(
+                "this api pod is misconfigured and sends nothing; its log says why",
+                code="misconfigured",
+            ) from None
 
     async def send(
         self,
@@ -191,6 +205,7 @@ class ChatService:
         session_id = session_id or new_id()
         bind_for_this_task(session_id=session_id)  # the request's later lines name it
         await clock.ensure_synced(self.redis)  # created_at and the deadline: Redis's clock
+        await self._ensure_partitions()
         idempotency = None
         if idempotency_key is not None:
             idempotency = keys.tenant_idempotency(tenant_id, _digest(idempotency_key))

@@ -130,6 +130,16 @@ def _run_deadletters(args: argparse.Namespace, settings: Settings) -> int:
     )
 
 
+def _run_partitions(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from services.cli import partitions
+
+    if args.action == "set":
+        return asyncio.run(partitions.set_command(settings, args.count, force=args.force))
+    return asyncio.run(partitions.show_command(settings))
+
+
 def _run_operator(args: argparse.Namespace, settings: Settings) -> int:
     from services.operator.main import configure_operator_logging, run_operator
     from services.operator.settings import load_operator_settings
@@ -162,18 +172,20 @@ def _run_prune(_: argparse.Namespace, settings: Settings) -> int:
     return prune_command(settings)
 
 
-REDIS_COMMANDS = ("api", "worker", "executor", "operator", "tenants", "deadletters")
+REDIS_COMMANDS = ("api", "worker", "executor", "operator", "tenants", "deadletters", "partitions")
 LONG_RUNNING = ("api", "worker", "executor", "operator", "dev")
 LOGGED_AS_JSON = ("api", "worker", "executor")  # `configure_logging` ran before their handler
+PARTITIONED = ("api", "worker")  # they compute and read callback partitions
 
 
-def _verify_redis(settings: Settings) -> None:
-    """A wrong `ORCHESTRATOR_REDIS_MODE` for the server reached stops here with one line."""
+def _verify_redis(settings: Settings, command: str) -> None:
+    """A wrong `ORCHESTRATOR_REDIS_MODE` for the server reached stops here with one line, and
+    so does an api's or a worker's `CALLBACK_PARTITIONS` other than the installation's."""
     import asyncio
 
     from services.core.redis_client import verify_topology
 
-    asyncio.run(verify_topology(settings))
+    asyncio.run(verify_topology(settings, claim_partitions=command in PARTITIONED))
 
 
 def _run_bench(bench_args: list[str]) -> int:
@@ -203,6 +215,19 @@ def _port(text: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port (1-65535)")
     return port
+
+
+def _partition_count(text: str) -> int:
+    """A count `ORCHESTRATOR_CALLBACK_PARTITIONS` accepts (1-1024)."""
+    from services.cli.partitions import MAX_PARTITIONS
+
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= MAX_PARTITIONS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count of partitions (1-1024)")
+    return count
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,6 +340,23 @@ def build_parser() -> argparse.ArgumentParser:
     dead_discard.add_argument("ids", nargs="+", metavar="ID")
     dead.set_defaults(handler=_run_deadletters)
 
+    partitions = commands.add_parser(
+        "partitions",
+        help="the installation's CALLBACK_PARTITIONS and what its partitions hold; set: change "
+        "it once they hold nothing",
+    )
+    partition_actions = partitions.add_subparsers(dest="action", metavar="ACTION")
+    partition_set = partition_actions.add_parser(
+        "set", help="record another count (refused while tasks are in flight)"
+    )
+    partition_set.add_argument("count", type=_partition_count, metavar="N")
+    partition_set.add_argument(
+        "--force",
+        action="store_true",
+        help="change it while tasks are in flight (their answers and deadlines are lost)",
+    )
+    partitions.set_defaults(handler=_run_partitions)
+
     commands.add_parser(
         "bench", help="the side-by-side benchmark: us and the peers (--quick, --json PATH, --help)"
     )
@@ -362,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             configure_logging(settings.log_level, args.command)
             configure_tracing(args.command)
         if args.command in REDIS_COMMANDS:
-            _verify_redis(settings)
+            _verify_redis(settings, args.command)
         return handler(args, settings)
     except ConfigError as exc:
         print(f"orchestrator: configuration error: {exc}", file=sys.stderr)

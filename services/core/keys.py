@@ -147,6 +147,11 @@ def task_member(tenant_id: str, session_id: str, task_id: str) -> str:
     return f"{tenant_id}/{session_id}/{task_id}"
 
 
+CALLBACK_PARTITION_COUNT = "{cb}:partitions"
+"""The installation's `CALLBACK_PARTITIONS`, recorded by its first api or worker
+(`services.core.partition_count`)."""
+
+
 def partition_of(tenant_id: str, session_id: str, partitions: int) -> int:
     """Stable partition of a session: all of its callbacks land in one stream, in order."""
     return zlib.crc32(f"{tenant_id}:{session_id}".encode()) % partitions

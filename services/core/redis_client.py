@@ -64,6 +64,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from services.core import partition_count
 from services.core.settings import ConfigError, RedisMode, Settings
 
 log = logging.getLogger(__name__)
@@ -578,14 +579,16 @@ class ScriptingClusterPipeline(ClusterPipeline):
         return self
 
 
-async def verify_topology(settings: Settings) -> None:
-    """Stop the process with one line when the server reached is not of the configured mode.
+async def verify_topology(settings: Settings, claim_partitions: bool = False) -> None:
+    """Stop the process with one line when the server reached is not of the configured mode,
+    or (`claim_partitions`: an api or a worker) when the installation records another
+    `CALLBACK_PARTITIONS` (`services.core.partition_count`).
 
     Unreachable servers are not an error here: every process waits for Redis by itself.
     """
     try:
         async with asyncio.timeout(VERIFY_TIMEOUT_SECONDS):
-            await _verify(settings)
+            await _verify(settings, claim_partitions)
     except ConfigError:
         raise
     except (*REDIS_DOWN, TimeoutError) as exc:
@@ -600,7 +603,7 @@ async def verify_topology(settings: Settings) -> None:
         ) from None
 
 
-async def _verify(settings: Settings) -> None:
+async def _verify(settings: Settings, claim_partitions: bool) -> None:
     settings.require_redis_topology()
     mode = settings.redis_mode
     name = "ORCHESTRATOR_REDIS_MODE"
@@ -619,6 +622,8 @@ async def _verify(settings: Settings) -> None:
                     ) from None
                 raise
             await warn_on_eviction(client)
+            if claim_partitions:
+                await partition_count.claim(client, settings.callback_partitions)
             return
         info = await client.info("server")
         server_mode = str(info.get("redis_mode") or info.get("server_mode") or "standalone")
@@ -638,6 +643,8 @@ async def _verify(settings: Settings) -> None:
                 "ORCHESTRATOR_REDIS_MODE=sentinel and ORCHESTRATOR_REDIS_SENTINELS to it"
             )
         await warn_on_eviction(client)
+        if claim_partitions:
+            await partition_count.claim(client, settings.callback_partitions)
     finally:
         await client.aclose()
 

@@ -20,6 +20,7 @@ from redis.exceptions import ResponseError
 from services.core import clock, keys
 from services.core.heap import freeze_startup_heap
 from services.core.listening import serve_metrics
+from services.core.partition_count import PartitionCheck
 from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING, create_redis
 from services.core.scripts import Scripts
 from services.core.settings import RedisMode, Settings, process_name
@@ -83,6 +84,7 @@ class Worker:
             settings.callback_partitions,
             settings.partition_lease_seconds,
         )
+        self.partitions = PartitionCheck(self.redis, settings.callback_partitions)
         self.consumers: dict[int, tuple[PartitionConsumer, asyncio.Task[None]]] = {}
         # On one server, the steady partitions are read and applied together (`joint`).
         self.joint_redis: Redis | None = None
@@ -136,6 +138,9 @@ class Worker:
 
     async def _rebalance(self) -> None:
         self._restart_crashed()
+        # Checked at start when Redis answered then (services/cli/main.py); else here,
+        # before any partition is taken: a mismatch stops the worker with one line.
+        await self.partitions.ensure()
         live = await self.leases.live_workers()
         lost = await self.leases.renew()
         for partition in lost:

@@ -531,6 +531,7 @@ async def test_leases_taken_before_a_failure_in_the_same_round_are_consumed(
         redis_url=redis_url, callback_partitions=4, worker_sleep_seconds=0.05, pod_name="w1"
     )
     worker = Worker(settings)
+    await worker.partitions.ensure()  # its SET is not a lease's
     real_set = worker.redis.set
     calls = 0
 
