@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import re
 from collections import deque
 from collections.abc import Generator, Iterable
 from typing import Any, cast
@@ -48,7 +49,7 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.connection import AbstractConnection, SSLConnection, parse_url
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import (
     AskError,
@@ -318,6 +319,24 @@ class WaitingSentinelConnectionPool(_WaitForConnection, SentinelConnectionPool):
         self._waiters = deque()
 
 
+# redis-py's repr of one sentinel's client in its MasterNotFoundError: ~1 000 characters.
+_SENTINEL_CLIENT = re.compile(
+    r"<redis\.asyncio\.client\.Redis\(.*?,host=([^,]+),port=(\d+),.*?\)>\)>\)>"
+)
+
+
+class ReadableSentinel(Sentinel):
+    """redis-py names each sentinel it could not ask by its client's repr: behind three
+    unreachable sentinels `orchestrator tenants list` printed a 3 KB line, and every service
+    logged one a retry. The same error, each sentinel named by its address."""
+
+    async def discover_master(self, service_name: str) -> Any:
+        try:
+            return await super().discover_master(service_name)
+        except MasterNotFoundError as exc:
+            raise MasterNotFoundError(_SENTINEL_CLIENT.sub(r"\1:\2", str(exc))) from None
+
+
 def is_cluster(redis: Redis | RedisCluster) -> bool:
     return isinstance(redis, RedisCluster)
 
@@ -357,7 +376,7 @@ def _sentinel_primary(settings: Settings, pool_size: int, retries: int = RETRIES
         "username": settings.redis_sentinel_username,
         "password": settings.redis_sentinel_password,
     }
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = ReadableSentinel(  # type: ignore[no-untyped-call]
         settings.sentinel_addresses,
         sentinel_kwargs={
             **{k: v for k, v in sentinel_auth.items() if v},

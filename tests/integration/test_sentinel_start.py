@@ -7,12 +7,14 @@ default backoff per sentinel made every command wait 33 s."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
 from services.cli.embedded import free_port
-from tests.integration.start_checks import base_env, start
+from tests.integration.start_checks import ROOT, base_env, start
 
 BOUND_SECONDS = 20.0
 
@@ -42,3 +44,24 @@ def test_an_api_behind_unreachable_sentinels_is_alive_soon(tmp_path: Path) -> No
     finally:
         process.kill()
         process.wait()
+
+
+def test_unreachable_sentinels_are_named_by_their_address_in_one_short_line() -> None:
+    """redis-py names each sentinel it could not ask by its client's repr: three of them made
+    `orchestrator tenants list` print one 3 200-character line (and each service logged one
+    a retry), the addresses buried in connection-pool internals."""
+    addresses = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    env = base_env(None, redis_mode="sentinel", redis_sentinels=",".join(addresses))
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli.main", "tenants", "list"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert len(lines[0]) < 300, lines[0]
+    assert all(f"{address} - " in lines[0] for address in addresses), lines[0]
