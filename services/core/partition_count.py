@@ -73,13 +73,25 @@ async def claim(redis: Redis, count: int) -> None:
         return
 
 
+_claimed_at_start: set[int] = set()
+"""The count `claim_at_start` recorded or found (a process's start check, before its service
+is built): its service's first send or lease then costs no round trip. Without it, an api's
+first send met Redis twice more, and a busy Redis answered it 503 where the send itself would
+have been accepted."""
+
+
+async def claim_at_start(redis: Redis, count: int) -> None:
+    await claim(redis, count)
+    _claimed_at_start.add(count)
+
+
 class PartitionCheck:
     """`claim`, once per process: after the first answer, no more round trips."""
 
     def __init__(self, redis: Redis, count: int) -> None:
         self._redis = redis
         self._count = count
-        self.verified = False
+        self.verified = count in _claimed_at_start
 
     async def ensure(self) -> None:
         if not self.verified:

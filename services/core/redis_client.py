@@ -642,7 +642,7 @@ async def _verify(settings: Settings, claim_partitions: bool) -> None:
                 raise
             await warn_on_eviction(client)
             if claim_partitions:
-                await partition_count.claim(client, settings.callback_partitions)
+                await partition_count.claim_at_start(client, settings.callback_partitions)
             return
         info = await client.info("server")
         server_mode = str(info.get("redis_mode") or info.get("server_mode") or "standalone")
@@ -663,7 +663,7 @@ async def _verify(settings: Settings, claim_partitions: bool) -> None:
             )
         await warn_on_eviction(client)
         if claim_partitions:
-            await partition_count.claim(client, settings.callback_partitions)
+            await partition_count.claim_at_start(client, settings.callback_partitions)
     finally:
         await client.aclose()
 

@@ -64,6 +64,7 @@ FAMILIES = {
     "pod": re.compile(r"^\{pod:[\w-]+\}:control$"),
     "health probes": re.compile(r"^\{health(:\d+)?\}:probe:[\w.-]+$"),
     "task index start": re.compile(r"^\{tasks\}:index-since$"),
+    "partition count": re.compile(r"^\{cb\}:partitions$"),
 }
 
 
