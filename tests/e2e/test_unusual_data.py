@@ -310,7 +310,7 @@ async def test_a_retried_send_with_a_deep_context_is_replayed_not_a_500(
 
 
 async def retry_deep_sends(api: Child, tenant: str) -> tuple[dict[int, Any], int]:
-    """The deepest context a first send accepts, and how retries of the five deepest were
+    """The deepest context a first send accepts, and how retries of the deepest ones were
     answered when not as replays of their first send."""
     async with httpx.AsyncClient(base_url=api.url, timeout=10) as http:
 
@@ -333,15 +333,23 @@ async def retry_deep_sends(api: Child, tenant: str) -> tuple[dict[int, Any], int
             assert reply.status_code in (202, 400), (mid, reply.status_code, reply.text[:200])
             lo, hi = (mid, hi) if reply.status_code == 202 else (lo, mid - 1)
         outcomes: dict[int, Any] = {}
-        for depth in range(lo, max(lo - 5, 1), -1):
+        accepted = 0
+        for depth in range(lo, max(lo - 8, 1), -1):
             key, session = unique("k"), unique("s")
             first = await post(depth, key, session)
+            if first.status_code == 400 and accepted == 0:
+                # The limit sits a frame or two lower this time (a collection's finalizer,
+                # a log line on the stack while the body is decoded): the next depth is
+                # the deepest a send accepts now.
+                continue
             assert first.status_code == 202, (depth, first.text[:200])
+            accepted += 1
             again = await post(depth, key, session)
             if again.status_code != 202 or again.headers.get("Idempotent-Replayed") != "true":
                 outcomes[depth] = (again.status_code, again.text[:120])
             elif again.json()["task_id"] != first.json()["task_id"]:
                 outcomes[depth] = (again.status_code, "another task")
+        assert accepted >= 3, f"the first sends of depths {lo} to {lo - 7} were refused"
     return outcomes, lo
 
 
