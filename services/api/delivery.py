@@ -84,6 +84,14 @@ class _Lane:
                 await self.client.aclose()
 
 
+def _resubscribed_after_a_drop(message: dict[str, Any], lane: _Lane) -> bool:
+    """A subscription confirmation counting 1 on a lane that already has live channels: the
+    first confirmation of a new connection, which redis-py made and subscribed by itself.
+    (On a live connection the count is the connection's subscriptions so far: 1 only for a
+    lane's first channel. The expected confirmations are consumed by the same count.)"""
+    return message["type"] == "ssubscribe" and message["data"] == 1 and bool(lane.channels)
+
+
 class SessionHub:
     """Subscriptions and fan-out for every socket on this pod."""
 
@@ -319,6 +327,17 @@ class SessionHub:
                     log.warning("delivery subscription on %s lost: %r", lane.name, exc)
                 self._lose(lane)
                 return
+            if message is not None and _resubscribed_after_a_drop(message, lane):
+                # redis-py's retry made the connection again and subscribed its channels by
+                # itself (the connection dropped while Redis stayed up: a proxy's idle
+                # timeout, CLIENT KILL, a subscriber over its output buffer limit), and no
+                # error reached this loop: what was published in between is only in the logs.
+                log.warning("delivery subscription on %s dropped and remade", lane.name)
+                if self._cluster is not None:
+                    self._lose(lane)
+                    return
+                if not self._outage:
+                    self._begin_outage()
             if self._outage:  # reconnected and resubscribed by redis-py
                 delay = RECONNECT_MIN_SECONDS
                 self._outage = False
