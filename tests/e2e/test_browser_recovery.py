@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -258,3 +259,55 @@ async def test_a_page_catching_up_from_history_does_not_show_a_live_answer_twice
         missed,
     )
     assert tasks == [missed], {"missed": missed, "live": live, "shown from history": tasks}
+
+
+async def test_the_readme_code_fetches_what_a_resume_gap_lost_once_the_next_event_bounds_it(
+    browser: Browser, page_port: int, tmp_path: Path
+) -> None:
+    """README: an `error` `resume_gap` on an open socket means, like `resumed: false`, that
+    tasks which ended in between are only in history. The README's code fetched history only
+    for an ack with `resumed: false`: a page told of a gap showed it and fetched nothing.
+    Redis restarting without its data under an open socket gives the gap; the page's code now
+    calls `missed` from its cursor up to (not through) the next event's id."""
+    redis = RedisServer().start()
+    try:
+        with deploy(
+            redis,
+            tmp_path / "logs",
+            allowed_origins=f"http://127.0.0.1:{page_port}",
+            default_tier="pro",
+            **FAST_EXECUTOR,
+        ) as deployed:
+            api, tenant, session = deployed.api, unique("t"), unique("s")
+            signed = token(tenant)
+            page = await readme_page(browser, page_port, api.url, api.ws_url, tenant, session)
+            await page.add_script_tag(  # what the page asks of history, recorded
+                content="window.asked = []; missed = (...args) => { asked.push(args); };"
+            )
+            await page.evaluate("(t) => connect(t)", signed)
+            assert await page.evaluate("until(() => acks().length === 1)")
+            first = (await page.evaluate("(t) => send(t, 'before')", signed))["task_id"]
+            assert await page.evaluate(
+                "(id) => until(() => events.some((e) => e.task_id === id && "
+                "e.type === 'chat.response'))",
+                first,
+            )
+            cursor = await page.evaluate("lastId")
+            redis.stop()  # Redis comes back without its data (no persistence)
+            redis.start()
+            assert await page.evaluate(
+                "until(() => events.some((e) => e.data && e.data.code === 'resume_gap'))"
+            )
+            assert await page.evaluate("asked") == []  # bounded by the next event, not yet
+            after = await page.evaluate("(t) => send(t, 'after')", signed)
+            assert await page.evaluate(
+                "(id) => until(() => events.some((e) => e.task_id === id && "
+                "e.type === 'chat.response'))",
+                after["task_id"],
+            )
+            nxt = await page.evaluate(
+                "(id) => events.find((e) => e.task_id === id).id", after["task_id"]
+            )
+            assert await page.evaluate("asked") == [[signed, cursor, nxt, False]]
+    finally:
+        redis.cleanup()
