@@ -37,7 +37,7 @@ from services.core.actions import (
     utcnow,
 )
 from services.core.auth import Principal
-from services.core.errors import Conflict, InvalidInput, NotFound, Unavailable
+from services.core.errors import BadRequest, Conflict, InvalidInput, NotFound, Unavailable
 from services.core.ids import new_id
 from services.core.logs import bind_for_this_task
 from services.core.partition_count import PartitionCheck, PartitionCountMismatch
@@ -690,8 +690,19 @@ class ChatService:
             raise NotFound(f"task {task_id} not found")
         return msgspec.convert(record.to_status(), TaskView)
 
-    async def cancel(self, principal: Principal, task_id: str) -> Cancelled:
+    async def cancel(
+        self, principal: Principal, task_id: str, *, session_id: str | None = None
+    ) -> Cancelled:
+        """`session_id`: a socket's cancel, of its own session's tasks only (as its sends):
+        a task of another session was cancelled and its `chat.cancelled` reached that
+        session's sockets only, the asking socket heard nothing, ever."""
         ref = await self.tasks.locate(task_id)
+        theirs = ref is not None and ref.tenant_id == principal.tenant_id
+        if theirs and session_id is not None and ref is not None and ref.session_id != session_id:
+            raise BadRequest(
+                f"task {task_id} is of another session than this socket's: cancel it from a "
+                "socket of its session, or by REST"
+            )
         if ref is None or ref.tenant_id != principal.tenant_id:
             # Expired from Redis: a task the history knows is final, as `status` says (another
             # tenant's task is looked for there too, as in `status`: not found).
@@ -699,7 +710,7 @@ class ChatService:
             raise Conflict(
                 f"task {task_id} is already {view.status}", details={"status": view.status}
             )
-        error = {"code": "cancelled", "message": "cancelled by client"}
+        error = {"code": "cancelled", "message": "cancelled by client", "details": {}}
         outcome = await self.tasks.apply(
             ref,
             "cancel",

@@ -32,6 +32,13 @@ class TaskRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     task_id: Id
 
 
+class SocketCancel(TaskRequest, kw_only=True, forbid_unknown_fields=True):
+    """A socket's `chat.cancel`: like a socket's `chat.send`, it may carry the `request_id` a
+    refusal is answered with (it was refused as an unknown field, the task left running)."""
+
+    request_id: Id | None = None
+
+
 class Accepted(msgspec.Struct, kw_only=True):
     task_id: str
     status: TaskStatus

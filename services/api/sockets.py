@@ -36,7 +36,7 @@ from services.api.connections import (
     Message,
     Send,
 )
-from services.api.models import SendRequest, TaskRequest
+from services.api.models import SendRequest, SocketCancel
 from services.api.runtime import Runtime
 from services.api.session_log import REPLAY_PAGE, RESUME_GAP, read_page, read_since
 from services.core import events, telemetry
@@ -427,8 +427,8 @@ async def _handle_request(
             # Nothing to answer here: the task's events (with `request_id`) reach every
             # socket of the session through its log.
         elif frame.type == "chat.cancel":
-            cancel = msgspec.convert(data, TaskRequest)
-            await runtime.chat.cancel(principal, cancel.task_id)
+            cancel = msgspec.convert(data, SocketCancel)
+            await runtime.chat.cancel(principal, cancel.task_id, session_id=conn.session_id)
         else:
             shown = frame.type if len(frame.type) <= 64 else frame.type[:64] + "..."
             _error(conn, "unknown_type", f"unknown frame type {shown!r}")

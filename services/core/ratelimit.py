@@ -235,7 +235,9 @@ def rate_limit_headers(decision: RateDecision) -> dict[str, str]:
 
 def rate_limited(decision: RateDecision, scope: str) -> RateLimited:
     """The 429 for a refusal, with the same facts in `details` as in the headers (the socket
-    sends them in `chat.error`, where there are no headers). `scope`: session | tenant."""
+    sends them in `chat.error`, where there are no headers). `scope`: session | tenant.
+    `retry_in_ms` too: the one wait README names for every `rate_limited` (a frame refusal
+    has only it), so a page reads one field whatever limit refused it."""
     headers = rate_limit_headers(decision)
     return RateLimited(
         f"{scope} rate limit of {decision.limit} requests per minute exceeded",
@@ -244,6 +246,7 @@ def rate_limited(decision: RateDecision, scope: str) -> RateLimited:
             "limit": decision.limit,
             "remaining": decision.remaining,
             "retryAfter": int(headers.get("Retry-After", "0")),
+            "retry_in_ms": max(1, math.ceil(decision.retry_after * 1000)),
             "reset": int(headers["RateLimit-Reset"]),
         },
         headers=headers,

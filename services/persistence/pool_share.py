@@ -61,7 +61,11 @@ class PoolShare:
                     "this tenant's history or usage reads hold their share of this server's "
                     "database connections (or the shared extra ones are all taken); retry "
                     "when they are done",
-                    details={"scope": "tenant_reads", "limit": self.per_tenant},
+                    details={
+                        "scope": "tenant_reads",
+                        "limit": self.per_tenant,
+                        "retry_in_ms": 1000,
+                    },
                     headers={"Retry-After": "1"},
                 ) from None
             extra = slots.holding > 0  # decided with nothing awaited since the check

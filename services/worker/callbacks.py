@@ -127,8 +127,12 @@ class CallbackEffects:
 
     async def _chunk(self, action: ExecutionChunk, pipe: Pipeline, after_seq: int) -> None:
         ref = TaskRef(action.tenant_id, action.session_id, action.task_id)
+        # `attempt` too: a retry's chunks start again at seq 1, and a client that missed the
+        # retry's `chat.status` (a resume past it) could only tell them apart by this.
         body = events.event_body(
-            events.CHAT_CHUNK, {"delta": action.delta, "seq": action.seq}, action.task_id
+            events.CHAT_CHUNK,
+            {"delta": action.delta, "seq": action.seq, "attempt": action.attempt},
+            action.task_id,
         )
         await self.tasks.apply(
             ref,

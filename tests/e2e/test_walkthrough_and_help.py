@@ -105,7 +105,7 @@ async def test_walkthrough_commands_print_the_documented_shapes(
                 assert first["data"]["attempt"] == 1, first
                 chunks = [e for e in mine if e["type"] == "chat.chunk"]
                 assert chunks, mine
-                assert chunks[0]["data"] == {"delta": "[default] ", "seq": 1}, chunks
+                assert chunks[0]["data"] == {"delta": "[default] ", "seq": 1, "attempt": 1}, chunks
                 assert [c["data"]["seq"] for c in chunks] == list(range(1, len(chunks) + 1))
                 final = mine[-1]
                 assert final["type"] == "chat.response", final

@@ -262,6 +262,7 @@ def test_a_refusal_becomes_429_headers_rounded_up_to_whole_seconds() -> None:
         "limit": 10,
         "remaining": 0,
         "retryAfter": 6,
+        "retry_in_ms": 5200,  # README's one wait for every `rate_limited`, unrounded
         "reset": 60,
     }
 

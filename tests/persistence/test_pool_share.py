@@ -66,7 +66,11 @@ async def test_one_tenant_holds_at_most_half_the_pool(
     assert all(isinstance(result, Page) for result in answered), answered
     assert len(answered[-1].messages) == 2  # type: ignore[union-attr]
     assert all(isinstance(result, RateLimited) for result in refused), refused
-    assert refused[0].details == {"scope": "tenant_reads", "limit": 2}  # type: ignore[union-attr]
+    assert refused[0].details == {  # type: ignore[union-attr]
+        "scope": "tenant_reads",
+        "limit": 2,
+        "retry_in_ms": 1000,
+    }
 
 
 async def test_a_share_is_forgotten_once_its_reads_are_done() -> None:

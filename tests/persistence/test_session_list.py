@@ -209,7 +209,7 @@ async def test_a_tenant_past_its_share_of_the_pool_is_refused_429(engine: AsyncE
     async with share.hold("acme"):
         with pytest.raises(RateLimited) as refused:
             await store.sessions_of("acme", "u1")
-        assert refused.value.details == {"scope": "tenant_reads", "limit": 1}
+        assert refused.value.details == {"scope": "tenant_reads", "limit": 1, "retry_in_ms": 1000}
         assert isinstance(await store.sessions_of("globex", "u1"), SessionPage)
 
 
