@@ -119,8 +119,14 @@ class Worker:
     async def _stop_consumers(self, partitions: Iterable[int]) -> None:
         """Tell them all to stop, then wait for them together: one after another, each waiting
         out its Redis timeout while Redis is unreachable, 8 partitions took ~40 s to stop,
-        past the pod's grace period (SIGKILL)."""
-        stopping = [self.consumers.pop(partition) for partition in partitions]
+        past the pod's grace period (SIGKILL). A partition without a consumer is passed by:
+        one whose release failed part way (Redis away) is still owned, its consumer already
+        stopped, and is surplus again the next round: the worker died of a KeyError there."""
+        stopping = [
+            stopped
+            for partition in partitions
+            if (stopped := self.consumers.pop(partition, None)) is not None
+        ]
         for consumer, _ in stopping:
             consumer.stop()
         await asyncio.gather(*(task for _, task in stopping), return_exceptions=True)

@@ -975,3 +975,38 @@ async def sampled_lag(redis_url: str, stream: str) -> float | None:
     return REGISTRY.get_sample_value(
         "orchestrator_stream_lag", {"stream": stream, "group": keys.WORKER_GROUP}
     )
+
+
+async def test_a_release_that_failed_part_way_does_not_stop_the_worker_the_next_round(
+    redis: Redis, redis_url: str
+) -> None:
+    """Two surplus partitions to give back, Redis away at the first release: both consumers
+    were stopped, the second partition stayed owned, and the next round stopped its consumer
+    again: KeyError, the worker process died (seen on a Sentinel failover and a cluster node
+    restart in CI)."""
+    settings = load_settings(
+        redis_url=redis_url, callback_partitions=4, worker_sleep_seconds=0.05, pod_name="w1"
+    )
+    worker = Worker(settings)
+    try:
+        await worker._rebalance()
+        assert len(worker.consumers) == 4
+        await redis.zadd(keys.WORKER_HEARTBEATS, {"w2": time.time()})  # a second worker
+        real_release = worker.leases.release
+
+        async def release_failing_once(partition: int) -> None:
+            worker.leases.release = real_release  # type: ignore[method-assign]
+            raise RedisConnectionError("primary away")
+
+        worker.leases.release = release_failing_once  # type: ignore[method-assign]
+        with pytest.raises(RedisConnectionError):
+            await worker._rebalance()
+        await worker._rebalance()  # the surplus again: given back now
+        assert len(worker.leases.owned) == 2
+        assert set(worker.consumers) == worker.leases.owned
+    finally:
+        worker.stopping.set()
+        await worker._stop_consumers(list(worker.consumers))
+        await worker.redis.aclose()
+        if worker.joint_redis is not None:
+            await worker.joint_redis.aclose()
