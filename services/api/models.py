@@ -95,6 +95,8 @@ class SessionMessage(msgspec.Struct, kw_only=True):
     created_at: str
     completed_at: str
     first_chunk_at: str | None
+    # On the question of a task that did not complete: why, as its status says it.
+    error: dict[str, Any] | None
 
 
 class MessagePage(msgspec.Struct, kw_only=True):

@@ -27,6 +27,7 @@ from sqlalchemy import (
     ColumnElement,
     Row,
     Select,
+    and_,
     delete,
     exists,
     func,
@@ -93,6 +94,7 @@ class HistoryMessage:
     completed_at: datetime
     first_chunk_at: datetime | None
     key: tuple[int, int, int]
+    error: dict[str, Any] | None = None  # a task that did not complete: why (its task's)
 
     @property
     def message_id(self) -> str:
@@ -113,6 +115,7 @@ class HistoryMessage:
             "created_at": _moment(self.created_at),
             "completed_at": _moment(self.completed_at),
             "first_chunk_at": _moment(self.first_chunk_at),
+            "error": self.error,
         }
 
 
@@ -255,6 +258,7 @@ def _message(row: Row[Any]) -> HistoryMessage:
         completed_at=row.completed_at,
         first_chunk_at=row.first_chunk_at,
         key=(row.event_ms, row.event_seq, row.part),
+        error=None if row.status == "completed" else row.task_error,
     )
 
 
@@ -433,8 +437,21 @@ class HistoryStore:
         _require_id("session_id", session_id)
         limit = self._page_size(limit)
         position = self._position(session_id, cursor, after_event_id)
-        query = select(messages).where(
-            messages.c.tenant_id == tenant_id, messages.c.session_id == session_id
+        # The task's error, for the question of a task that did not complete: its reason was
+        # in the socket's `chat.error` and in the task's status, not in the history a page
+        # shows later (one more request per failed task to say why).
+        query = (
+            select(messages, tasks.c.error.label("task_error"))
+            .select_from(
+                messages.outerjoin(
+                    tasks,
+                    and_(
+                        tasks.c.tenant_id == messages.c.tenant_id,
+                        tasks.c.task_id == messages.c.task_id,
+                    ),
+                )
+            )
+            .where(messages.c.tenant_id == tenant_id, messages.c.session_id == session_id)
         )
         forward = position is not None and position.direction == "after"
         if position is not None:
