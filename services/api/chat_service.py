@@ -169,11 +169,26 @@ class ChatService:
         # Checked at start when Redis answered then (services/cli/main.py); else before the
         # first send: a task routed with another count than the workers' is never answered.
         self._partitions = PartitionCheck(redis, settings.callback_partitions)
+        self.partition_mismatch: PartitionCountMismatch | None = None
+
+    async def partitions_agree(self) -> bool:
+        """Whether this pod's count is the installation's (a round trip until it was once):
+        readiness asks, so a pod that could not check at its start gets no traffic once
+        Redis tells it otherwise (its sends were refused while it was `ready`)."""
+        try:
+            await self._partitions.ensure()
+        except PartitionCountMismatch as exc:
+            self.partition_mismatch = exc
+            log.warning("not ready: %s", exc)  # a line a probe: bounded (RepeatLimiter)
+            return False
+        self.partition_mismatch = None
+        return True
 
     async def _ensure_partitions(self) -> None:
         try:
             await self._partitions.ensure()
         except PartitionCountMismatch as exc:
+            self.partition_mismatch = exc
             log.warning("send refused: %s", exc)  # a line a send: bounded (RepeatLimiter)
             raise Unavailable(
                 "this api pod is misconfigured and sends nothing; its log says why",

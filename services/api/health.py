@@ -62,7 +62,9 @@ async def health() -> dict[str, str]:
     summary="Readiness: Redis answers, token keys are loaded and the pod is not draining",
     responses={
         503: refusal(
-            503, "draining, Redis unreachable or refusing writes, or no token key read yet"
+            503,
+            "draining, Redis unreachable or refusing writes, no token key read yet, or this "
+            "pod's CALLBACK_PARTITIONS not the installation's",
         )
     },
     operation_class=ProbeOperation,
@@ -80,6 +82,16 @@ async def ready(request: AnyRequest) -> Response[dict[str, Any]]:
         return Response(Unavailable("redis unavailable").to_dict(), status_code=503)
     except REDIS_REFUSING as exc:  # MISCONF: a failed snapshot makes Redis refuse PING too
         refused = Unavailable(f"redis refuses writes: {_reason(exc)}")
+        return Response(refused.to_dict(), status_code=503)
+    try:
+        agree = await runtime.chat.partitions_agree()
+    except (*REDIS_DOWN, *REDIS_REFUSING):
+        return Response(Unavailable("redis unavailable").to_dict(), status_code=503)
+    if not agree:
+        refused = Unavailable(
+            "misconfigured: this pod's CALLBACK_PARTITIONS is not the installation's (its log "
+            "says which)"
+        )
         return Response(refused.to_dict(), status_code=503)
     return Response({"status": "ready"}, status_code=200)
 
@@ -294,6 +306,16 @@ async def _detailed(runtime: Runtime) -> tuple[dict[str, Any], int]:
     if with_database:
         components["persistence_backlog"] = backlog
     components["websockets"] = {"connections": runtime.hub.count()}
+    mismatch = runtime.chat.partition_mismatch  # found by a send or the readiness probe
+    if mismatch is not None:
+        healthy = False
+        components["callback_partitions"] = {
+            "status": "mismatch",
+            "configured": mismatch.count,
+            "recorded": int(mismatch.recorded)
+            if mismatch.recorded.isdigit()
+            else mismatch.recorded,
+        }
     body = {"status": "ok" if healthy else "degraded", "components": components}
     return body, 200 if healthy else 503
 

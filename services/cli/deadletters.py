@@ -26,19 +26,29 @@ from services.core.deadletters import (
     replay_all_dead_letters,
     replay_dead_letters,
 )
-from services.core.redis_client import REDIS_DOWN, create_redis
+from services.core.redis_client import REDIS_DOWN, create_redis, not_reached
 from services.core.settings import ConfigError, Settings
+from services.core.streams import DEAD_LETTER_MAXLEN
 
 REASON_WIDTH = 80
 """Characters of a reason the table shows: enough for the writer's `refused by the database
 (SQLSTATE ..., constraint ...)` and the start of PostgreSQL's message; `--json` has it all."""
 
 DEFAULT_LIMIT = 100  # `deadletters list --limit`'s default (services/cli/main.py)
+MAX_LIMIT = 10 * DEAD_LETTER_MAXLEN  # more than the stream ever holds (its trim is approximate)
 RERUN_IS_SAFE = "running the replay again is safe: no dead letter is re-added twice"
 
 
+def _printable(text: str) -> str:
+    """A cell as the terminal will show it: an AES's control characters (ESC sequences that
+    erase lines, retitle the window or set the clipboard) escaped, never sent raw."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
 def _shorten(text: str, width: int) -> str:
-    text = " ".join(text.split())  # one line, whatever the reason held
+    text = _printable(" ".join(text.split()))  # one line, whatever the reason held
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -49,9 +59,9 @@ def format_table(letters: Sequence[DeadLetter]) -> list[str]:
         (
             letter.id,
             letter.at,
-            letter.stream,
-            letter.action_type or "-",
-            letter.task or "-",
+            _printable(letter.stream),
+            _printable(letter.action_type or "-"),
+            _printable(letter.task or "-"),
             _shorten(letter.reason, REASON_WIDTH),
         )
         for letter in letters
@@ -77,8 +87,8 @@ async def list_command(
     """`after`: the last id of the previous page. Without it, past `--limit` dead letters
     nobody could see the rest but by listing everything at once. `newest`: the last page,
     what keeps failing now (at the stream's cap, 1 000 pages away from the oldest)."""
-    if limit < 1:
-        raise ConfigError("--limit: must be at least 1")
+    if not 1 <= limit <= MAX_LIMIT:  # Redis refuses a COUNT past 64 bits: exit 1, not 2
+        raise ConfigError(f"--limit: must be 1 to {MAX_LIMIT}")
     if after is not None and not is_entry_id(after):
         raise ConfigError(f"--after: {after[:80]!r} is not a dead letter id (like 1764-0)")
     if after is not None and newest:
@@ -92,7 +102,7 @@ async def list_command(
             )
             total = await count_dead_letters(redis)
     except REDIS_DOWN as exc:
-        print(f"orchestrator: cannot reach Redis: {exc}", file=sys.stderr)
+        print(f"orchestrator: {not_reached(exc)}", file=sys.stderr)
         return 1
     more = len(letters) > limit
     letters = letters[:limit]
@@ -148,7 +158,7 @@ async def replay_command(
             else:
                 results = await replay_dead_letters(redis, ids)
     except REDIS_DOWN as exc:
-        print(f"orchestrator: cannot reach Redis: {exc}; {RERUN_IS_SAFE}", file=sys.stderr)
+        print(f"orchestrator: {not_reached(exc)}; {RERUN_IS_SAFE}", file=sys.stderr)
         return 1
     if as_json:
         print(json.dumps([result.to_dict() for result in results], indent=2), file=out)
@@ -178,7 +188,7 @@ async def discard_command(
         async with create_redis(settings) as redis:
             found = await discard_dead_letters(redis, ids)
     except REDIS_DOWN as exc:
-        print(f"orchestrator: cannot reach Redis: {exc}", file=sys.stderr)
+        print(f"orchestrator: {not_reached(exc)}", file=sys.stderr)
         return 1
     for entry_id, there in found.items():
         print(f"discarded {entry_id}" if there else f"not found {entry_id}", file=out)

@@ -15,7 +15,7 @@ from typing import TextIO
 
 from services.core import partition_count
 from services.core.partition_count import VARIABLE, InFlight
-from services.core.redis_client import REDIS_DOWN, create_redis
+from services.core.redis_client import REDIS_DOWN, create_redis, not_reached
 from services.core.settings import ConfigError, Settings
 
 MAX_PARTITIONS = 1024  # ORCHESTRATOR_CALLBACK_PARTITIONS' bound (services.core.settings)
@@ -38,7 +38,7 @@ async def show_command(settings: Settings, out: TextIO = sys.stdout) -> int:
             redis, settings.callback_partitions if recorded is None else recorded
         )
     except REDIS_DOWN as exc:
-        print(f"orchestrator: cannot reach Redis: {exc}", file=sys.stderr)
+        print(f"orchestrator: {not_reached(exc)}", file=sys.stderr)
         return 1
     finally:
         await redis.aclose()
@@ -65,11 +65,14 @@ async def set_command(
             if not force:
                 raise
             recorded = None
-        if recorded is not None and recorded != count and not force:
-            flight = await partition_count.in_flight(redis, recorded)
+        if recorded != count and not force:
+            # Nothing recorded (an install older than the record, or the key deleted): the
+            # work may be on any partition this environment's count or the new one names.
+            held = recorded or max(settings.callback_partitions, count)
+            flight = await partition_count.in_flight(redis, held)
             if not flight.empty:
                 print(
-                    f"orchestrator partitions set: the installation's {recorded} partitions "
+                    f"orchestrator partitions set: the installation's {held} partitions "
                     f"still hold {flight.tasks} task(s) in flight, {flight.retries} retry(ies) "
                     f"waiting and {flight.callbacks} callback(s) not applied; stop the apis "
                     "(no new task), wait until `orchestrator partitions` shows none, then run "
@@ -80,7 +83,7 @@ async def set_command(
         if recorded != count:
             await partition_count.change(redis, count)
     except REDIS_DOWN as exc:
-        print(f"orchestrator: cannot reach Redis: {exc}", file=sys.stderr)
+        print(f"orchestrator: {not_reached(exc)}", file=sys.stderr)
         return 1
     finally:
         await redis.aclose()

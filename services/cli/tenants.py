@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from services.core.ids import is_valid_id
 from services.core.quotas import InvalidQuota, QuotaRecord, QuotaStore
-from services.core.redis_client import REDIS_DOWN, create_redis
+from services.core.redis_client import REDIS_DOWN, create_redis, not_reached
 from services.core.settings import ConfigError, Settings
 from services.core.tiers import parse_limit_overrides
 from services.operator.claims import quota_owner_key
@@ -112,7 +112,7 @@ async def set_command(
                 raise ConfigError(exc.message) from None
             _print_json(await _describe(store, record), out)
     except REDIS_DOWN as exc:
-        return _error(f"cannot reach Redis: {exc}")
+        return _error(not_reached(exc))
     return 0
 
 
@@ -134,7 +134,7 @@ async def get_command(settings: Settings, tenant_id: str, *, out: TextIO = sys.s
             except InvalidQuota as exc:
                 return _error(exc.message)
     except REDIS_DOWN as exc:
-        return _error(f"cannot reach Redis: {exc}")
+        return _error(not_reached(exc))
     return 0
 
 
@@ -154,7 +154,7 @@ async def list_command(
         async with create_redis(settings) as redis:
             page = await _store(redis, settings).page(after=after, limit=limit)
     except REDIS_DOWN as exc:
-        return _error(f"cannot reach Redis: {exc}")
+        return _error(not_reached(exc))
     _print_json([record_dict(record) for record in page.records], out)
     if page.next_after is not None:
         print(
@@ -177,7 +177,7 @@ async def delete_command(
                 return refused
             deleted = await _store(redis, settings).delete(tenant_id)
     except REDIS_DOWN as exc:
-        return _error(f"cannot reach Redis: {exc}")
+        return _error(not_reached(exc))
     if not deleted:
         return _error(f"tenant {tenant_id} has no quota record")
     _print_json({"tenantId": tenant_id, "deleted": True}, out)

@@ -53,6 +53,7 @@ from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnec
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import (
     AskError,
+    AuthenticationError,
     ClusterDownError,
     DataError,
     MaxConnectionsError,
@@ -335,6 +336,18 @@ class ReadableSentinel(Sentinel):
             return await super().discover_master(service_name)
         except MasterNotFoundError as exc:
             raise MasterNotFoundError(_SENTINEL_CLIENT.sub(r"\1:\2", str(exc))) from None
+
+
+def not_reached(exc: BaseException) -> str:
+    """A one-shot command's words for a Redis error of `REDIS_DOWN`: a password Redis refused
+    is not a network problem (redis-py raises it as a lost connection, and "cannot reach
+    Redis" sent an SRE to the network instead of the Secret)."""
+    if isinstance(exc, AuthenticationError) or "authenticated" in str(exc):
+        return (
+            f"Redis refused the credentials ({exc}); check the user and password of "
+            "ORCHESTRATOR_REDIS_URL"
+        )
+    return f"cannot reach Redis: {exc}"
 
 
 def is_cluster(redis: Redis | RedisCluster) -> bool:

@@ -15,6 +15,7 @@ cannot be honoured at all is refused when the engine is built: at start, in one 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import ssl
 from dataclasses import dataclass, field
@@ -292,6 +293,9 @@ def is_data_error(exc: BaseException) -> bool:
     return False
 
 
+PING_SECONDS = 2.0  # `database_state`'s longest wait for PostgreSQL's answer
+
+
 async def database_state(engine: AsyncEngine) -> dict[str, Any]:
     """PostgreSQL's state for `/health/detailed`: `up` when it answers a trivial query, else
     `down`; `busy` when every connection of the pod's pool is taken (history reads waiting on
@@ -304,9 +308,29 @@ async def database_state(engine: AsyncEngine) -> dict[str, Any]:
         sizes = {"in_use": pool.checkedout(), "size": pool.size()}
         if sizes["in_use"] >= sizes["size"]:
             return {"status": "busy", "pool": sizes}
-    try:
-        async with engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
-    except Exception:  # any failure means "not answering"; the caller only reports it
+    # Bounded: a frozen server (TCP up, no answer) held the whole view for the command
+    # timeout (30 s), past a probe's or an SRE's curl's patience, hiding Redis's state too.
+    # Not cancelled, left to end by its own timeout: cancelling it waited ~2 s more for the
+    # connection's cleanup on that frozen server.
+    ping = asyncio.ensure_future(_ping(engine))
+    done, _ = await asyncio.wait({ping}, timeout=PING_SECONDS)
+    if not done:
+        _unanswered.add(ping)
+        ping.add_done_callback(_forget)
+    if not done or ping.exception() is not None:  # "not answering"; the caller only reports it
         return {"status": "down", **({"pool": sizes} if sizes else {})}
     return {"status": "up", **({"pool": sizes} if sizes else {})}
+
+
+_unanswered: set[asyncio.Future[None]] = set()  # pings given up on, until they end
+
+
+def _forget(ping: asyncio.Future[None]) -> None:
+    _unanswered.discard(ping)
+    if not ping.cancelled():
+        ping.exception()  # retrieved: its failure was reported as `down` already
+
+
+async def _ping(engine: AsyncEngine) -> None:
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))
