@@ -255,9 +255,14 @@ class Settings(BaseSettings):
             if database and not database.isdigit():
                 raise ValueError("its database (the path) is not a number")
             try:
-                parse_url(value)
+                options = parse_url(value)
             except ValueError as exc:
                 raise ValueError(str(exc).split(" in connection URL")[0]) from None
+            # Kept as text by parse_url and read at the first TLS connection: a bad one was
+            # a RedisError there (exit 1, a traceback in the api and the worker).
+            reqs = options.get("ssl_cert_reqs")
+            if reqs is not None and str(reqs).lower() not in ("none", "optional", "required"):
+                raise ValueError("its ssl_cert_reqs is not none, optional or required")
         return value
 
     @field_validator("database_url")

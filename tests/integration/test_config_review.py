@@ -163,6 +163,23 @@ def test_a_redis_url_parameter_redis_cannot_read_is_one_line(
     assert_refused_at_start(outcome, "ORCHESTRATOR_REDIS_URL")
 
 
+@pytest.mark.parametrize("command", [["tenants", "list"], ["partitions"]], ids=" ".join)
+def test_a_tls_requirement_redis_cannot_read_is_one_line(
+    redis_server: RedisServer, command: list[str]
+) -> None:
+    """`?ssl_cert_reqs=bogus` on a `rediss://` URL: parse_url keeps it as text and redis-py
+    reads it at the first TLS connection, so a command said `RedisError: Invalid SSL
+    Certificate Requirements Flag: bogus` (exit 1, no variable named) and the api and the
+    worker stopped with a 40-line traceback (the ops review). Exit 2, naming the variable,
+    never the URL's password."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_")}
+    port = _port_of(redis_server)
+    env["ORCHESTRATOR_REDIS_URL"] = f"rediss://:Pw-S3cret@127.0.0.1:{port}/0?ssl_cert_reqs=bogus"
+    result = _cli(command, env)
+    _assert_one_line_refusal(result, "ORCHESTRATOR_REDIS_URL")
+    assert "Pw-S3cret" not in result.stdout + result.stderr
+
+
 def test_a_redis_url_database_that_is_not_a_number_is_refused(redis_server: RedisServer) -> None:
     """`ORCHESTRATOR_REDIS_URL=redis://host:6379/orchestrator` (a name where the database
     index belongs). Expected: exit 2 naming ORCHESTRATOR_REDIS_URL, as a database index the
