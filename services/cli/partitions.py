@@ -80,6 +80,16 @@ async def set_command(
                     file=sys.stderr,
                 )
                 return 1
+            stranded = await partition_count.stranded_dead_letters(redis, count)
+            if stranded:
+                print(
+                    f"orchestrator partitions set: {stranded} dead letter(s) came from callback "
+                    f"partitions {count} and above, which no worker reads with {count}: replay "
+                    "or discard them first (`orchestrator deadletters list`; --force changes it "
+                    "now, and their replay would be lost)",
+                    file=sys.stderr,
+                )
+                return 1
         if recorded != count:
             await partition_count.change(redis, count)
     except REDIS_DOWN as exc:

@@ -123,6 +123,21 @@ async def in_flight(redis: Redis, count: int) -> InFlight:
     return InFlight(tasks, retries, callbacks)
 
 
+async def stranded_dead_letters(redis: Redis, count: int, batch: int = 1000) -> int:
+    """Dead letters whose origin is a callback partition at or past `count`: with that count
+    recorded, a replay would re-add them to a stream no worker reads (exit 0, the answer
+    lost). Read through the whole dead-letter stream (an administrator's command)."""
+    stranded, start = 0, "-"
+    while rows := await redis.xrange(keys.DEAD_LETTERS, min=start, max="+", count=batch):
+        for _, fields in rows:
+            origin = _text((fields or {}).get(b"stream") or "")
+            if origin.startswith("{cb:") and origin.endswith("}:callbacks"):
+                number = origin[4 : -len("}:callbacks")]
+                stranded += number.isdigit() and int(number) >= count
+        start = "(" + _text(rows[-1][0])
+    return stranded
+
+
 async def _unapplied(redis: Redis, stream: str) -> int:
     try:
         groups = await redis.xinfo_groups(stream)

@@ -205,3 +205,34 @@ async def _drain(redis_url: str, *, partition: int) -> None:
         await client.zrem(keys.partition_deadlines(partition), "t/s/task")
     finally:
         await client.aclose()
+
+
+def test_set_refuses_to_strand_dead_letters_of_the_partitions_it_drops(
+    redis: Redis, redis_url: str
+) -> None:
+    """A dead letter's replay re-adds it to its origin stream: after 16 -> 8, one from
+    `{cb:12}:callbacks` was replayed with exit 0 into a stream no worker reads (the ops
+    review). Shrinking is refused while such dead letters are kept; replayed or discarded,
+    it goes through."""
+    asyncio.run(_seed(redis_url, count="16"))
+    letter = asyncio.run(_dead_letter(redis_url, keys.callback_stream(12)))
+    asyncio.run(_dead_letter(redis_url, keys.callback_stream(3)))  # still read with 8
+    refused = orchestrator(redis_url, "partitions", "set", "8")
+    assert refused.returncode == 1, refused.stderr
+    assert "1 dead letter(s) came from callback partitions 8 and above" in refused.stderr
+    assert asyncio.run(_get(redis_url)) == b"16"
+    discarded = orchestrator(redis_url, "deadletters", "discard", letter, partitions="16")
+    assert discarded.returncode == 0, discarded.stderr
+    changed = orchestrator(redis_url, "partitions", "set", "8")
+    assert changed.returncode == 0, changed.stderr
+
+
+async def _dead_letter(redis_url: str, origin: str) -> str:
+    client = Redis.from_url(redis_url)
+    try:
+        entry = await client.xadd(
+            keys.DEAD_LETTERS, {"stream": origin, "id": "1-0", "action": "{}", "reason": "test"}
+        )
+        return entry.decode()
+    finally:
+        await client.aclose()
