@@ -83,6 +83,7 @@ REPLAY_POLL_SECONDS = 0.01
 RESERVE_ATTEMPTS = 3
 
 ERASED_NOTICE_MARGIN_SECONDS = 86_400  # beyond any task timeout: the stub is gone by then
+ERASED_SESSION_NOTICE_SECONDS = 60
 log = logging.getLogger(__name__)
 
 
@@ -803,6 +804,25 @@ class ChatService:
                 keys.session_channel(tenant, session),
                 # As long as the task's stub may be found by another erasure: told once.
                 settings.task_ttl_seconds + ERASED_NOTICE_MARGIN_SECONDS,
+            ],
+        )
+
+    async def tell_sockets_session_erased(self, tenant: str, session: str) -> None:
+        """`session.erased` to the sockets open on the session, last, before its log is
+        deleted: a tab showing a finished conversation erased from another one kept showing
+        it, told nothing (only a running task's `chat.cancelled` said so)."""
+        settings = self.settings
+        await self.tasks.scripts.session_event(
+            keys=[
+                keys.session_dedupe(tenant, session, "erased:session"),
+                keys.session_log(tenant, session),
+            ],
+            args=[
+                events.event_body(events.SESSION_ERASED, {"session_id": session}),
+                settings.session_log_maxlen,
+                settings.session_log_ttl_seconds * 1000,
+                keys.session_channel(tenant, session),
+                ERASED_SESSION_NOTICE_SECONDS,  # an erasure retried at once: told once
             ],
         )
 

@@ -243,9 +243,12 @@ async def erase_session(
     # The task states before the log: an erased task's later chunks are dropped, while one
     # applied between the log's delete and its task's would bring the log back.
     erased = await runtime.chat.erase_session(tenant_id, session_id)
+    logged = await runtime.redis.exists(keys.session_log(tenant_id, session_id))
+    if deleted or logged or erased:  # (an unknown session has no socket to tell)
+        await runtime.chat.tell_sockets_session_erased(tenant_id, session_id)
     # The list of records on their way is not something left to erase: a retry re-queues the
     # records of the tasks an earlier erasure ended (the writer keeps one per task).
-    logged = await runtime.redis.delete(keys.session_log(tenant_id, session_id))
+    await runtime.redis.delete(keys.session_log(tenant_id, session_id))
     await runtime.redis.delete(keys.session_unwritten(tenant_id, session_id))
     # Once more now: a task sent while the steps above ran, created after the first
     # tombstone, had its state erased by the second step but its history kept.

@@ -222,3 +222,23 @@ async def _holding(redis: Any, session: str, words: bytes) -> dict[str, str]:
         ):
             left[name] = kind
     return left
+
+
+async def test_an_open_tab_is_told_its_finished_conversation_was_erased(api: Child) -> None:
+    """Another tab erases the conversation (`DELETE /api/sessions/{id}`) while this one shows
+    it, its tasks all ended. Only a running task's `chat.cancelled` said anything: this tab
+    was told nothing and kept showing what was erased. It gets `session.erased` now, last,
+    and its socket stays open."""
+    tenant, session = unique("t"), unique("s")
+    await run_tasks(api, tenant, session, [{"message": "to forget"}])
+    ws, _ = await connect(api.ws_url, tenant, session)
+    async with httpx.AsyncClient(base_url=api.url) as http:
+        erased = await http.delete(f"/api/sessions/{session}", headers=auth(tenant))
+        assert erased.status_code == 200, erased.text
+        told = await events_until(ws, lambda e: e["type"] == "session.erased", timeout=10)
+        assert told[-1]["data"] == {"session_id": session}
+        again = await http.delete(f"/api/sessions/{session}", headers=auth(tenant))
+        assert again.status_code == 404  # nothing left: an unknown session still
+    await ws.send('{"type": "ping"}')
+    assert (await events_until(ws, lambda e: e["type"] == "pong"))[-1]["type"] == "pong"
+    await ws.close()
