@@ -3,7 +3,6 @@ real Valkey, PostgreSQL, api, worker and executor."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,19 +12,13 @@ import pytest
 from services.cli.embedded import RedisServer
 from services.cli.embedded_postgres import PostgresServer
 from services.cli.stack import Child
-from services.persistence.migrate import migrate
 from tests.e2e.clients import auth, connect, events_until, final_of, send, unique
 from tests.e2e.conftest import FAST_EXECUTOR, deploy
+from tests.e2e.test_history import postgres
+
+__all__ = ["postgres"]  # the fixture, used here
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer(durable=False).start()
-    asyncio.run(migrate(server.url()))
-    yield server
-    server.cleanup()
 
 
 @pytest.fixture(scope="module")
