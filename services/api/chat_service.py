@@ -174,27 +174,24 @@ class ChatService:
 
     async def partitions_agree(self) -> bool:
         """Whether this pod's count is the installation's (a round trip until it was once):
-        readiness asks, so a pod that could not check at its start gets no traffic once
-        Redis tells it otherwise (its sends were refused while it was `ready`)."""
+        readiness asks, and every send, so a pod that could not check at its start neither
+        routes a task nor gets traffic once Redis tells it otherwise."""
         try:
             await self._partitions.ensure()
         except PartitionCountMismatch as exc:
             self.partition_mismatch = exc
-            log.warning("not ready: %s", exc)  # a line a probe: bounded (RepeatLimiter)
+            # A line a probe or a send: bounded (RepeatLimiter).
+            log.warning("sends refused, not ready: %s", exc)
             return False
         self.partition_mismatch = None
         return True
 
     async def _ensure_partitions(self) -> None:
-        try:
-            await self._partitions.ensure()
-        except PartitionCountMismatch as exc:
-            self.partition_mismatch = exc
-            log.warning("send refused: %s", exc)  # a line a send: bounded (RepeatLimiter)
+        if not await self.partitions_agree():
             raise Unavailable(
                 "this api pod is misconfigured and sends nothing; its log says why",
                 code="misconfigured",
-            ) from None
+            )
 
     async def send(
         self,
