@@ -525,6 +525,11 @@ class SessionHub:
                 conn.close_soon(CLOSE_INTERNAL, "internal error: reconnect")
                 self._stalled.discard(conn)
                 continue
+            if not self._due(conn):
+                # Its channel was lost again while its log was being read. That loss cancels
+                # this task, but a cancel is only seen at the next await: released now, the
+                # socket would take live events again with its channel unsubscribed.
+                continue
             conn.go_live(conn.last_event_id)
             self._stalled.discard(conn)
 

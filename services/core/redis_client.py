@@ -29,6 +29,10 @@ Topologies (`ORCHESTRATOR_REDIS_MODE`, issue 11):
 
 A wrong mode for the server reached stops the process at start with one line
 (`verify_topology`).
+
+Importing this module (every process and test that talks to Redis does) gives Python 3.11
+the `asyncio.wait_for` of 3.12: redis-py awaits each command's write with it, and 3.11's
+could lose a task's `cancel()` (see `cancel_safe_wait_for`).
 """
 
 from __future__ import annotations
@@ -66,8 +70,10 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from services.core import partition_count
+from services.core import cancel_safe_wait_for, partition_count
 from services.core.settings import ConfigError, RedisMode, Settings
+
+cancel_safe_wait_for.install()
 
 log = logging.getLogger(__name__)
 
