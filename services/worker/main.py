@@ -283,30 +283,37 @@ class Worker:
             run_trimmer(self.redis, lambda: self.leases.owned, self.stopping, self.trim_seconds)
         )
         lag = asyncio.get_running_loop().create_task(self._report_lag(interval))
-        while not self.stopping.is_set():
-            try:
-                await self._rebalance()
-            except REDIS_DOWN as exc:
-                log.warning("rebalance failed, redis unavailable: %s", exc)
-            except REDIS_REFUSING as exc:  # out of memory, a failed snapshot (MISCONF), no
-                # replica in sync (NOREPLICAS), a demoted primary (a failover caught mid-way)
-                log.warning("rebalance failed, redis refuses writes: %s", exc)
-            await self._until_next_round(interval)
-        # Everything told to stop at once, then waited for together (see `_stop_consumers`).
-        if self._writer is not None:
-            self._writer.stop()
-        await asyncio.gather(
-            self._stop_consumers(list(self.consumers)),
-            *(task for task in (timers, trimming, lag, writing) if task is not None),
-            return_exceptions=True,
-        )
-        with contextlib.suppress(*REDIS_DOWN, *REDIS_REFUSING):
-            await self.leases.leave()
-        syncing.cancel()
-        if self.joint_redis is not None:
-            await self.joint_redis.aclose()
-        await self.redis.aclose()
-        log.info("worker %s stopped", self.worker_id)
+        try:
+            while not self.stopping.is_set():
+                try:
+                    await self._rebalance()
+                except REDIS_DOWN as exc:
+                    log.warning("rebalance failed, redis unavailable: %s", exc)
+                except REDIS_REFUSING as exc:  # out of memory, a failed snapshot (MISCONF), no
+                    # replica in sync (NOREPLICAS), a demoted primary (a failover caught mid-way)
+                    log.warning("rebalance failed, redis refuses writes: %s", exc)
+                await self._until_next_round(interval)
+        finally:
+            # Also when the loop ended on an error (another partition count found before the
+            # first lease): the helpers watch `stopping`, and were left running before.
+            self.stopping.set()
+            # Everything told to stop at once, then waited for together (`_stop_consumers`).
+            if self._writer is not None:
+                self._writer.stop()
+            await asyncio.gather(
+                self._stop_consumers(list(self.consumers)),
+                *(task for task in (timers, trimming, lag, writing) if task is not None),
+                return_exceptions=True,
+            )
+            with contextlib.suppress(*REDIS_DOWN, *REDIS_REFUSING):
+                await self.leases.leave()
+            syncing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await syncing
+            if self.joint_redis is not None:
+                await self.joint_redis.aclose()
+            await self.redis.aclose()
+            log.info("worker %s stopped", self.worker_id)
 
     async def _ensure_aes_groups(self) -> None:
         """Make the AES's consumer group (README: `aes`) on the three work streams, from
