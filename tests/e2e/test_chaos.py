@@ -75,6 +75,10 @@ class Client:
             await asyncio.sleep(0.05)
         raise AssertionError("could not reconnect")
 
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+
     async def final_of(self, task_id: str) -> None:
         """Read events (reconnecting as needed) until the task's final event."""
         while True:
@@ -123,6 +127,7 @@ async def test_answers_arrive_exactly_once_when_a_worker_and_an_api_are_killed(
         executor_concurrency="200",
         log_level="WARNING",
     )
+    clients: list[Client] = []
     try:
         apis = [stack.start_api(), stack.start_api()]
         workers = [stack.start("worker"), stack.start("worker")]
@@ -182,4 +187,6 @@ async def test_answers_arrive_exactly_once_when_a_worker_and_an_api_are_killed(
         assert duplicated == 0
         assert reconnects >= SESSIONS // 2  # the killed api's sockets all came back
     finally:
+        # Open sockets would leave their keepalive tasks on the session's event loop.
+        await asyncio.gather(*(client.close() for client in clients))
         stack.stop()

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from websockets.asyncio.client import ClientConnection
 
 from services.cli.embedded import RedisServer
 from tests.e2e.clients import send, unique
@@ -63,11 +65,13 @@ async def test_a_socket_is_not_closed_1011_when_every_redis_connection_is_reset(
     from tests.e2e.clients import connect, next_event
 
     stack = new_stack(own_redis, tmp_path / "logs")
+    sockets: list[tuple[ClientConnection, dict[str, Any]]] = []
     try:
         api = stack.start_api(redis_url=redis_proxy.redis_url)
         stack.wait_ready(api)
         tenant = unique("t")
-        sockets = [await connect(api.ws_url, tenant, unique("s")) for _ in range(4)]
+        for _ in range(4):
+            sockets.append(await connect(api.ws_url, tenant, unique("s")))
         assert await redis_proxy.command("reset") > 0
         await asyncio.sleep(0.2)  # the resets reach the api (its loop sees them)
         outcomes: list[str] = []
@@ -83,4 +87,6 @@ async def test_a_socket_is_not_closed_1011_when_every_redis_connection_is_reset(
                 outcomes.append(f"closed {closed.rcvd.code if closed.rcvd else None}")
         assert not [o for o in outcomes if o.startswith("closed")], outcomes
     finally:
+        for ws, _ in sockets:
+            await ws.close()
         stack.stop()
