@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 
@@ -11,6 +12,27 @@ from redis.exceptions import RedisError
 
 from services.cli.embedded import LocalCluster, RedisServer
 from services.core import keys
+
+LEFTOVER_GRACE_SECONDS = 2.0  # for tasks a test's last close set ending
+
+
+@pytest.fixture(autouse=True)
+async def _nothing_left_running() -> AsyncIterator[None]:
+    """Fail a test that leaves a task running. Every async test of a pytest process shares one
+    event loop (pyproject: loop scope "session"), so a task left behind ran on into every later
+    test, and one that did not end when cancelled held the loop's close for pytest-timeout's
+    120 s at the end of the run (seen in CI: a worker whose run() raised left its timers)."""
+    before = asyncio.all_tasks()
+    yield
+    left = asyncio.all_tasks() - before - {asyncio.current_task()}
+    if not left:
+        return
+    _, running = await asyncio.wait(left, timeout=LEFTOVER_GRACE_SECONDS)
+    if running:
+        for task in running:
+            task.cancel()
+        names = sorted(f"{task.get_name()} {task.get_coro()!r}" for task in running)
+        pytest.fail(f"the test left {len(running)} tasks running: {names}")
 
 
 @pytest.fixture(scope="session")
