@@ -62,6 +62,16 @@ def verification_keys(settings: Settings) -> list[VerificationKey]:
             secrets.append(("ORCHESTRATOR_JWT_PREVIOUS_SECRET", settings.jwt_previous_secret))
         if not settings.jwt_secret:
             raise ConfigError(f"ORCHESTRATOR_JWT_SECRET: must be set for {algorithm} tokens")
+        for variable, secret in secrets:
+            if secret and secret != secret.rstrip("\r\n"):
+                # Every byte is the key, as the issuer's library takes it too; but a secret
+                # written with `echo` or mounted from a file usually ends so by accident, and
+                # every token then fails as `invalid_token` with nothing saying why.
+                log.warning(
+                    "%s ends with a line break, which is part of the key: tokens signed "
+                    "with the secret without it are refused",
+                    variable,
+                )
         return [
             VerificationKey(usable_key(algorithm, secret or "", variable, signing=False))
             for variable, secret in secrets

@@ -175,3 +175,25 @@ def test_a_key_of_the_wrong_type_is_named_in_words_at_start() -> None:
     assert str(refused.value) == (
         "ORCHESTRATOR_JWT_PUBLIC_KEY: not a usable ES256 key (a PEM EC key on P-256)"
     )
+
+
+def test_a_secret_ending_with_a_line_break_is_named_at_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A secret mounted from a file written with `echo` ends with a newline, which is part of
+    the key: the issuer signs with the text without it, and every token was refused as
+    `invalid_token` with nothing in the api's log saying why. The start now says which
+    variable ends so (never the secret itself), and the key is still used as given."""
+    secret = "k" * 32
+    verifier = TokenVerifier(load_settings(jwt_secret=secret + "\n"))
+    warned = [r.getMessage() for r in caplog.records if "line break" in r.getMessage()]
+    assert len(warned) == 1
+    assert "ORCHESTRATOR_JWT_SECRET" in warned[0]
+    assert secret not in caplog.text
+    claims = {"sub": "u", "tenant_id": "t", "exp": 2**40}
+    with pytest.raises(Unauthorized):
+        verifier.verify(jwt.encode(claims, secret, algorithm="HS256"))
+    assert verifier.verify(jwt.encode(claims, secret + "\n", algorithm="HS256"))
+    caplog.clear()
+    TokenVerifier(load_settings(jwt_secret=secret))
+    assert "line break" not in caplog.text
