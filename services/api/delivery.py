@@ -51,6 +51,7 @@ from services.core.redis_client import (
     ClusterClient,
     as_cluster_outage,
 )
+from services.core.task_stop import cancel_and_wait
 
 log = logging.getLogger(__name__)
 _LAG = LagClock("api")  # live events only: a replay from the log is not a delivery's lag
@@ -143,11 +144,7 @@ class SessionHub:
     async def stop(self) -> None:
         tasks = [lane.reader for lane in self._lanes.values() if lane.reader is not None]
         tasks += [task for task in (self._resync, self._starting) if task is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(*tasks)
         for lane in list(self._lanes.values()):
             await lane.close()
         self._lanes.clear()

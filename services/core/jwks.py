@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from services.core.jwt_keys import MAX_KEYS, VerificationKey, key_set
 from services.core.settings import ConfigError
+from services.core.task_stop import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +116,7 @@ class KeySetSource:
         )
 
     async def stop(self) -> None:
-        for task in (self._loop_task, self._chasing, self._refreshing):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_and_wait(self._loop_task, self._chasing, self._refreshing)
         self._loop_task = self._chasing = self._refreshing = None
 
     def knows(self, kid: str) -> bool:

@@ -32,6 +32,7 @@ from services.core.errors import InvalidInput
 from services.core.ids import Id, is_valid_id
 from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING
 from services.core.settings import ConfigError, Settings
+from services.core.task_stop import cancel_and_wait
 from services.core.tiers import (
     DEFAULT_TIER_VARIABLE,
     LimitError,
@@ -351,10 +352,7 @@ class QuotaCache:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         self._go_dark()
 
     async def effective(self, tenant_id: str) -> EffectiveQuota | None:

@@ -64,6 +64,7 @@ from services.core.streams import (
     reclaim,
 )
 from services.core.task_metrics import create_series
+from services.core.task_stop import cancel_and_wait
 from services.executor.agent import Simulation, chunks_of, reply_for, usage_for
 
 log = logging.getLogger(__name__)
@@ -553,11 +554,7 @@ class Executor:
         tasks = [task for _, task in self.running.values()]
         if tasks and self.settings.drain_seconds:
             await asyncio.wait(tasks, timeout=self.settings.drain_seconds)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(*tasks)
 
 
 def _deadline(action: ChatProcess) -> datetime:

@@ -26,6 +26,7 @@ from services.core.scripts import Scripts
 from services.core.settings import RedisMode, Settings, process_name
 from services.core.streams import ensure_group
 from services.core.task_metrics import create_series
+from services.core.task_stop import cancel_and_wait
 from services.core.tasks import TaskStore, Verdict
 from services.core.tiers import load_tiers
 from services.persistence.backlog import backlog
@@ -307,9 +308,7 @@ class Worker:
             )
             with contextlib.suppress(*REDIS_DOWN, *REDIS_REFUSING):
                 await self.leases.leave()
-            syncing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await syncing
+            await cancel_and_wait(syncing)
             if self.joint_redis is not None:
                 await self.joint_redis.aclose()
             await self.redis.aclose()
