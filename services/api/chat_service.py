@@ -37,7 +37,14 @@ from services.core.actions import (
     utcnow,
 )
 from services.core.auth import Principal
-from services.core.errors import BadRequest, Conflict, InvalidInput, NotFound, Unavailable
+from services.core.errors import (
+    BadRequest,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    OrchestratorError,
+    Unavailable,
+)
 from services.core.ids import new_id
 from services.core.logs import bind_for_this_task
 from services.core.partition_count import PartitionCheck, PartitionCountMismatch
@@ -140,6 +147,14 @@ def _digest(idempotency_key: str) -> str:
 _json_decoder = msgspec.json.Decoder()
 
 
+def _log_failure(steps: asyncio.Future[Sent]) -> None:
+    """How a send whose request was cancelled ended, when it failed (nobody awaits it)."""
+    failure = None if steps.cancelled() else steps.exception()
+    # A refusal or an outage was the client's to hear, and it has gone: only a fault is news.
+    if failure is not None and not isinstance(failure, (OrchestratorError, *REDIS_DOWN)):
+        log.error("a send cut by its request's cancel failed", exc_info=failure)
+
+
 def _maybe_queued(ref: TaskRef) -> Unavailable:
     """The 503 of a send whose Redis did not answer in time: it may yet run, as this task."""
     task_id = ref.task_id
@@ -228,29 +243,64 @@ class ChatService:
         rules = await self.admission.send_rules(tenant_id, session_id, agent_id, request)
         ref = TaskRef(tenant_id, session_id, new_id())
         if idempotency is None and not is_cluster(self.redis):
+            # One script: a cancel of the request cannot cut it in half.
             outcome, headers = await self._send_in_one_step(
                 ref, agent_id, principal, request, rules
             )
-        else:
-            # The key is reserved before the limits (on a cluster their keys are in other
-            # slots): a double submit then waits for the first one's task instead of being
-            # refused by the limit the first one took the last of (429 for a message sent).
-            if idempotency is not None:
-                earlier = await self._reserve(principal, idempotency, ref.task_id, asked)
-                if earlier is not None:
-                    return await self._with_limits(principal, earlier)
-            try:
-                decisions = await self.admission.limiter.check_many(rules.checks)
-                admitted = self.admission.judge(rules, decisions)
-            except Exception:
-                if idempotency is not None:  # refused or failed: the key names nothing
-                    with contextlib.suppress(*REDIS_DOWN):
-                        await self._swap(idempotency, ref.task_id, "")
-                raise
-            outcome = await self._send_in_two_steps(
-                ref, agent_id, principal, request, rules, idempotency
-            )
-            headers = rate_limit_headers(admitted.decision)
+            return self._accepted(ref, agent_id, rules, outcome, headers)
+        # Reserving the key, taking the limits and queueing the task are separate round trips
+        # that must go together: a request cancelled between them (uvicorn cancels handlers
+        # still running when its graceful shutdown ends) kept the limits it took with no task
+        # queued, and the retry under the same key waited for that task, then was refused 429.
+        # Once begun they run to their end; the retry finds the task.
+        steps = asyncio.ensure_future(
+            self._send_in_steps(ref, agent_id, principal, request, rules, idempotency, asked)
+        )
+        try:
+            return await asyncio.shield(steps)
+        except asyncio.CancelledError:
+            steps.add_done_callback(_log_failure)
+            raise
+
+    async def _send_in_steps(
+        self,
+        ref: TaskRef,
+        agent_id: str,
+        principal: Principal,
+        request: SendRequest,
+        rules: SendRules,
+        idempotency: str | None,
+        asked: _Asked,
+    ) -> Sent:
+        """With an Idempotency-Key, or on a cluster: reserve the key, take the limits, queue."""
+        # The key is reserved before the limits (on a cluster their keys are in other slots):
+        # a double submit then waits for the first one's task instead of being refused by the
+        # limit the first one took the last of (429 for a message sent).
+        if idempotency is not None:
+            earlier = await self._reserve(principal, idempotency, ref.task_id, asked)
+            if earlier is not None:
+                return await self._with_limits(principal, earlier)
+        try:
+            decisions = await self.admission.limiter.check_many(rules.checks)
+            admitted = self.admission.judge(rules, decisions)
+        except Exception:
+            if idempotency is not None:  # refused or failed: the key names nothing
+                with contextlib.suppress(*REDIS_DOWN):
+                    await self._swap(idempotency, ref.task_id, "")
+            raise
+        outcome = await self._send_in_two_steps(
+            ref, agent_id, principal, request, rules, idempotency
+        )
+        return self._accepted(ref, agent_id, rules, outcome, rate_limit_headers(admitted.decision))
+
+    def _accepted(
+        self,
+        ref: TaskRef,
+        agent_id: str,
+        rules: SendRules,
+        outcome: Outcome,
+        headers: dict[str, str],
+    ) -> Sent:
         if outcome.verdict is Verdict.exists:
             # A fresh 128-bit id exists only if an earlier attempt of this very call created
             # it (redis-py resends a command after a lost connection): accepted once.
@@ -262,15 +312,15 @@ class ChatService:
         log.info(
             "message accepted",
             extra={
-                "tenant_id": tenant_id,
-                "session_id": session_id,
+                "tenant_id": ref.tenant_id,
+                "session_id": ref.session_id,
                 "task_id": ref.task_id,
                 "agent_id": agent_id,
                 "tier": rules.quota.tier,
             },
         )
         accepted = Accepted(
-            task_id=ref.task_id, status=TaskStatus.processing, session_id=session_id
+            task_id=ref.task_id, status=TaskStatus.processing, session_id=ref.session_id
         )
         return Sent(accepted, headers, replayed=False)
 
