@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -12,6 +13,7 @@ from litestar.openapi.spec import Parameter as HeaderParameter
 from litestar.params import JSONBody, Parameter
 
 from services.api.auth import header_id, pick
+from services.api.chat_service import SendAttempt, maybe_queued
 from services.api.models import (
     Accepted,
     Cancelled,
@@ -22,7 +24,7 @@ from services.api.models import (
 )
 from services.api.runtime import Runtime
 from services.core.auth import Principal
-from services.core.errors import BadRequest
+from services.core.errors import BadRequest, Unavailable
 from services.core.ids import ID_PATTERN, PORTABLE_ID_PATTERN
 
 AnyRequest = Request[Any, Any, Any]
@@ -188,13 +190,24 @@ async def send_message(
     """
     session_id = pick(data.session_id, header_id(request, "x-session-id"), "session_id")
     agent_id = pick(data.agent_id, header_id(request, "x-agent-id"), "agent_id")
-    sent = await runtime.chat.send(
-        principal,
-        data,
-        session_id=session_id,  # None: a new session (made by the service)
-        agent_id=agent_id or runtime.settings.default_agent,
-        idempotency_key=idempotency_key(request),
-    )
+    attempt = SendAttempt()
+    try:
+        sent = await runtime.chat.send(
+            principal,
+            data,
+            session_id=session_id,  # None: a new session (made by the service)
+            agent_id=agent_id or runtime.settings.default_agent,
+            idempotency_key=idempotency_key(request),
+            attempt=attempt,
+        )
+    except asyncio.CancelledError:
+        # Only uvicorn cancels a request: when its graceful shutdown ends with this one still
+        # waiting on Redis. Its answer was a bare 500, and the client could not tell whether
+        # the message was queued. It gets the 503 of a send Redis did not answer in time
+        # (this request's task is at its end: nothing else waits for it to finish).
+        if attempt.task_id is None:
+            raise Unavailable("the api is stopping; the message was not queued") from None
+        raise maybe_queued(attempt.task_id, "the api stopped before redis answered") from None
     headers = dict(sent.headers)
     if sent.replayed:
         headers["Idempotent-Replayed"] = "true"

@@ -113,6 +113,14 @@ class Sent:
     replayed: bool
 
 
+@dataclass(slots=True)
+class SendAttempt:
+    """What a send had done when its caller stopped waiting: the id its task has if it was
+    queued (None: cut before one was chosen, nothing of it can be queued)."""
+
+    task_id: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class _Asked:
     """What a send with an `Idempotency-Key` asks for, to tell a retry from another request."""
@@ -155,11 +163,10 @@ def _log_failure(steps: asyncio.Future[Sent]) -> None:
         log.error("a send cut by its request's cancel failed", exc_info=failure)
 
 
-def _maybe_queued(ref: TaskRef) -> Unavailable:
-    """The 503 of a send whose Redis did not answer in time: it may yet run, as this task."""
-    task_id = ref.task_id
+def maybe_queued(task_id: str, why: str = "redis did not answer in time") -> Unavailable:
+    """The 503 of a send cut before it knew whether its task was queued: it may yet run."""
     return Unavailable(
-        f"redis did not answer in time; the message may still be queued as task {task_id}: "
+        f"{why}; the message may still be queued as task {task_id}: "
         f"check GET /api/chat/tasks/{task_id} before sending it again "
         "(or send with an Idempotency-Key)",
         details={"task_id": task_id, "queued": "unknown"},
@@ -216,11 +223,13 @@ class ChatService:
         session_id: str | None,
         agent_id: str,
         idempotency_key: str | None = None,
+        attempt: SendAttempt | None = None,
     ) -> Sent:
         """Admit and enqueue a message; a repeated `Idempotency-Key` returns the first task.
 
         `session_id` None: the request named none, and a new session is made (a retry of it
-        under its key is answered with the first one's task and session)."""
+        under its key is answered with the first one's task and session). `attempt` learns
+        the task's id as soon as it is chosen, for a caller that may stop waiting."""
         if len(request.message) > self.settings.max_message_chars:
             raise InvalidInput(
                 f"message is longer than {self.settings.max_message_chars} characters",
@@ -242,6 +251,8 @@ class ChatService:
                 return await self._with_limits(principal, earlier)
         rules = await self.admission.send_rules(tenant_id, session_id, agent_id, request)
         ref = TaskRef(tenant_id, session_id, new_id())
+        if attempt is not None:
+            attempt.task_id = ref.task_id
         if idempotency is None and not is_cluster(self.redis):
             # One script: a cancel of the request cannot cut it in half.
             outcome, headers = await self._send_in_one_step(
@@ -363,7 +374,7 @@ class ChatService:
         try:
             return await self._admit_and_enqueue(task, rules)
         except RedisTimeoutError as exc:
-            raise _maybe_queued(task.ref) from exc
+            raise maybe_queued(task.ref.task_id) from exc
 
     async def _send_in_two_steps(
         self,
