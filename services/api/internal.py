@@ -33,6 +33,15 @@ def _header(head: str, name: str) -> str:
     return ""
 
 
+def _from_a_browser(head: str) -> bool:
+    """`Origin` or any `Sec-Fetch-*` header: only browsers send them (README says so)."""
+    for line in head.split("\r\n")[1:]:
+        key = line.partition(":")[0].strip().lower()
+        if key == "origin" or key.startswith("sec-fetch-"):
+            return True
+    return False
+
+
 def _response(status: str, body: bytes, content_type: str = "text/plain") -> bytes:
     head = (
         f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
@@ -74,11 +83,7 @@ class InternalServer:
                 # OpenMetrics when Prometheus asks for it: the format that carries exemplars.
                 encode, content_type = choose_encoder(_header(head, "accept"))
                 reply = _response("200 OK", encode(REGISTRY), content_type)
-            elif path == "/drain" and (
-                not _header(head, DRAIN_HEADER)
-                or _header(head, "origin")
-                or _header(head, "sec-fetch-site")
-            ):
+            elif path == "/drain" and (not _header(head, DRAIN_HEADER) or _from_a_browser(head)):
                 reply = _response("403 Forbidden", b"send X-Orchestrator-Drain (not a browser)\n")
             elif path == "/drain":
                 closed = await self.drain()

@@ -128,6 +128,8 @@ async def test_the_internal_port_listens_where_the_api_does_and_refuses_browsers
             as_image,  # what an <img> on a page sends to an http address
             {"X-Orchestrator-Drain": "1", "Origin": "https://evil.example"},
             {"X-Orchestrator-Drain": "1", "Sec-Fetch-Site": "cross-site"},
+            # README: any Sec-Fetch-* (only Sec-Fetch-Site was looked at; rolling-update review)
+            {"X-Orchestrator-Drain": "1", "Sec-Fetch-Mode": "cors", "Sec-Fetch-Dest": "empty"},
         ):
             refused = await http.get("/drain", headers=header)
             assert refused.status_code == 403, header
