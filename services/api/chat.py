@@ -172,7 +172,9 @@ def idempotency_key(request: AnyRequest) -> str | None:
             "for another request (`idempotency_key_reused`)",
             429: "rate limited (`rate_limited`) or over the token budget "
             "(`token_budget_exhausted`)",
-            503: REDIS_DOWN,
+            503: REDIS_DOWN + "; a send Redis did not answer in time, or cut by the api's "
+            "shutdown, names in `details.task_id` the task it may still become: check it "
+            "before sending again",
         }
     ),
     operation_class=SendOperation,
