@@ -5,6 +5,7 @@ Another team implements an AES against these files; a test fails when they are s
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -21,17 +22,23 @@ def _tag(cls: type[msgspec.Struct]) -> str:
     return str(cls.__struct_config__.tag)
 
 
-def _portable(schema: Any) -> Any:
-    """The schema with the id pattern every regex dialect reads (see `PORTABLE_ID_PATTERN`)."""
+def _published(schema: Any) -> Any:
+    """The schema as the files carry it: the id pattern every regex dialect reads (see
+    `PORTABLE_ID_PATTERN`), and descriptions (the classes' docstrings) without their source
+    indentation, which msgspec kept before 0.23 and strips since: the files must not depend
+    on the msgspec version a fresh install picks (CI found them stale after 0.23 came out)."""
     if isinstance(schema, dict):
-        return {
-            key: PORTABLE_ID_PATTERN
-            if key == "pattern" and value == ID_PATTERN
-            else _portable(value)
-            for key, value in schema.items()
-        }
+        published = {}
+        for key, value in schema.items():
+            if key == "pattern" and value == ID_PATTERN:
+                published[key] = PORTABLE_ID_PATTERN
+            elif key == "description" and isinstance(value, str):
+                published[key] = inspect.cleandoc(value)
+            else:
+                published[key] = _published(value)
+        return published
     if isinstance(schema, list):
-        return [_portable(item) for item in schema]
+        return [_published(item) for item in schema]
     return schema
 
 
@@ -39,10 +46,10 @@ def render_schemas() -> dict[str, str]:
     """File name -> JSON text: one schema per action type plus the union of all of them."""
     files: dict[str, str] = {}
     for cls in ACTION_TYPES:
-        schema = _portable(msgspec.json.schema(cls))
+        schema = _published(msgspec.json.schema(cls))
         schema = {"$schema": SCHEMA_DIALECT, "title": _tag(cls), **schema}
         files[f"{_tag(cls)}.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
-    union = _portable(msgspec.json.schema(AnyAction))
+    union = _published(msgspec.json.schema(AnyAction))
     # msgspec adds OpenAPI's `discriminator`, no keyword of the dialect declared above: Ajv
     # (a Node AES's validator) refuses the file in its default strict mode. Each type's
     # `action_type` enum already tells the `anyOf` branches apart.
