@@ -246,8 +246,12 @@ class QuotaStore:
         tier = record.tier
         if tier not in self.tiers:
             # The tier was removed from the configuration after the record was written.
+            # The details in the text too: `orchestrator tenants get` prints only that.
             log.warning(
-                "quota record names an unknown tier; using the default tier",
+                "quota record of %s names tier %r, unknown here; the default tier %r is used",
+                tenant_id,
+                tier,
+                self.default_tier,
                 extra={"tenant_id": tenant_id, "tier": tier, "default_tier": self.default_tier},
             )
             tier = self.default_tier
@@ -271,7 +275,10 @@ class QuotaStore:
                 base = merge_limits(base, {key: value})
             except LimitError as exc:
                 log.warning(
-                    "quota record override not applied; the tier's value is used",
+                    "quota record of %s: override %s not applied (%s); the tier's value is used",
+                    tenant_id,
+                    key,
+                    exc,
                     extra={"tenant_id": tenant_id, "limit": key, "error": str(exc)},
                 )
         return base

@@ -371,3 +371,28 @@ async def test_a_tenant_a_tierquota_manages_is_not_written_without_force(
     record = await store_of(redis).get("acme")
     assert record is not None
     assert record.tier == "free"
+
+
+async def test_tenants_get_names_what_of_a_record_is_not_applied(
+    redis: Redis, redis_url: str
+) -> None:
+    """A stored override this version cannot use keeps the tier's value (README). `tenants get`
+    printed only "quota record override not applied; the tier's value is used": not which
+    limit, nor why, nor which tier was unknown (the details were in the log record's extra
+    fields, which only the services' JSON log shows). Found by the tenancy review."""
+    records = {
+        "over": {"tier": "pro", "limits": {"maxConnections": 99_999_999_999}},
+        "gone": {"tier": "team", "limits": {}},  # a tier removed from the configuration
+    }
+    for tenant, record in records.items():
+        stored = {"tenantId": tenant, "allowedAgents": None,
+                  "updatedAt": "2026-01-01T00:00:00Z", **record}  # fmt: skip
+        await redis.set(keys.tenant_quota(tenant), json.dumps(stored))
+        await redis.sadd(keys.QUOTA_TENANTS, tenant)
+    over = await orchestrator(redis_url, "tenants", "get", "over")
+    assert over.code == 0, over
+    assert json.loads(over.stdout)["effective"]["limits"]["maxConnections"] == 200
+    assert "override maxConnections not applied" in over.stderr, over.stderr
+    gone = await orchestrator(redis_url, "tenants", "get", "gone")
+    assert gone.code == 0, gone
+    assert "names tier 'team', unknown here; the default tier 'free' is used" in gone.stderr
