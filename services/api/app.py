@@ -356,7 +356,10 @@ def create_app(
         name = pod_id or process_name(settings)
         hub = SessionHub(redis, name, log_ttl_ms=settings.session_log_ttl_seconds * 1000)
         await hub.start()
-        quotas = QuotaCache(QuotaStore(redis, settings, tiers), settings.validation_cache_ttl)
+        store = QuotaStore(redis, settings, tiers)
+        with contextlib.suppress(*REDIS_DOWN, *REDIS_REFUSING):  # else the CLI cannot check
+            await store.publish_tiers()
+        quotas = QuotaCache(store, settings.validation_cache_ttl)
         await quotas.start()
         admission = Admission(
             quotas,

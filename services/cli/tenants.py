@@ -106,6 +106,15 @@ async def set_command(
             if (refused := await _managed(redis, tenant_id, force)) is not None:
                 return refused
             store = _store(redis, settings)
+            if (otherwise := await store.tier_served_otherwise(tier)) is not None:
+                wrong, why = otherwise
+                advice = (
+                    f"--tier {tier}: {why}; run this with the installation's ORCHESTRATOR_TIERS "
+                    "or ORCHESTRATOR_TIERS_FILE (as its api pods have them)"
+                )
+                if wrong:
+                    raise ConfigError(advice)
+                print(f"warning: {advice} (the limits printed are this command's)", file=sys.stderr)
             try:
                 record = await store.set(tenant_id, tier, overrides, allowed_agents=agents)
             except InvalidQuota as exc:

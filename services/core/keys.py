@@ -163,6 +163,7 @@ def callback_stream_for(tenant_id: str, session_id: str, partitions: int) -> str
 
 QUOTA_TENANTS = "{quota}:tenants"
 QUOTA_CHANGES = "{quota}:changes"
+INSTALLED_TIERS = "{quota}:tiers"  # the tier table the apis serve, recorded at their start
 
 
 def tenant_quota(tenant_id: str) -> str:

@@ -141,6 +141,30 @@ class QuotaStore:
         self.require_known_tenant = settings.require_known_tenant
         self.max_message_chars = settings.max_message_chars
 
+    async def publish_tiers(self) -> None:
+        """Record the tier table this api serves, for `orchestrator tenants set` to check its
+        own against: run from a shell without the installation's ORCHESTRATOR_TIERS it wrote
+        a tier the apis do not have, said it was in force, and the apis served the default
+        tier instead."""
+        await self.redis.set(keys.INSTALLED_TIERS, msgspec.json.encode(self.tiers))
+
+    async def tier_served_otherwise(self, tier: str) -> tuple[bool, str] | None:
+        """How the apis' table differs from this process's for `tier`, and whether a record
+        naming it would be wrong (True: they do not have it, or only they do) or only this
+        process's description of it (False: they define it with other limits). None when the
+        tables agree on it, or when no api has recorded its table yet."""
+        raw = await self.redis.get(keys.INSTALLED_TIERS)
+        if raw is None:
+            return None
+        served: dict[str, Any] = msgspec.json.decode(raw)
+        if tier not in served:
+            return True, f"the apis have no tier {tier!r} (theirs: {', '.join(served)})"
+        if tier not in self.tiers:
+            return True, f"the apis have a tier {tier!r}, this command's tier table has not"
+        if served[tier] != msgspec.json.decode(msgspec.json.encode(self.tiers[tier])):
+            return False, f"the apis define tier {tier!r} with other limits than this command"
+        return None
+
     async def set(
         self,
         tenant_id: str,

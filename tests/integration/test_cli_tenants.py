@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
@@ -396,3 +397,41 @@ async def test_tenants_get_names_what_of_a_record_is_not_applied(
     gone = await orchestrator(redis_url, "tenants", "get", "gone")
     assert gone.code == 0, gone
     assert "names tier 'team', unknown here; the default tier 'free' is used" in gone.stderr
+
+
+async def test_tenants_set_refuses_a_tier_the_apis_serve_otherwise(
+    redis: Redis, redis_url: str
+) -> None:
+    """The CLI knew only the tier table of its own shell: run without the installation's
+    ORCHESTRATOR_TIERS it wrote a tier the apis do not have and printed it as in force, and
+    the apis served the tenant their default tier (streaming refused); a tier only the
+    installation defines was "unknown" with the CLI's list. The apis record their table at
+    start; `set` compares the tier with it (exit 2 when the record would name a tier they do
+    not have or the command does not know; a warning when only the limits differ). Found by
+    the tenancy review."""
+    pro = DEFAULT_TIERS["pro"]
+    served = {
+        **DEFAULT_TIERS,
+        "team": pro,  # a tier of the installation's own
+        "pro": msgspec.structs.replace(pro, max_connections=pro.max_connections + 1),
+    }
+    settings = load_settings(redis_url=redis_url)
+    await QuotaStore(redis, settings, tiers=served).publish_tiers()
+    refused = await orchestrator(redis_url, "tenants", "set", "acme", "--tier", "team")
+    assert refused.code == 2, refused
+    assert "the apis have a tier 'team', this command's tier table has not" in refused.stderr
+    assert "ORCHESTRATOR_TIERS" in refused.stderr
+    assert await store_of(redis).get("acme") is None  # nothing written
+    # The same tier with other limits: the record is right (the apis apply their own
+    # table), only the limits the command prints are not theirs: said, and written.
+    warned = await orchestrator(redis_url, "tenants", "set", "acme", "--tier", "pro")
+    assert warned.code == 0, warned
+    assert "the apis define tier 'pro' with other limits than this command" in warned.stderr
+    await QuotaStore(redis, settings, tiers=DEFAULT_TIERS).publish_tiers()  # the same table
+    accepted = await orchestrator(redis_url, "tenants", "set", "acme", "--tier", "pro")
+    assert accepted.code == 0, accepted
+    assert accepted.stderr == ""
+    await redis.delete(keys.INSTALLED_TIERS)
+    unknown = await orchestrator(redis_url, "tenants", "set", "acme", "--tier", "team")
+    assert unknown.code == 2, unknown  # no table recorded: the command's own check only
+    assert "unknown tier 'team'" in unknown.stderr
