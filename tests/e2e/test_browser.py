@@ -134,6 +134,14 @@ async ({api, ws, tenant, session, token}) => {
     sock.onclose = (e) => reject(new Error(`socket closed ${e.code} ${e.reason}; saw ${types}`));
     setTimeout(() => reject(new Error(`no chat.response in 30 s; saw ${types}`)), 30000);
   });
+  // On a failure, what the API says of the task: was it answered (and the socket missed it),
+  // or is it still waiting (an executor or worker that did not take it)?
+  const withTask = async (error, taskId) => {
+    const task = await fetch(`${api}/api/chat/tasks/${taskId}`, {
+      headers: {"Authorization": "Bearer " + token},
+    });
+    return new Error(`${error.message}; the task: ${task.status} ${await task.text()}`);
+  };
   await new Promise((resolve, reject) => {
     sock.onopen = resolve;
     sock.onerror = () => reject(new Error("socket refused"));
@@ -149,7 +157,12 @@ async ({api, ws, tenant, session, token}) => {
   });
   const first = await send();
   const sent = await first.json();
-  await answered;
+  if (first.status !== 202) throw new Error(`send: ${first.status} ${JSON.stringify(sent)}`);
+  try {
+    await answered;
+  } catch (error) {
+    throw await withTask(error, sent.task_id);
+  }
   const again = await send();
   const result = {
     protocol: sock.protocol,
