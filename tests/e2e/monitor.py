@@ -59,7 +59,7 @@ FAMILIES = {
     "dead-letter replay marks": re.compile(r"^\{[^}]+\}:dlq:replayed:\d+-\d+$"),
     "dead letters": re.compile(r"^\{dlq\}:actions$"),
     "workers": re.compile(r"^\{workers\}:(heartbeats|departures)$"),
-    "quota index": re.compile(r"^\{quota\}:(tenants|changes)$"),
+    "quota index": re.compile(r"^\{quota\}:(tenants|changes|tiers)$"),
     "persistence": re.compile(r"^\{persist\}:records$"),
     "pod": re.compile(r"^\{pod:[\w-]+\}:control$"),
     "health probes": re.compile(r"^\{health(:\d+)?\}:probe:[\w.-]+$"),
