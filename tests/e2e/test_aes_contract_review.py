@@ -551,6 +551,11 @@ async def test_websocket_send_and_broadcast_reach_whom_the_readme_says(
     assert [e["data"] for e in got2 if e["type"] == "message"] == [{"all": 1}], got2
 
 
+async def notices_of(redis: Redis, task_id: str) -> list[dict[str, Any]]:
+    notices = [json.loads(f[b"action"]) for _, f in await redis.xrange(CANCEL)]
+    return [n for n in notices if n.get("task_id") == task_id]
+
+
 async def test_deadline_in_the_action_and_the_timed_out_notice(
     aes_stack: tuple[LocalStack, Child], redis: Redis
 ) -> None:
@@ -575,9 +580,10 @@ async def test_deadline_in_the_action_and_the_timed_out_notice(
     final = (await events_until(ws, final_of(task_id), timeout=10))[-1]
     assert final["type"] == "chat.error", final
     assert final["data"]["code"] == "timed_out", final
-    notices = [json.loads(f[b"action"]) for _, f in await redis.xrange(CANCEL)]
-    mine = [n for n in notices if n.get("task_id") == task_id]
-    assert mine, notices
+    # The notice follows the client's event (the worker writes it in a later round trip).
+    async with asyncio.timeout(5):
+        while not (mine := await notices_of(redis, task_id)):
+            await asyncio.sleep(0.02)
     assert mine[0]["reason"] == "timed out", mine
     schema("chat.cancel").validate(mine[0])
     await aes.answer(action, {"action_type": "execution.completed", "content": "late"})
