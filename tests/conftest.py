@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 
 import pytest
 from redis.asyncio import Redis
@@ -14,14 +14,27 @@ from services.cli.embedded import LocalCluster, RedisServer
 from services.core import keys
 
 LEFTOVER_GRACE_SECONDS = 2.0  # for tasks a test's last close set ending
+_CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.when == "call":
+        item.stash[_CALL_FAILED] = report.failed
+    return report
 
 
 @pytest.fixture(autouse=True)
-async def _nothing_left_running() -> AsyncIterator[None]:
+async def _nothing_left_running(request: pytest.FixtureRequest) -> AsyncIterator[None]:
     """Fail a test that leaves a task running. Every async test of a pytest process shares one
     event loop (pyproject: loop scope "session"), so a task left behind ran on into every later
     test, and one that did not end when cancelled held the loop's close for pytest-timeout's
-    120 s at the end of the run (seen in CI: a worker whose run() raised left its timers)."""
+    120 s at the end of the run (seen in CI: a worker whose run() raised left its timers).
+    Leftovers are always cancelled; a test that failed already (and so skipped its own
+    closing) is not failed twice for them."""
     before = asyncio.all_tasks()
     yield
     left = asyncio.all_tasks() - before - {asyncio.current_task()}
@@ -31,8 +44,9 @@ async def _nothing_left_running() -> AsyncIterator[None]:
     if running:
         for task in running:
             task.cancel()
-        names = sorted(f"{task.get_name()} {task.get_coro()!r}" for task in running)
-        pytest.fail(f"the test left {len(running)} tasks running: {names}")
+        if not request.node.stash.get(_CALL_FAILED, False):
+            names = sorted(f"{task.get_name()} {task.get_coro()!r}" for task in running)
+            pytest.fail(f"the test left {len(running)} tasks running: {names}")
 
 
 @pytest.fixture(scope="session")
