@@ -55,6 +55,7 @@ from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING, REFUSING_WORD
 from services.core.scripts import Scripts
 from services.core.settings import ConfigError, Settings, process_name
 from services.core.task_metrics import create_series
+from services.core.task_stop import cancel_and_wait
 from services.core.tasks import TaskStore
 from services.core.tenant_sockets import TenantSockets
 from services.core.tiers import load_tiers
@@ -345,8 +346,19 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        # Each part is stopped in reverse order of its start, whether the api stops or a later
+        # part fails to start (the parts started before it are stopped, not left running).
+        async with contextlib.AsyncExitStack() as started:
+            runtime = await _start(app, started)
+            log.info("api %s ready", runtime.pod_id)
+            yield
+        log.info("api %s stopped%s", runtime.pod_id, " after draining" if runtime.draining else "")
+
+    async def _start(app: Litestar, started: contextlib.AsyncExitStack) -> Runtime:
         await verifier.start()  # an identity provider's keys, when ORCHESTRATOR_JWT_JWKS_URL
+        started.push_async_callback(verifier.stop)
         redis = create_redis(settings)
+        started.push_async_callback(redis.aclose)
         scripts = Scripts(redis)
         with contextlib.suppress(*REDIS_DOWN):  # else loaded on the first NOSCRIPT
             await scripts.load()
@@ -356,11 +368,13 @@ def create_app(
         name = pod_id or process_name(settings)
         hub = SessionHub(redis, name, log_ttl_ms=settings.session_log_ttl_seconds * 1000)
         await hub.start()
+        started.push_async_callback(hub.stop)
         store = QuotaStore(redis, settings, tiers)
         with contextlib.suppress(*REDIS_DOWN, *REDIS_REFUSING):  # else the CLI cannot check
             await store.publish_tiers()
         quotas = QuotaCache(store, settings.validation_cache_ttl)
         await quotas.start()
+        started.push_async_callback(quotas.stop)
         admission = Admission(
             quotas,
             RateLimiter(redis),
@@ -377,21 +391,24 @@ def create_app(
             chat=ChatService(redis, tasks, admission, settings),
             admission=admission,
         )
-        engine = None
         if settings.database_url:
             engine = create_engine(settings)
+            started.push_async_callback(engine.dispose)
             share = PoolShare(
                 settings.database_pool_size, settings.database_connect_timeout_seconds
             )
             runtime.history = HistoryStore(engine, page_max=settings.history_page_max, share=share)
             runtime.database = engine
             runtime.chat.history = runtime.history
+        # Before Redis and the database are closed: the sends the shutdown cut finish first.
+        started.push_async_callback(runtime.chat.stop)
         with contextlib.suppress(*REDIS_DOWN, *REDIS_REFUSING):
             await clock.sync(redis)  # created_at and deadlines: on Redis's clock
-        syncing = asyncio.get_running_loop().create_task(clock.keep_synced(redis))
-        heartbeat = asyncio.get_running_loop().create_task(keep_sockets_counted(runtime))
+        loop = asyncio.get_running_loop()
+        syncing = loop.create_task(clock.keep_synced(redis))
+        heartbeat = loop.create_task(keep_sockets_counted(runtime))
+        started.push_async_callback(cancel_and_wait, heartbeat, syncing)
         app.state.runtime = runtime
-        internal = None
         if settings.metrics_port:
             internal = InternalServer(
                 settings.metrics_port,
@@ -399,21 +416,8 @@ def create_app(
                 host=internal_host,
             )
             await internal.start()
-        log.info("api %s ready", name)
-        try:
-            yield
-        finally:
-            if internal is not None:
-                await internal.stop()
-            heartbeat.cancel()
-            syncing.cancel()
-            if engine is not None:
-                await engine.dispose()
-            await quotas.stop()
-            await hub.stop()
-            await redis.aclose()
-            await verifier.stop()
-            log.info("api %s stopped%s", name, " after draining" if runtime.draining else "")
+            started.push_async_callback(internal.stop)
+        return runtime
 
     exception_handlers: dict[Any, Any] = {
         OrchestratorError: _on_orchestrator_error,

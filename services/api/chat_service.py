@@ -58,6 +58,7 @@ from services.core.ratelimit import (
 from services.core.redis_client import COMMAND_TIMEOUT_SECONDS, REDIS_DOWN, is_cluster
 from services.core.scripts import missing_script
 from services.core.settings import Settings
+from services.core.task_stop import cancel_and_wait
 from services.core.tasks import (
     Outcome,
     TaskRef,
@@ -88,6 +89,9 @@ REPLAY_POLL_SECONDS = 0.01
 # A takeover lost to another request is followed by a wait for that one's task; losing
 # again and again means requests keep abandoning the key's tasks.
 RESERVE_ATTEMPTS = 3
+# How long a stopping api waits for the sends its server's shutdown cut (they run on, see
+# `send`) before closing Redis under them: as long as a concurrent retry waits for one.
+STOP_GRACE_SECONDS = IN_FLIGHT_SECONDS
 
 ERASED_NOTICE_MARGIN_SECONDS = 86_400  # beyond any task timeout: the stub is gone by then
 ERASED_SESSION_NOTICE_SECONDS = 60
@@ -183,6 +187,8 @@ class ChatService:
         self.settings = settings
         self.history: HistoryStore | None = None  # set when PostgreSQL is configured
         self._background: set[asyncio.Task[None]] = set()
+        # Sends in several round trips, which a cancel of their request does not stop.
+        self._in_flight: set[asyncio.Future[Sent]] = set()
         # Tasks this process abandoned and could not mark yet (`_abandon_later`).
         self._abandoning: set[str] = set()
         # An Idempotency-Key never outlives the task it names (which lives TASK_TTL_SECONDS
@@ -193,6 +199,18 @@ class ChatService:
         # first send: a task routed with another count than the workers' is never answered.
         self._partitions = PartitionCheck(redis, settings.callback_partitions)
         self.partition_mismatch: PartitionCountMismatch | None = None
+
+    async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Let the sends uvicorn's shutdown cut reach their end before Redis is closed.
+
+        A cut send goes on (its limits taken, its key reserved: see `send`), and its client was
+        told the message may still be queued as its task; closing Redis under it made that
+        false and left the key naming a task that never came. Those still waiting on Redis
+        after `grace` are cut, as are the retries of abandoned sends (`_abandon_later`): a
+        process that exits does not get to finish them anyway."""
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight), timeout=grace)
+        await cancel_and_wait(*self._in_flight, *self._background)
 
     async def partitions_agree(self) -> bool:
         """Whether this pod's count is the installation's (a round trip until it was once):
@@ -267,6 +285,8 @@ class ChatService:
         steps = asyncio.ensure_future(
             self._send_in_steps(ref, agent_id, principal, request, rules, idempotency, asked)
         )
+        self._in_flight.add(steps)
+        steps.add_done_callback(self._in_flight.discard)
         try:
             return await asyncio.shield(steps)
         except asyncio.CancelledError:

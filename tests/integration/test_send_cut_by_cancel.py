@@ -15,9 +15,15 @@ import asyncio
 import contextlib
 import time
 
+from services.api.chat_service import SendAttempt
+from services.api.models import SendRequest
 from services.core import keys
 from services.core.errors import RateLimited
-from tests.integration.test_send_step import Service, service  # noqa: F401  (the fixture)
+from tests.integration.test_send_step import (  # noqa: F401  (the fixture)
+    PRINCIPAL,
+    Service,
+    service,
+)
 
 
 async def _queued(svc: Service, session: str) -> int:
@@ -55,3 +61,45 @@ async def test_a_retry_of_a_send_cut_by_a_cancel_is_accepted_once(
             ) from None
         assert task_id
         assert await _queued(service, session) == 1
+
+
+async def test_a_send_cut_by_the_shutdown_is_queued_before_redis_is_closed(
+    service: Service,  # noqa: F811  (the fixture imported above)
+) -> None:
+    """A send cut by uvicorn's shutdown is answered 503 "the message may still be queued as
+    task X" (its steps run on, see `ChatService.send`). The lifespan then stops the chat
+    service and closes Redis: X must be queued by then, as the answer let the client expect.
+    Closing Redis right after the cut broke the steps off between their round trips: the key
+    named a task that never came, and the message was lost unless the client resent it."""
+    await service.tier("pro")
+    await service.send("warm")  # the tenant's quota is cached from here on
+    cut_in_steps = 0
+    for step in range(0, 40):
+        session, key = f"s{step}", f"k{step}"
+        attempt = SendAttempt()
+        first = asyncio.create_task(
+            service.chat.send(
+                PRINCIPAL,
+                SendRequest(message="hello"),
+                session_id=session,
+                agent_id="default",
+                idempotency_key=key,
+                attempt=attempt,
+            )
+        )
+        for _ in range(step):  # the cancel lands at a later point of the send each time
+            await asyncio.sleep(0)
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        await service.chat.stop()  # what the lifespan does before closing Redis
+        await service.redis.connection_pool.disconnect()  # the close, under anything in flight
+        if attempt.task_id is None:
+            continue  # cut before a task was chosen: nothing of it may be queued
+        if not first.cancelled():
+            continue  # it finished before the cancel reached it
+        cut_in_steps += 1
+        assert await _queued(service, session) == 1, (
+            f"cancel after {step} loop steps: task {attempt.task_id} was never queued"
+        )
+    assert cut_in_steps, "no cancel landed while the send's steps ran"
