@@ -133,6 +133,22 @@ class LocalStack:
                     raise RuntimeError(f"api on port {api.port} not ready:\n{api.output()}")
                 time.sleep(0.05)
 
+    def wait_serving(self, child: Child, timeout: float = READY_TIMEOUT_SECONDS) -> None:
+        """Return when a worker's or an executor's metrics port answers: it has started, and a
+        SIGTERM from then on is a clean stop (before, it kills the process: exit -15)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_alive()
+            try:
+                url = f"http://127.0.0.1:{child.metrics_port}/metrics"
+                with urllib.request.urlopen(url, timeout=1):
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{child.role} not serving:\n{child.output()}")
+            time.sleep(0.05)
+
     def check_alive(self) -> None:
         for child in self.children:
             if not child.alive():

@@ -45,7 +45,8 @@ async def test_a_worker_rollout_under_streaming_load_loses_and_repeats_nothing(
         sessions = [unique("s") for _ in range(SESSIONS)]
         for s in sessions:
             sockets.append((await connect(api.ws_url, tenant, s))[0])
-        slow = {"simulate": {"repeat": 12, "chunk_delay_ms": 40}}  # ~4 s of chunks per task
+        # ~10 s of chunks per task: longer than two rollouts take on a loaded CI machine.
+        slow = {"simulate": {"repeat": 12, "chunk_delay_ms": 100}}
         async with httpx.AsyncClient(timeout=20) as http:
             tasks = []
             for s in sessions:
@@ -78,7 +79,10 @@ async def test_a_worker_rollout_under_streaming_load_loses_and_repeats_nothing(
         codes = []
         for _ in range(2):
             new = stack.start("worker")
-            await asyncio.sleep(1.0)  # the new pod up and taking its share, chunks flowing
+            # Started (its SIGTERM handled: under a loaded CI machine a worker 2 s old could
+            # still be importing, and died of the signal), then taking its share meanwhile.
+            await asyncio.to_thread(stack.wait_serving, new)
+            await asyncio.sleep(1.0)
             codes.append(await asyncio.to_thread(stack.stop_child, old, signal.SIGTERM))
             old = new
         rolled = time.monotonic()
