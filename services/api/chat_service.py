@@ -68,6 +68,7 @@ from services.core.tasks import (
     encode_json,
     parse_outcome,
 )
+from services.core.tiers import MAX_TASK_TIMEOUT_SECONDS
 from services.persistence.history import HistoryStore
 from services.persistence.records import (
     MalformedRecord,
@@ -93,7 +94,6 @@ RESERVE_ATTEMPTS = 3
 # `send`) before closing Redis under them: as long as a concurrent retry waits for one.
 STOP_GRACE_SECONDS = IN_FLIGHT_SECONDS
 
-ERASED_NOTICE_MARGIN_SECONDS = 86_400  # beyond any task timeout: the stub is gone by then
 ERASED_SESSION_NOTICE_SECONDS = 60
 log = logging.getLogger(__name__)
 
@@ -839,10 +839,10 @@ class ChatService:
         counts its request in `/api/usage`, as a cancelled task's does; the writer keeps no
         history of it (the session's erasure is older than the task's record)."""
         erased = await self.tasks.erase_session(tenant_id, session_id)
-        ended = [*erased.running, *erased.kept]  # kept: an earlier attempt may have failed
+        ended = [*erased.running, *erased.kept]  # kept: an earlier attempt failed part way
         if ended and self.settings.database_url:
             records = []
-            for ref, state in ended:
+            for ref, state, _ in ended:
                 try:
                     records.append(record_of_erased(ref, state))  # once per task: the writer
                 except MalformedRecord as exc:
@@ -851,16 +851,15 @@ class ChatService:
                 for record in records:
                     await publish_record(pipe, record, maxlen=self.settings.persist_stream_maxlen)
                 await pipe.execute()
-        for ref, state in erased.running:
-            metrics.tasks.labels("cancelled", state.get("tier") or "unknown").inc()
-            await self._tell_sockets_erased(ref)
+        for running in erased.running:
+            metrics.tasks.labels("cancelled", running.state.get("tier") or "unknown").inc()
+        for ref, _, ttl in ended:
+            await self._tell_sockets_erased(ref, ttl)
             await self._notify_aes(ref)
-        for ref, _ in erased.kept:  # an earlier erasure may have failed before telling them
-            await self._tell_sockets_erased(ref)
-            await self._notify_aes(ref)
+        await self.tasks.told_erased(ended)
         return erased.tasks
 
-    async def _tell_sockets_erased(self, ref: TaskRef) -> None:
+    async def _tell_sockets_erased(self, ref: TaskRef, stub_ttl: int) -> None:
         """`chat.cancelled` (reason `session_erased`) to the sockets open on the session: a
         task ended by the erasure got no final event, and a page showing its streamed answer
         waited for one for ever. Appended to the log and published, as every event, so the
@@ -880,8 +879,8 @@ class ChatService:
                 settings.session_log_maxlen,
                 settings.session_log_ttl_seconds * 1000,
                 keys.session_channel(tenant, session),
-                # As long as the task's stub may be found by another erasure: told once.
-                settings.task_ttl_seconds + ERASED_NOTICE_MARGIN_SECONDS,
+                # As long as the task's stub, which a retried erasure may find: told once.
+                stub_ttl if stub_ttl > 0 else settings.task_ttl_seconds + MAX_TASK_TIMEOUT_SECONDS,
             ],
         )
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from importlib.resources import files
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from redis.asyncio import Redis
@@ -66,10 +66,19 @@ class Erased:
     their records count their requests in the tenant's usage)."""
 
     tasks: int
-    running: list[tuple[TaskRef, dict[str, str]]]
-    # Ended by an earlier erasure that may have failed before queueing their records or
-    # telling their sockets and AES (a retry), each with its stub's fields.
-    kept: list[tuple[TaskRef, dict[str, str]]] = field(default_factory=list)
+    running: list[ErasedTask]
+    # Ended by an earlier erasure that failed before queueing their records or telling their
+    # sockets and AES (`told_erased` was not reached), each with its stub's fields.
+    kept: list[ErasedTask] = field(default_factory=list)
+
+
+class ErasedTask(NamedTuple):
+    """A running task an erasure ended: the stub kept in its state's place lives `ttl` more
+    seconds (until the task's deadline plus TASK_TTL_SECONDS)."""
+
+    ref: TaskRef
+    state: dict[str, str]
+    ttl: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,8 +243,8 @@ class TaskStore:
             ]
             found = list(dict.fromkeys([*found, *scanned]))
         marked = f"{tenant_id}/{session_id}{ERASED_MARK}"
-        running: list[tuple[TaskRef, dict[str, str]]] = []
-        kept: list[tuple[TaskRef, dict[str, str]]] = []
+        running: list[ErasedTask] = []
+        kept: list[ErasedTask] = []
         erased = 0
         for start in range(0, len(found), 500):
             chunk = found[start : start + 500]
@@ -254,16 +263,26 @@ class TaskStore:
                     pipe.eval(_ERASE_TASK, 2, state_key, index, isoformat())
                 replies = await pipe.execute()
             for task_id, reply in zip(chunk, replies, strict=True):
-                ref = TaskRef(tenant_id, session_id, task_id)
-                pairs = [str(_text(item)) for item in reply[1:]]
-                state = dict(zip(pairs[::2], pairs[1::2], strict=True))
-                if int(reply[0]) in (1, 2):
+                outcome = int(reply[0])
+                if outcome in (1, 2):
                     erased += 1
-                if int(reply[0]) == 3:  # kept by an earlier erasure
-                    kept.append((ref, state))
-                elif int(reply[0]) == 2:
-                    running.append((ref, state))
+                if outcome not in (2, 3):
+                    continue
+                pairs = [str(_text(item)) for item in reply[2:]]
+                state = dict(zip(pairs[::2], pairs[1::2], strict=True))
+                ended = ErasedTask(TaskRef(tenant_id, session_id, task_id), state, int(reply[1]))
+                (running if outcome == 2 else kept).append(ended)
         return Erased(erased, running, kept)
+
+    async def told_erased(self, ended: list[ErasedTask]) -> None:
+        """Note on each stub that its records and notices are out: a later erasure of the
+        session sends none of them again (`lua/erase_task.lua`)."""
+        if not ended:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for ref, _, _ in ended:
+                pipe.hset(keys.task_state(ref.tenant_id, ref.session_id, ref.task_id), "told", 1)
+            await pipe.execute()
 
     async def mark_index_start(self) -> None:
         """Note when this deployment began to index every session's tasks (the first api of

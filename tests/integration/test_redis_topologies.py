@@ -254,8 +254,8 @@ async def test_erasing_a_session_removes_its_tasks_on_a_cluster(cluster_client: 
         await tasks.apply(ref, "create", fields={"status": "processing"})
         await cluster_client.set(keys.task_location(ref.task_id), tasks.location_value(ref))
     erased = await tasks.erase_session("acme", "erased")
-    assert (erased.tasks, {ref for ref, _ in erased.running}) == (len(refs), set(refs))
-    assert all(state["status"] == "processing" for _, state in erased.running)
+    assert (erased.tasks, {ended.ref for ended in erased.running}) == (len(refs), set(refs))
+    assert all(ended.state["status"] == "processing" for ended in erased.running)
     for ref in refs:
         stub = await tasks.read(ref)
         assert stub is not None

@@ -5,9 +5,10 @@
 -- message or answer, until it expires: a completion crossing the erasure then finds a final
 -- task and its usage is counted once, as for one crossing a cancel. (Deleted, it found no
 -- task, and erasing the session at the last chunk dodged the token budget.)
--- Returns {0}: nothing there; {1}: it was final; {2, field, value, ...}: it was running,
--- with its state as it was (for its record: the request counts in the tenant's usage); {3,
--- field, value, ...}: kept by an earlier erasure, with the stub's fields.
+-- Returns {0}: nothing there; {1}: it was final; {2, ttl, field, value, ...}: it was running,
+-- with its stub's ttl and its state as it was (for its record: the request counts in the
+-- tenant's usage); {3, ttl, field, value, ...}: kept by an earlier erasure that did not say it
+-- had told everyone (`told`), with the stub's ttl and fields; {4}: kept and told.
 local task = KEYS[1]
 local state = redis.call('HGETALL', task)
 local function forget()
@@ -22,8 +23,11 @@ for i = 1, #state, 2 do fields[state[i]] = state[i + 1] end
 if fields.ended_by == 'erase:0' then
   -- What an earlier erasure kept: kept again (deleted, the budget dodge is back), not counted
   -- (a second DELETE of the session answers 404: nothing was left to erase). Its fields go
-  -- back: that erasure may have failed before queueing the task's record or notices.
-  local reply = {3}
+  -- back: that erasure may have failed before queueing the task's record or notices. Once it
+  -- said it had not, nothing is sent again: a client repeating the DELETE filled the
+  -- `{aes}:cancel` stream every tenant shares with the task's notice.
+  if fields.told == '1' then return {4} end
+  local reply = {3, redis.call('TTL', task)}
   for i = 1, #state do reply[#reply + 1] = state[i] end
   return reply
 end
@@ -44,6 +48,6 @@ redis.call('HSET', task, 'status', 'cancelled', 'ended_by', 'erase:0',
   'agent_id', fields.agent_id or '', 'user_id', fields.user_id or '',
   'created_at', fields.created_at or '')
 if ttl > 0 then redis.call('EXPIRE', task, ttl) end
-local reply = {2}
+local reply = {2, ttl}
 for i = 1, #state do reply[#reply + 1] = state[i] end
 return reply
