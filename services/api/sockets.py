@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl
 
 import msgspec
@@ -142,11 +142,22 @@ async def _refuse(send: Send, speaks_v1: bool, code: int, reason: str) -> None:
     await send({"type": "websocket.close", "code": code, "reason": reason[:120]})
 
 
+class Admitted(NamedTuple):
+    """A handshake that passed every check, its socket counted against the tenant's quota."""
+
+    principal: Principal
+    connection_id: str
+    speaks_v1: bool
+    # Where the socket starts: the client's `last_event_id`, or for a new socket where the
+    # session's log stood before the handshake completed (`joined_at`).
+    last_event_id: str | None
+    joined_at: str | None
+
+
 async def _admit(
     runtime: Runtime, scope: Scope, send: Send, tenant_id: str, session_id: str
-) -> tuple[Principal, str, bool, str | None] | None:
-    """Every check before the handshake completes: `(principal, connection id, speaks v1,
-    last_event_id)` with the socket counted against the tenant's quota, or None (refused)."""
+) -> Admitted | None:
+    """Every check before the handshake completes, or None (refused)."""
     if not _origin_allowed(runtime, _header(scope, b"origin")):
         metrics.websocket_refusals.labels("origin").inc()
         await send(
@@ -179,7 +190,9 @@ async def _admit(
         return None
     runtime.admitting += 1  # given back by the caller once attached (or by a refusal below)
     try:
-        admitted = await _admit_tenant(runtime, scope, send, speaks_v1, tenant_id, principal)
+        admitted = await _admit_tenant(
+            runtime, scope, send, speaks_v1, tenant_id, session_id, principal
+        )
     except BaseException:
         runtime.admitting -= 1
         raise
@@ -187,7 +200,7 @@ async def _admit(
         runtime.admitting -= 1
     elif runtime.draining:
         runtime.admitting -= 1
-        await _refuse_drained(runtime, send, tenant_id, admitted[1], speaks_v1)
+        await _refuse_drained(runtime, send, tenant_id, admitted.connection_id, speaks_v1)
         return None
     return admitted
 
@@ -214,10 +227,11 @@ async def _admit_tenant(
     send: Send,
     speaks_v1: bool,
     tenant_id: str,
+    session_id: str,
     principal: Principal,
-) -> tuple[Principal, str, bool, str | None] | None:
+) -> Admitted | None:
     """The rest of the handshake, holding a slot of the pod: the resume id, the tenant's
-    socket limit."""
+    socket limit, and a new socket's place in the session's log."""
     last_event_id = _query(scope, "last_event_id")
     if last_event_id is not None:
         try:
@@ -246,7 +260,27 @@ async def _admit_tenant(
             f"connection_limit: {quota.tier} tier allows {quota.limits.max_connections} sockets",
         )
         return None
-    return principal, connection_id, speaks_v1, last_event_id
+    joined_at = None
+    if last_event_id is None:
+        # Taken before the handshake completes: a page that sends its message as soon as the
+        # socket opens gets its answer, even when the send and the answer are in the log
+        # before the socket is subscribed (a new socket starting at its subscription missed
+        # both on a busy machine, and waited for ever).
+        try:
+            joined = await read_since(
+                runtime.redis,
+                tenant_id,
+                session_id,
+                None,
+                log_ttl_ms=runtime.settings.session_log_ttl_seconds * 1000,
+            )
+        except (*REDIS_DOWN, *REDIS_REFUSING):
+            with contextlib.suppress(*REDIS_DOWN, *REDIS_REFUSING):  # it expires by itself
+                await runtime.admission.sockets.release(tenant_id, connection_id)
+            await _refuse(send, speaks_v1, CLOSE_TRY_AGAIN, "unavailable: try again later")
+            return None
+        joined_at = joined.cursor
+    return Admitted(principal, connection_id, speaks_v1, last_event_id, joined_at)
 
 
 async def session_socket(
@@ -267,7 +301,7 @@ async def session_socket(
     admitted = await _admit(runtime, scope, send, tenant_id, session_id)
     if admitted is None:
         return
-    principal, connection_id, speaks_v1, last_event_id = admitted
+    principal, connection_id, speaks_v1, last_event_id, joined_at = admitted
     del admitted
     reserved = True  # a slot of the pod (`Runtime.admitting`) until the hub counts the socket
     try:
@@ -285,7 +319,7 @@ async def session_socket(
         try:
             runtime.admitting -= 1  # `_set_up` attaches before it awaits anything
             reserved = False
-            await _set_up(runtime, conn, last_event_id)
+            await _set_up(runtime, conn, last_event_id, joined_at)
             budget: FrameBudget | None = None  # made at the first frame: idle sockets send none
             while True:
                 message = await receive()
@@ -333,21 +367,30 @@ async def session_socket(
             await runtime.admission.sockets.release(tenant_id, connection_id)
 
 
-async def _set_up(runtime: Runtime, conn: ClientConnection, last_event_id: str | None) -> None:
-    """Subscribe, then send the ack and the events since `last_event_id`, then go live."""
+async def _set_up(
+    runtime: Runtime,
+    conn: ClientConnection,
+    last_event_id: str | None,
+    joined_at: str | None = None,
+) -> None:
+    """Subscribe, then send the ack and the events since `last_event_id` (a new socket: since
+    `joined_at`, what reached the log while it was being set up), then go live."""
     await runtime.hub.attach(conn)
+    start = last_event_id if last_event_id is not None else joined_at
     replay = await read_since(
         runtime.redis,
         conn.tenant_id,
         conn.session_id,
-        last_event_id,
+        start,
+        # A new socket is given whatever came after its join, even if the log went meanwhile.
+        partial=last_event_id is None,
         log_ttl_ms=runtime.settings.session_log_ttl_seconds * 1000,
         page=REPLAY_PAGE,
     )
     # The ack goes out before the replayed events, so its id is where the client stands
     # before them: a client keeping `lastId = frame.id` whose socket drops between the ack
     # and the replay resumes from there, not past events it never received.
-    before = last_event_id if replay.events and last_event_id is not None else replay.cursor
+    before = start if replay.events and start is not None else replay.cursor
     conn.push(
         events.frame(
             before,
@@ -356,7 +399,7 @@ async def _set_up(runtime: Runtime, conn: ClientConnection, last_event_id: str |
                 "connection_id": conn.connection_id,
                 "tenant_id": conn.tenant_id,
                 "session_id": conn.session_id,
-                "resumed": replay.resumed,
+                "resumed": replay.resumed if last_event_id is not None else None,
                 "last_event_id": before,
             },
         )
