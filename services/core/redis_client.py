@@ -64,6 +64,7 @@ from redis.exceptions import (
     OutOfMemoryError,
     ReadOnlyError,
     RedisClusterException,
+    RedisError,
     ResponseError,
     SlotNotCoveredError,
 )
@@ -72,6 +73,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.core import cancel_safe_wait_for, partition_count
 from services.core.settings import ConfigError, RedisMode, Settings
+from services.core.task_stop import cancel_and_wait
 
 cancel_safe_wait_for.install()
 
@@ -127,6 +129,8 @@ VERIFY_TIMEOUT_SECONDS = 8.0
 # burst: 2 000 sockets' admission scripts at once). A busy connection is freed within one
 # command's `socket_timeout`, so waiting longer than that only means Redis is not answering.
 POOL_WAIT_SECONDS = 5.0
+# How often a Sentinel client asks which server is the primary (WaitingSentinelConnectionPool).
+PRIMARY_CHECK_SECONDS = 0.5
 
 _UNREACHABLE_CLUSTER = "Redis Cluster cannot be connected"
 
@@ -192,6 +196,27 @@ class ClosedTransportIsLost:
             raise lost from exc
 
 
+class ReconnectsToThePrimary:
+    """A Sentinel connection that reconnects to the primary the pool knows now.
+
+    redis-py (8.1) resolves the primary in `SentinelManagedConnection.connect`, but a command
+    sent on a connection that was closed reconnects through `connect_check_health`, to the
+    host it had: after a failover (the pool closes every connection,
+    `WaitingSentinelConnectionPool`) a blocking read went straight back to the old primary,
+    and stayed there (reads are allowed on a replica: no READONLY ever moved it)."""
+
+    connection_pool: Any
+    host: str
+    port: int
+
+    async def connect_check_health(self, *args: Any, **kwargs: Any) -> Any:
+        pool = self.connection_pool
+        known = pool.master_address if pool.is_master else None
+        if known is not None and not cast(AbstractConnection, self).is_connected:
+            self.host, self.port = known
+        return await super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
+
+
 def _with_mixins(
     connection_class: type[AbstractConnection], *mixins: type
 ) -> type[AbstractConnection]:
@@ -221,6 +246,7 @@ def create_redis(
     if settings.redis_mode is RedisMode.sentinel:
         client = _sentinel_primary(settings, pool_size, retries)
         pool = client.connection_pool
+        pool.connection_class = _with_mixins(pool.connection_class, ReconnectsToThePrimary)
     else:
         timeouts = _timeouts(settings)
         if settings.redis_address.startswith("unix://"):
@@ -311,7 +337,18 @@ class WaitingConnectionPool(_WaitForConnection, ConnectionPool):
 
 
 class WaitingSentinelConnectionPool(_WaitForConnection, SentinelConnectionPool):
-    """Sentinel's pool of connections to the current primary (see `_WaitForConnection`)."""
+    """Sentinel's pool of connections to the current primary (see `_WaitForConnection`), which
+    follows a change of primary with every connection, also those in use.
+
+    redis-py asks the sentinels only when it opens a connection, and then closes only the idle
+    ones. After `SENTINEL FAILOVER` (maintenance: the old primary is healthy) the sentinels
+    name the promoted replica within a second, but demote the old primary only when they next
+    look at it, ~10 s later; the connections in use (blocking reads, subscriptions, a warm
+    pool's) went on writing to it meanwhile, and it discarded those writes when it resynced:
+    answered tasks read 404, deadlines fired twice. So the sentinels are asked every
+    `PRIMARY_CHECK_SECONDS` while the pool is in use, and a new primary closes every
+    connection: each command in flight fails as a lost connection and is retried there.
+    """
 
     def __init__(
         self,
@@ -324,6 +361,41 @@ class WaitingSentinelConnectionPool(_WaitForConnection, SentinelConnectionPool):
         super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
         self.timeout = timeout
         self._waiters = deque()
+        self._watch: asyncio.Task[None] | None = None
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        if self._watch is None or self._watch.done():  # started by the first use, and again
+            self._watch = asyncio.get_running_loop().create_task(self._watch_primary())
+        return await super().get_connection(*args, **kwargs)
+
+    async def _watch_primary(self) -> None:
+        while True:
+            await asyncio.sleep(PRIMARY_CHECK_SECONDS)
+            try:
+                await self.get_master_address()
+            except (RedisError, OSError) as exc:  # the sentinels unreachable: keep what works
+                log.debug("asking the sentinels for the primary failed: %s", exc)
+
+    async def get_master_address(self) -> Any:
+        address = await self.sentinel_manager.discover_master(self.service_name)
+        if self.master_address != address:
+            moved = self.master_address is not None
+            self.master_address = address
+            if moved:
+                log.warning("redis primary moved to %s:%s: reconnecting", *address)
+            # The first address: nothing open yet. A new one: every connection (the base
+            # class's own `disconnect`, which leaves the watch running).
+            await SentinelConnectionPool.disconnect(self, inuse_connections=moved)
+        return address
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        """The client's close (every connection) also ends the watch."""
+        watch, self._watch = self._watch, None
+        if inuse_connections and watch is not None and watch is not asyncio.current_task():
+            await cancel_and_wait(watch)
+        elif watch is not None:
+            self._watch = watch
+        await super().disconnect(inuse_connections)
 
 
 # redis-py's repr of one sentinel's client in its MasterNotFoundError: ~1 000 characters.
@@ -332,22 +404,36 @@ _SENTINEL_CLIENT = re.compile(
 )
 
 
+class SentinelCredentialsRefused(MasterNotFoundError, AuthenticationError):
+    """No primary named because sentinels refused our credentials (not an unreachable
+    network): the fix is REDIS_SENTINEL_USERNAME/_PASSWORD."""
+
+
 class ReadableSentinel(Sentinel):
     """redis-py names each sentinel it could not ask by its client's repr: behind three
     unreachable sentinels `orchestrator tenants list` printed a 3 KB line, and every service
-    logged one a retry. The same error, each sentinel named by its address."""
+    logged one a retry. The same error, each sentinel named by its address; sentinels that
+    refused the credentials make it `SentinelCredentialsRefused`."""
 
     async def discover_master(self, service_name: str) -> Any:
         try:
             return await super().discover_master(service_name)
         except MasterNotFoundError as exc:
-            raise MasterNotFoundError(_SENTINEL_CLIENT.sub(r"\1:\2", str(exc))) from None
+            text = _SENTINEL_CLIENT.sub(r"\1:\2", str(exc))
+            if "AuthenticationError" in text:
+                raise SentinelCredentialsRefused(text) from None
+            raise MasterNotFoundError(text) from None
 
 
 def not_reached(exc: BaseException) -> str:
     """A one-shot command's words for a Redis error of `REDIS_DOWN`: a password Redis refused
     is not a network problem (redis-py raises it as a lost connection, and "cannot reach
     Redis" sent an SRE to the network instead of the Secret)."""
+    if isinstance(exc, SentinelCredentialsRefused):
+        return (
+            f"the sentinels refused the credentials ({exc}); check "
+            "ORCHESTRATOR_REDIS_SENTINEL_USERNAME and ORCHESTRATOR_REDIS_SENTINEL_PASSWORD"
+        )
     if isinstance(exc, AuthenticationError) or "authenticated" in str(exc):
         return (
             f"Redis refused the credentials ({exc}); check the user and password of "
