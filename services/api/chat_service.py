@@ -851,12 +851,13 @@ class ChatService:
                 for record in records:
                     await publish_record(pipe, record, maxlen=self.settings.persist_stream_maxlen)
                 await pipe.execute()
-        for running in erased.running:
-            metrics.tasks.labels("cancelled", running.state.get("tier") or "unknown").inc()
-        for ref, _, ttl in ended:
-            await self._tell_sockets_erased(ref, ttl)
-            await self._notify_aes(ref)
-        await self.tasks.told_erased(ended)
+        for ref, state, ttl in ended:
+            await self._tell_sockets_erased(ref, ttl)  # once: the session's dedupe mark
+            # Counted with the mark that ends the task's follow-ups: an erasure cut before it
+            # is finished, and counted, by the next (counted right after the erase script, a
+            # cut between the two lost it for good).
+            metrics.tasks.labels("cancelled", state.get("tier") or "unknown").inc()
+            await self._notify_aes(ref, erased=True)  # and the stub marked told with it
         return erased.tasks
 
     async def _tell_sockets_erased(self, ref: TaskRef, stub_ttl: int) -> None:
@@ -910,8 +911,10 @@ class ChatService:
                 self.redis, [(ref, event_id)], maxlen=self.settings.persist_stream_maxlen
             )
 
-    async def _notify_aes(self, ref: TaskRef) -> None:
-        """`chat.cancel` on the cancel stream, and the task's deadline removed."""
+    async def _notify_aes(self, ref: TaskRef, *, erased: bool = False) -> None:
+        """`chat.cancel` on the cancel stream, and the task's deadline removed; for a task an
+        erasure dropped, its stub marked told in the same round trip (a retried erasure
+        sends nothing again, `TaskStore.queue_told`)."""
         task_id = ref.task_id
         with telemetry.producer(keys.CANCEL_STREAM, **{"orchestrator.task_id": task_id}) as span:
             notice = ChatCancel(
@@ -930,6 +933,8 @@ class ChatService:
                     approximate=True,
                 )
                 pipe.zrem(deadlines, member)
+                if erased:
+                    self.tasks.queue_told(pipe, ref)
                 await pipe.execute()
 
 

@@ -104,6 +104,8 @@ class TaskRef:
 
 _json = msgspec.json.Encoder()
 _ERASE_TASK = (files("services.core") / "lua" / "erase_task.lua").read_text()
+# EVAL, not a cached script, as _ERASE_TASK: rare, and safe from a flushed script cache.
+_TOLD = "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'told', 1) end"
 
 
 def isoformat(moment: datetime | None = None) -> str:
@@ -274,15 +276,12 @@ class TaskStore:
                 (running if outcome == 2 else kept).append(ended)
         return Erased(erased, running, kept)
 
-    async def told_erased(self, ended: list[ErasedTask]) -> None:
-        """Note on each stub that its records and notices are out: a later erasure of the
-        session sends none of them again (`lua/erase_task.lua`)."""
-        if not ended:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for ref, _, _ in ended:
-                pipe.hset(keys.task_state(ref.tenant_id, ref.session_id, ref.task_id), "told", 1)
-            await pipe.execute()
+    def queue_told(self, pipe: Any, ref: TaskRef) -> None:
+        """Note on the stub of a task an erasure dropped that its record and notices are out:
+        a later erasure of the session sends none of them again (`lua/erase_task.lua`). Only
+        if the stub is still there: a plain HSET on one that had just expired made a hash
+        that never expired, taken by the next erasure for a running task."""
+        pipe.eval(_TOLD, 1, keys.task_state(ref.tenant_id, ref.session_id, ref.task_id))
 
     async def mark_index_start(self) -> None:
         """Note when this deployment began to index every session's tasks (the first api of

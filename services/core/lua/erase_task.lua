@@ -20,6 +20,12 @@ if #state == 0 then
 end
 local fields = {}
 for i = 1, #state, 2 do fields[state[i]] = state[i + 1] end
+if not fields.status then
+  -- Not a task's state (a stray field written after it expired): nothing of a task to keep.
+  redis.call('DEL', task)
+  forget()
+  return {0}
+end
 if fields.ended_by == 'erase:0' then
   -- What an earlier erasure kept: kept again (deleted, the budget dodge is back), not counted
   -- (a second DELETE of the session answers 404: nothing was left to erase). Its fields go
