@@ -40,7 +40,7 @@ from services.api.chat_service import ChatService
 from services.api.connections import Send
 from services.api.delivery import SessionHub
 from services.api.drain import drain
-from services.api.http_tracing import redact_query_tokens, span_details
+from services.api.http_tracing import name_after_route, redact_query_tokens, span_details
 from services.api.internal import InternalServer
 from services.api.json_request import JsonRequest
 from services.api.models import StrictStructSchemaPlugin
@@ -438,6 +438,7 @@ def create_app(
         exclude=["^/health$", "^/health/ready$"],  # the probes, not /health/detailed
         exemplars=lambda _: telemetry.exemplar() or {},
     )
+    tracing = _tracing_plugins()
     litestar = Litestar(
         route_handlers=[
             chat.send_message,
@@ -463,7 +464,9 @@ def create_app(
         openapi_config=_openapi_config(),
         request_max_body_size=settings.max_body_bytes,
         request_class=JsonRequest,
-        plugins=[StrictStructSchemaPlugin(), *_tracing_plugins()],
+        plugins=[StrictStructSchemaPlugin(), *tracing],
+        # Only with tracing on: a hook per request costs every send otherwise.
+        before_request=name_after_route if tracing else None,
         middleware=[prometheus.middleware],
         logging_config=None,
         debug=False,

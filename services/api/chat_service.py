@@ -19,6 +19,7 @@ from datetime import timedelta
 from typing import Any
 
 import msgspec
+from opentelemetry import trace
 from opentelemetry.trace import Span
 from redis.asyncio import Redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -31,6 +32,7 @@ from services.core.actions import (
     ACTION_FIELD,
     ChatCancel,
     ChatProcess,
+    MalformedAction,
     User,
     decode_action,
     encode_action,
@@ -149,6 +151,26 @@ class _Asked:
             request.message,
             request.stream,
         ) and earlier.context == request.context
+
+
+def _mark_replayed(task_id: str, state: dict[str, Any]) -> None:
+    """A retry answered with an earlier request's task: its span names that task and links
+    to the message's trace (it was a trace of its own, with nothing leading to the message's:
+    one trace per message, the retry a pointer to it)."""
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    span.set_attribute("orchestrator.task_id", task_id)
+    span.set_attribute("orchestrator.replayed", True)
+    raw = state.get("action")
+    try:
+        earlier = decode_action(raw.encode() if isinstance(raw, str) else raw) if raw else None
+    except (MalformedAction, RecursionError):
+        return
+    if isinstance(earlier, ChatProcess):
+        context = telemetry.remote_parent(earlier.trace_context)
+        if context is not None:
+            span.add_link(trace.get_current_span(context).get_span_context())
 
 
 def _digest(idempotency_key: str) -> str:
@@ -745,6 +767,7 @@ class ChatService:
                 "session, agent, context or stream flag) within the last 24 hours",
                 code="idempotency_key_reused",
             )
+        _mark_replayed(ref.task_id, state)
         status = state.get("status") or TaskStatus.processing
         accepted = Accepted(task_id=ref.task_id, status=status, session_id=ref.session_id)
         return task_id, Sent(accepted, {}, replayed=True)

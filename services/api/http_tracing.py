@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from opentelemetry import trace
 from opentelemetry.semconv.attributes.http_attributes import HTTP_ROUTE
 from opentelemetry.trace import Span
 
@@ -24,13 +25,26 @@ REDACTED = "REDACTED"
 
 
 def span_details(scope: Any) -> tuple[str, dict[str, str]]:
-    """The span's name and route: `<method> <template>` once Litestar has routed the request
-    (its middleware runs after routing), the method alone otherwise."""
+    """The span's name and route: `<method> <template>` once Litestar has routed the request,
+    the method alone otherwise (the tracing middleware starts the span before routing:
+    `name_after_route` names it again once routed)."""
     method = str(scope.get("method", "")).strip() or "HTTP"
     template = scope.get("path_template")
     if isinstance(template, str) and template:
         return f"{method} {template}", {HTTP_ROUTE: template}
     return method, {}
+
+
+async def name_after_route(request: Any) -> None:
+    """A `before_request` hook (routing is done by then): the request's server span named
+    `<method> <route template>` with `http.route`, as OpenTelemetry's HTTP conventions ask.
+    Named at its start, before routing, every REST span was `POST` or `GET` alone, and a
+    trace backend could not tell a send from a cancel or an erasure."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        name, attributes = span_details(request.scope)
+        span.update_name(name)
+        span.set_attributes(attributes)
 
 
 def redact_query_tokens(span: Span, scope: Any) -> None:

@@ -297,6 +297,22 @@ def unreadable_answer_task(raw: bytes | str) -> str | None:
     return task_id if isinstance(task_id, str) and is_valid_id(task_id) else None
 
 
+def loose_origin(raw: bytes | str | None) -> tuple[dict[str, str], dict[str, str]]:
+    """The trace context and the valid ids (tenant, session, task) an action names, read as
+    loosely as JSON allows: what a dead letter of an action that could not be read or
+    applied still tells of the message it belonged to (its span joins that trace, its log
+    line names the task)."""
+    loose = None if raw is None else _loose_json(raw)
+    if not isinstance(loose, dict):
+        return {}, {}
+    ids = {
+        name: value
+        for name in ("tenant_id", "session_id", "task_id")
+        if isinstance(value := loose.get(name), str) and is_valid_id(value)
+    }
+    return _carrier(loose.get("trace_context")), ids
+
+
 def failure_for_unreadable(
     raw: bytes | str, reason: str, located: tuple[str, str] | None = None
 ) -> UnreadableAnswer | None:

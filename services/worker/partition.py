@@ -47,9 +47,11 @@ from services.core.actions import (
     action_type_of,
     decode_callback,
     failure_for_unreadable,
+    loose_origin,
     unreadable_answer_task,
 )
 from services.core.delivery_lag import LagClock
+from services.core.logs import log_context
 from services.core.redis_client import REDIS_DOWN, REDIS_REFUSING
 from services.core.scripts import missing_script
 from services.core.settings import Settings
@@ -88,8 +90,10 @@ LAZY_ACK_SECONDS = 0.2
 DEFERRED = "DEFERRED"  # the script's refusal: an earlier event of the session did not apply
 
 
-def _describe(span: Span, outcome: Outcome, plan: object) -> None:
-    """Put what the worker decided on the trace: applied, dropped (and why), retried."""
+def _describe(span: Span, outcome: Outcome, plan: object, action: Callback) -> None:
+    """Put what the worker decided on the trace: applied, dropped (and why), retried, or the
+    task failed for good (an error there: the client got `chat.error`, and an AES that does
+    not trace itself left no other sign of it on the message's trace)."""
     span.set_attribute("orchestrator.verdict", outcome.verdict.value)
     if outcome.verdict in (Verdict.final, Verdict.stale):
         span.add_event(
@@ -98,6 +102,17 @@ def _describe(span: Span, outcome: Outcome, plan: object) -> None:
         )
     elif isinstance(plan, Retry) and outcome.verdict in (Verdict.ok, Verdict.requeued):
         span.add_event("retry scheduled", {"due": plan.due})
+    elif outcome.verdict is Verdict.ok and (failure := _failure_of(action)) is not None:
+        telemetry.fail(span, "task failed", error_type=failure)
+
+
+def _failure_of(action: Callback) -> str | None:
+    """The error code of an answer that fails its task (retries aside), None for others."""
+    if isinstance(action, ExecutionFailed):
+        return action.code
+    if isinstance(action, ExecutionCallback) and action.status != "completed":
+        return "execution_failed" if action.status == "failed" else "timed_out"
+    return None
 
 
 def _ends_task(action: Callback, plan: object) -> bool:
@@ -681,7 +696,7 @@ class PartitionConsumer:
                     applied_at=applied_at,
                 )
             if span is not None:
-                _describe(span, outcome, plan)
+                _describe(span, outcome, plan, action)
             if _ends_task(action, plan) and outcome.verdict in (Verdict.ok, Verdict.final):
                 ref = TaskRef(action.tenant_id, action.session_id, str(action.task_id))
                 finished.append((ref, outcome.detail if outcome.verdict is Verdict.ok else None))
@@ -726,8 +741,16 @@ class PartitionConsumer:
         self._ended.setdefault(keys.partition_deadlines(partition), []).append(member)
 
     async def _dead_letter(self, entry: Entry, reason: str) -> None:
-        with telemetry.consumer(
-            self.stream, None, message_id=entry.id, group=keys.WORKER_GROUP
-        ) as span:
+        """On the trace of the message the entry names, and logged with its ids: the SRE
+        following a message whose answer was dead-lettered finds it there (a trace of its
+        own, with no task, was reachable from nothing)."""
+        carrier, ids = loose_origin(entry.raw_action)
+        attributes = {"orchestrator.task_id": ids["task_id"]} if "task_id" in ids else {}
+        with (
+            log_context(**ids),
+            telemetry.consumer(
+                self.stream, carrier, message_id=entry.id, group=keys.WORKER_GROUP, **attributes
+            ) as span,
+        ):
             telemetry.fail(span, "dead-lettered", error_type="dead_letter", reason=reason[:200])
             await dead_letter(self.redis, entry, keys.WORKER_GROUP, reason)
