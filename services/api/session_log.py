@@ -49,6 +49,9 @@ def _mark_ms(event_id: str) -> int | None:
     return millis + 1 if seq == _SEQ_MAX else None
 
 
+_TIME_OF_KEYS_NODE = "return redis.call('TIME')"
+
+
 async def _now_ms(redis: Redis) -> int:
     seconds, micros = await redis.time()
     return int(seconds) * 1000 + int(micros) // 1000
@@ -141,10 +144,13 @@ async def _time_then_info(redis: Redis, log_key: str) -> tuple[int, dict[bytes, 
     an event appended after the read has a later id than the mark. Read after it (as it was),
     the time could be a millisecond past an event appended in between, whose id then fell
     below the mark: the socket dropped it as already sent (and a resume said exact). One round
-    trip on one server; on a cluster TIME is keyless, so two, in order.
+    trip on one server; on a cluster two, in order, the time asked of the log's own node (a
+    script keyed by the log): TIME alone goes to any node, whose clock may be ahead of the
+    one that gives the log's ids, and a new socket's first events then fell below its mark.
     """
     if is_cluster(redis):
-        now_ms = await _now_ms(redis)
+        seconds, micros = await redis.eval(_TIME_OF_KEYS_NODE, 1, log_key)
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
         return now_ms, await _info(redis, log_key)
     async with redis.pipeline(transaction=False) as pipe:
         pipe.time()
