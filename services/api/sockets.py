@@ -38,7 +38,7 @@ from services.api.connections import (
 )
 from services.api.models import SendRequest, SocketCancel
 from services.api.runtime import Runtime
-from services.api.session_log import REPLAY_PAGE, RESUME_GAP, read_page, read_since
+from services.api.session_log import REPLAY_PAGE, RESUME_GAP, join_point, read_page, read_since
 from services.core import events, telemetry
 from services.core.auth import Principal
 from services.core.errors import BadRequest, OrchestratorError, Unauthorized, Unavailable
@@ -242,9 +242,10 @@ async def _admit_tenant(
     connection_id = new_id()
     try:
         quota = await runtime.admission.quota(tenant_id)
-        admitted, _ = await runtime.admission.sockets.acquire(
-            tenant_id, connection_id, quota.limits.max_connections
-        )
+        admitted, joined_at = await _take_slot_and_join(
+            runtime, tenant_id, session_id, connection_id, quota.limits.max_connections,
+            fresh=last_event_id is None,
+        )  # fmt: skip
     except OrchestratorError as exc:  # a 503 (an unreadable quota record) is ours: try again
         close = CLOSE_TRY_AGAIN if exc.status == 503 else CLOSE_POLICY
         await _refuse(send, speaks_v1, close, f"{exc.code}: {exc.message}")
@@ -260,27 +261,35 @@ async def _admit_tenant(
             f"connection_limit: {quota.tier} tier allows {quota.limits.max_connections} sockets",
         )
         return None
-    joined_at = None
-    if last_event_id is None:
-        # Taken before the handshake completes: a page that sends its message as soon as the
-        # socket opens gets its answer, even when the send and the answer are in the log
-        # before the socket is subscribed (a new socket starting at its subscription missed
-        # both on a busy machine, and waited for ever).
-        try:
-            joined = await read_since(
-                runtime.redis,
-                tenant_id,
-                session_id,
-                None,
-                log_ttl_ms=runtime.settings.session_log_ttl_seconds * 1000,
-            )
-        except (*REDIS_DOWN, *REDIS_REFUSING):
-            with contextlib.suppress(*REDIS_DOWN, *REDIS_REFUSING):  # it expires by itself
-                await runtime.admission.sockets.release(tenant_id, connection_id)
-            await _refuse(send, speaks_v1, CLOSE_TRY_AGAIN, "unavailable: try again later")
-            return None
-        joined_at = joined.cursor
     return Admitted(principal, connection_id, speaks_v1, last_event_id, joined_at)
+
+
+async def _take_slot_and_join(
+    runtime: Runtime,
+    tenant_id: str,
+    session_id: str,
+    connection_id: str,
+    limit: int,
+    *,
+    fresh: bool,
+) -> tuple[bool, str | None]:
+    """The tenant's socket slot (admitted or not) and, for an admitted new socket, where the
+    session's log stands (`joined_at`, `session_log.join_point`: one small script).
+
+    The join point is taken before the handshake completes: a page that sends its message as
+    soon as the socket opens gets its answer, even when the send and the answer are in the
+    log before the socket is subscribed (a new socket starting at its subscription missed both
+    on a busy machine, and waited for ever). A slot taken while the join read failed is given
+    back before the failure is raised."""
+    admitted, _ = await runtime.admission.sockets.acquire(tenant_id, connection_id, limit)
+    if not admitted or not fresh:
+        return admitted, None
+    try:
+        return True, await join_point(runtime.redis, tenant_id, session_id)
+    except (*REDIS_DOWN, *REDIS_REFUSING):
+        with contextlib.suppress(*REDIS_DOWN, *REDIS_REFUSING):  # it expires by itself
+            await runtime.admission.sockets.release(tenant_id, connection_id)
+        raise
 
 
 async def session_socket(
