@@ -31,6 +31,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -91,6 +92,36 @@ def _resubscribed_after_a_drop(message: dict[str, Any], lane: _Lane) -> bool:
     (On a live connection the count is the connection's subscriptions so far: 1 only for a
     lane's first channel. The expected confirmations are consumed by the same count.)"""
     return message["type"] == "ssubscribe" and message["data"] == 1 and bool(lane.channels)
+
+
+def _tracked(pubsub: PubSub, channel: str) -> Any:
+    """The key redis-py keeps a shard channel under (bytes, unless the client decodes)."""
+    return pubsub.encoder.decode(pubsub.encoder.encode(channel))
+
+
+async def _send_as_is(pubsub: PubSub, *command: str) -> None:
+    """Send a (un)subscription on a lane's connection as it is, never reconnecting it here.
+
+    redis-py reconnects a pub/sub connection from whichever coroutine finds it broken. The
+    lane's reader does; a (un)subscription from a socket's handler did too, at the same
+    moment: two coroutines read the new connection's handshake at once (RuntimeError: read()
+    called while another coroutine is already waiting), and the reader that hit it died."""
+    connection = pubsub.connection
+    if connection is None or not connection.is_connected:
+        raise RedisConnectionError("the subscription connection is being remade")
+    await connection.send_command(*command, check_health=False)
+
+
+async def _forget(pubsub: PubSub, channel: str) -> None:
+    """Stop `channel`'s subscription for good: out of redis-py's list first (its reconnect
+    subscribes every channel in it again, and an unsubscription lost to a dropped connection
+    left the channel subscribed for the life of the pod), then unsubscribed if the connection
+    is up (a connection being remade comes back without it)."""
+    pubsub.shard_channels.pop(_tracked(pubsub, channel), None)
+    try:
+        await _send_as_is(pubsub, "SUNSUBSCRIBE", channel)
+    except Exception as exc:  # the next connection has no such subscription
+        log.debug("unsubscribing %s: %r", channel, exc)
 
 
 class SessionHub:
@@ -202,14 +233,17 @@ class SessionHub:
         session = keys.session_channel(conn.tenant_id, conn.session_id)
         tenant = keys.tenant_channel(conn.tenant_id)
         async with self._lock:
+            emptied = []
             for channel, table in ((session, self._sessions), (tenant, self._tenants)):
                 members = table.get(channel)
                 if members is None:
                     continue
-                members.discard(conn)
+                members.discard(conn)  # both tables before any await: a cut detach keeps none
                 if not members:
                     del table[channel]
-                    await self._unsubscribe(channel)
+                    emptied.append(channel)
+            for channel in emptied:
+                await self._unsubscribe(channel)
 
     async def _until_live(self, channel: str) -> None:
         """Wait (bounded) while the channel's subscription is being restored after an outage:
@@ -248,7 +282,11 @@ class SessionHub:
         confirmed = asyncio.get_running_loop().create_future()
         self._confirmations[channel] = confirmed
         try:
-            await lane.pubsub.ssubscribe(channel)
+            if lane.reader is None:  # a new lane: this coroutine alone uses its connection
+                await lane.pubsub.ssubscribe(channel)
+            else:
+                await _send_as_is(lane.pubsub, "SSUBSCRIBE", channel)
+                lane.pubsub.shard_channels[_tracked(lane.pubsub, channel)] = None
             async with asyncio.timeout(SUBSCRIBE_TIMEOUT_SECONDS):
                 if lane.reader is None:  # a new lane: read the confirmation ourselves
                     while not confirmed.done():
@@ -256,8 +294,14 @@ class SessionHub:
                         if message is not None:
                             self._dispatch(message)
                 await confirmed
-        except TimeoutError as exc:  # Redis frozen or unreachable: the socket is refused
-            raise RedisTimeoutError(f"no confirmation of the subscription to {channel}") from exc
+        except BaseException as exc:
+            # Not subscribed as far as the hub knows: not by redis-py either (it subscribed
+            # the channel again at its next reconnect, for the life of the pod).
+            await _forget(lane.pubsub, channel)
+            if isinstance(exc, TimeoutError):  # Redis frozen or unreachable: refused
+                unconfirmed = f"no confirmation of the subscription to {channel}"
+                raise RedisTimeoutError(unconfirmed) from exc
+            raise
         finally:
             if self._confirmations.get(channel) is confirmed:
                 del self._confirmations[channel]
@@ -274,8 +318,7 @@ class SessionHub:
         if lane is None:
             return
         lane.channels.discard(channel)
-        with contextlib.suppress(*REDIS_DOWN):
-            await lane.pubsub.sunsubscribe(channel)
+        await _forget(lane.pubsub, channel)
 
     async def _read_forever(self, lane: _Lane) -> None:
         watchdog = asyncio.get_running_loop().create_task(self._watch(lane))
@@ -315,7 +358,17 @@ class SessionHub:
                 continue
             except Exception as exc:
                 if self._cluster is None:
-                    raise
+                    # Ending here left the pod deaf for good, in silence, with readiness 200
+                    # (every later subscription waited for a confirmation nobody read). As a
+                    # lost connection: hold and tell the sockets, reconnect, catch up.
+                    log.warning("delivery subscription failed; reconnecting", exc_info=exc)
+                    if not self._outage:
+                        self._begin_outage()
+                    await self._reconnect_later(pubsub)
+                    lane.heard, lane.pinged = loop.time(), None
+                    await asyncio.sleep(delay)
+                    delay = min(RECONNECT_MAX_SECONDS, delay * 2)
+                    continue
                 # A node's lane must not die in silence (say, a reply from a node that is
                 # rejoining the cluster): treat it as lost, its channels are subscribed again.
                 if as_cluster_outage(exc) is None:
