@@ -343,12 +343,7 @@ class SessionHub:
                 if self._cluster is not None:
                     self._lose(lane)
                     return
-                if not self._outage:
-                    self._begin_outage()
-                await self._reconnect_later(pubsub)
-                lane.heard, lane.pinged = loop.time(), None
-                await asyncio.sleep(delay)
-                delay = min(RECONNECT_MAX_SECONDS, delay * 2)
+                delay = await self._reconnect_after_a_loss(lane, delay)
                 continue
             except REDIS_REFUSING:
                 # The watchdog's PING answered with an error (MISCONF: Redis refuses even a
@@ -362,12 +357,7 @@ class SessionHub:
                     # (every later subscription waited for a confirmation nobody read). As a
                     # lost connection: hold and tell the sockets, reconnect, catch up.
                     log.warning("delivery subscription failed; reconnecting", exc_info=exc)
-                    if not self._outage:
-                        self._begin_outage()
-                    await self._reconnect_later(pubsub)
-                    lane.heard, lane.pinged = loop.time(), None
-                    await asyncio.sleep(delay)
-                    delay = min(RECONNECT_MAX_SECONDS, delay * 2)
+                    delay = await self._reconnect_after_a_loss(lane, delay)
                     continue
                 # A node's lane must not die in silence (say, a reply from a node that is
                 # rejoining the cluster): treat it as lost, its channels are subscribed again.
@@ -395,6 +385,16 @@ class SessionHub:
                 self._resync = loop.create_task(self._catch_up())
             if message is not None:
                 self._dispatch(message)
+
+    async def _reconnect_after_a_loss(self, lane: _Lane, delay: float) -> float:
+        """One server's lane lost its connection: hold and tell the sockets (once per outage),
+        drop the connection for the next read to remake, and back off; the next delay."""
+        if not self._outage:
+            self._begin_outage()
+        await self._reconnect_later(lane.pubsub)
+        lane.heard, lane.pinged = asyncio.get_running_loop().time(), None
+        await asyncio.sleep(delay)
+        return min(RECONNECT_MAX_SECONDS, delay * 2)
 
     async def _watch(self, lane: _Lane) -> None:
         """Ping a lane that has been silent, and give it up when the ping goes unanswered.
