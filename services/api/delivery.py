@@ -384,7 +384,13 @@ class SessionHub:
                 self._pulse()
                 self._resync = loop.create_task(self._catch_up())
             if message is not None:
-                self._dispatch(message)
+                try:
+                    self._dispatch(message)
+                except Exception:
+                    # One message this pod cannot read (published on a session's channel by
+                    # something else than our scripts: a frame without its id first) ended
+                    # the reader: the pod delivered nothing more, in silence, readiness 200.
+                    log.warning("delivery: a message on %s dropped", lane.name, exc_info=True)
 
     async def _reconnect_after_a_loss(self, lane: _Lane, delay: float) -> float:
         """One server's lane lost its connection: hold and tell the sockets (once per outage),
@@ -412,9 +418,12 @@ class SessionHub:
             if lane.pinged is None:
                 if now - lane.heard > PING_IDLE_SECONDS:
                     lane.pinged = now
+                    # On the connection as it is: redis-py's `ping()` remade a broken one from
+                    # this task while the reader remade it too (see `_send_as_is`). A
+                    # connection being remade gets no ping: its silence is timed all the same.
                     with contextlib.suppress(TimeoutError, *REDIS_DOWN):
                         async with asyncio.timeout(PONG_TIMEOUT_SECONDS):
-                            await lane.pubsub.ping()
+                            await _send_as_is(lane.pubsub, "PING")
                 continue
             if now - lane.pinged <= PONG_TIMEOUT_SECONDS:
                 continue
