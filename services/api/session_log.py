@@ -25,12 +25,11 @@ The proof, from `XINFO STREAM` read in the same transaction as the replay:
 
 from __future__ import annotations
 
-import weakref
+import hashlib
 from dataclasses import dataclass, field
-from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ClusterDownError, ResponseError
+from redis.exceptions import ClusterDownError, NoScriptError, ResponseError
 
 from services.core import keys
 from services.core.events import NO_EVENT_ID, parse_event_id
@@ -54,16 +53,18 @@ if #newest > 0 then return newest[1][1] end
 local now = redis.call('TIME')
 return tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 """
-_join_scripts: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_JOIN_POINT_SHA = hashlib.sha1(_JOIN_POINT.encode()).hexdigest()  # noqa: S324  (Redis's name)
 
 
 async def join_point(redis: Redis, tenant_id: str, session_id: str) -> str:
     """The cursor of a new socket (no `last_event_id`) of the session, read now: every event
-    appended after this read is after it."""
-    script = _join_scripts.get(redis)
-    if script is None:
-        script = _join_scripts[redis] = redis.register_script(_JOIN_POINT)
-    reply = await script(keys=[keys.session_log(tenant_id, session_id)])
+    appended after this read is after it. (By its digest, not a script object registered per
+    client: a cache of those kept every client that ever served a join alive.)"""
+    log_key = keys.session_log(tenant_id, session_id)
+    try:
+        reply = await redis.evalsha(_JOIN_POINT_SHA, 1, log_key)
+    except NoScriptError:  # a restarted or flushed server: EVAL loads it again
+        reply = await redis.eval(_JOIN_POINT, 1, log_key)
     if isinstance(reply, int):
         return join_mark(reply)
     return _text(reply)
